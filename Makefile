@@ -1,0 +1,39 @@
+# Every Python install goes through constraints.txt (torch==2.13.0): an unpinned torch pulls
+# several GB of CUDA wheels onto CPU-only machines.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install -c constraints.txt
+STAMP  := $(VENV)/.installed
+TINY   := models/tiny
+
+.PHONY: install system-deps demo test serve clean bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP) -q -e '.[dev]'
+	touch $(STAMP)
+
+# Debian packages the tests need (a real redis-server).
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+$(TINY)/model_index.json: $(STAMP)
+	$(BIN)/svd-serve tiny-model $(TINY)
+
+# Install, build the tiny model, generate a clip from the committed sample image.
+demo: $(TINY)/model_index.json
+	$(BIN)/svd-serve generate --model $(TINY) --image pipelines/assets/sample.png --out out/demo.mp4 \
+		--width 256 --height 128 --num-frames 14 --num-inference-steps 8 --seed 42 --dtype fp32 --device cpu
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_pipeline.py --tiny
+
+clean:
+	rm -rf out data models .pytest_cache

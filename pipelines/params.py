@@ -1,0 +1,186 @@
+"""Generation parameters: the single source of validation for the CLI and the HTTP API.
+
+``GenerationParams`` mirrors the keyword arguments of ``diffusers.StableVideoDiffusionPipeline``
+with the same defaults, adds the serving-only fields (``seed``, ``output_fps``, ``output_format``,
+``aspect_ratio``) and validates every range. :func:`describe_validation_error` turns a pydantic
+error into one line that names the field and its allowed range.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import Enum
+from typing import Any, Literal
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MAX_SEED = 2**32 - 2
+MAX_LONG_SIDE = 1536
+SIZE_MULTIPLE = 64
+
+#: Aspect presets, (width, height) in pixels. 16:9 is SVD-XT's training resolution.
+ASPECT_PRESETS: dict[str, tuple[int, int]] = {
+    "16:9": (1024, 576),
+    "9:16": (576, 1024),
+    "1:1": (768, 768),
+    "4:3": (1024, 768),
+    "3:4": (768, 1024),
+}
+DEFAULT_ASPECT = "16:9"
+
+
+class OutputFormat(str, Enum):
+    """Container and codec of the produced clip."""
+
+    mp4 = "mp4"  # H.264, yuv420p, faststart: plays everywhere
+    webm = "webm"  # VP9
+    gif = "gif"
+
+    @property
+    def content_type(self) -> str:
+        return {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}[self.value]
+
+
+class GenerationParams(BaseModel):
+    """Everything that shapes one generated clip, validated once for every entry point."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Random seed. Drawn at random when absent; the resolved value is always reported back.",
+    )
+    num_frames: int | None = Field(
+        default=None,
+        ge=2,
+        le=64,
+        description="Frames to generate. Defaults to the model's own (14 for SVD, 25 for SVD-XT).",
+    )
+    num_inference_steps: int = Field(default=25, ge=1, le=150, description="Euler sampling steps.")
+    fps: int = Field(
+        default=7,
+        ge=1,
+        le=60,
+        description="Frame-rate conditioning value given to the U-Net (the model sees fps-1). "
+        "Not the playback rate: see output_fps.",
+    )
+    output_fps: int | None = Field(
+        default=None, ge=1, le=60, description="Playback frame rate of the encoded clip. Defaults to fps."
+    )
+    motion_bucket_id: int = Field(default=127, ge=1, le=255, description="Amount of motion; higher moves more.")
+    noise_aug_strength: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=10.0,
+        alias="cond_aug",
+        description="Noise added to the conditioning image (alias cond_aug). More noise, less likeness, more motion.",
+    )
+    min_guidance_scale: float = Field(
+        default=1.0, ge=0.0, le=30.0, description="Classifier-free guidance scale of the first frame."
+    )
+    max_guidance_scale: float = Field(
+        default=3.0, ge=0.0, le=30.0, description="Classifier-free guidance scale of the last frame (linear ramp)."
+    )
+    aspect_ratio: Literal["16:9", "9:16", "1:1", "4:3", "3:4"] | None = Field(
+        default=None,
+        description="Size preset: 16:9 = 1024x576, 9:16 = 576x1024, 1:1 = 768x768, 4:3 = 1024x768, 3:4 = 768x1024. "
+        "Give either a preset or width and height; with neither, 16:9.",
+    )
+    width: int | None = Field(
+        default=None, ge=64, le=MAX_LONG_SIDE, multiple_of=SIZE_MULTIPLE, description="Width in pixels (multiple of 64)."
+    )
+    height: int | None = Field(
+        default=None, ge=64, le=MAX_LONG_SIDE, multiple_of=SIZE_MULTIPLE, description="Height in pixels (multiple of 64)."
+    )
+    decode_chunk_size: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Frames the VAE decodes at once. Lower uses less GPU memory; higher is faster.",
+    )
+    output_format: OutputFormat = Field(default=OutputFormat.mp4, description="mp4 (H.264), webm (VP9) or gif.")
+
+    @model_validator(mode="after")
+    def _check_cross_field(self) -> "GenerationParams":
+        if self.min_guidance_scale > self.max_guidance_scale:
+            raise ValueError(
+                f"min_guidance_scale ({self.min_guidance_scale}) must not exceed "
+                f"max_guidance_scale ({self.max_guidance_scale})"
+            )
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height must be given together (or use aspect_ratio)")
+        if self.width is not None and self.aspect_ratio is not None:
+            raise ValueError("give either aspect_ratio or width and height, not both")
+        return self
+
+    # -- resolved values -------------------------------------------------------------------
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) after applying the preset or the default."""
+        if self.width is not None and self.height is not None:
+            return self.width, self.height
+        return ASPECT_PRESETS[self.aspect_ratio or DEFAULT_ASPECT]
+
+    @property
+    def resolved_output_fps(self) -> int:
+        return self.output_fps if self.output_fps is not None else self.fps
+
+    def with_seed(self) -> "GenerationParams":
+        """A copy whose seed is set: the given one, or a fresh random one."""
+        if self.seed is not None:
+            return self
+        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+
+    def resolved(self, default_num_frames: int) -> "GenerationParams":
+        """A copy with seed, num_frames, width and height filled in, as reported back to clients."""
+        width, height = self.size
+        update: dict[str, Any] = {"num_frames": self.num_frames or default_num_frames}
+        if self.aspect_ratio is None:
+            update.update(width=width, height=height)
+        return self.with_seed().model_copy(update=update)
+
+
+def _allowed_range(field_name: str) -> str | None:
+    field = GenerationParams.model_fields.get(field_name)
+    if field is None:
+        return None
+    low = high = multiple = None
+    for meta in field.metadata:
+        if isinstance(meta, annotated_types.Ge):
+            low = meta.ge
+        elif isinstance(meta, annotated_types.Le):
+            high = meta.le
+        elif isinstance(meta, annotated_types.MultipleOf):
+            multiple = meta.multiple_of
+    if low is None and high is None:
+        return None
+    text = f"{low} to {high}"
+    if multiple:
+        text += f", a multiple of {multiple}"
+    return text
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, naming the field and what it allows, e.g.
+    ``motion_bucket_id: 300 is out of range (allowed: 1 to 255)``."""
+    lines = []
+    for item in error.errors(include_url=False):
+        loc = ".".join(str(part) for part in item.get("loc", ()) if part != "__root__")
+        field = str(item["loc"][-1]) if item.get("loc") else ""
+        if field == "cond_aug":
+            field = "noise_aug_strength"
+        allowed = _allowed_range(field)
+        kind = item.get("type", "")
+        if kind == "extra_forbidden":
+            lines.append(f"{loc}: unknown parameter")
+        elif allowed and kind in {"greater_than_equal", "less_than_equal", "multiple_of"}:
+            lines.append(f"{loc}: {item.get('input')!r} is out of range (allowed: {allowed})")
+        elif loc:
+            lines.append(f"{loc}: {item['msg']}")
+        else:
+            lines.append(str(item["msg"]).removeprefix("Value error, "))
+    return "; ".join(lines)

@@ -1,0 +1,335 @@
+"""The Stable Video Diffusion pipeline as four stages with declared inputs and outputs.
+
+This follows ``diffusers.StableVideoDiffusionPipeline.__call__`` (diffusers 0.42) step for step,
+split where the model is split (``model_cpu_offload_seq = "image_encoder->unet->vae"``) plus a
+CPU-only video encode stage. Each stage holds only the sub-models it needs, so each can live in
+its own process on its own GPU share; what crosses a boundary is a small dataclass.
+
+What crosses each boundary, for SVD-XT at 576x1024, 25 frames, fp16 (see docs/pipeline.md):
+
+=================  =====================================================  ==============
+boundary           payload                                                size
+=================  =====================================================  ==============
+encode -> sample   CLIP embedding [1,1,1024] + image latent [1,4,72,128]   ~76 KB
+                   + CPU RNG state (5 KB)
+sample -> decode   final latents [1,25,4,72,128]                          ~1.8 MB
+decode -> video    uint8 frames [25,576,1024,3]                           ~44 MB
+video -> storage   H.264 MP4                                              ~1-3 MB
+=================  =====================================================  ==============
+
+Reproducing diffusers exactly requires its random draw order: the noise that augments the
+conditioning image is drawn first, the initial latents second, both from one generator. The
+generator is a CPU generator (device-independent results) whose state after the first draw is
+handed from the encode stage to the sampler.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
+    _resize_with_antialiasing,  # pinned diffusers==0.42.1; reused so the CLIP input matches bit for bit
+)
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from .errors import InvalidInputError, JobCancelledError
+from .params import GenerationParams
+from .video import encode_video
+
+ProgressCallback = Callable[[int, int], None]
+"""Called after every sampling step with (steps_done, total_steps)."""
+
+CancelCheck = Callable[[], bool]
+"""Called before every sampling step; returning True stops the job with JobCancelledError."""
+
+
+# -- what crosses the stage boundaries ----------------------------------------------------------
+
+
+@dataclass
+class EncodedImage:
+    """Output of the image encode stage, input of the sampler."""
+
+    image_embeddings: torch.Tensor
+    """Conditional CLIP image embedding, [1, 1, D] (D = 1024 for SVD)."""
+    image_latents: torch.Tensor
+    """VAE latent (distribution mode) of the noise-augmented conditioning image, [1, 4, H/8, W/8]."""
+    generator_state: torch.Tensor
+    """CPU generator state after the image-noise draw; the sampler continues from it."""
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.image_embeddings, self.image_latents, self.generator_state))
+
+
+@dataclass
+class SampledLatents:
+    """Output of the sampler, input of the decoder: the denoised latents, [1, F, 4, H/8, W/8]."""
+
+    latents: torch.Tensor
+
+    def nbytes(self) -> int:
+        return self.latents.numel() * self.latents.element_size()
+
+
+@dataclass
+class DecodedFrames:
+    """Output of the decoder, input of the video encoder: uint8 RGB frames, [F, H, W, 3]."""
+
+    frames: np.ndarray
+
+    def nbytes(self) -> int:
+        return int(self.frames.nbytes)
+
+
+@dataclass
+class EncodedVideo:
+    """Output of the video encode stage."""
+
+    data: bytes
+    content_type: str
+    file_extension: str
+    num_frames: int
+    width: int
+    height: int
+    fps: int
+
+
+def _require_resolved(params: GenerationParams) -> None:
+    if params.seed is None or params.num_frames is None:
+        raise ValueError("params must be resolved first: call GenerationParams.resolved(default_num_frames)")
+
+
+def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    parameter = next(module.parameters())
+    return parameter.device, parameter.dtype
+
+
+# -- stage 1: image encode --------------------------------------------------------------------
+
+
+class ImageEncodeStage:
+    """CLIP image embedding + VAE latent of the noise-augmented conditioning image.
+
+    Inputs: an RGB ``PIL.Image`` and resolved :class:`GenerationParams` (seed, width, height,
+    noise_aug_strength). Output: :class:`EncodedImage`.
+    """
+
+    def __init__(self, *, image_encoder, feature_extractor, vae) -> None:
+        self.image_encoder = image_encoder
+        self.feature_extractor = feature_extractor
+        self.vae = vae
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.video_processor = VideoProcessor(do_resize=True, vae_scale_factor=self.vae_scale_factor)
+
+    @torch.inference_mode()
+    def __call__(self, image: PIL.Image.Image, params: GenerationParams) -> EncodedImage:
+        _require_resolved(params)
+        if not isinstance(image, PIL.Image.Image):
+            raise InvalidInputError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+        width, height = params.size
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise InvalidInputError(
+                f"width and height must be multiples of {self.vae_scale_factor}, got {width}x{height}"
+            )
+        clip_device, clip_dtype = _module_device_dtype(self.image_encoder)
+        vae_device, vae_dtype = _module_device_dtype(self.vae)
+
+        # 1. CLIP embedding: normalise to [-1, 1] before the antialiased resize to 224, as the original code does.
+        pixels = self.video_processor.numpy_to_pt(self.video_processor.pil_to_numpy(image))
+        pixels = _resize_with_antialiasing(pixels * 2.0 - 1.0, (224, 224))
+        pixels = (pixels + 1.0) / 2.0
+        clip_input = self.feature_extractor(
+            images=pixels, do_normalize=True, do_center_crop=False, do_resize=False, do_rescale=False, return_tensors="pt"
+        ).pixel_values
+        image_embeddings = self.image_encoder(clip_input.to(clip_device, clip_dtype)).image_embeds.unsqueeze(1)
+
+        # 2. Noise augmentation: the first random draw of the job.
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        conditioning = self.video_processor.preprocess(image, height=height, width=width).to(vae_device)
+        noise = randn_tensor(conditioning.shape, generator=generator, device=vae_device, dtype=conditioning.dtype)
+        conditioning = conditioning + params.noise_aug_strength * noise
+
+        # 3. VAE latent of the augmented image (fp16 VAEs with force_upcast encode in fp32, as diffusers does).
+        upcast = vae_dtype == torch.float16 and self.vae.config.force_upcast
+        encode_dtype = torch.float32 if upcast else vae_dtype
+        with _vae_in_dtype(self.vae, encode_dtype):
+            image_latents = self.vae.encode(conditioning.to(vae_device, encode_dtype)).latent_dist.mode()
+
+        return EncodedImage(
+            image_embeddings=image_embeddings,
+            image_latents=image_latents.to(image_embeddings.dtype),
+            generator_state=generator.get_state(),
+        )
+
+
+class _vae_in_dtype:
+    """Temporarily cast a VAE (diffusers' upcast dance); a no-op when the dtype already matches."""
+
+    def __init__(self, vae, dtype: torch.dtype) -> None:
+        self.vae, self.dtype, self.original = vae, dtype, vae.dtype
+
+    def __enter__(self):
+        if self.dtype != self.original:
+            self.vae.to(dtype=self.dtype)
+
+    def __exit__(self, *exc):
+        if self.dtype != self.original:
+            self.vae.to(dtype=self.original)
+
+
+# -- stage 2: U-Net sampling ------------------------------------------------------------------
+
+
+class SamplingStage:
+    """Euler sampling with classifier-free guidance ramped per frame from min to max guidance.
+
+    Inputs: :class:`EncodedImage` and resolved params (num_frames, num_inference_steps, fps,
+    motion_bucket_id, noise_aug_strength, min/max_guidance_scale). Output: :class:`SampledLatents`.
+
+    The scheduler is created fresh for every call from the loaded config: Euler schedulers keep
+    per-run state (timesteps, step index), so sharing one instance between concurrent requests
+    corrupts both (diffusers issues #3672, #7851).
+    """
+
+    def __init__(self, *, unet, scheduler) -> None:
+        self.unet = unet
+        self.scheduler_class = type(scheduler)
+        self.scheduler_config = scheduler.config
+
+    def new_scheduler(self):
+        return self.scheduler_class.from_config(self.scheduler_config)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        encoded: EncodedImage,
+        params: GenerationParams,
+        *,
+        on_step: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> SampledLatents:
+        _require_resolved(params)
+        device, dtype = _module_device_dtype(self.unet)
+        num_frames = params.num_frames
+        do_cfg = params.max_guidance_scale > 1.0
+        scheduler = self.new_scheduler()
+
+        # 1. Conditioning, with zeroed unconditional halves for classifier-free guidance.
+        embeddings = encoded.image_embeddings.to(device, dtype)
+        image_latents = encoded.image_latents.to(device, dtype)
+        if do_cfg:
+            embeddings = torch.cat([torch.zeros_like(embeddings), embeddings])
+            image_latents = torch.cat([torch.zeros_like(image_latents), image_latents])
+        image_latents = image_latents.unsqueeze(1).repeat(1, num_frames, 1, 1, 1)
+
+        # 2. Added time ids: SVD was trained on fps - 1.
+        added_time_ids = self._added_time_ids(params, dtype, batch=2 if do_cfg else 1).to(device)
+
+        # 3. Timesteps, then the initial latents: the job's second random draw.
+        scheduler.set_timesteps(params.num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+        generator = torch.Generator("cpu")
+        generator.set_state(encoded.generator_state)
+        latent_shape = (1, num_frames, self.unet.config.in_channels // 2, *encoded.image_latents.shape[-2:])
+        latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+
+        # 4. Per-frame guidance scale, [1, F, 1, 1, 1].
+        guidance = torch.linspace(params.min_guidance_scale, params.max_guidance_scale, num_frames).unsqueeze(0)
+        guidance = guidance.to(device, latents.dtype)[..., None, None, None]
+
+        # 5. Denoising loop.
+        total = len(timesteps)
+        for index, timestep in enumerate(timesteps):
+            if should_cancel is not None and should_cancel():
+                raise JobCancelledError(f"cancelled before sampling step {index + 1} of {total}")
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = scheduler.scale_model_input(model_input, timestep)
+            model_input = torch.cat([model_input, image_latents], dim=2)
+            noise_pred = self.unet(
+                model_input, timestep, encoder_hidden_states=embeddings, added_time_ids=added_time_ids, return_dict=False
+            )[0]
+            if do_cfg:
+                noise_uncond, noise_cond = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance * (noise_cond - noise_uncond)
+            latents = scheduler.step(noise_pred, timestep, latents).prev_sample
+            if on_step is not None:
+                on_step(index + 1, total)
+        return SampledLatents(latents=latents)
+
+    def _added_time_ids(self, params: GenerationParams, dtype: torch.dtype, *, batch: int) -> torch.Tensor:
+        values = [params.fps - 1, params.motion_bucket_id, params.noise_aug_strength]
+        expected = self.unet.add_embedding.linear_1.in_features
+        if self.unet.config.addition_time_embed_dim * len(values) != expected:
+            raise ValueError(
+                f"the U-Net expects an added time embedding of length {expected}, "
+                f"but its config gives {self.unet.config.addition_time_embed_dim * len(values)}"
+            )
+        return torch.tensor([values], dtype=dtype).repeat(batch, 1)
+
+
+# -- stage 3: VAE decode ----------------------------------------------------------------------
+
+
+class DecodeStage:
+    """VAE temporal decoder, ``decode_chunk_size`` frames at a time. Output: uint8 frames."""
+
+    def __init__(self, *, vae) -> None:
+        self.vae = vae
+        self._accepts_num_frames = "num_frames" in inspect.signature(vae.forward).parameters
+
+    @torch.inference_mode()
+    def decode_float(self, sampled: SampledLatents, params: GenerationParams) -> np.ndarray:
+        """Frames as float32 in [0, 1], [F, H, W, 3]: diffusers' ``output_type="np"``."""
+        _require_resolved(params)
+        device, dtype = _module_device_dtype(self.vae)
+        latents = sampled.latents.to(device, dtype).flatten(0, 1) / self.vae.config.scaling_factor
+        chunks = []
+        for start in range(0, latents.shape[0], params.decode_chunk_size):
+            chunk = latents[start : start + params.decode_chunk_size]
+            kwargs = {"num_frames": chunk.shape[0]} if self._accepts_num_frames else {}
+            chunks.append(self.vae.decode(chunk, **kwargs).sample)
+        frames = torch.cat(chunks).float()  # [F, 3, H, W]
+        frames = (frames / 2 + 0.5).clamp(0, 1)
+        return frames.permute(0, 2, 3, 1).cpu().numpy()
+
+    def __call__(self, sampled: SampledLatents, params: GenerationParams) -> DecodedFrames:
+        frames = self.decode_float(sampled, params)
+        return DecodedFrames(frames=(frames * 255).round().astype(np.uint8))
+
+
+# -- stage 4: video encode --------------------------------------------------------------------
+
+
+class VideoEncodeStage:
+    """uint8 frames -> MP4 (H.264), WebM (VP9) or GIF at the output frame rate. CPU only."""
+
+    def __call__(self, decoded: DecodedFrames, params: GenerationParams) -> EncodedVideo:
+        fps = params.resolved_output_fps
+        data = encode_video(decoded.frames, fps=fps, output_format=params.output_format)
+        frames, height, width, _ = decoded.frames.shape
+        return EncodedVideo(
+            data=data,
+            content_type=params.output_format.content_type,
+            file_extension=params.output_format.value,
+            num_frames=frames,
+            width=width,
+            height=height,
+            fps=fps,
+        )
+
+
+class SVDComponents(Protocol):
+    """What the stages need from a loaded model (a ``StableVideoDiffusionPipeline`` satisfies it)."""
+
+    image_encoder: torch.nn.Module
+    feature_extractor: object
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: object

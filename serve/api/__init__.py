@@ -1,0 +1,1 @@
+"""The HTTP API: FastAPI app, request/response schemas and the error table."""

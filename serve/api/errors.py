@@ -1,0 +1,115 @@
+"""One table from domain errors to HTTP responses, and the one error body every rejection uses.
+
+A *rejected* request (bad input, authentication, not found, capacity) is an HTTP 4xx/503 with
+``{"error": {"code", "message"}}``. A job that fails after admission is data on the job, never
+an HTTP error. No exception type name or stack trace reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines.errors import ImageTooLargeError, InvalidImageError, InvalidInputError, SVDServeError
+from pipelines.params import describe_validation_error
+
+from ..jobstore import JobStoreError
+from ..storage import StorageError
+from ..tenants import AuthenticationError
+
+logger = logging.getLogger("svd_serve")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_parameter, not_found.")
+    message: str = Field(description="What went wrong, for a person; one line.")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class APIError(SVDServeError):
+    """An error raised by the API layer itself with its status and code."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.headers = status, code, headers or {}
+
+
+class NotFoundError(APIError):
+    def __init__(self, what: str = "video job") -> None:
+        super().__init__(404, "not_found", f"{what} not found")
+
+
+#: Domain error type -> (HTTP status, code). The most specific type wins (checked in MRO order).
+ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
+    AuthenticationError: (401, "unauthorized"),
+    ImageTooLargeError: (413, "image_too_large"),
+    InvalidImageError: (422, "invalid_image"),
+    InvalidInputError: (422, "invalid_parameter"),
+    JobStoreError: (503, "store_unavailable"),
+    StorageError: (503, "storage_unavailable"),
+}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def response_for(error: BaseException) -> JSONResponse:
+    if isinstance(error, APIError):
+        return error_response(error.status, error.code, str(error), error.headers)
+    for kind in type(error).__mro__:
+        if kind in ERROR_TABLE:
+            status, code = ERROR_TABLE[kind]
+            if status >= 500:
+                # Infrastructure detail stays in the logs.
+                logger.error("request rejected: %s", error)
+                return error_response(status, code, "a backing service is unavailable; retry shortly",
+                                      {"Retry-After": "5"})
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            return error_response(status, code, str(error), headers)
+    logger.exception("unhandled error", exc_info=error)
+    return error_response(500, "internal_error", "internal error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SVDServeError)
+    async def _domain(_: Request, error: SVDServeError):
+        return response_for(error)
+
+    @app.exception_handler(JobStoreError)
+    async def _store(_: Request, error: JobStoreError):
+        return response_for(error)
+
+    @app.exception_handler(StorageError)
+    async def _storage(_: Request, error: StorageError):
+        return response_for(error)
+
+    @app.exception_handler(ValidationError)
+    async def _pydantic(_: Request, error: ValidationError):
+        return error_response(422, "invalid_parameter", describe_validation_error(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def _request(_: Request, error: RequestValidationError):
+        parts = []
+        for item in error.errors():
+            loc = ".".join(str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path", "header"))
+            parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
+        return error_response(422, "invalid_parameter", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def _unhandled(_: Request, error: Exception):
+        return response_for(error)

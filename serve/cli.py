@@ -1,0 +1,180 @@
+"""``svd-serve``: the command line.
+
+Subcommands import what they need lazily, so ``svd-serve generate`` never starts Ray and a typo
+in the arguments answers at once. Every expected failure prints one line to stderr and exits
+non-zero; only bugs produce a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class CLIError(Exception):
+    """An expected failure: printed as one line, exit status EXIT_FAILED."""
+
+
+# -- generation parameters as options, derived from the one pydantic model ------------------------
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    from pipelines.params import GenerationParams
+
+    group = parser.add_argument_group("generation parameters")
+    for name, field in GenerationParams.model_fields.items():
+        flags = [f"--{name.replace('_', '-')}"]
+        if field.alias:
+            flags.append(f"--{field.alias.replace('_', '-')}")
+        annotation = field.annotation
+        choices = None
+        args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+        base = args[0]
+        if typing.get_origin(base) is typing.Literal:
+            choices, kind = list(typing.get_args(base)), str
+        elif isinstance(base, type) and issubclass(base, enum.Enum):
+            choices, kind = [member.value for member in base], str
+        else:
+            kind = base if base in (int, float) else str
+        default = "" if field.default is None else f" (default: {getattr(field.default, 'value', field.default)})"
+        group.add_argument(*flags, dest=name, type=kind, choices=choices, default=None,
+                           help=f"{field.description}{default}")
+
+
+def _params_from_args(args: argparse.Namespace, **overrides: Any):
+    from pydantic import ValidationError
+
+    from pipelines.params import GenerationParams, describe_validation_error
+
+    values = {
+        name: getattr(args, name) for name in GenerationParams.model_fields if getattr(args, name, None) is not None
+    }
+    values.update({k: v for k, v in overrides.items() if k not in values})
+    try:
+        return GenerationParams.model_validate(values)
+    except ValidationError as error:
+        raise CLIError(describe_validation_error(error)) from None
+
+
+# -- subcommands ---------------------------------------------------------------------------------
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from pipelines.tiny import write_tiny_model
+
+    start = time.perf_counter()
+    path = write_tiny_model(args.directory, seed=args.seed)
+    print(f"wrote tiny random-weight SVD to {path} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def _infer_format(out: Path) -> str | None:
+    suffix = out.suffix.lower().lstrip(".")
+    return suffix if suffix in {"mp4", "webm", "gif"} else None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pipelines.images import load_image_source
+    from pipelines.loader import ModelSpec, load_pipeline
+    from pipelines.staged import StagedPipeline
+
+    out = Path(args.out)
+    fmt = _infer_format(out)
+    if fmt is None and args.output_format is None:
+        raise CLIError(f"--out {out}: use a .mp4, .webm or .gif file name (or pass --output-format)")
+    params = _params_from_args(args, output_format=fmt)
+    if fmt is not None and params.output_format.value != fmt:
+        raise CLIError(f"--out {out} does not match --output-format {params.output_format.value}")
+    image = load_image_source(args.image)  # fails fast, before the model loads
+
+    start = time.perf_counter()
+    spec = ModelSpec(source=args.model, dtype=args.dtype, device=args.device)
+    pipeline = StagedPipeline(load_pipeline(spec))
+    load_seconds = time.perf_counter() - start
+
+    progress = _progress_bar(enabled=not args.quiet)
+    try:
+        result = pipeline(image, params, on_step=progress.update)
+    finally:
+        progress.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(result.video.data)
+    print(f"{out}: {result.summary()}, model load {load_seconds:.1f}s")
+    return 0
+
+
+class _progress_bar:
+    def __init__(self, *, enabled: bool) -> None:
+        self.bar = None
+        self.enabled = enabled
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svd-serve", description="Stable Video Diffusion serving on Ray Serve.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight SVD for offline tests and demos")
+    tiny.add_argument("directory", help="output directory (diffusers save_pretrained layout)")
+    tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
+    tiny.set_defaults(handler=cmd_tiny_model)
+
+    generate = commands.add_parser("generate", help="generate one clip in this process (no Ray)")
+    generate.add_argument("--model", default=None,
+                          help="Hugging Face repo id, local directory or s3://bucket/prefix "
+                               "(default: stabilityai/stable-video-diffusion-img2vid-xt-1-1)")
+    generate.add_argument("--image", required=True, help="conditioning image: a file path or an http(s) URL")
+    generate.add_argument("--out", required=True, help="output file: .mp4, .webm or .gif")
+    generate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16",
+                          help="model dtype (default: fp16; CPU runs fall back to fp32)")
+    generate.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
+    generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_generation_options(generate)
+    generate.set_defaults(handler=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "model", "unset") is None:
+        from pipelines.loader import DEFAULT_MODEL_ID
+
+        args.model = DEFAULT_MODEL_ID
+    from pipelines.errors import SVDServeError
+
+    try:
+        return args.handler(args)
+    except (CLIError, SVDServeError) as error:
+        print(f"svd-serve {args.command}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"svd-serve {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The application config: one validated pydantic model that builds the whole Serve application.
+
+``serve.app:build_app`` takes these fields as its ``args`` (from ``serve run``, ``serve deploy``,
+or the Helm chart's ``serveConfigV2``) and applies every stage's options in code, so the same
+structure drives a laptop, a CI cluster and a KubeRay RayService. This module imports no Ray:
+unit tests and the Helm tests validate configs without starting a cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipelines.loader import ModelSpec
+
+STAGES = ("image_encoder", "sampler", "decoder", "video_encoder")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling for one deployment (a subset of ``ray.serve.config.AutoscalingConfig``)."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Replicas kept even when idle.")
+    max_replicas: int = Field(default=1, ge=1, description="Upper bound on replicas.")
+    initial_replicas: int | None = Field(default=None, ge=0, description="Replicas at deploy time; default min_replicas.")
+    target_ongoing_requests: float = Field(
+        default=1.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(default=5.0, ge=0, description="Sustained demand needed before adding replicas.")
+    downscale_delay_s: float = Field(default=60.0, ge=0, description="Idle time needed before removing replicas.")
+    metrics_interval_s: float = Field(default=2.0, gt=0, description="How often replicas report their load.")
+    look_back_period_s: float = Field(default=10.0, gt=0, description="Window over which load is averaged.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
+class ActorOptions(_Strict):
+    """Resources of one replica: what Ray schedules it by."""
+
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(
+        default=0.0, ge=0, description="GPU share per replica; fractions pack several replicas onto one GPU."
+    )
+    memory: int | None = Field(default=None, ge=0, description="Bytes of memory reserved per replica (optional).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom resources, e.g. {'svd_sampler': 1}: offered only by the node pool meant for this stage, "
+        "they pin the stage there.",
+    )
+
+    def to_ray(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory is not None:
+            options["memory"] = self.memory
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
+
+
+class DeploymentConfig(_Strict):
+    """Options of one Serve deployment: replicas, resources, queue bounds, shutdown."""
+
+    num_replicas: int | None = Field(default=None, ge=1, description="Fixed replica count; omit to autoscale.")
+    autoscaling: AutoscalingConfig | None = Field(default=None, description="Autoscaling; omit for a fixed count.")
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions, description="Resources per replica.")
+    max_ongoing_requests: int = Field(default=4, ge=1, description="Requests one replica runs at once.")
+    max_queued_requests: int = Field(
+        default=-1, ge=-1, description="Requests queued per caller before Serve rejects with 503; -1 is unbounded."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=600.0, gt=0, description="How long a stopping replica may finish running work. Keep it above one job."
+    )
+    graceful_shutdown_wait_loop_s: float = Field(default=2.0, gt=0, description="Poll interval while draining.")
+    health_check_period_s: float = Field(default=10.0, gt=0, description="Seconds between check_health calls.")
+    health_check_timeout_s: float = Field(default=30.0, gt=0, description="A check slower than this fails.")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch intra-op threads in the replica. Default: num_cpus rounded up (Ray sets "
+        "OMP_NUM_THREADS=1 in fractional-CPU actors, which would otherwise leave torch single-threaded).",
+    )
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> "DeploymentConfig":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+    def to_serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        options: dict[str, Any] = {
+            "ray_actor_options": self.ray_actor_options.to_ray(),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+        else:
+            options["num_replicas"] = self.num_replicas or 1
+        return options
+
+    def resolved_torch_threads(self) -> int:
+        import math
+
+        return self.torch_threads or max(1, math.ceil(self.ray_actor_options.num_cpus))
+
+
+class StagesConfig(_Strict):
+    """One deployment per pipeline stage, plus the HTTP ingress and the job runner."""
+
+    image_encoder: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(max_ongoing_requests=4),
+        description="CLIP image encoder + VAE encoder.",
+    )
+    sampler: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(max_ongoing_requests=1),
+        description="U-Net sampling: the expensive stage. One job at a time per replica by default.",
+    )
+    decoder: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(max_ongoing_requests=2), description="VAE temporal decoder."
+    )
+    video_encoder: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(max_ongoing_requests=4), description="ffmpeg MP4/WebM/GIF encode (CPU)."
+    )
+    ingress: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(
+            ray_actor_options=ActorOptions(num_cpus=0.25), max_ongoing_requests=200
+        ),
+        description="FastAPI HTTP ingress (no model).",
+    )
+    runner: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(ray_actor_options=ActorOptions(num_cpus=0.25), max_ongoing_requests=4),
+        description="Job runner: claims jobs from the job store and drives them through the stages.",
+    )
+
+
+class StorageConfig(_Strict):
+    """Where clips (and uploaded conditioning images) are stored."""
+
+    backend: Literal["local", "s3"] = Field(default="local", description="local directory or S3.")
+    local_dir: str = Field(default="./data/outputs", description="Directory of the local backend.")
+    bucket: str | None = Field(default=None, description="S3 bucket (s3 backend).")
+    prefix: str = Field(default="svd-serve", description="Key prefix; objects go under PREFIX/TENANT/.")
+    region: str | None = Field(default=None, description="S3 region.")
+    endpoint_url: str | None = Field(default=None, description="Custom endpoint for S3-compatible stores.")
+    presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned GET URLs.")
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = Field(
+        default=None, description="S3 server-side encryption of stored objects."
+    )
+    kms_key_id: str | None = Field(default=None, description="KMS key for aws:kms encryption.")
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> "StorageConfig":
+        if self.backend == "s3" and not self.bucket:
+            raise ValueError("storage.bucket is required when storage.backend is s3")
+        if self.kms_key_id and self.server_side_encryption != "aws:kms":
+            raise ValueError("storage.kms_key_id needs server_side_encryption: aws:kms")
+        return self
+
+
+class JobStoreConfig(_Strict):
+    """The durable job record: SQLite on one node, Redis for a cluster."""
+
+    backend: Literal["sqlite", "redis"] = Field(default="sqlite", description="sqlite (one node) or redis (cluster).")
+    sqlite_path: str = Field(default="./data/jobs.sqlite3", description="SQLite file of the sqlite backend.")
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://host:port/db of the redis backend. The password comes from the REDIS_PASSWORD "
+        "environment variable, never from this config.",
+    )
+    key_prefix: str = Field(default="svd", description="Prefix of every Redis key.")
+    lease_s: float = Field(default=30.0, gt=0, description="A claimed job returns to the queue if not renewed in time.")
+    max_attempts: int = Field(default=3, ge=1, description="Claims of one job before it is failed as abandoned.")
+    retention_s: float = Field(default=24 * 3600.0, gt=0, description="Records and outputs expire after this long.")
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> "JobStoreConfig":
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("job_store.redis_url is required when job_store.backend is redis")
+        return self
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry export."""
+
+    exporter: Literal["none", "console", "otlp"] = Field(default="none", description="Where spans go.")
+    otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP endpoint, e.g. http://otel-collector:4318.")
+    service_name: str = Field(default="svd-serve", description="service.name resource attribute.")
+    export_interval_s: float = Field(default=5.0, gt=0, description="How often batched spans are exported.")
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> "TracingConfig":
+        if self.exporter == "otlp" and not self.otlp_endpoint:
+            raise ValueError("tracing.otlp_endpoint is required when tracing.exporter is otlp")
+        return self
+
+
+class AuthConfig(_Strict):
+    """Tenants and their API keys (only SHA-256 hashes are stored)."""
+
+    tenants_file: str | None = Field(
+        default=None,
+        description="YAML/JSON file of tenants and key hashes (see `svd-serve tenants`). Re-read when it changes. "
+        "Also settable through SVD_SERVE_TENANTS_FILE.",
+    )
+
+
+class AppConfig(_Strict):
+    """Everything ``serve.app:build_app`` needs."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Which weights every model stage loads.")
+    stages: StagesConfig = Field(default_factory=StagesConfig, description="Per-deployment options.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Output storage.")
+    job_store: JobStoreConfig = Field(default_factory=JobStoreConfig, description="Durable job store.")
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Tenants and API keys.")
+    max_inflight_jobs: int = Field(
+        default=4,
+        ge=1,
+        description="Jobs one runner replica drives at once. Keep runners x this above the Sampler's capacity, "
+        "so queued work shows up as Sampler load and its autoscaler can react.",
+    )
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="Largest accepted image upload.")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "AppConfig":
+        import yaml
+
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})

@@ -1,0 +1,61 @@
+"""The durable job store: job records, the queue, leases and cancellation, behind one interface.
+
+Two backends: :class:`SqliteJobStore` (one node; any number of processes share the file) and
+:class:`RedisJobStore` (a cluster). Pick one with :func:`make_job_store`. No Ray here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from serve.jobstore.base import JobStore, JobStoreError, abandoned_error, decode_cursor, encode_cursor
+from serve.jobstore.models import (
+    JOB_ID_PREFIX,
+    TERMINAL_STATUSES,
+    Job,
+    JobError,
+    JobOutput,
+    JobProgress,
+    JobStatus,
+    new_job_id,
+    utcnow,
+)
+from serve.jobstore.redis import RedisJobStore
+from serve.jobstore.sqlite import SqliteJobStore
+
+if TYPE_CHECKING:
+    from serve.config import JobStoreConfig
+
+__all__ = [
+    "JOB_ID_PREFIX",
+    "TERMINAL_STATUSES",
+    "Job",
+    "JobError",
+    "JobOutput",
+    "JobProgress",
+    "JobStatus",
+    "JobStore",
+    "JobStoreError",
+    "RedisJobStore",
+    "SqliteJobStore",
+    "abandoned_error",
+    "decode_cursor",
+    "encode_cursor",
+    "make_job_store",
+    "new_job_id",
+    "utcnow",
+]
+
+
+def make_job_store(config: "JobStoreConfig") -> JobStore:
+    """The store ``config`` describes. ``lease_s`` and ``max_attempts`` are the caller's to pass to
+    :meth:`JobStore.claim` / :meth:`JobStore.recover_expired`; the Redis password is read from the
+    ``REDIS_PASSWORD`` environment variable."""
+    if config.backend == "sqlite":
+        return SqliteJobStore(config.sqlite_path, retention_s=config.retention_s)
+    if config.backend == "redis":
+        if not config.redis_url:
+            raise ValueError("job_store.redis_url is required when job_store.backend is redis")
+        return RedisJobStore(config.redis_url, key_prefix=config.key_prefix, retention_s=config.retention_s)
+    raise ValueError(f"unknown job store backend {config.backend!r}")
+

@@ -1,0 +1,369 @@
+"""The job store interface, and the state machine every backend shares.
+
+A backend supplies storage primitives (insert with idempotency, read, list, index queries, delete,
+and ``_mutate``: an atomic read-modify-write of one record). The state transitions (claim, renew,
+progress, terminal states, release, cancel, lease recovery) are written once here as pure
+functions of a :class:`Job`, and each backend runs them inside its own atomic section (a
+``BEGIN IMMEDIATE`` transaction in SQLite, a WATCH/MULTI optimistic transaction in Redis), so both
+backends behave identically.
+
+Semantics, shared by every backend:
+
+* Tenant scoping: every method that takes ``tenant`` treats a job of another tenant exactly like
+  a missing one. ``tenant=None`` on :meth:`JobStore.get` is unscoped access for internal callers.
+* ``version`` is bumped (and ``updated_at`` set) on every change, lease renewals included.
+* ``attempts`` counts claims that ran. :meth:`JobStore.release` (a graceful hand-back, e.g. on
+  replica shutdown) undoes its claim's increment, so a release never counts toward
+  ``max_attempts``; a job whose worker *stopped responding* (lease expired) does count.
+* Queue order is ``(created_at, id)``. A released or recovered job keeps its ``created_at`` and so
+  keeps its place in the queue.
+* ``expires_at`` is ``created_at + retention_s`` on create and ``finished_at + retention_s`` once
+  terminal, so a finished clip is kept a full retention period. :meth:`JobStore.purge_expired`
+  never removes an ``in_progress`` record (its runner still writes to it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from serve.jobstore.models import (
+    Job,
+    JobError,
+    JobOutput,
+    JobProgress,
+    JobStatus,
+    dt_to_us,
+    epoch_to_dt,
+    to_utc,
+)
+
+#: A transition: mutates the job in place, returns whether it changed anything.
+Mutation = Callable[[Job], bool]
+
+DEFAULT_RETENTION_S = 24 * 3600.0
+
+
+class JobStoreError(RuntimeError):
+    """The job store could not complete an operation (not: a transition that was refused)."""
+
+
+def encode_cursor(job: Job) -> str:
+    raw = f"{dt_to_us(job.created_at)}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """``(created_at in epoch microseconds, job id)`` of the last job of the previous page."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        us, job_id = raw.split("|", 1)
+        return int(us), job_id
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError("invalid cursor") from exc
+
+
+def abandoned_error(attempts: int) -> JobError:
+    return JobError(
+        code="abandoned",
+        message=f"The job gave up after {attempts} attempts: the worker running it stopped responding.",
+    )
+
+
+class JobStore(ABC):
+    """Durable, multi-process-safe job records. All methods are synchronous and thread-safe."""
+
+    def __init__(self, *, retention_s: float = DEFAULT_RETENTION_S, clock: Callable[[], float] = time.time):
+        if retention_s <= 0:
+            raise ValueError("retention_s must be positive")
+        self.retention_s = float(retention_s)
+        self._clock = clock
+
+    # ------------------------------------------------------------------ backend primitives
+
+    @abstractmethod
+    def create(self, job: Job) -> tuple[Job, bool]:
+        """Insert ``job`` (queued, typically). Returns ``(stored job, True)``.
+
+        If ``job.idempotency_key`` is set and the same tenant already has an unexpired job with that
+        key, returns ``(existing job, False)`` and inserts nothing; concurrent creates with one key
+        (from any thread or process) make exactly one job. Raises ``ValueError`` if the id exists.
+        """
+
+    @abstractmethod
+    def get(self, job_id: str, *, tenant: str | None) -> Job | None:
+        """The job, or None if absent or owned by another tenant (``tenant=None``: unscoped)."""
+
+    @abstractmethod
+    def list(
+        self, tenant: str, *, limit: int = 20, cursor: str | None = None, status: JobStatus | None = None
+    ) -> tuple[list[Job], str | None]:
+        """The tenant's jobs, newest first, and the cursor of the next page (None on the last)."""
+
+    @abstractmethod
+    def queued_heads(self) -> list[Job]:
+        """For each tenant with queued jobs, its oldest queued job (oldest first)."""
+
+    @abstractmethod
+    def queue_depth(self, tenant: str | None = None) -> int:
+        """Queued jobs, of one tenant or in all."""
+
+    @abstractmethod
+    def running_count(self, tenant: str | None = None) -> int:
+        """In-progress jobs, of one tenant or in all."""
+
+    @abstractmethod
+    def queue_position(self, job_id: str) -> int | None:
+        """Queued jobs (of all tenants) created before this one; 0 = next. None if it is not queued."""
+
+    @abstractmethod
+    def is_cancel_requested(self, job_id: str) -> bool:
+        """Cheap check for the sampler's step callback: True if a cancel was requested, the job is
+        already cancelled, or its record is gone (deleted): in each case the work should stop."""
+
+    @abstractmethod
+    def delete(self, job_id: str, *, tenant: str) -> Job | None:
+        """Remove the record (the caller removes its stored files). Returns it as it was."""
+
+    @abstractmethod
+    def purge_expired(self, now: datetime | float | None = None) -> list[Job]:
+        """Remove records past ``expires_at`` (except in-progress ones); returned so the caller can
+        delete their outputs and inputs."""
+
+    @abstractmethod
+    def ping(self) -> bool:
+        """True if the backing store answers."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections. The store is not usable afterwards."""
+
+    @abstractmethod
+    def _mutate(self, job_id: str, fn: Mutation, *, tenant: str | None = None) -> tuple[Job, bool] | None:
+        """Atomically: read the job, apply ``fn``, and if it returns True bump ``version``, set
+        ``updated_at`` and write it back. Returns ``(job after, changed)``, or None if the job is
+        absent (or another tenant's, when ``tenant`` is given). ``fn`` may run more than once
+        (optimistic retries), so it must only touch the job passed to it."""
+
+    @abstractmethod
+    def _expired_lease_ids(self, now: float) -> list[str]:
+        """Ids of in-progress jobs whose lease expired at or before ``now``."""
+
+    # ------------------------------------------------------------------ helpers
+
+    def _now(self) -> float:
+        return self._clock()
+
+    def _prepare_new(self, job: Job) -> Job:
+        """The record as first stored: version 1, ``updated_at`` now, ``expires_at`` filled in."""
+        job = job.model_copy(deep=True)
+        job.version = 1
+        job.updated_at = epoch_to_dt(self._now())
+        if job.expires_at is None:
+            job.expires_at = job.created_at + timedelta(seconds=self.retention_s)
+        return job
+
+    def _is_expired(self, job: Job, now: float | None = None) -> bool:
+        now = self._now() if now is None else now
+        return job.expires_at is not None and job.expires_at.timestamp() <= now
+
+    def _finish(self, job: Job, status: JobStatus, now: float) -> None:
+        job.status = status
+        job.finished_at = epoch_to_dt(now)
+        job.expires_at = job.finished_at + timedelta(seconds=self.retention_s)
+        job.lease_owner = None
+        job.lease_expires_at = None
+
+    def _requeue(self, job: Job) -> None:
+        job.status = JobStatus.QUEUED
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.progress = JobProgress()
+
+    @staticmethod
+    def _holds(job: Job, owner: str) -> bool:
+        return job.status is JobStatus.IN_PROGRESS and job.lease_owner == owner
+
+    @staticmethod
+    def _normalize_now(now: datetime | float | None, default: float) -> float:
+        if now is None:
+            return default
+        if isinstance(now, datetime):
+            return to_utc(now).timestamp()
+        return float(now)
+
+    # ------------------------------------------------------------------ transitions (shared)
+
+    def claim(self, job_id: str, *, owner: str, lease_s: float) -> Job | None:
+        """Queued -> in_progress for ``owner`` (attempts += 1). None if it is no longer queued."""
+
+        def fn(job: Job) -> bool:
+            if job.status is not JobStatus.QUEUED:
+                return False
+            now = self._now()
+            job.status = JobStatus.IN_PROGRESS
+            job.attempts += 1
+            job.lease_owner = owner
+            job.lease_expires_at = now + lease_s
+            if job.started_at is None:
+                job.started_at = epoch_to_dt(now)
+            return True
+
+        result = self._mutate(job_id, fn)
+        return result[0] if result and result[1] else None
+
+    def renew(self, job_id: str, *, owner: str, lease_s: float) -> bool:
+        """Extend the lease, only while ``owner`` holds it and the job is in progress."""
+
+        def fn(job: Job) -> bool:
+            if not self._holds(job, owner):
+                return False
+            job.lease_expires_at = self._now() + lease_s
+            return True
+
+        return self._changed(self._mutate(job_id, fn))
+
+    def update_progress(
+        self,
+        job_id: str,
+        *,
+        owner: str,
+        stage: str | None,
+        step: int = 0,
+        total_steps: int = 0,
+        timings: dict[str, float] | None = None,
+    ) -> bool:
+        """Set the progress and merge ``timings``. False if ``owner`` lost the lease."""
+
+        def fn(job: Job) -> bool:
+            if not self._holds(job, owner):
+                return False
+            job.progress = JobProgress(stage=stage, step=step, total_steps=total_steps)
+            if timings:
+                job.timings.update({k: float(v) for k, v in timings.items()})
+            return True
+
+        return self._changed(self._mutate(job_id, fn))
+
+    def complete(
+        self, job_id: str, *, owner: str, output: JobOutput, timings: dict[str, float] | None = None
+    ) -> bool:
+        def fn(job: Job) -> bool:
+            if not self._holds(job, owner):
+                return False
+            job.output = output.model_copy()
+            if timings:
+                job.timings.update({k: float(v) for k, v in timings.items()})
+            self._finish(job, JobStatus.COMPLETED, self._now())
+            return True
+
+        return self._changed(self._mutate(job_id, fn))
+
+    def fail(self, job_id: str, *, owner: str, error: JobError) -> bool:
+        def fn(job: Job) -> bool:
+            if not self._holds(job, owner):
+                return False
+            job.error = error.model_copy()
+            self._finish(job, JobStatus.FAILED, self._now())
+            return True
+
+        return self._changed(self._mutate(job_id, fn))
+
+    def mark_cancelled(self, job_id: str, *, owner: str) -> bool:
+        def fn(job: Job) -> bool:
+            if not self._holds(job, owner):
+                return False
+            self._finish(job, JobStatus.CANCELLED, self._now())
+            return True
+
+        return self._changed(self._mutate(job_id, fn))
+
+    def release(self, job_id: str, *, owner: str) -> bool:
+        """Give a claimed job back to the queue (graceful shutdown) without counting the attempt.
+
+        The claim's ``attempts`` increment is undone (and ``started_at`` cleared if no attempt is
+        left), the lease is dropped and the job keeps its place in the queue. A job whose cancel
+        was requested is cancelled instead of requeued.
+        """
+
+        def fn(job: Job) -> bool:
+            if not self._holds(job, owner):
+                return False
+            if job.cancel_requested:
+                self._finish(job, JobStatus.CANCELLED, self._now())
+                return True
+            job.attempts = max(0, job.attempts - 1)
+            if job.attempts == 0:
+                job.started_at = None
+            self._requeue(job)
+            return True
+
+        return self._changed(self._mutate(job_id, fn))
+
+    def request_cancel(self, job_id: str, *, tenant: str) -> Job | None:
+        """Queued: cancelled at once. In progress: ``cancel_requested`` (the runner stops it and calls
+        :meth:`mark_cancelled`). Terminal: unchanged. Returns the job after, None if absent."""
+
+        def fn(job: Job) -> bool:
+            if job.status is JobStatus.QUEUED:
+                job.cancel_requested = True
+                self._finish(job, JobStatus.CANCELLED, self._now())
+                return True
+            if job.status is JobStatus.IN_PROGRESS and not job.cancel_requested:
+                job.cancel_requested = True
+                return True
+            return False
+
+        result = self._mutate(job_id, fn, tenant=tenant)
+        return result[0] if result else None
+
+    def recover_expired(self, *, max_attempts: int) -> list[Job]:
+        """In-progress jobs whose lease expired: requeued (keeping ``created_at``) if
+        ``attempts < max_attempts``, else failed ``abandoned``; cancelled if a cancel was requested.
+        Returns the jobs changed."""
+        changed: list[Job] = []
+        for job_id in self._expired_lease_ids(self._now()):
+
+            def fn(job: Job) -> bool:
+                now = self._now()
+                if job.status is not JobStatus.IN_PROGRESS or (job.lease_expires_at or 0.0) > now:
+                    return False  # renewed, finished or recovered by someone else meanwhile
+                if job.cancel_requested:
+                    self._finish(job, JobStatus.CANCELLED, now)
+                elif job.attempts < max_attempts:
+                    self._requeue(job)
+                else:
+                    job.error = abandoned_error(job.attempts)
+                    self._finish(job, JobStatus.FAILED, now)
+                return True
+
+            result = self._mutate(job_id, fn)
+            if result and result[1]:
+                changed.append(result[0])
+        return changed
+
+    def update_metadata(self, job_id: str, patch: dict[str, Any]) -> None:
+        """Shallow-merge ``patch`` into ``metadata`` (bumps ``version``). No-op if the job is gone."""
+
+        def fn(job: Job) -> bool:
+            job.metadata.update(patch)
+            return True
+
+        self._mutate(job_id, fn)
+
+    @staticmethod
+    def _changed(result: tuple[Job, bool] | None) -> bool:
+        return bool(result and result[1])
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> "JobStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

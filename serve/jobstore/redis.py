@@ -1,0 +1,377 @@
+"""Redis job store: the cluster backend (every replica on every node shares one Redis).
+
+Keys, all under ``{prefix}:`` (the tenant is always the *last* key component, so tenant names
+cannot collide with one another or with the fixed names):
+
+===============================  ====================================================================
+``job:{id}``                     string: the job as JSON
+``jobs:{tenant}``                zset: the tenant's jobs, score = created_at (epoch microseconds)
+``queued:{tenant}``              zset: the tenant's queued jobs, same score
+``queued``                       zset: every queued job, same score (queue positions)
+``queued-tenants``               set: tenants that have queued jobs (queued_heads)
+``running:{tenant}``             set: the tenant's in-progress jobs
+``leases``                       zset: in-progress jobs, score = lease expiry (recover_expired)
+``expiry``                       zset: every job, score = expires_at (purge_expired)
+``idem:{tenant}``                hash: idempotency key -> job id
+===============================  ====================================================================
+
+Equal scores order by member, i.e. by job id, so every zset orders by ``(created_at, id)`` exactly
+like the SQLite backend.
+
+Atomicity: every write is an optimistic WATCH/MULTI/EXEC transaction. The job's key (and, for
+create, the tenant's idempotency hash) is WATCHed, the record is read and the shared transition
+(:mod:`serve.jobstore.base`) is applied in Python, then the record and all its index entries are
+written in one MULTI/EXEC. If another client changed a watched key in between, EXEC aborts and the
+whole step is retried on fresh data, so e.g. of eight concurrent claims exactly one succeeds. Two
+conditional deletes that MULTI cannot express (drop a tenant from ``queued-tenants`` once its
+queue is empty; drop an idempotency entry only if it still points at this job) are tiny Lua
+scripts queued inside the same MULTI.
+
+Expiry: records carry no Redis TTL on purpose. :meth:`RedisJobStore.purge_expired` must *return*
+expired jobs so their stored clips get deleted; a key that Redis evicted silently would leak its
+files and leave stale index entries. Expiry is tracked in the ``expiry`` zset instead, and an
+expired but not yet purged job no longer holds its idempotency key.
+
+The password comes from the ``REDIS_PASSWORD`` environment variable, never from the URL in the
+config; it is not logged and does not appear in ``repr``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis as redis_lib
+from redis.exceptions import WatchError
+
+from serve.jobstore.base import (
+    DEFAULT_RETENTION_S,
+    JobStore,
+    JobStoreError,
+    Mutation,
+    decode_cursor,
+    encode_cursor,
+)
+from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt
+
+PASSWORD_ENV = "REDIS_PASSWORD"
+
+_MAX_RETRIES = 1000
+
+#: KEYS[1] = a tenant's queued zset, KEYS[2] = the queued-tenants set, ARGV[1] = the tenant.
+_SREM_IF_EMPTY = """
+if redis.call('ZCARD', KEYS[1]) == 0 then
+    return redis.call('SREM', KEYS[2], ARGV[1])
+end
+return 0
+"""
+
+#: KEYS[1] = an idempotency hash, ARGV[1] = the key, ARGV[2] = the job id it must still point to.
+_HDEL_IF_EQUAL = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+    return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else f":***@{netloc}"))
+
+
+class RedisJobStore(JobStore):
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "svd",
+        retention_s: float = DEFAULT_RETENTION_S,
+        clock: Callable[[], float] | None = None,
+        client: redis_lib.Redis | None = None,
+        socket_timeout_s: float = 10.0,
+    ):
+        kwargs = {"clock": clock} if clock is not None else {}
+        super().__init__(retention_s=retention_s, **kwargs)
+        if not key_prefix:
+            raise ValueError("key_prefix must not be empty")
+        self.url = _redact(url)
+        self.prefix = key_prefix
+        if client is None:
+            options: dict[str, Any] = {
+                "decode_responses": True,
+                "socket_timeout": socket_timeout_s,
+                "socket_connect_timeout": socket_timeout_s,
+                "health_check_interval": 30,
+            }
+            password = os.environ.get(PASSWORD_ENV)
+            if password:
+                options["password"] = password
+            client = redis_lib.Redis.from_url(url, **options)
+        self._r = client
+
+    # ------------------------------------------------------------------ keys
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _job_key(self, job_id: str) -> str:
+        return self._k("job", job_id)
+
+    # ------------------------------------------------------------------ record I/O
+
+    @staticmethod
+    def _load(raw: str | None) -> Job | None:
+        return None if raw is None else Job.model_validate_json(raw)
+
+    def _load_many(self, ids: list[str]) -> list[Job]:
+        if not ids:
+            return []
+        raws = self._r.mget([self._job_key(i) for i in ids])
+        return [job for job in map(self._load, raws) if job is not None]
+
+    def _write(self, pipe: Any, old: Job | None, new: Job) -> None:
+        """Queue (inside MULTI) the record and every index change from ``old`` to ``new``."""
+        t = new.tenant
+        score = dt_to_us(new.created_at)
+        pipe.set(self._job_key(new.id), new.model_dump_json())
+        if old is None:
+            pipe.zadd(self._k("jobs", t), {new.id: score})
+            if new.idempotency_key is not None:
+                pipe.hset(self._k("idem", t), new.idempotency_key, new.id)
+        if new.expires_at is not None and (old is None or old.expires_at != new.expires_at):
+            pipe.zadd(self._k("expiry"), {new.id: new.expires_at.timestamp()})
+
+        was_queued = old is not None and old.status is JobStatus.QUEUED
+        is_queued = new.status is JobStatus.QUEUED
+        if is_queued and not was_queued:
+            pipe.zadd(self._k("queued", t), {new.id: score})
+            pipe.zadd(self._k("queued"), {new.id: score})
+            pipe.sadd(self._k("queued-tenants"), t)
+        elif was_queued and not is_queued:
+            self._unqueue(pipe, new)
+
+        was_running = old is not None and old.status is JobStatus.IN_PROGRESS
+        is_running = new.status is JobStatus.IN_PROGRESS
+        if is_running:
+            pipe.zadd(self._k("leases"), {new.id: new.lease_expires_at or 0.0})
+            if not was_running:
+                pipe.sadd(self._k("running", t), new.id)
+        elif was_running:
+            pipe.zrem(self._k("leases"), new.id)
+            pipe.srem(self._k("running", t), new.id)
+
+    def _unqueue(self, pipe: Any, job: Job) -> None:
+        t = job.tenant
+        pipe.zrem(self._k("queued", t), job.id)
+        pipe.zrem(self._k("queued"), job.id)
+        pipe.eval(_SREM_IF_EMPTY, 2, self._k("queued", t), self._k("queued-tenants"), t)
+
+    def _remove(self, pipe: Any, job: Job) -> None:
+        """Queue (inside MULTI) the deletion of the record and all its index entries."""
+        t = job.tenant
+        pipe.delete(self._job_key(job.id))
+        pipe.zrem(self._k("jobs", t), job.id)
+        pipe.zrem(self._k("expiry"), job.id)
+        pipe.zrem(self._k("leases"), job.id)
+        pipe.srem(self._k("running", t), job.id)
+        self._unqueue(pipe, job)
+        if job.idempotency_key is not None:
+            pipe.eval(_HDEL_IF_EQUAL, 1, self._k("idem", t), job.idempotency_key, job.id)
+
+    def _transaction(self, step: Callable[[Any], Any]) -> Any:
+        """Run ``step(pipe)`` (WATCH, read, MULTI, queue writes) and EXEC, retrying on conflicts."""
+        for _ in range(_MAX_RETRIES):
+            with self._r.pipeline(transaction=True) as pipe:
+                try:
+                    return step(pipe)
+                except WatchError:
+                    continue
+        raise JobStoreError("job store transaction kept conflicting; giving up")
+
+    # ------------------------------------------------------------------ writes
+
+    def create(self, job: Job) -> tuple[Job, bool]:
+        job = self._prepare_new(job)
+        job_key = self._job_key(job.id)
+        idem_key = self._k("idem", job.tenant)
+
+        def step(pipe: Any) -> tuple[Job, bool]:
+            pipe.watch(job_key, idem_key)
+            if pipe.exists(job_key):
+                raise ValueError(f"job {job.id} already exists")
+            if job.idempotency_key is not None:
+                existing_id = pipe.hget(idem_key, job.idempotency_key)
+                if existing_id is not None:
+                    existing_key = self._job_key(existing_id)
+                    pipe.watch(existing_key)
+                    existing = self._load(pipe.get(existing_key))
+                    if existing is not None and existing.tenant == job.tenant and not self._is_expired(existing):
+                        pipe.unwatch()
+                        return existing, False
+            pipe.multi()
+            self._write(pipe, None, job)
+            pipe.execute()
+            return job, True
+
+        return self._transaction(step)
+
+    def _mutate(self, job_id: str, fn: Mutation, *, tenant: str | None = None) -> tuple[Job, bool] | None:
+        key = self._job_key(job_id)
+
+        def step(pipe: Any) -> tuple[Job, bool] | None:
+            pipe.watch(key)
+            old = self._load(pipe.get(key))
+            if old is None or (tenant is not None and old.tenant != tenant):
+                pipe.unwatch()
+                return None
+            new = old.model_copy(deep=True)
+            if not fn(new):
+                pipe.unwatch()
+                return old, False
+            new.version = old.version + 1
+            new.updated_at = epoch_to_dt(self._now())
+            pipe.multi()
+            self._write(pipe, old, new)
+            pipe.execute()
+            return new, True
+
+        return self._transaction(step)
+
+    def delete(self, job_id: str, *, tenant: str) -> Job | None:
+        key = self._job_key(job_id)
+
+        def step(pipe: Any) -> Job | None:
+            pipe.watch(key)
+            job = self._load(pipe.get(key))
+            if job is None or job.tenant != tenant:
+                pipe.unwatch()
+                return None
+            pipe.multi()
+            self._remove(pipe, job)
+            pipe.execute()
+            return job
+
+        return self._transaction(step)
+
+    def purge_expired(self, now: datetime | float | None = None) -> list[Job]:
+        cutoff = self._normalize_now(now, self._now())
+        purged: list[Job] = []
+        for job_id in self._r.zrangebyscore(self._k("expiry"), "-inf", cutoff):
+            key = self._job_key(job_id)
+
+            def step(pipe: Any) -> Job | None:
+                pipe.watch(key)
+                job = self._load(pipe.get(key))
+                if job is None:  # a stale index entry: drop it
+                    pipe.unwatch()
+                    self._r.zrem(self._k("expiry"), job_id)
+                    return None
+                if job.status is JobStatus.IN_PROGRESS or not self._is_expired(job, cutoff):
+                    pipe.unwatch()
+                    return None
+                pipe.multi()
+                self._remove(pipe, job)
+                pipe.execute()
+                return job
+
+            job = self._transaction(step)
+            if job is not None:
+                purged.append(job)
+        return purged
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, job_id: str, *, tenant: str | None) -> Job | None:
+        job = self._load(self._r.get(self._job_key(job_id)))
+        if job is None or (tenant is not None and job.tenant != tenant):
+            return None
+        return job
+
+    def list(
+        self, tenant: str, *, limit: int = 20, cursor: str | None = None, status: JobStatus | None = None
+    ) -> tuple[list[Job], str | None]:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        status = JobStatus(status) if status is not None else None
+        # A status-filtered listing of queued jobs has its own index; others filter while scanning.
+        key = self._k("queued", tenant) if status is JobStatus.QUEUED else self._k("jobs", tenant)
+        after: tuple[int, str] | None = decode_cursor(cursor) if cursor is not None else None
+        max_score: Any = "+inf" if after is None else after[0]
+        batch = max(limit + 1, 50)
+        offset = 0
+        found: list[Job] = []
+        while len(found) <= limit:
+            entries = self._r.zrevrangebyscore(key, max_score, "-inf", start=offset, num=batch, withscores=True)
+            if not entries:
+                break
+            offset += len(entries)
+            ids = [
+                member
+                for member, score in entries
+                if after is None or int(score) < after[0] or (int(score) == after[0] and member < after[1])
+            ]
+            for job in self._load_many(ids):
+                if job.tenant == tenant and (status is None or job.status is status):
+                    found.append(job)
+            if len(entries) < batch:
+                break
+        if len(found) > limit:
+            found = found[:limit]
+            return found, encode_cursor(found[-1])
+        return found, None
+
+    def queued_heads(self) -> list[Job]:
+        tenants = sorted(self._r.smembers(self._k("queued-tenants")))
+        if not tenants:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for t in tenants:
+            pipe.zrange(self._k("queued", t), 0, 0)
+        heads = [ids[0] for ids in pipe.execute() if ids]
+        jobs = [job for job in self._load_many(heads) if job.status is JobStatus.QUEUED]
+        return sorted(jobs, key=lambda j: (dt_to_us(j.created_at), j.id))
+
+    def queue_depth(self, tenant: str | None = None) -> int:
+        return int(self._r.zcard(self._k("queued") if tenant is None else self._k("queued", tenant)))
+
+    def running_count(self, tenant: str | None = None) -> int:
+        if tenant is None:
+            return int(self._r.zcard(self._k("leases")))
+        return int(self._r.scard(self._k("running", tenant)))
+
+    def queue_position(self, job_id: str) -> int | None:
+        rank = self._r.zrank(self._k("queued"), job_id)
+        return None if rank is None else int(rank)
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        raw = self._r.get(self._job_key(job_id))
+        if raw is None:
+            return True
+        data = json.loads(raw)
+        return bool(data.get("cancel_requested")) or data.get("status") == JobStatus.CANCELLED.value
+
+    def _expired_lease_ids(self, now: float) -> list[str]:
+        return list(self._r.zrangebyscore(self._k("leases"), "-inf", now))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._r.ping())
+        except redis_lib.RedisError:
+            return False
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __repr__(self) -> str:
+        return f"RedisJobStore(url={self.url!r}, key_prefix={self.prefix!r})"

@@ -1,0 +1,303 @@
+"""SQLite job store: one node, any number of processes (Ray replicas) sharing one file.
+
+* WAL journal (readers never block the writer), ``busy_timeout`` so a contended writer waits
+  instead of failing, ``synchronous=NORMAL`` (durable across process crashes; WAL keeps the file
+  consistent across power loss).
+* One connection per thread (``threading.local``), re-opened after ``fork`` (a connection is
+  never used in two processes).
+* Every write is a ``BEGIN IMMEDIATE`` transaction: it takes the database write lock up front, so
+  read-check-write sequences (claim, idempotent create, every transition) are atomic across
+  threads *and* processes.
+* Each job is stored as its JSON plus the columns the queries index (tenant, status, created_at in
+  epoch microseconds, idempotency_key, lease_expires_at, expires_at).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+from serve.jobstore.base import (
+    DEFAULT_RETENTION_S,
+    JobStore,
+    Mutation,
+    decode_cursor,
+    encode_cursor,
+)
+from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id               TEXT PRIMARY KEY,
+    tenant           TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    created_us       INTEGER NOT NULL,
+    idempotency_key  TEXT,
+    lease_expires_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    expires_at       REAL,
+    version          INTEGER NOT NULL,
+    data             TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_tenant_created ON jobs (tenant, created_us, id);
+CREATE INDEX IF NOT EXISTS jobs_tenant_status_created ON jobs (tenant, status, created_us, id);
+CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs (status, created_us, id);
+CREATE INDEX IF NOT EXISTS jobs_status_lease ON jobs (status, lease_expires_at);
+CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires_at);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency
+    ON jobs (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;
+"""
+
+_COLUMNS = "id, tenant, status, created_us, idempotency_key, lease_expires_at, cancel_requested, expires_at, version, data"
+
+
+def _row(job: Job, *, idempotency_key: bool = True) -> tuple:
+    return (
+        job.id,
+        job.tenant,
+        job.status.value,
+        dt_to_us(job.created_at),
+        job.idempotency_key if idempotency_key else None,
+        job.lease_expires_at,
+        int(job.cancel_requested),
+        job.expires_at.timestamp() if job.expires_at else None,
+        job.version,
+        job.model_dump_json(),
+    )
+
+
+class SqliteJobStore(JobStore):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        retention_s: float = DEFAULT_RETENTION_S,
+        busy_timeout_s: float = 30.0,
+        clock: Callable[[], float] | None = None,
+    ):
+        kwargs = {"clock": clock} if clock is not None else {}
+        super().__init__(retention_s=retention_s, **kwargs)
+        self.path = str(path)
+        if self.path == ":memory:" or self.path.startswith("file:"):
+            raise ValueError("SqliteJobStore needs a file path (every thread and process opens it)")
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._busy_timeout_ms = int(busy_timeout_s * 1000)
+        self._local = threading.local()
+        self._all: list[tuple[int, sqlite3.Connection]] = []
+        self._all_lock = threading.Lock()
+        self._closed = False
+        self._conn()  # the first connection creates the schema
+
+    # ------------------------------------------------------------------ connections
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise RuntimeError("the job store is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            return conn
+        # isolation_level=None: no implicit transactions; we issue BEGIN IMMEDIATE ourselves.
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if not getattr(self, "_schema_ready", False):
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+            conn.execute("COMMIT")
+            self._schema_ready = True
+        self._local.conn = conn
+        self._local.pid = os.getpid()
+        with self._all_lock:
+            self._all.append((os.getpid(), conn))
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------ writes
+
+    def create(self, job: Job) -> tuple[Job, bool]:
+        job = self._prepare_new(job)
+        with self._write() as conn:
+            if job.idempotency_key is not None:
+                row = conn.execute(
+                    "SELECT data FROM jobs WHERE tenant = ? AND idempotency_key = ?",
+                    (job.tenant, job.idempotency_key),
+                ).fetchone()
+                if row is not None:
+                    existing = Job.model_validate_json(row[0])
+                    if not self._is_expired(existing):
+                        return existing, False
+                    # An expired job keeps its record until purged but no longer owns the key.
+                    conn.execute("UPDATE jobs SET idempotency_key = NULL WHERE id = ?", (existing.id,))
+            try:
+                conn.execute(f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _row(job))
+            except sqlite3.IntegrityError as exc:
+                raise ValueError(f"job {job.id} already exists") from exc
+        return job, True
+
+    def _mutate(self, job_id: str, fn: Mutation, *, tenant: str | None = None) -> tuple[Job, bool] | None:
+        with self._write() as conn:
+            row = conn.execute("SELECT data, idempotency_key FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            job = Job.model_validate_json(row[0])
+            if tenant is not None and job.tenant != tenant:
+                return None
+            if not fn(job):
+                return job, False
+            job.version += 1
+            job.updated_at = epoch_to_dt(self._now())
+            values = _row(job)
+            conn.execute(
+                "UPDATE jobs SET status = ?, lease_expires_at = ?, cancel_requested = ?, expires_at = ?, "
+                "version = ?, data = ? WHERE id = ?",
+                (values[2], values[5], values[6], values[7], values[8], values[9], job.id),
+            )
+        return job, True
+
+    def delete(self, job_id: str, *, tenant: str) -> Job | None:
+        with self._write() as conn:
+            row = conn.execute("SELECT data FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant)).fetchone()
+            if row is None:
+                return None
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return Job.model_validate_json(row[0])
+
+    def purge_expired(self, now: datetime | float | None = None) -> list[Job]:
+        cutoff = self._normalize_now(now, self._now())
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT data FROM jobs WHERE expires_at <= ? AND status != ?",
+                (cutoff, JobStatus.IN_PROGRESS.value),
+            ).fetchall()
+            conn.execute(
+                "DELETE FROM jobs WHERE expires_at <= ? AND status != ?", (cutoff, JobStatus.IN_PROGRESS.value)
+            )
+        return [Job.model_validate_json(r[0]) for r in rows]
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, job_id: str, *, tenant: str | None) -> Job | None:
+        row = self._conn().execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        job = Job.model_validate_json(row[0])
+        if tenant is not None and job.tenant != tenant:
+            return None
+        return job
+
+    def list(
+        self, tenant: str, *, limit: int = 20, cursor: str | None = None, status: JobStatus | None = None
+    ) -> tuple[list[Job], str | None]:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        sql = "SELECT data FROM jobs WHERE tenant = ?"
+        args: list[object] = [tenant]
+        if status is not None:
+            sql += " AND status = ?"
+            args.append(JobStatus(status).value)
+        if cursor is not None:
+            us, last_id = decode_cursor(cursor)
+            sql += " AND (created_us, id) < (?, ?)"
+            args += [us, last_id]
+        sql += " ORDER BY created_us DESC, id DESC LIMIT ?"
+        args.append(limit + 1)
+        jobs = [Job.model_validate_json(r[0]) for r in self._conn().execute(sql, args).fetchall()]
+        if len(jobs) > limit:
+            jobs = jobs[:limit]
+            return jobs, encode_cursor(jobs[-1])
+        return jobs, None
+
+    def queued_heads(self) -> list[Job]:
+        rows = self._conn().execute(
+            "SELECT data FROM ("
+            "  SELECT data, created_us, id,"
+            "         ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY created_us, id) AS rn"
+            "  FROM jobs WHERE status = ?"
+            ") WHERE rn = 1 ORDER BY created_us, id",
+            (JobStatus.QUEUED.value,),
+        ).fetchall()
+        return [Job.model_validate_json(r[0]) for r in rows]
+
+    def _count(self, status: JobStatus, tenant: str | None) -> int:
+        if tenant is None:
+            row = self._conn().execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status.value,)).fetchone()
+        else:
+            row = (
+                self._conn()
+                .execute("SELECT COUNT(*) FROM jobs WHERE tenant = ? AND status = ?", (tenant, status.value))
+                .fetchone()
+            )
+        return int(row[0])
+
+    def queue_depth(self, tenant: str | None = None) -> int:
+        return self._count(JobStatus.QUEUED, tenant)
+
+    def running_count(self, tenant: str | None = None) -> int:
+        return self._count(JobStatus.IN_PROGRESS, tenant)
+
+    def queue_position(self, job_id: str) -> int | None:
+        conn = self._conn()
+        row = conn.execute("SELECT status, created_us FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row[0] != JobStatus.QUEUED.value:
+            return None
+        (count,) = conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status = ? AND (created_us, id) < (?, ?)",
+            (JobStatus.QUEUED.value, row[1], job_id),
+        ).fetchone()
+        return int(count)
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        row = self._conn().execute("SELECT status, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row is None or bool(row[1]) or row[0] == JobStatus.CANCELLED.value
+
+    def _expired_lease_ids(self, now: float) -> list[str]:
+        rows = self._conn().execute(
+            "SELECT id FROM jobs WHERE status = ? AND lease_expires_at <= ? ORDER BY lease_expires_at",
+            (JobStatus.IN_PROGRESS.value, now),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def ping(self) -> bool:
+        try:
+            return self._conn().execute("SELECT 1").fetchone()[0] == 1
+        except sqlite3.Error:
+            return False
+
+    def close(self) -> None:
+        self._closed = True
+        with self._all_lock:
+            conns, self._all = self._all, []
+        pid = os.getpid()
+        for owner_pid, conn in conns:
+            # A connection inherited through fork belongs to the parent: closing it here could
+            # disturb the parent's locks and WAL, so it is left alone.
+            if owner_pid == pid:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteJobStore(path={self.path!r})"

@@ -1,0 +1,231 @@
+"""The job runner: claims jobs from the durable store and drives them through the stages.
+
+Why a separate deployment: the ingress only admits and reports, so a crash here loses nothing
+that the store does not remember. A claimed job carries a lease that this replica renews while
+the job runs; if the replica dies, the lease runs out and any runner re-queues the job (or fails
+it after ``max_attempts`` claims), so no job stays ``in_progress`` forever.
+
+The runner chains the stage calls as ``DeploymentResponse``s: each stage's output goes straight
+from one replica to the next through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+
+from pipelines.errors import InvalidInputError, JobCancelledError
+
+from .config import AppConfig
+from .context import JobContext
+from .jobstore import Job, JobError, JobOutput, JobStatus, make_job_store
+from .scheduler import pick_next
+from .telemetry import current_carrier, log_extra, metrics, setup_tracing, span_from_carrier
+
+logger = logging.getLogger("svd_serve")
+
+POLL_INTERVAL_S = 0.1
+GAUGE_INTERVAL_S = 5.0
+
+
+class WorkerLost(Exception):
+    """A stage replica died or was unreachable: the job goes back to the queue."""
+
+
+def _cause(error: BaseException) -> BaseException:
+    return getattr(error, "cause", None) or error
+
+
+@serve.deployment(name="JobRunner", logging_config={"encoding": "JSON"})
+class JobRunner:
+    async def __init__(self, config: dict[str, Any], image_encoder, sampler, decoder, video_encoder) -> None:
+        self.config = AppConfig.model_validate(config)
+        setup_tracing(self.config.tracing)
+        self.store = make_job_store(self.config.job_store)
+        self.stages = (image_encoder, sampler, decoder, video_encoder)
+        self.owner = f"runner-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lease_s = self.config.job_store.lease_s
+        self.inflight: dict[str, asyncio.Task] = {}
+        self.stopping = False
+        self._last_recover = 0.0
+        self._last_gauges = 0.0
+        self._last_renew = 0.0
+        self._loop_task = asyncio.get_running_loop().create_task(self._dispatch_loop())
+
+    # -- public methods (called by the ingress) -------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        return {"owner": self.owner, "inflight": sorted(self.inflight), "stopping": self.stopping}
+
+    async def check_health(self) -> None:
+        if self._loop_task.done():
+            raise RuntimeError("the dispatch loop stopped")
+        await asyncio.to_thread(self.store.ping)
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while not self.stopping:
+            try:
+                now = time.monotonic()
+                if now - self._last_renew >= self.lease_s / 3:
+                    self._last_renew = now
+                    await asyncio.to_thread(self._renew_leases)
+                if now - self._last_recover >= self.lease_s / 2:
+                    self._last_recover = now
+                    await asyncio.to_thread(self._recover)
+                if now - self._last_gauges >= GAUGE_INTERVAL_S:
+                    self._last_gauges = now
+                    await asyncio.to_thread(self._update_gauges)
+                job = None
+                if len(self.inflight) < self.config.max_inflight_jobs:
+                    job = await asyncio.to_thread(self._claim_next)
+                if job is None:
+                    await asyncio.sleep(POLL_INTERVAL_S)
+                    continue
+                self.inflight[job.id] = asyncio.get_running_loop().create_task(self._run_job(job))
+            except Exception:  # the loop must survive a store hiccup
+                logger.exception("dispatch loop error")
+                await asyncio.sleep(1.0)
+
+    def _claim_next(self) -> Job | None:
+        # Another runner may win the race for a head; try the next-best pick a few times.
+        for _ in range(3):
+            heads = self.store.queued_heads()
+            running: dict[str, int] = {}
+
+            def running_of(tenant: str) -> int:
+                if tenant not in running:
+                    running[tenant] = self.store.running_count(tenant)
+                return running[tenant]
+
+            head = pick_next(heads, running_of)
+            if head is None:
+                return None
+            job = self.store.claim(head.id, owner=self.owner, lease_s=self.lease_s)
+            if job is not None:
+                return job
+        return None
+
+    def _renew_leases(self) -> None:
+        for job_id, task in list(self.inflight.items()):
+            if not self.store.renew(job_id, owner=self.owner, lease_s=self.lease_s):
+                # The lease is gone (recovered by another runner after a stall): stop our copy.
+                logger.warning("lost the lease; stopping this copy", extra=log_extra(job_id))
+                task.cancel()
+
+    def _recover(self) -> None:
+        for job in self.store.recover_expired(max_attempts=self.config.job_store.max_attempts):
+            logger.warning("recovered an expired lease: now %s", job.status.value, extra=log_extra(job.id))
+            if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+                self._count(job.status, job.tenant)
+        for job in self.store.purge_expired():
+            logger.info("purged an expired job record", extra=log_extra(job.id))
+
+    def _update_gauges(self) -> None:
+        recorder = metrics()
+        if recorder is not None:
+            recorder.queue_depth.set(self.store.queue_depth())
+            recorder.running_jobs.set(self.store.running_count())
+
+    @staticmethod
+    def _count(status: JobStatus, tenant: str) -> None:
+        recorder = metrics()
+        if recorder is not None:
+            recorder.jobs_total.inc(tags={"status": status.value, "tenant": tenant})
+
+    # -- one job --------------------------------------------------------------------------------
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            with span_from_carrier("job", job.trace_context, **{"svd.job_id": job.id, "svd.tenant": job.tenant,
+                                                                 "svd.attempt": job.attempts}) as span:
+                ctx = JobContext(job_id=job.id, tenant=job.tenant, owner=self.owner, trace=current_carrier())
+                await self._drive(job, ctx, span)
+        except asyncio.CancelledError:
+            pass  # lease lost or shutting down: the store already has the job elsewhere
+        finally:
+            self.inflight.pop(job.id, None)
+
+    async def _drive(self, job: Job, ctx: JobContext, span) -> None:
+        encoder, sampler, decoder, video_encoder = self.stages
+        params = job.params
+        output_key = job.metadata["output_key"]
+        start = time.perf_counter()
+        responses = []
+        try:
+            encoded = encoder.encode.remote(ctx, job.input_key, params)
+            sampled = sampler.sample.remote(ctx, encoded, params)
+            decoded = decoder.decode.remote(ctx, sampled, params)
+            stored_response = video_encoder.encode.remote(ctx, decoded, params, output_key)
+            responses = [encoded, sampled, decoded, stored_response]
+            stored = await stored_response
+        except asyncio.CancelledError:
+            for response in responses:
+                response.cancel()
+            raise
+        except BaseException as error:  # noqa: BLE001 - classified below
+            await asyncio.to_thread(self._settle_failure, job, error)
+            return
+        output = JobOutput(
+            key=stored["key"], content_type=stored["content_type"],
+            file_name=f"{job.id}.{output_key.rsplit('.', 1)[-1]}", file_size=stored["file_size"],
+        )
+        job_seconds = time.perf_counter() - start
+        await asyncio.to_thread(
+            self.store.complete, job.id, owner=self.owner, output=output,
+            timings={"total": job_seconds},
+        )
+        await asyncio.to_thread(
+            self.store.update_metadata, job.id, {"video_seconds": stored["video_seconds"]},
+        )
+        self._count(JobStatus.COMPLETED, job.tenant)
+        logger.info("job completed in %.2fs", job_seconds, extra=log_extra(job.id, tenant=job.tenant))
+
+    def _settle_failure(self, job: Job, error: BaseException) -> None:
+        cause = _cause(error)
+        if isinstance(cause, JobCancelledError) or self.store.is_cancel_requested(job.id):
+            if self.store.mark_cancelled(job.id, owner=self.owner):
+                self._count(JobStatus.CANCELLED, job.tenant)
+            logger.info("job cancelled", extra=log_extra(job.id))
+            return
+        if isinstance(error, (RayActorError, BackPressureError)) or isinstance(cause, (RayActorError, BackPressureError)):
+            # A replica died or the stage was saturated: try again (bounded by max_attempts at claim).
+            if job.attempts >= self.config.job_store.max_attempts:
+                self.store.fail(job.id, owner=self.owner, error=JobError(
+                    code="worker_lost",
+                    message=f"a pipeline worker stopped during each of {job.attempts} attempts; giving up"))
+                self._count(JobStatus.FAILED, job.tenant)
+            else:
+                self.store.release(job.id, owner=self.owner)
+            logger.warning("stage worker lost (%s); job re-queued", type(cause).__name__, extra=log_extra(job.id))
+            return
+        if isinstance(cause, InvalidInputError):
+            err = JobError(code=cause.code, message=str(cause))
+        else:
+            err = JobError(code="internal_error", message="generation failed inside the service; it was logged "
+                                                          "and is not charged")
+            logger.error("job failed: %r", cause, extra=log_extra(job.id), exc_info=cause)
+        self.store.fail(job.id, owner=self.owner, error=err)
+        self._count(JobStatus.FAILED, job.tenant)
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    async def __del__(self) -> None:
+        """Stop claiming, let running jobs finish within the grace period, then hand back the rest."""
+        self.stopping = True
+        grace = max(0.0, self.config.stages.runner.graceful_shutdown_timeout_s - 5.0)
+        pending = [task for task in self.inflight.values() if not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        for job_id, task in list(self.inflight.items()):
+            task.cancel()
+            await asyncio.to_thread(self.store.release, job_id, owner=self.owner)

@@ -1,0 +1,24 @@
+"""Which queued job runs next: weighted fair sharing between tenants.
+
+The job store offers each tenant's oldest queued job (``queued_heads``) and how many jobs each
+tenant is running. The next job comes from the tenant with the least running work per unit of
+weight, ties broken by age: a tenant that floods the queue cannot starve one that submits a
+few jobs, and under saturation running slots (hence completed work) split by weight.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from .jobstore import Job
+
+
+def pick_next(heads: Sequence[Job], running: Callable[[str], int]) -> Job | None:
+    """The head to dispatch next, or None when nothing is queued."""
+    if not heads:
+        return None
+
+    def rank(job: Job):
+        return ((running(job.tenant) + 1) / max(job.weight, 1e-6), job.created_at, job.id)
+
+    return min(heads, key=rank)

@@ -1,0 +1,31 @@
+"""Shared fixtures. Heavy ones are session-scoped: building the tiny model takes a few seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep torch from oversubscribing the 2-core CI machine when tests run model code in-process.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    """The tiny random-weight diffusers ``StableVideoDiffusionPipeline`` (fp32, CPU)."""
+    from pipelines.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_pipeline):
+    """The tiny model written once per session in diffusers' save_pretrained layout."""
+    path = tmp_path_factory.mktemp("tiny-svd")
+    tiny_pipeline.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+# The moto S3 server fixtures live in their own module (tests/ is on sys.path under pytest's
+# default import mode); importing them here makes them available to every test module.
+from fixtures_s3 import moto_s3_endpoint, s3_bucket, s3_env  # noqa: E402,F401
