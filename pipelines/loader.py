@@ -43,6 +43,19 @@ try:  # POSIX only; without it concurrent syncs of one prefix are still safe, ju
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+__all__ = [
+    "CACHE_DIR_ENV",
+    "DEFAULT_CACHE_DIR",
+    "DEFAULT_MODEL_ID",
+    "PIPELINE_COMPONENTS",
+    "ModelSpec",
+    "S3SyncResult",
+    "load_components",
+    "load_pipeline",
+    "resolve_model_dir",
+    "sync_s3",
+]
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"
@@ -176,7 +189,9 @@ def resolve_model_dir(
     """
     kind = _source_kind(spec.source)
     if spec.revision is not None and kind != "hf":
-        raise ModelLoadError(f"revision is only meaningful for Hugging Face repo ids, not for {spec.source!r}")
+        raise ModelLoadError(
+            f"revision is only meaningful for Hugging Face repo ids, not for {spec.source!r}"
+        )
     if kind == "local":
         return _check_local_dir(Path(spec.source).expanduser())
     if kind == "s3":
@@ -194,7 +209,6 @@ def sync_s3(spec: ModelSpec, *, components: Sequence[str] | None = None) -> S3Sy
     bucket, prefix = _parse_s3_url(spec.source)
     url = f"s3://{bucket}/{prefix}"
     local_dir = _cache_root(spec) / "s3" / bucket / prefix.rstrip("/")
-    local_dir.mkdir(parents=True, exist_ok=True)
 
     client = _s3_client(spec)
     endpoint = _endpoint_label(spec)
@@ -203,6 +217,10 @@ def sync_s3(spec: ModelSpec, *, components: Sequence[str] | None = None) -> S3Sy
         raise ModelLoadError(f"No objects under {url}: check the bucket and prefix")
     if "model_index.json" not in listing:
         raise ModelLoadError(f"{url} has no model_index.json: it is not a diffusers save_pretrained layout")
+    try:
+        local_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ModelLoadError(f"Cannot create the cache directory {local_dir}: {_one_line(err)}") from err
     in_scope = _component_filter(components)
     wanted = {rel: obj for rel, obj in listing.items() if in_scope(rel)}
 
@@ -234,9 +252,15 @@ def sync_s3(spec: ModelSpec, *, components: Sequence[str] | None = None) -> S3Sy
 
     logger.info(
         "Synced %s into %s: %d downloaded, %d unchanged, %d removed",
-        url, local_dir, len(downloaded), reused, len(removed),
+        url,
+        local_dir,
+        len(downloaded),
+        reused,
+        len(removed),
     )
-    return S3SyncResult(local_dir=local_dir, downloaded=tuple(downloaded), reused=reused, removed=tuple(removed))
+    return S3SyncResult(
+        local_dir=local_dir, downloaded=tuple(downloaded), reused=reused, removed=tuple(removed)
+    )
 
 
 def load_components(
@@ -247,7 +271,7 @@ def load_components(
     Torch modules are cast to the spec's dtype, moved to its device and put in eval mode with
     gradients disabled; the scheduler and feature extractor are returned as loaded.
     """
-    names = tuple(names)
+    names = (names,) if isinstance(names, str) else tuple(names)
     if not names:
         raise ModelLoadError("load_components needs at least one component name")
     if len(set(names)) != len(names):
@@ -255,7 +279,9 @@ def load_components(
     device, dtype = _runtime_device_dtype(spec)
     model_dir = resolve_model_dir(spec, token=token, components=names)
     index = _read_model_index(model_dir)
-    return {name: _load_component(model_dir, index, name, spec=spec, device=device, dtype=dtype) for name in names}
+    return {
+        name: _load_component(model_dir, index, name, spec=spec, device=device, dtype=dtype) for name in names
+    }
 
 
 def load_pipeline(spec: ModelSpec, *, token: str | None = None):
@@ -277,7 +303,9 @@ def load_pipeline(spec: ModelSpec, *, token: str | None = None):
     try:
         return StableVideoDiffusionPipeline(**components)
     except TypeError as err:
-        raise ModelLoadError(f"{model_dir}/model_index.json does not match StableVideoDiffusionPipeline: {_one_line(err)}") from err
+        raise ModelLoadError(
+            f"{model_dir}/model_index.json does not match StableVideoDiffusionPipeline: {_one_line(err)}"
+        ) from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,7 +317,9 @@ def _source_kind(source: str) -> Literal["local", "hf", "s3"]:
     if source.startswith("s3://"):
         return "s3"
     if "://" in source:
-        raise ModelLoadError(f"Unsupported model source {source!r}: use a directory, an s3:// URL or a Hub repo id")
+        raise ModelLoadError(
+            f"Unsupported model source {source!r}: use a directory, an s3:// URL or a Hub repo id"
+        )
     # A repo id is 'name' or 'org/name'; anything that exists, is explicitly a path, or has more
     # than one slash is a directory, so a typo'd path gets "does not exist", not "repo not found".
     if Path(source).expanduser().exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1:
@@ -334,7 +364,9 @@ def _resolve_device(device: str, *, require: bool) -> str:
     if device == "auto":
         return "cuda" if available else "cpu"
     if require and not available:
-        raise ModelLoadError(f"device {device!r} was requested but no CUDA GPU is available (use 'cpu' or 'auto')")
+        raise ModelLoadError(
+            f"device {device!r} was requested but no CUDA GPU is available (use 'cpu' or 'auto')"
+        )
     return device
 
 
@@ -443,10 +475,14 @@ def _load_component(model_dir: Path, index: dict, name: str, *, spec: ModelSpec,
         raise ModelLoadError(f"{model_dir}/model_index.json has no component {name!r} (it has {available})")
     library, class_name = index[name]
     if library not in _ALLOWED_LIBRARIES:
-        raise ModelLoadError(f"Component {name!r} comes from {library!r}; only {list(_ALLOWED_LIBRARIES)} are allowed")
+        raise ModelLoadError(
+            f"Component {name!r} comes from {library!r}; only {list(_ALLOWED_LIBRARIES)} are allowed"
+        )
     cls = getattr(importlib.import_module(library), class_name, None)
     if cls is None:
-        raise ModelLoadError(f"Component {name!r} names {library}.{class_name}, which this {library} version lacks")
+        raise ModelLoadError(
+            f"Component {name!r} names {library}.{class_name}, which this {library} version lacks"
+        )
     folder = model_dir / name
     if not folder.is_dir():
         raise ModelLoadError(f"Model directory {model_dir} has no {name}/ folder")
@@ -506,12 +542,22 @@ def _hub_transport_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     errors: list[type[BaseException]] = [OfflineModeIsEnabled]
-    for module, attr in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"), ("requests", "Timeout")):
+    for module, attr in (
+        ("httpx2", "TransportError"),
+        ("httpx", "TransportError"),
+        ("requests", "ConnectionError"),
+        ("requests", "Timeout"),
+    ):
         try:
             errors.append(getattr(importlib.import_module(module), attr))
         except (ImportError, AttributeError):
             pass
     return tuple(errors)
+
+
+def _hub_failure(err: Exception) -> str:
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    return f"HTTP {status}" if isinstance(status, int) else type(err).__name__
 
 
 def _hub_cache_dir(spec: ModelSpec) -> Path | None:
@@ -548,7 +594,9 @@ def _download_from_hub(spec: ModelSpec, *, token: str | None, components: Sequen
                     f"Model repo {repo!r} is gated and HF_TOKEN has no access: accept its licence at "
                     f"{constants.ENDPOINT}/{repo} with the account that owns the token"
                 )
-            return ModelLoadError(f"Model repo {repo!r} is gated: accept its licence on the Hub and set HF_TOKEN")
+            return ModelLoadError(
+                f"Model repo {repo!r} is gated: accept its licence on the Hub and set HF_TOKEN"
+            )
         if isinstance(err, RevisionNotFoundError):
             return ModelLoadError(f"Model repo {repo!r} has no revision {rev_label!r}")
         if isinstance(err, RepositoryNotFoundError):
@@ -557,7 +605,9 @@ def _download_from_hub(spec: ModelSpec, *, token: str | None, components: Sequen
                 f"Model repo {repo!r} was not found on the Hub ({hint}), and no local directory has that name"
             )
         if isinstance(err, HFValidationError):
-            return ModelLoadError(f"{repo!r} is neither a local directory, an s3:// URL nor a valid Hub repo id")
+            return ModelLoadError(
+                f"{repo!r} is neither a local directory, an s3:// URL nor a valid Hub repo id"
+            )
         if isinstance(err, HfHubHTTPError):
             status = getattr(getattr(err, "response", None), "status_code", None)
             if status == 401:
@@ -571,49 +621,83 @@ def _download_from_hub(spec: ModelSpec, *, token: str | None, components: Sequen
                 f"HF_HUB_OFFLINE is set and {repo!r} (revision {rev_label}) is not in the cache at {cache_label}"
             )
         return ModelLoadError(
-            f"Cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({type(err).__name__}) and {repo!r} "
+            f"Cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({_hub_failure(err)}) and {repo!r} "
             f"(revision {rev_label}) is not in the cache at {cache_label}"
         )
 
-    api = HfApi(token=token)
-    try:
-        info = api.model_info(repo, revision=revision)
-        index_path = hf_hub_download(repo, "model_index.json", revision=info.sha, cache_dir=cache_dir, token=token)
-    except _hub_transport_errors() as err:
-        # No network (or HF_HUB_OFFLINE): use the cached snapshot of this revision, if there is one.
+    def from_cache(err: Exception) -> Path:
+        """The Hub cannot answer: use the cached snapshot of this revision, if an earlier run made one."""
         try:
             snapshot = Path(
                 snapshot_download(
-                    repo, revision=revision, cache_dir=cache_dir, token=token,
-                    local_files_only=True, allow_patterns=["model_index.json"],
+                    repo,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    token=token,
+                    local_files_only=True,
+                    allow_patterns=["model_index.json"],
                 )
             )
         except (LocalEntryNotFoundError, OSError, ValueError) as cache_err:
             raise unreachable(err) from cache_err
         if not (snapshot / "model_index.json").is_file():
             raise unreachable(err) from None
-        logger.warning("The Hub is unreachable (%s): using the cached snapshot %s", type(err).__name__, snapshot)
+        if constants.HF_HUB_OFFLINE:
+            logger.info("HF_HUB_OFFLINE is set: using the cached snapshot %s", snapshot)
+        else:
+            logger.warning(
+                "The Hub is unavailable (%s): using the cached snapshot %s", type(err).__name__, snapshot
+            )
         files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
         try:  # the files of an earlier download must cover what is asked for now
-            _select_hub_files(files, _read_model_index(snapshot), want_fp16, spec.variant, wanted_components, repo)
+            _select_hub_files(
+                files, _read_model_index(snapshot), want_fp16, spec.variant, wanted_components, repo
+            )
         except ModelLoadError as gap:
-            raise ModelLoadError(f"The Hub is unreachable and the cached copy of {repo!r} is incomplete: {gap}") from err
+            raise ModelLoadError(
+                f"The Hub is unavailable and the cached copy of {repo!r} is incomplete: {gap}"
+            ) from err
         return snapshot
+
+    def is_outage(err: Exception) -> bool:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        return isinstance(err, HfHubHTTPError) and isinstance(status, int) and status >= 500
+
+    api = HfApi(token=token)
+    try:
+        info = api.model_info(repo, revision=revision)
+        filenames = [sibling.rfilename for sibling in (info.siblings or [])]
+        if "model_index.json" not in filenames:
+            raise ModelLoadError(
+                f"Model repo {repo!r} has no model_index.json: it is not a diffusers pipeline repo"
+            )
+        index_path = hf_hub_download(
+            repo, "model_index.json", revision=info.sha, cache_dir=cache_dir, token=token
+        )
+    except _hub_transport_errors() as err:
+        return from_cache(err)
     except (HfHubHTTPError, HFValidationError) as err:
+        if is_outage(err):
+            return from_cache(err)
         raise hub_error(err) from err
 
-    filenames = [s.rfilename for s in (info.siblings or [])]
     index = _read_model_index(Path(index_path).parent)
     allow = _select_hub_files(filenames, index, want_fp16, spec.variant, wanted_components, repo)
     logger.info("Downloading %d files of %s (revision %s) from the Hub", len(allow), repo, rev_label)
     try:
-        path = snapshot_download(repo, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=allow)
+        path = snapshot_download(
+            repo, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=allow
+        )
     except _hub_transport_errors() as err:
-        raise ModelLoadError(f"Lost the connection to the Hub while downloading {repo!r} ({type(err).__name__}); retry") from err
+        raise ModelLoadError(
+            f"Lost the connection to the Hub while downloading {repo!r} ({type(err).__name__}); retry"
+        ) from err
     except (HfHubHTTPError, HFValidationError) as err:
         raise hub_error(err) from err
     except OSError as err:
-        raise ModelLoadError(f"Could not store {repo!r} in the cache at {cache_label}: {_one_line(err)}") from err
+        raise ModelLoadError(
+            f"Could not store {repo!r} in the cache at {cache_label}: {_one_line(err)}"
+        ) from err
     return Path(path)
 
 
@@ -635,7 +719,9 @@ def _select_hub_files(
             continue
         files = by_folder.get(component, [])
         if not files:
-            raise ModelLoadError(f"Model repo {repo!r} lists component {component!r} but has no {component}/ files")
+            raise ModelLoadError(
+                f"Model repo {repo!r} lists component {component!r} but has no {component}/ files"
+            )
         _, weights = _pick_weights(files, want_fp16=want_fp16, mode=mode, where=f"{repo}/{component}")
         configs = [f for f in files if f.endswith(_CONFIG_SUFFIXES) and not _is_weight_file(f)]
         selected += [f"{component}/{f}" for f in sorted(configs + weights)]
@@ -649,7 +735,7 @@ def _select_hub_files(
 
 def _parse_s3_url(source: str) -> tuple[str, str]:
     """``s3://bucket/a/b/`` -> ("bucket", "a/b/"); the prefix always ends with '/' unless empty."""
-    rest = source[len("s3://"):]
+    rest = source[len("s3://") :]
     bucket, _, prefix = rest.partition("/")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", bucket):
         raise ModelLoadError(f"{source!r} is not a valid s3://bucket/prefix URL")
@@ -704,7 +790,9 @@ def _s3_error(err: Exception, *, action: str, url: str, endpoint: str, bucket: s
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
             return ModelLoadError(f"S3 rejected the credentials ({code}) when trying to {action} {url}")
         if code in ("AccessDenied", "AllAccessDisabled", "403") or status == 403:
-            return ModelLoadError(f"Access denied to {action} {url}: check the credentials and the bucket policy")
+            return ModelLoadError(
+                f"Access denied to {action} {url}: check the credentials and the bucket policy"
+            )
         if code in ("NoSuchKey", "404") or status == 404:
             return ModelLoadError(f"An object disappeared while trying to {action} {url}; retry the load")
         return ModelLoadError(f"S3 error {code or status} while trying to {action} {url}")
@@ -719,13 +807,21 @@ def _list_s3_objects(client, bucket: str, prefix: str, *, url: str, endpoint: st
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 key = obj["Key"]
-                rel = key[len(prefix):]
+                rel = key[len(prefix) :]
                 if not rel or rel.endswith("/"):
                     continue  # "folder" marker objects created by consoles
                 parts = rel.split("/")
-                if any(p in ("", ".", "..") for p in parts) or parts[-1].endswith(_PART_SUFFIX) or parts[-1] in (_MANIFEST_NAME, _LOCK_NAME):
-                    raise ModelLoadError(f"Object key {key!r} under {url} cannot be mirrored safely to a local path")
-                objects[rel] = {"key": key, "size": int(obj["Size"]), "etag": str(obj.get("ETag", "")).strip('"')}
+                if any(p in ("", ".", "..") for p in parts):
+                    raise ModelLoadError(
+                        f"Object key {key!r} under {url} cannot be mirrored safely to a local path"
+                    )
+                if parts[-1] in (_MANIFEST_NAME, _LOCK_NAME) or parts[-1].endswith(_PART_SUFFIX):
+                    continue  # our own bookkeeping, e.g. from a cache directory copied into the bucket
+                objects[rel] = {
+                    "key": key,
+                    "size": int(obj["Size"]),
+                    "etag": str(obj.get("ETag", "")).strip('"'),
+                }
     except (BotoCoreError, ClientError) as err:
         raise _s3_error(err, action="list", url=url, endpoint=endpoint, bucket=bucket) from err
     return objects
@@ -742,7 +838,9 @@ def _download_s3_object(client, bucket: str, obj: dict, target: Path, *, endpoin
         try:
             client.download_file(bucket, obj["key"], str(tmp))
         except (BotoCoreError, ClientError) as err:
-            raise _s3_error(err, action="download", url=f"s3://{bucket}/{obj['key']}", endpoint=endpoint, bucket=bucket) from err
+            raise _s3_error(
+                err, action="download", url=f"s3://{bucket}/{obj['key']}", endpoint=endpoint, bucket=bucket
+            ) from err
         size = tmp.stat().st_size
         if size != obj["size"]:
             raise ModelLoadError(
@@ -764,7 +862,12 @@ def _read_manifest(local_dir: Path, *, bucket: str, prefix: str) -> dict[str, di
         data = json.loads((local_dir / _MANIFEST_NAME).read_text())
     except (OSError, ValueError):
         return {}  # first sync, or an unreadable manifest: everything is fetched again
-    if not isinstance(data, dict) or data.get("version") != _MANIFEST_VERSION or data.get("bucket") != bucket or data.get("prefix") != prefix:
+    if (
+        not isinstance(data, dict)
+        or data.get("version") != _MANIFEST_VERSION
+        or data.get("bucket") != bucket
+        or data.get("prefix") != prefix
+    ):
         return {}
     objects = data.get("objects")
     return dict(objects) if isinstance(objects, dict) else {}

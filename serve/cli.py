@@ -130,6 +130,13 @@ class _progress_bar:
             self.bar.close()
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from .up import up
+
+    return up(model=args.model, config_file=args.config, host=args.host, port=args.port, data_dir=args.data_dir,
+              num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+
+
 # -- entry point ---------------------------------------------------------------------------------
 
 
@@ -154,13 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_generation_options(generate)
     generate.set_defaults(handler=cmd_generate)
+
+    run = commands.add_parser("up", help="start a local single-node deployment and wait until it is ready")
+    run.add_argument("--model", default=None,
+                     help="Hugging Face repo id, local directory or s3://bucket/prefix (default: the tiny offline model)")
+    run.add_argument("--config", default=None, help="application config YAML (serve.config.AppConfig fields)")
+    run.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1)")
+    run.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    run.add_argument("--data-dir", default="data", help="outputs, job store and tenants file (default: ./data)")
+    run.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for Ray (default: max(8, cores))")
+    run.add_argument("--num-gpus", type=int, default=None, help="GPUs for Ray (default: detected)")
+    run.set_defaults(handler=cmd_up)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "model", "unset") is None:
+    if args.command == "generate" and args.model is None:
         from pipelines.loader import DEFAULT_MODEL_ID
 
         args.model = DEFAULT_MODEL_ID

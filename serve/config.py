@@ -220,6 +220,12 @@ class AuthConfig(_Strict):
     )
 
 
+    def resolved_tenants_file(self) -> str | None:
+        import os
+
+        return self.tenants_file or os.environ.get("SVD_SERVE_TENANTS_FILE")
+
+
 class AppConfig(_Strict):
     """Everything ``serve.app:build_app`` needs."""
 
@@ -236,6 +242,11 @@ class AppConfig(_Strict):
         "so queued work shows up as Sampler load and its autoscaler can react.",
     )
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="Largest accepted image upload.")
+    url_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Hosts or CIDRs the service may fetch from or call even though they are private "
+        "(trusted internal hosts). Everything else private, loopback or link-local is refused.",
+    )
 
     @classmethod
     def from_file(cls, path: str | Path) -> "AppConfig":

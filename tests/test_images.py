@@ -443,6 +443,19 @@ def test_fetch_with_caller_client(server_url):
         assert not client.is_closed  # the caller's client is left open
 
 
+def test_fetch_passes_checked_client_errors_through():
+    import httpx
+
+    from pipelines.errors import InvalidInputError
+
+    def refuse(request):  # what a server-side transport that blocks private addresses would do
+        raise InvalidInputError(f"image URL host {request.url.host} is not allowed")
+
+    with httpx.Client(transport=httpx.MockTransport(refuse)) as client:
+        with pytest.raises(InvalidInputError, match="10.0.0.1 is not allowed"):
+            fetch_image_url("http://10.0.0.1/a.png", client=client)
+
+
 def test_load_image_source_dispatches(server_url, tmp_path):
     from_url = load_image_source(f"{server_url}/ok.png")
     from_path = load_image_source(str(write(tmp_path, "ok.png", PNG_BYTES)))

@@ -58,4 +58,3 @@ def make_job_store(config: "JobStoreConfig") -> JobStore:
             raise ValueError("job_store.redis_url is required when job_store.backend is redis")
         return RedisJobStore(config.redis_url, key_prefix=config.key_prefix, retention_s=config.retention_s)
     raise ValueError(f"unknown job store backend {config.backend!r}")
-

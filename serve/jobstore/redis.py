@@ -55,6 +55,7 @@ from serve.jobstore.base import (
     Mutation,
     decode_cursor,
     encode_cursor,
+    translate_errors,
 )
 from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt
 
@@ -86,6 +87,9 @@ def _redact(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else f":***@{netloc}"))
+
+
+_translate = translate_errors(redis_lib.RedisError)
 
 
 class RedisJobStore(JobStore):
@@ -199,13 +203,16 @@ class RedisJobStore(JobStore):
 
     # ------------------------------------------------------------------ writes
 
+    @_translate
     def create(self, job: Job) -> tuple[Job, bool]:
         job = self._prepare_new(job)
         job_key = self._job_key(job.id)
         idem_key = self._k("idem", job.tenant)
 
         def step(pipe: Any) -> tuple[Job, bool]:
-            pipe.watch(job_key, idem_key)
+            # WATCH the tenant's idempotency hash too: of two concurrent creates with one key,
+            # the second EXEC aborts, and its retry finds the first one's job.
+            pipe.watch(job_key, *((idem_key,) if job.idempotency_key is not None else ()))
             if pipe.exists(job_key):
                 raise ValueError(f"job {job.id} already exists")
             if job.idempotency_key is not None:
@@ -224,6 +231,7 @@ class RedisJobStore(JobStore):
 
         return self._transaction(step)
 
+    @_translate
     def _mutate(self, job_id: str, fn: Mutation, *, tenant: str | None = None) -> tuple[Job, bool] | None:
         key = self._job_key(job_id)
 
@@ -246,6 +254,7 @@ class RedisJobStore(JobStore):
 
         return self._transaction(step)
 
+    @_translate
     def delete(self, job_id: str, *, tenant: str) -> Job | None:
         key = self._job_key(job_id)
 
@@ -262,40 +271,44 @@ class RedisJobStore(JobStore):
 
         return self._transaction(step)
 
+    @_translate
     def purge_expired(self, now: datetime | float | None = None) -> list[Job]:
         cutoff = self._normalize_now(now, self._now())
-        purged: list[Job] = []
-        for job_id in self._r.zrangebyscore(self._k("expiry"), "-inf", cutoff):
-            key = self._job_key(job_id)
+        purged = (
+            self._purge_one(job_id, cutoff) for job_id in self._r.zrangebyscore(self._k("expiry"), "-inf", cutoff)
+        )
+        return [job for job in purged if job is not None]
 
-            def step(pipe: Any) -> Job | None:
-                pipe.watch(key)
-                job = self._load(pipe.get(key))
-                if job is None:  # a stale index entry: drop it
-                    pipe.unwatch()
-                    self._r.zrem(self._k("expiry"), job_id)
-                    return None
-                if job.status is JobStatus.IN_PROGRESS or not self._is_expired(job, cutoff):
-                    pipe.unwatch()
-                    return None
-                pipe.multi()
-                self._remove(pipe, job)
-                pipe.execute()
-                return job
+    def _purge_one(self, job_id: str, cutoff: float) -> Job | None:
+        key = self._job_key(job_id)
 
-            job = self._transaction(step)
-            if job is not None:
-                purged.append(job)
-        return purged
+        def step(pipe: Any) -> Job | None:
+            pipe.watch(key)
+            job = self._load(pipe.get(key))
+            if job is None:  # a stale index entry: drop it
+                pipe.unwatch()
+                self._r.zrem(self._k("expiry"), job_id)
+                return None
+            if job.status is JobStatus.IN_PROGRESS or not self._is_expired(job, cutoff):
+                pipe.unwatch()
+                return None
+            pipe.multi()
+            self._remove(pipe, job)
+            pipe.execute()
+            return job
+
+        return self._transaction(step)
 
     # ------------------------------------------------------------------ reads
 
+    @_translate
     def get(self, job_id: str, *, tenant: str | None) -> Job | None:
         job = self._load(self._r.get(self._job_key(job_id)))
         if job is None or (tenant is not None and job.tenant != tenant):
             return None
         return job
 
+    @_translate
     def list(
         self, tenant: str, *, limit: int = 20, cursor: str | None = None, status: JobStatus | None = None
     ) -> tuple[list[Job], str | None]:
@@ -329,6 +342,7 @@ class RedisJobStore(JobStore):
             return found, encode_cursor(found[-1])
         return found, None
 
+    @_translate
     def queued_heads(self) -> list[Job]:
         tenants = sorted(self._r.smembers(self._k("queued-tenants")))
         if not tenants:
@@ -340,18 +354,22 @@ class RedisJobStore(JobStore):
         jobs = [job for job in self._load_many(heads) if job.status is JobStatus.QUEUED]
         return sorted(jobs, key=lambda j: (dt_to_us(j.created_at), j.id))
 
+    @_translate
     def queue_depth(self, tenant: str | None = None) -> int:
         return int(self._r.zcard(self._k("queued") if tenant is None else self._k("queued", tenant)))
 
+    @_translate
     def running_count(self, tenant: str | None = None) -> int:
         if tenant is None:
             return int(self._r.zcard(self._k("leases")))
         return int(self._r.scard(self._k("running", tenant)))
 
+    @_translate
     def queue_position(self, job_id: str) -> int | None:
         rank = self._r.zrank(self._k("queued"), job_id)
         return None if rank is None else int(rank)
 
+    @_translate
     def is_cancel_requested(self, job_id: str) -> bool:
         raw = self._r.get(self._job_key(job_id))
         if raw is None:
@@ -359,6 +377,7 @@ class RedisJobStore(JobStore):
         data = json.loads(raw)
         return bool(data.get("cancel_requested")) or data.get("status") == JobStatus.CANCELLED.value
 
+    @_translate
     def _expired_lease_ids(self, now: float) -> list[str]:
         return list(self._r.zrangebyscore(self._k("leases"), "-inf", now))
 

@@ -28,6 +28,7 @@ from serve.jobstore.base import (
     Mutation,
     decode_cursor,
     encode_cursor,
+    translate_errors,
 )
 from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt
 
@@ -53,22 +54,27 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency
     ON jobs (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;
 """
 
-_COLUMNS = "id, tenant, status, created_us, idempotency_key, lease_expires_at, cancel_requested, expires_at, version, data"
+_COLUMNS = (
+    "id, tenant, status, created_us, idempotency_key, lease_expires_at, cancel_requested, expires_at, version, data"
+)
 
 
-def _row(job: Job, *, idempotency_key: bool = True) -> tuple:
+def _row(job: Job) -> tuple:
     return (
         job.id,
         job.tenant,
         job.status.value,
         dt_to_us(job.created_at),
-        job.idempotency_key if idempotency_key else None,
+        job.idempotency_key,
         job.lease_expires_at,
         int(job.cancel_requested),
         job.expires_at.timestamp() if job.expires_at else None,
         job.version,
         job.model_dump_json(),
     )
+
+
+_translate = translate_errors(sqlite3.Error)
 
 
 class SqliteJobStore(JobStore):
@@ -91,6 +97,7 @@ class SqliteJobStore(JobStore):
         self._all: list[tuple[int, sqlite3.Connection]] = []
         self._all_lock = threading.Lock()
         self._closed = False
+        self._schema_ready = False
         self._conn()  # the first connection creates the schema
 
     # ------------------------------------------------------------------ connections
@@ -110,11 +117,14 @@ class SqliteJobStore(JobStore):
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
-        if not getattr(self, "_schema_ready", False):
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                conn.execute(statement)
-            conn.execute("COMMIT")
+        if not self._schema_ready:
+            try:
+                with self._transaction(conn):
+                    for statement in filter(str.strip, _SCHEMA.split(";")):
+                        conn.execute(statement)
+            except BaseException:
+                conn.close()
+                raise
             self._schema_ready = True
         self._local.conn = conn
         self._local.pid = os.getpid()
@@ -122,20 +132,27 @@ class SqliteJobStore(JobStore):
             self._all.append((os.getpid(), conn))
         return conn
 
+    @staticmethod
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error."""
-        conn = self._conn()
+    def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any error (a
+        failed COMMIT included, so the thread's connection is never left inside a transaction)."""
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+
+    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self._transaction(self._conn())
 
     # ------------------------------------------------------------------ writes
 
+    @_translate
     def create(self, job: Job) -> tuple[Job, bool]:
         job = self._prepare_new(job)
         with self._write() as conn:
@@ -156,9 +173,10 @@ class SqliteJobStore(JobStore):
                 raise ValueError(f"job {job.id} already exists") from exc
         return job, True
 
+    @_translate
     def _mutate(self, job_id: str, fn: Mutation, *, tenant: str | None = None) -> tuple[Job, bool] | None:
         with self._write() as conn:
-            row = conn.execute("SELECT data, idempotency_key FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
             job = Job.model_validate_json(row[0])
@@ -176,6 +194,7 @@ class SqliteJobStore(JobStore):
             )
         return job, True
 
+    @_translate
     def delete(self, job_id: str, *, tenant: str) -> Job | None:
         with self._write() as conn:
             row = conn.execute("SELECT data FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant)).fetchone()
@@ -184,6 +203,7 @@ class SqliteJobStore(JobStore):
             conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return Job.model_validate_json(row[0])
 
+    @_translate
     def purge_expired(self, now: datetime | float | None = None) -> list[Job]:
         cutoff = self._normalize_now(now, self._now())
         with self._write() as conn:
@@ -198,6 +218,7 @@ class SqliteJobStore(JobStore):
 
     # ------------------------------------------------------------------ reads
 
+    @_translate
     def get(self, job_id: str, *, tenant: str | None) -> Job | None:
         row = self._conn().execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
@@ -207,6 +228,7 @@ class SqliteJobStore(JobStore):
             return None
         return job
 
+    @_translate
     def list(
         self, tenant: str, *, limit: int = 20, cursor: str | None = None, status: JobStatus | None = None
     ) -> tuple[list[Job], str | None]:
@@ -229,15 +251,20 @@ class SqliteJobStore(JobStore):
             return jobs, encode_cursor(jobs[-1])
         return jobs, None
 
+    @_translate
     def queued_heads(self) -> list[Job]:
-        rows = self._conn().execute(
-            "SELECT data FROM ("
-            "  SELECT data, created_us, id,"
-            "         ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY created_us, id) AS rn"
-            "  FROM jobs WHERE status = ?"
-            ") WHERE rn = 1 ORDER BY created_us, id",
-            (JobStatus.QUEUED.value,),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT data FROM ("
+                "  SELECT data, created_us, id,"
+                "         ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY created_us, id) AS rn"
+                "  FROM jobs WHERE status = ?"
+                ") WHERE rn = 1 ORDER BY created_us, id",
+                (JobStatus.QUEUED.value,),
+            )
+            .fetchall()
+        )
         return [Job.model_validate_json(r[0]) for r in rows]
 
     def _count(self, status: JobStatus, tenant: str | None) -> int:
@@ -251,12 +278,15 @@ class SqliteJobStore(JobStore):
             )
         return int(row[0])
 
+    @_translate
     def queue_depth(self, tenant: str | None = None) -> int:
         return self._count(JobStatus.QUEUED, tenant)
 
+    @_translate
     def running_count(self, tenant: str | None = None) -> int:
         return self._count(JobStatus.IN_PROGRESS, tenant)
 
+    @_translate
     def queue_position(self, job_id: str) -> int | None:
         conn = self._conn()
         row = conn.execute("SELECT status, created_us FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -268,15 +298,21 @@ class SqliteJobStore(JobStore):
         ).fetchone()
         return int(count)
 
+    @_translate
     def is_cancel_requested(self, job_id: str) -> bool:
         row = self._conn().execute("SELECT status, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row is None or bool(row[1]) or row[0] == JobStatus.CANCELLED.value
 
+    @_translate
     def _expired_lease_ids(self, now: float) -> list[str]:
-        rows = self._conn().execute(
-            "SELECT id FROM jobs WHERE status = ? AND lease_expires_at <= ? ORDER BY lease_expires_at",
-            (JobStatus.IN_PROGRESS.value, now),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT id FROM jobs WHERE status = ? AND lease_expires_at <= ? ORDER BY lease_expires_at",
+                (JobStatus.IN_PROGRESS.value, now),
+            )
+            .fetchall()
+        )
         return [r[0] for r in rows]
 
     # ------------------------------------------------------------------ lifecycle

@@ -1,0 +1,416 @@
+{{/* vim: set filetype=mustache: */}}
+
+{{/* Chart name. */}}
+{{- define "svd-serve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name, at most 47 characters: it names the RayService, and KubeRay rejects RayService names
+longer than 47 (it appends a 6-character suffix for the RayCluster, whose name plus "-serve-svc"
+must fit in 63). A longer name keeps its first 40 characters plus "-" and 6 characters of its
+SHA-256, so two long release names do not collide. Every other object name derives from it.
+*/}}
+{{- define "svd-serve.fullname" -}}
+{{- $full := "" }}
+{{- if .Values.fullnameOverride }}
+{{- $full = .Values.fullnameOverride }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- $full = .Release.Name }}
+{{- else }}
+{{- $full = printf "%s-%s" .Release.Name $name }}
+{{- end }}
+{{- end }}
+{{- if gt (len $full) 47 }}
+{{- printf "%s-%s" ($full | trunc 40 | trimSuffix "-") ($full | sha256sum | trunc 6) }}
+{{- else }}
+{{- $full }}
+{{- end }}
+{{- end }}
+
+{{/* The RayService name: the full name, checked against KubeRay's rules (DNS-1035 label, <= 47). */}}
+{{- define "svd-serve.rayServiceName" -}}
+{{- $name := include "svd-serve.fullname" . }}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) }}
+{{- fail (printf "the RayService name %q must be a DNS-1035 label (start with a letter): set fullnameOverride" $name) }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{/* The API Service KubeRay creates for the RayService (spec.serveService). */}}
+{{- define "svd-serve.serveServiceName" -}}
+{{- printf "%s-serve-svc" (include "svd-serve.fullname" .) }}
+{{- end }}
+
+{{/* Chart label value. */}}
+{{- define "svd-serve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Common labels. */}}
+{{- define "svd-serve.labels" -}}
+helm.sh/chart: {{ include "svd-serve.chart" . }}
+{{ include "svd-serve.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: svd-serve
+{{- end }}
+
+{{/* Selector labels. */}}
+{{- define "svd-serve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "svd-serve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Selector labels of the Ray pods (head and workers, of every RayCluster of the RayService). */}}
+{{- define "svd-serve.raySelectorLabels" -}}
+{{ include "svd-serve.selectorLabels" . }}
+app.kubernetes.io/component: ray
+{{- end }}
+
+{{/*
+Labels of the Ray pods. Deliberately without the chart or app version: a label change in
+rayClusterConfig makes KubeRay roll out a whole new RayCluster (GPU nodes included).
+*/}}
+{{- define "svd-serve.rayPodLabels" -}}
+{{ include "svd-serve.raySelectorLabels" . }}
+app.kubernetes.io/part-of: svd-serve
+{{- with .Values.podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* ServiceAccount name. */}}
+{{- define "svd-serve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "svd-serve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Container image of the Ray pods. */}}
+{{- define "svd-serve.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- secrets */}}
+
+{{/* Secret and key of the HF token, as "name/key"; empty when no token is configured. */}}
+{{- define "svd-serve.hfTokenSecretName" -}}
+{{- if .Values.huggingface.existingSecret }}
+{{- .Values.huggingface.existingSecret }}
+{{- else if .Values.huggingface.token }}
+{{- printf "%s-hf-token" (include "svd-serve.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "svd-serve.hfTokenSecretKey" -}}
+{{- if .Values.huggingface.existingSecret }}
+{{- .Values.huggingface.existingSecretKey }}
+{{- else }}
+{{- print "HF_TOKEN" }}
+{{- end }}
+{{- end }}
+
+{{/* Secret with AWS credentials; empty when none is configured. */}}
+{{- define "svd-serve.awsSecretName" -}}
+{{- if .Values.aws.existingSecret }}
+{{- .Values.aws.existingSecret }}
+{{- else if or .Values.aws.accessKeyId .Values.aws.secretAccessKey }}
+{{- if not (and .Values.aws.accessKeyId .Values.aws.secretAccessKey) }}
+{{- fail "aws.accessKeyId and aws.secretAccessKey must be set together" }}
+{{- end }}
+{{- printf "%s-aws" (include "svd-serve.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Secret with the tenants file; empty when tenants are not configured. */}}
+{{- define "svd-serve.tenantsSecretName" -}}
+{{- if .Values.tenants.existingSecret }}
+{{- .Values.tenants.existingSecret }}
+{{- else if .Values.tenants.content }}
+{{- printf "%s-tenants" (include "svd-serve.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Check the inline tenants file: it must parse, and every key_hashes entry must be a SHA-256 hash
+("sha256:" + 64 hex digits), so a raw API key pasted by mistake fails the install.
+*/}}
+{{- define "svd-serve.checkTenants" -}}
+{{- if and .Values.tenants.content (not .Values.tenants.existingSecret) }}
+{{- $doc := fromYaml .Values.tenants.content }}
+{{- if hasKey $doc "Error" }}
+{{- fail (printf "tenants.content is not valid YAML/JSON: %s" $doc.Error) }}
+{{- end }}
+{{- if not (kindIs "map" $doc.tenants) }}
+{{- fail "tenants.content must hold a `tenants:` mapping of tenant name to {key_hashes: [...]}" }}
+{{- end }}
+{{- range $name, $tenant := $doc.tenants }}
+{{- range $hash := (get (default dict $tenant) "key_hashes" | default list) }}
+{{- if not (regexMatch "^sha256:[0-9a-f]{64}$" (toString $hash)) }}
+{{- fail (printf "tenants.content: tenant %q has a key_hashes entry that is not sha256:<64 hex digits>; store only key hashes (see `svd-serve tenants`), never raw keys" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Path of the tenants file in the pods. */}}
+{{- define "svd-serve.tenantsFile" -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.tenants.mountPath) .Values.tenants.existingSecretKey }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- redis */}}
+
+{{/* Whether anything uses Redis. */}}
+{{- define "svd-serve.redisUsed" -}}
+{{- if or .Values.gcsFaultTolerance.enabled (eq .Values.jobStore.backend "redis") }}true{{ end }}
+{{- end }}
+
+{{/* host:port of Redis (bundled or external); fails when Redis is needed but not configured. */}}
+{{- define "svd-serve.redisAddress" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "%s-redis:6379" (include "svd-serve.fullname" .) }}
+{{- else if .Values.redis.external.address }}
+{{- .Values.redis.external.address }}
+{{- else }}
+{{- fail "Redis is needed (gcsFaultTolerance.enabled or jobStore.backend: redis): set redis.enabled or redis.external.address" }}
+{{- end }}
+{{- end }}
+
+{{/* Secret holding the Redis password; empty for an external Redis without a password. */}}
+{{- define "svd-serve.redisSecretName" -}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecret }}
+{{- else if or .Values.redis.enabled .Values.redis.auth.password }}
+{{- printf "%s-redis" (include "svd-serve.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "svd-serve.redisSecretKey" -}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecretPasswordKey }}
+{{- else }}
+{{- print "redis-password" }}
+{{- end }}
+{{- end }}
+
+{{/* The job store's redis_url (no password: that comes from REDIS_PASSWORD). */}}
+{{- define "svd-serve.jobStoreRedisUrl" -}}
+{{- if .Values.jobStore.redis_url }}
+{{- .Values.jobStore.redis_url }}
+{{- else }}
+{{- $scheme := "redis" }}
+{{- if and (not .Values.redis.enabled) .Values.redis.external.tls }}
+{{- $scheme = "rediss" }}
+{{- end }}
+{{- printf "%s://%s/%d" $scheme (include "svd-serve.redisAddress" .) (int .Values.redis.jobStoreDatabase) }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- the Serve application */}}
+
+{{/* Path of the model in the pods when tinyModel is enabled. */}}
+{{- define "svd-serve.tinyModelPath" -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.modelCache.mountPath) .Values.tinyModel.subPath }}
+{{- end }}
+
+{{/*
+The application's args: serve.config.AppConfig as a dict. Sections are copied from values (so
+their keys are AppConfig's field names); the chart fills in what depends on its own objects:
+the model cache directory, the tiny model path, the Redis URL and the tenants file path.
+*/}}
+{{- define "svd-serve.appArgs" -}}
+{{- $model := deepCopy .Values.model }}
+{{- $_ := set $model "cache_dir" .Values.modelCache.mountPath }}
+{{- if .Values.tinyModel.enabled }}
+{{- $_ := set $model "source" (include "svd-serve.tinyModelPath" .) }}
+{{- end }}
+{{- $stages := dict }}
+{{- range $stage, $cfg := .Values.stages }}
+{{- if and (hasKey $cfg "num_replicas") (hasKey $cfg "autoscaling") }}
+{{- fail (printf "stages.%s: set either num_replicas or autoscaling, not both (set autoscaling: null for a fixed count)" $stage) }}
+{{- end }}
+{{- $_ := set $stages $stage (deepCopy $cfg) }}
+{{- end }}
+{{- $jobStore := deepCopy .Values.jobStore }}
+{{- if eq .Values.jobStore.backend "redis" }}
+{{- $_ := set $jobStore "redis_url" (include "svd-serve.jobStoreRedisUrl" .) }}
+{{- end }}
+{{- $auth := dict }}
+{{- if include "svd-serve.tenantsSecretName" . }}
+{{- $_ := set $auth "tenants_file" (include "svd-serve.tenantsFile" .) }}
+{{- end }}
+{{- $args := dict
+  "model" $model
+  "stages" $stages
+  "storage" (deepCopy .Values.storage)
+  "job_store" $jobStore
+  "tracing" (deepCopy .Values.tracing)
+  "auth" $auth
+  "max_inflight_jobs" .Values.app.max_inflight_jobs
+  "max_upload_bytes" .Values.app.max_upload_bytes
+  "url_allowlist" (.Values.app.url_allowlist | default list)
+}}
+{{- toYaml $args }}
+{{- end }}
+
+{{/* serveConfigV2: one application, `serve.app:build_app` with the AppConfig args. */}}
+{{- define "svd-serve.serveConfig" -}}
+{{- $http := dict "host" "0.0.0.0" "port" 8000 "keep_alive_timeout_s" .Values.serve.keepAliveTimeoutS }}
+{{- if .Values.serve.requestTimeoutS }}
+{{- $_ := set $http "request_timeout_s" .Values.serve.requestTimeoutS }}
+{{- end }}
+{{- $app := dict
+  "name" .Values.serve.applicationName
+  "route_prefix" "/"
+  "import_path" "serve.app:build_app"
+  "args" (include "svd-serve.appArgs" . | fromYaml)
+}}
+{{- $config := dict
+  "proxy_location" .Values.serve.proxyLocation
+  "http_options" $http
+  "applications" (list $app)
+}}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- Ray pods */}}
+
+{{/*
+Environment of every Ray container. Call with (dict "root" $ "head" true|false).
+With GCS fault tolerance KubeRay injects REDIS_PASSWORD into the head itself (from
+gcsFaultToleranceOptions.redisPassword, the same Secret) and rejects a head that sets it.
+*/}}
+{{- define "svd-serve.rayEnv" -}}
+{{- $root := .root }}
+{{- $v := $root.Values }}
+- name: HF_HOME
+  value: {{ printf "%s/huggingface" (trimSuffix "/" $v.modelCache.mountPath) | quote }}
+{{- with include "svd-serve.hfTokenSecretName" $root }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ include "svd-serve.hfTokenSecretKey" $root }}
+{{- end }}
+{{- with include "svd-serve.awsSecretName" $root }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- if $v.aws.existingSecret }}
+- name: AWS_SESSION_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: AWS_SESSION_TOKEN
+      optional: true
+{{- end }}
+{{- end }}
+{{- with $v.aws.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- if and (eq $v.jobStore.backend "redis") (not (and .head $v.gcsFaultTolerance.enabled)) }}
+{{- with include "svd-serve.redisSecretName" $root }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ include "svd-serve.redisSecretKey" $root }}
+{{- end }}
+{{- end }}
+{{- if include "svd-serve.tenantsSecretName" $root }}
+- name: SVD_SERVE_TENANTS_FILE
+  value: {{ include "svd-serve.tenantsFile" $root | quote }}
+{{- end }}
+{{- with $v.ray.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes of every Ray pod. */}}
+{{- define "svd-serve.rayVolumes" -}}
+{{- $v := .root.Values }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .shmSizeLimit }}
+- name: model-cache
+{{- if $v.modelCache.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ $v.modelCache.existingClaim }}
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ $v.modelCache.sizeLimit }}
+{{- end }}
+- name: data
+{{- if $v.dataVolume.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ $v.dataVolume.existingClaim }}
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ $v.dataVolume.sizeLimit }}
+{{- end }}
+{{- with include "svd-serve.tenantsSecretName" .root }}
+- name: tenants
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: {{ $v.tenants.existingSecretKey }}
+        path: {{ $v.tenants.existingSecretKey }}
+{{- end }}
+{{- end }}
+
+{{/* Volume mounts of every Ray container. */}}
+{{- define "svd-serve.rayVolumeMounts" -}}
+- name: dshm
+  mountPath: /dev/shm
+- name: model-cache
+  mountPath: {{ .Values.modelCache.mountPath }}
+- name: data
+  mountPath: {{ .Values.dataVolume.mountPath }}
+{{- if include "svd-serve.tenantsSecretName" . }}
+- name: tenants
+  mountPath: {{ .Values.tenants.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* initContainers of every Ray pod (the tiny model, when enabled). */}}
+{{- define "svd-serve.rayInitContainers" -}}
+{{- if .Values.tinyModel.enabled }}
+- name: tiny-model
+  image: {{ include "svd-serve.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command:
+    - sh
+    - -c
+    - test -f {{ include "svd-serve.tinyModelPath" . }}/model_index.json || svd-serve tiny-model {{ include "svd-serve.tinyModelPath" . }}
+  env:
+    - name: OMP_NUM_THREADS
+      value: "1"
+  resources:
+    {{- toYaml .Values.tinyModel.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: model-cache
+      mountPath: {{ .Values.modelCache.mountPath }}
+{{- end }}
+{{- end }}

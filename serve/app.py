@@ -1,0 +1,52 @@
+"""``serve.app:build_app``: the Serve application builder.
+
+    serve run serve/serve_config.yaml            # or: serve deploy, or a KubeRay RayService
+
+``args`` are validated by :class:`serve.config.AppConfig`; every deployment's options come from
+it, so the YAML, the Helm chart and ``svd-serve up`` all describe the application the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+from .config import AppConfig
+from .deployments import Decoder, ImageEncoder, Sampler, VideoEncoder
+from .ingress import Ingress
+from .runner import JobRunner
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def localize_paths(config: AppConfig) -> AppConfig:
+    """Make relative paths absolute here, in the driver: replicas run in other working directories."""
+    update_model = {}
+    source = config.model.source
+    if source.startswith((".", "~")) or Path(source).expanduser().is_dir():
+        update_model["source"] = _absolute(source)
+    return config.model_copy(update={
+        "model": config.model.model_copy(update=update_model),
+        "storage": config.storage.model_copy(update={"local_dir": _absolute(config.storage.local_dir)}),
+        "job_store": config.job_store.model_copy(update={"sqlite_path": _absolute(config.job_store.sqlite_path)}),
+        "auth": config.auth.model_copy(update={"tenants_file": _absolute(config.auth.resolved_tenants_file())}),
+    })
+
+
+def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
+    """Bind the four stages, the job runner and the ingress into one application."""
+    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    config = localize_paths(config)
+    raw = config.model_dump(mode="json")
+    stages = config.stages
+    image_encoder = ImageEncoder.options(**stages.image_encoder.to_serve_options()).bind(raw)
+    sampler = Sampler.options(**stages.sampler.to_serve_options()).bind(raw)
+    decoder = Decoder.options(**stages.decoder.to_serve_options()).bind(raw)
+    video_encoder = VideoEncoder.options(**stages.video_encoder.to_serve_options()).bind(raw)
+    runner = JobRunner.options(**stages.runner.to_serve_options()).bind(raw, image_encoder, sampler, decoder,
+                                                                         video_encoder)
+    return Ingress.options(**stages.ingress.to_serve_options()).bind(raw, runner, sampler)

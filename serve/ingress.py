@@ -1,0 +1,49 @@
+"""The Serve ingress deployment: mounts the FastAPI app built by ``serve.api.app.create_api``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray import serve
+
+from .api.app import create_api
+from .api.service import VideoService
+from .config import AppConfig
+from .jobstore import make_job_store
+from .storage import make_storage
+from .telemetry import setup_tracing
+from .tenants import TenantRegistry
+
+MODEL_INFO_TIMEOUT_S = 10.0
+
+
+@serve.deployment(name="Ingress", logging_config={"encoding": "JSON"})
+@serve.ingress()
+class Ingress:
+    def __init__(self, config: dict[str, Any], runner, sampler) -> None:
+        self.config = AppConfig.model_validate(config)
+        setup_tracing(self.config.tracing)
+        self.runner = runner
+        self.sampler = sampler
+        self._model_info: dict[str, Any] | None = None
+        self.service = VideoService(
+            self.config,
+            store=make_job_store(self.config.job_store),
+            storage=make_storage(self.config.storage),
+            model_info=self.model_info,
+        )
+        self.tenants = TenantRegistry(self.config.auth.resolved_tenants_file())
+
+    async def model_info(self) -> dict[str, Any]:
+        """What the loaded model defaults to (frames), asked of a Sampler replica once."""
+        if self._model_info is None:
+            self._model_info = await asyncio.wait_for(self.sampler.info.remote(), MODEL_INFO_TIMEOUT_S)
+        return self._model_info
+
+    async def _ready(self) -> None:
+        await self.model_info()
+        await asyncio.wait_for(self.runner.stats.remote(), MODEL_INFO_TIMEOUT_S)
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.service, self.tenants, ready=self._ready)

@@ -1,0 +1,523 @@
+"""The Helm chart (helm/svd-serve): lint, render every value set, and check what it renders.
+
+No helm binary and no cluster: rendering and linting use Helm's Go SDK through ``helm_python``
+(see tests/helm_utils.py). Checks, per value set (helm/svd-serve/ci/*.yaml, k8s/values/*.yaml):
+
+* ``helm lint --strict`` is clean and the values pass values.schema.json;
+* every Kubernetes object validates strictly against the Kubernetes OpenAPI schema
+  (kubernetes-validate), the Ray pod templates included;
+* the RayService validates against KubeRay v1.7's CRD (../shared/kuberay-crds), with no field the
+  CRD does not declare, and passes KubeRay's own admission rules;
+* serveConfigV2 parses with Ray Serve's ServeDeploySchema, its args with serve.config.AppConfig,
+  and every stage is schedulable on some worker group.
+
+Plus: typos in values are rejected, long release names stay within KubeRay's 47 characters,
+secrets never appear in plain text outside Secrets, and k8s/manifests/svd-serve.yaml is current.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import importlib
+import json
+import re
+
+import pytest
+import yaml
+
+try:  # `tests` is a namespace package when the repository root is on sys.path
+    from tests import helm_utils as hu
+except ImportError:  # pytest's rootdir-relative import puts tests/ itself on sys.path
+    import helm_utils as hu
+
+helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (pip install -e '.[dev]')")
+pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (pip install -e '.[dev]')")
+
+VALUE_FILES = hu.values_files()
+VALUE_IDS = [f"{p.parent.name}/{p.name}" for p in VALUE_FILES]
+NON_K8S_KINDS = {"RayService", "PodMonitor", "ServiceMonitor"}
+
+requires_crds = pytest.mark.skipif(
+    not hu.RAYSERVICE_CRD.exists(),
+    reason=f"KubeRay CRDs not found at {hu.CRD_DIR} (expected ray.io_rayservices.yaml from KubeRay v1.7 there)",
+)
+
+
+@pytest.fixture(scope="module", params=VALUE_FILES, ids=VALUE_IDS)
+def rendered(request) -> hu.Rendered:
+    return hu.render_file(request.param)
+
+
+@pytest.fixture(scope="module")
+def default() -> hu.Rendered:
+    return hu.render()
+
+
+def _app_config():
+    try:
+        from serve.config import AppConfig
+    except ImportError as error:  # serve/config.py or pipelines/loader.py not written yet
+        pytest.skip(f"serve.config.AppConfig is not importable yet: {error}")
+    return AppConfig
+
+
+def _containers(template):
+    spec = template["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+# -- chart files ------------------------------------------------------------------------------------
+
+
+def test_chart_metadata():
+    chart = yaml.safe_load((hu.CHART_DIR / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2"
+    assert chart["name"] == "svd-serve"
+    assert chart["version"] == "0.1.0"
+    assert chart["appVersion"] == "0.1.0" and isinstance(chart["appVersion"], str)
+    assert chart["kubeVersion"] and chart["description"]
+    schema = json.loads((hu.CHART_DIR / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+
+
+def _objects_without_closed_properties(schema, path="values"):
+    """Objects in values.schema.json that declare properties but leave additionalProperties open."""
+    found = []
+    if isinstance(schema, dict):
+        if "properties" in schema and schema.get("additionalProperties") is not False:
+            found.append(path)
+        for key, value in schema.items():
+            found += _objects_without_closed_properties(value, f"{path}.{key}" if key != "properties" else path)
+    elif isinstance(schema, list):
+        for item in schema:
+            found += _objects_without_closed_properties(item, path)
+    return found
+
+
+def test_values_schema_closes_every_object():
+    schema = json.loads((hu.CHART_DIR / "values.schema.json").read_text())
+    assert _objects_without_closed_properties(schema) == []
+    # ...and the schema accepts the chart's own defaults.
+    import jsonschema
+
+    jsonschema.Draft7Validator(schema).validate(hu.load_values(hu.CHART_DIR / "values.yaml"))
+
+
+def test_every_value_is_documented():
+    """helm-docs style: each value (a leaf, or a map documented as a whole) has a `# --` comment."""
+    lines = (hu.CHART_DIR / "values.yaml").read_text().splitlines()
+    key_line = re.compile(r"^(\s*)([A-Za-z0-9_.\-/]+):(.*)$")
+    undocumented, skip_deeper_than = [], None
+    for number, line in enumerate(lines):
+        match = key_line.match(line)
+        if not match or line.lstrip().startswith("#"):
+            continue
+        indent, key, rest = len(match.group(1)), match.group(2), match.group(3).strip()
+        if skip_deeper_than is not None:
+            if indent > skip_deeper_than:
+                continue
+            skip_deeper_than = None
+        previous = number - 1
+        while previous >= 0 and lines[previous].strip().startswith("#") and not lines[previous].strip().startswith("# --"):
+            previous -= 1
+        if previous >= 0 and lines[previous].strip().startswith("# --"):
+            skip_deeper_than = indent  # documented as a whole: its children need no comments
+            continue
+        following = next((l for l in lines[number + 1:] if l.strip() and not l.strip().startswith("#")), "")
+        is_parent_map = not rest and len(following) - len(following.lstrip()) > indent and not following.strip().startswith("-")
+        if not is_parent_map:
+            undocumented.append(f"line {number + 1}: {key}")
+    assert undocumented == []
+
+
+def test_values_schema_matches_app_config():
+    """The values that become serveConfigV2 args use exactly AppConfig's field names, both ways."""
+    AppConfig = _app_config()
+    from pipelines.loader import ModelSpec
+    from serve import config
+
+    schema = json.loads((hu.CHART_DIR / "values.schema.json").read_text())
+    props, defs = schema["properties"], schema["definitions"]
+
+    def names(node):
+        return set(node["properties"])
+
+    chart_owned = {"cache_dir"}  # set by the chart from modelCache.mountPath
+    pairs = {
+        "model": (names(props["model"]), set(ModelSpec.model_fields) - chart_owned),
+        "stages": (names(props["stages"]), set(config.StagesConfig.model_fields)),
+        "stage": (names(defs["stage"]), set(config.DeploymentConfig.model_fields)),
+        "autoscaling": (names(defs["autoscaling"]), set(config.AutoscalingConfig.model_fields)),
+        "ray_actor_options": (names(defs["actorOptions"]), set(config.ActorOptions.model_fields)),
+        "storage": (names(props["storage"]), set(config.StorageConfig.model_fields)),
+        "jobStore": (names(props["jobStore"]), set(config.JobStoreConfig.model_fields)),
+        "tracing": (names(props["tracing"]), set(config.TracingConfig.model_fields)),
+    }
+    sections = {"model", "stages", "storage", "job_store", "tracing", "auth"}
+    pairs["app"] = (names(props["app"]), set(AppConfig.model_fields) - sections)
+    mismatches = {
+        section: {"only in the chart": sorted(chart - app), "missing from the chart": sorted(app - chart)}
+        for section, (chart, app) in pairs.items()
+        if chart != app
+    }
+    assert mismatches == {}, (
+        "values.yaml/values.schema.json and serve.config.AppConfig disagree; add or remove these keys in "
+        f"helm/svd-serve (values.yaml, values.schema.json): {mismatches}"
+    )
+    assert set(config.AuthConfig.model_fields) == {"tenants_file"}, "AuthConfig changed: map it in the chart"
+
+
+# -- lint and render --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", VALUE_FILES, ids=VALUE_IDS)
+def test_lint_strict(path):
+    report = hu.lint(hu.load_values(path))
+    assert hu.lint_problems(report) == []
+
+
+def test_renders_expected_objects(default):
+    kinds = sorted(doc["kind"] for doc in default.docs)
+    assert kinds == ["Pod", "PodDisruptionBudget", "RayService", "ServiceAccount"]
+    assert "helm test" in default.notes
+
+
+def test_kubernetes_schemas(rendered):
+    checked = 0
+    for template, doc in rendered.documents:
+        if doc["kind"] in NON_K8S_KINDS:
+            continue
+        hu.k8s_validate(doc)
+        checked += 1
+    for group, template in hu.pod_templates(rendered.rayservice):
+        hu.k8s_validate(hu.as_pod(f"ray-{group}", template))
+    assert checked >= 2
+
+
+@requires_crds
+def test_rayservice_matches_kuberay_crd(rendered):
+    schema = hu.crd_schema()
+    rayservice = rendered.rayservice
+    assert rayservice["apiVersion"] == "ray.io/v1"
+    assert hu.crd_errors(rayservice, schema) == []
+    assert hu.unknown_fields(rayservice, schema) == []
+    assert hu.kuberay_errors(rayservice) == []
+
+
+@requires_crds
+def test_crd_checks_catch_mistakes(default):
+    """The strict checks above are not vacuous."""
+    schema = hu.crd_schema()
+    broken = copy.deepcopy(default.rayservice)
+    cluster = broken["spec"]["rayClusterConfig"]
+    cluster["workerGroupSpecs"][0]["replica"] = 1  # typo: not in the CRD
+    cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # must be a string
+    cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["bogus"] = True
+    assert any("replica: unknown field" in e for e in hu.unknown_fields(broken, schema))
+    assert any(".bogus: unknown field" in e for e in hu.unknown_fields(broken, schema))
+    assert any("num-cpus" in e for e in hu.crd_errors(broken, schema))
+    broken["metadata"]["name"] = "x" * 48
+    assert any("longer than 47" in e for e in hu.kuberay_errors(broken))
+
+
+def test_other_custom_resources(rendered):
+    """PodMonitor/ServiceMonitor (no CRD here): they select the Ray pods on a port they declare."""
+    ray_pods = [t for _, t in hu.pod_templates(rendered.rayservice)]
+    for monitor in rendered.of_kind("PodMonitor"):
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        for template in ray_pods:
+            assert selector.items() <= template["metadata"]["labels"].items()
+            ports = {p["name"] for p in template["spec"]["containers"][0]["ports"]}
+            assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
+    for monitor in rendered.of_kind("ServiceMonitor"):
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        services = [s for s in rendered.of_kind("Service")
+                    if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+        assert len(services) == 1
+        for template in ray_pods:
+            assert services[0]["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+
+
+# -- the Serve application --------------------------------------------------------------------------
+
+
+def test_serve_config(rendered):
+    from ray.serve.schema import ServeDeploySchema
+
+    AppConfig = _app_config()
+    config = rendered.serve_config
+    ServeDeploySchema.model_validate(config)
+    (application,) = config["applications"]
+    assert application["import_path"] == "serve.app:build_app"
+    assert application["route_prefix"] == "/"
+    assert config["http_options"]["port"] == 8000
+    app_config = AppConfig.model_validate(application["args"])
+    for stage in ("sampler", "image_encoder", "decoder", "video_encoder", "runner"):
+        assert getattr(app_config.stages, stage).graceful_shutdown_timeout_s >= 600, stage
+    assert hu.placement_errors(rendered.rayservice, application["args"]) == []
+
+
+def test_import_path_resolves():
+    try:
+        module = importlib.import_module("serve.app")
+    except ModuleNotFoundError as error:
+        if error.name in ("serve.app", "serve"):
+            pytest.skip("serve/app.py is not written yet: cannot resolve serve.app:build_app")
+        raise
+    assert callable(getattr(module, "build_app"))
+
+
+def test_head_runs_no_model_work(rendered):
+    cluster = rendered.rayservice["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert cluster["rayVersion"] == "2.60.0"
+    assert cluster["enableInTreeAutoscaling"] is True and cluster["autoscalerOptions"]
+    head_resources = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in head_resources.get("limits", {})
+
+
+def test_worker_groups_from_one_map(default):
+    groups = {g["groupName"]: g for g in default.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert set(groups) == {"gpu-large", "gpu-small", "cpu"}
+    offered = {name: json.loads(g["rayStartParams"]["resources"]) for name, g in groups.items()}
+    assert offered == {"gpu-large": {"svd_sampler": 1000}, "gpu-small": {"svd_codec": 1000}, "cpu": {"svd_cpu": 1000}}
+    for name, group in groups.items():
+        spec = group["template"]["spec"]
+        limits = spec["containers"][0]["resources"]["limits"]
+        assert ("nvidia.com/gpu" in limits) == name.startswith("gpu"), name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+        assert {"/dev/shm", "/models"} <= mounts
+        if name.startswith("gpu"):
+            assert spec["nodeSelector"] and spec["tolerations"]
+    args = default.app_args
+    assert args["stages"]["sampler"]["ray_actor_options"]["resources"] == {"svd_sampler": 1}
+
+
+def test_disabled_group_is_dropped_and_unplaceable_stage_is_caught():
+    values = {"workerGroups": {"gpu-small": {"enabled": False}}}
+    rendered = hu.render(values)
+    groups = [g["groupName"] for g in rendered.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    assert groups == ["cpu", "gpu-large"]
+    errors = hu.placement_errors(rendered.rayservice, rendered.app_args)
+    assert {e.split()[1] for e in errors} == {"decoder", "image_encoder"}
+
+
+# -- typos, names, secrets --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"workerGroup": {"gpu-large": {"gpus": 2}}}, "'workerGroup' not allowed"),
+    ({"stages": {"sampler": {"numReplicas": 2}}}, "'numReplicas' not allowed"),
+    ({"stages": {"samplr": {"num_replicas": 2}}}, "'samplr' not allowed"),
+    ({"workerGroups": {"gpu-large": {"gpu": 2}}}, "'gpu' not allowed"),
+    ({"stages": {"sampler": {"max_ongoing_requests": "one"}}}, "max_ongoing_requests"),
+    ({"storage": {"bakend": "s3"}}, "'bakend' not allowed"),
+    ({"jobStore": {"redis_url": "redis://:hunter2@redis:6379/1"}}, "redis_url"),
+    ({"model": {"dtype": "float16"}}, "dtype"),
+], ids=["workerGroup", "numReplicas", "stage-name", "group-key", "type", "storage-key", "redis-url-password", "enum"])
+def test_values_typos_are_rejected(values, needle):
+    with pytest.raises(helm_python.HelmValuesError, match=re.escape(needle)):
+        hu.render(values)
+    assert any(needle in problem for problem in hu.lint_problems(hu.lint(values)))
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"stages": {"sampler": {"num_replicas": 2}}}, "set either num_replicas or autoscaling"),
+    ({"jobStore": {"backend": "redis"}}, "redis.enabled or redis.external.address"),
+    ({"workerGroups": {"cpu": {"replicas": 5}}}, "minReplicas <= replicas <= maxReplicas"),
+    ({"tenants": {"content": "tenants:\n  acme:\n    key_hashes: [svd_rawkey123]\n"}}, "never raw keys"),
+    ({"aws": {"accessKeyId": "AKIA"}}, "must be set together"),
+])
+def test_inconsistent_values_fail_with_a_clear_message(values, needle):
+    with pytest.raises(helm_python.HelmError, match=re.escape(needle)):
+        hu.render(values)
+
+
+def test_fixed_replicas_by_nulling_autoscaling():
+    rendered = hu.render({"stages": {"sampler": {"autoscaling": None, "num_replicas": 2}}})
+    sampler = rendered.app_args["stages"]["sampler"]
+    assert sampler["num_replicas"] == 2 and "autoscaling" not in sampler
+
+
+@requires_crds
+def test_long_release_name_fits_kuberay():
+    long_a = "a-very-long-release-name-for-svd-serve-tenant-alpha-1"  # 53: Helm's maximum
+    long_b = "a-very-long-release-name-for-svd-serve-tenant-alpha-2"
+    assert len(long_a) == 53
+    names = set()
+    for release in (long_a, long_b):
+        rendered = hu.render(release=release, values={"ingress": {"enabled": True}, "redis": {"enabled": True}})
+        rayservice = rendered.rayservice
+        name = rayservice["metadata"]["name"]
+        assert len(name) <= hu.MAX_RAYSERVICE_NAME and hu.DNS1035.match(name)
+        assert hu.kuberay_errors(rayservice) == []
+        assert len(rayservice["spec"]["serveService"]["metadata"]["name"]) <= 63
+        for doc in rendered.docs:
+            assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+        names.add(name)
+    assert len(names) == 2, "two long release names with a common prefix must not collide"
+    assert hu.render(release="svd").rayservice["metadata"]["name"] == "svd-svd-serve"
+
+
+SENTINELS = {
+    "hf": "hf_SENTINELtokenDoNotLeak0123456789",
+    "aws_id": "AKIASENTINELDONOTLEAK",
+    "aws_secret": "sentinel/aws+secret/DoNotLeak0123456789abcd",
+    "redis": "sentinel-redis-password-DoNotLeak",
+}
+
+
+def test_no_secret_in_plain_text():
+    digest = hashlib.sha256(b"svd_sentinel").hexdigest()
+    values = {
+        "huggingface": {"token": SENTINELS["hf"]},
+        "aws": {"accessKeyId": SENTINELS["aws_id"], "secretAccessKey": SENTINELS["aws_secret"]},
+        "redis": {"enabled": True, "auth": {"password": SENTINELS["redis"]}},
+        "jobStore": {"backend": "redis"},
+        "gcsFaultTolerance": {"enabled": True},
+        "tenants": {"content": f"tenants:\n  acme:\n    key_hashes: ['sha256:{digest}']\n"},
+        "storage": {"backend": "s3", "bucket": "b"},
+    }
+    rendered = hu.render(values)
+    secrets = rendered.of_kind("Secret")
+    stored = {base64.b64decode(v).decode() for s in secrets for v in s.get("data", {}).values()}
+    assert set(SENTINELS.values()) <= stored, "each secret value lands in a Secret"
+    for doc in rendered.docs:
+        if doc["kind"] == "Secret":
+            assert "stringData" not in doc
+            continue
+        text = yaml.safe_dump(doc)
+        for name, sentinel in SENTINELS.items():
+            assert sentinel not in text, f"{name} secret appears in plain text in {doc['kind']}"
+    assert not rendered.of_kind("ConfigMap") or all(
+        s not in yaml.safe_dump(c) for c in rendered.of_kind("ConfigMap") for s in SENTINELS.values()
+    )
+    # Secret-ish environment variables are always references, never literal values.
+    for group, template in hu.pod_templates(rendered.rayservice):
+        for container in _containers(template):
+            for env in container.get("env", []):
+                if re.search(r"TOKEN|PASSWORD|SECRET|ACCESS_KEY", env["name"]):
+                    assert "value" not in env and env["valueFrom"]["secretKeyRef"], (group, env)
+
+
+# -- wiring -----------------------------------------------------------------------------------------
+
+
+def test_ingress_points_at_the_serve_service():
+    rendered = hu.render({"ingress": {"enabled": True, "className": "nginx"}})
+    ingress = rendered.one("Ingress")
+    serve_service = rendered.rayservice["spec"]["serveService"]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == serve_service["metadata"]["name"] == f"{rendered.rayservice['metadata']['name']}-serve-svc"
+    assert backend["port"]["name"] == "serve"
+    assert {"name": "serve", "port": 8000} in [{k: p[k] for k in ("name", "port")} for p in serve_service["spec"]["ports"]]
+    head = rendered.rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "serve", "containerPort": 8000} in head["ports"]
+
+
+def test_helm_test_pod_checks_readyz(default):
+    (pod,) = [d for d in default.of_kind("Pod")]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    url = pod["spec"]["containers"][0]["args"][-1]
+    assert url == f"http://{default.rayservice['spec']['serveService']['metadata']['name']}:8000/readyz"
+
+
+def test_pdb_selects_the_ray_pods(default):
+    selector = default.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+    for _, template in hu.pod_templates(default.rayservice):
+        assert selector.items() <= template["metadata"]["labels"].items()
+
+
+def test_ha_values_wire_redis_everywhere():
+    rendered = hu.render_file(hu.CI_VALUES_DIR / "ha-values.yaml")
+    cluster = rendered.rayservice["spec"]["rayClusterConfig"]
+    ft = cluster["gcsFaultToleranceOptions"]
+    redis_service = rendered.one("Service", f"{rendered.rayservice['metadata']['name']}-redis")
+    assert ft["redisAddress"] == f"{redis_service['metadata']['name']}:6379"
+    ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    secret = rendered.one("Secret", ref["name"])
+    assert ref["key"] in secret["data"]
+    statefulset = rendered.one("StatefulSet")
+    assert statefulset["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"] == ref
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "REDIS_PASSWORD" not in {e["name"] for e in head.get("env", [])}  # KubeRay injects it
+    for group in cluster["workerGroupSpecs"]:
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref, group["groupName"]
+    args = rendered.app_args
+    assert args["job_store"]["backend"] == "redis"
+    assert args["job_store"]["redis_url"] == f"redis://{redis_service['metadata']['name']}:6379/1"
+    assert args["storage"]["backend"] == "s3"
+    assert args["stages"]["ingress"]["autoscaling"]["max_replicas"] > 1
+
+
+def test_tenants_secret_is_mounted_and_passed(rendered):
+    args = rendered.app_args
+    tenants_file = args.get("auth", {}).get("tenants_file")
+    if tenants_file is None:
+        return  # no tenants configured in this value set
+    mount_dir, key = tenants_file.rsplit("/", 1)
+    for group, template in hu.pod_templates(rendered.rayservice):
+        container = template["spec"]["containers"][0]
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == mount_dir)
+        assert "subPath" not in mount, "a subPath mount would never see Secret updates"
+        volume = next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["items"] == [{"key": key, "path": key}]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["SVD_SERVE_TENANTS_FILE"] == tenants_file, group
+    inline = [s for s in rendered.of_kind("Secret") if key in s.get("data", {})]
+    for secret in inline:
+        content = yaml.safe_load(base64.b64decode(secret["data"][key]))
+        for tenant in content["tenants"].values():
+            assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in tenant["key_hashes"])
+
+
+def test_model_sources_and_credentials():
+    rendered = hu.render_file(hu.CI_VALUES_DIR / "gpu-production-values.yaml")
+    service_account = rendered.one("ServiceAccount")
+    assert "eks.amazonaws.com/role-arn" in service_account["metadata"]["annotations"]
+    for group, template in hu.pod_templates(rendered.rayservice):
+        spec = template["spec"]
+        assert spec["serviceAccountName"] == service_account["metadata"]["name"]
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "svd-serve-hf-token", "key": "HF_TOKEN"}
+        assert "AWS_ACCESS_KEY_ID" not in env  # IRSA: no static keys
+        cache = next(v for v in spec["volumes"] if v["name"] == "model-cache")
+        assert cache["persistentVolumeClaim"]["claimName"] == "svd-serve-model-cache"
+    assert rendered.app_args["job_store"]["redis_url"].startswith("rediss://")
+    assert rendered.app_args["model"]["cache_dir"] == "/models"
+
+    s3 = hu.render({"model": {"source": "s3://weights/svd-xt"}, "aws": {"existingSecret": "s3-creds"}})
+    assert s3.app_args["model"]["source"] == "s3://weights/svd-xt"
+    worker = s3.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in worker["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+
+
+def test_cpu_smoke_runs_the_tiny_model_without_gpus():
+    rendered = hu.render_file(hu.CI_VALUES_DIR / "cpu-smoke-values.yaml")
+    args = rendered.app_args
+    assert args["model"]["device"] == "cpu" and args["model"]["source"] == "/models/tiny-svd"
+    assert all(s["ray_actor_options"].get("num_gpus", 0) == 0 for s in args["stages"].values())
+    for group, template in hu.pod_templates(rendered.rayservice):
+        (init,) = template["spec"]["initContainers"]
+        assert "svd-serve tiny-model /models/tiny-svd" in init["command"][-1]
+        for container in _containers(template):
+            assert "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {}), group
+
+
+# -- plain manifests --------------------------------------------------------------------------------
+
+
+def test_plain_manifests_are_in_sync():
+    expected = hu.render_manifests_text()
+    current = hu.MANIFESTS_FILE.read_text() if hu.MANIFESTS_FILE.exists() else ""
+    assert current == expected, "k8s/manifests/svd-serve.yaml is stale: run python -m tests.helm_utils render-manifests"
+    docs = [d for d in yaml.safe_load_all(current) if d]
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "PodDisruptionBudget", "RayService"}
+    assert not any("helm.sh/hook" in (d["metadata"].get("annotations") or {}) for d in docs)
