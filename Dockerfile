@@ -29,7 +29,7 @@ RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.tom
     && rm /tmp/requirements.txt
 
 # The project itself (no dependency changes: everything above is already installed).
-COPY --chown=ray:users README.md svd_serve_cli.py ./
+COPY --chown=ray:users README.md ./
 COPY --chown=ray:users pipelines ./pipelines
 COPY --chown=ray:users serve ./serve
 COPY --chown=ray:users loadtest ./loadtest

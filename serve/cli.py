@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import logging
 import sys
 import time
 import typing
@@ -81,10 +82,49 @@ def _infer_format(out: Path) -> str | None:
     return suffix if suffix in {"mp4", "webm", "gif"} else None
 
 
+def _prepare_out(out: Path) -> None:
+    """Fail before the model loads, not after minutes of sampling, when --out cannot be written."""
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'clip.mp4'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"--out {out}: cannot create the folder {out.parent}: {error.strerror or error}") from None
+
+
+def _default_dtype(device: str) -> str:
+    """fp16 on a GPU; fp32 on CPU, which the loader would otherwise fall back to with a warning line."""
+    if device == "cpu":
+        return "fp32"
+    if device == "auto":
+        import torch
+
+        return "fp16" if torch.cuda.is_available() else "fp32"
+    return "fp16"
+
+
+def _model_spec(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from pipelines.loader import ModelSpec  # light: torch and diffusers are imported only when loading
+
+    try:
+        dtype = args.dtype or _default_dtype(args.device)
+        return ModelSpec(source=args.model, dtype=dtype, device=args.device)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors(include_url=False):
+            field = str(item["loc"][-1]) if item.get("loc") else ""
+            if field == "device":
+                problems.append(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
+            else:
+                option = "--model" if field == "source" else f"--{field.replace('_', '-')}"
+                problems.append(f"{option}: {str(item['msg']).removeprefix('Value error, ')}")
+        raise CLIError("; ".join(problems)) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from pipelines.images import load_image_source
-    from pipelines.loader import ModelSpec, load_pipeline
-    from pipelines.staged import StagedPipeline
 
     out = Path(args.out)
     fmt = _infer_format(out)
@@ -94,9 +134,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if fmt is not None and params.output_format.value != fmt:
         raise CLIError(f"--out {out} does not match --output-format {params.output_format.value}")
     image = load_image_source(args.image)  # fails fast, before the model loads
+    spec = _model_spec(args)
+    _prepare_out(out)
+
+    # Heavy imports (torch, diffusers, transformers) only once the inputs are known to be good.
+    from pipelines.loader import load_pipeline
+    from pipelines.staged import StagedPipeline
 
     start = time.perf_counter()
-    spec = ModelSpec(source=args.model, dtype=args.dtype, device=args.device)
     pipeline = StagedPipeline(load_pipeline(spec))
     load_seconds = time.perf_counter() - start
 
@@ -105,8 +150,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = pipeline(image, params, on_step=progress.update)
     finally:
         progress.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(result.video.data)
+    try:
+        out.write_bytes(result.video.data)
+    except OSError as error:
+        raise CLIError(f"--out {out}: cannot write the clip: {error.strerror or error}") from None
     print(f"{out}: {result.summary()}, model load {load_seconds:.1f}s")
     return 0
 
@@ -155,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: stabilityai/stable-video-diffusion-img2vid-xt-1-1)")
     generate.add_argument("--image", required=True, help="conditioning image: a file path or an http(s) URL")
     generate.add_argument("--out", required=True, help="output file: .mp4, .webm or .gif")
-    generate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16",
-                          help="model dtype (default: fp16; CPU runs fall back to fp32)")
+    generate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                          help="model dtype (default: fp16 on a GPU, fp32 on CPU)")
     generate.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_generation_options(generate)
@@ -184,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model = DEFAULT_MODEL_ID
     from pipelines.errors import SVDServeError
 
+    # transformers logs, once per process, that torchvision is missing and it falls back to the PIL
+    # CLIPImageProcessor (the one SVD uses anyway); that line would turn every one-line error into two.
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     try:
         return args.handler(args)
     except (CLIError, SVDServeError) as error:

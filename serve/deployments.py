@@ -46,6 +46,7 @@ class _StageReplica:
 
     stage: str  # name used in progress, timings, spans and metrics
     config_key: str  # field of StagesConfig
+    after_sampling = True  # progress reports all sampling steps done while this stage runs
 
     def _setup(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
@@ -54,24 +55,42 @@ class _StageReplica:
         self.store = make_job_store(self.config.job_store)
         self.healthy = True
 
-    def _started(self, ctx: JobContext) -> None:
-        self.store.update_progress(ctx.job_id, owner=ctx.owner, stage=self.stage)
+    def _steps(self, steps: int) -> dict[str, int]:
+        return {"step": steps if self.after_sampling else 0, "total_steps": steps}
 
-    def _finished(self, ctx: JobContext, seconds: float, **extra) -> None:
-        self.store.update_progress(ctx.job_id, owner=ctx.owner, stage=self.stage, timings={self.stage: seconds})
+    def _started(self, ctx: JobContext, steps: int) -> None:
+        self.store.update_progress(ctx.job_id, owner=ctx.owner, stage=self.stage, **self._steps(steps))
+
+    def _finished(self, ctx: JobContext, steps: int, seconds: float, **extra) -> None:
+        self.store.update_progress(ctx.job_id, owner=ctx.owner, stage=self.stage, timings={self.stage: seconds},
+                                   **self._steps(steps))
         recorder = metrics()
         if recorder is not None:
             recorder.stage_seconds.observe(seconds, tags={"stage": self.stage})
         logger.info("%s done in %.3fs", self.stage, seconds, extra=log_extra(ctx.job_id, stage=self.stage, **extra))
 
-    async def _run(self, ctx: JobContext, fn, *args, **kwargs):
+    async def _run(self, ctx: JobContext, params: GenerationParams, fn, *args):
         """Run one stage call in a worker thread under its span, recording progress and timing."""
+        steps = params.num_inference_steps
         with span_from_carrier(self.stage, ctx.trace, **{"svd.job_id": ctx.job_id, "svd.tenant": ctx.tenant}):
-            await asyncio.to_thread(self._started, ctx)
+            await asyncio.to_thread(self._started, ctx, steps)
             start = time.perf_counter()
-            result = await asyncio.to_thread(fn, *args, **kwargs)
-            await asyncio.to_thread(self._finished, ctx, time.perf_counter() - start)
+            result = await asyncio.to_thread(fn, *args)
+            await asyncio.to_thread(self._finished, ctx, steps, time.perf_counter() - start)
             return result
+
+    async def replica_info(self) -> dict[str, Any]:
+        """Where this replica runs and what it holds (for operators and placement tests)."""
+        import ray
+        import torch
+
+        context = ray.get_runtime_context()
+        return {
+            "stage": self.stage,
+            "node_id": context.get_node_id(),
+            "resources": context.get_assigned_resources(),
+            "torch_threads": torch.get_num_threads(),
+        }
 
     async def check_health(self) -> None:
         if not self.healthy:
@@ -87,7 +106,7 @@ def _params(params: dict[str, Any]) -> GenerationParams:
 class ImageEncoder(_StageReplica):
     """CLIP image embedding + VAE latent of the conditioning image (reads it from storage)."""
 
-    stage, config_key = "image_encode", "image_encoder"
+    stage, config_key, after_sampling = "image_encode", "image_encoder", False
 
     def __init__(self, config: dict[str, Any]) -> None:
         self._setup(config)
@@ -105,14 +124,15 @@ class ImageEncoder(_StageReplica):
         )
 
     async def encode(self, ctx: JobContext, input_key: str, params: dict[str, Any]) -> EncodedImage:
-        return await self._run(ctx, self._encode, input_key, _params(params))
+        resolved = _params(params)
+        return await self._run(ctx, resolved, self._encode, input_key, resolved)
 
 
 @serve.deployment(name="Sampler", logging_config={"encoding": "JSON"})
 class Sampler(_StageReplica):
     """U-Net Euler sampling: the expensive stage, scaled on its own."""
 
-    stage, config_key = "sampling", "sampler"
+    stage, config_key, after_sampling = "sampling", "sampler", False
 
     def __init__(self, config: dict[str, Any]) -> None:
         self._setup(config)
@@ -144,7 +164,8 @@ class Sampler(_StageReplica):
 
     async def sample(self, ctx: JobContext, encoded: EncodedImage, params: dict[str, Any]) -> SampledLatents:
         try:
-            return await self._run(ctx, self._sample, ctx, encoded, _params(params))
+            resolved = _params(params)
+            return await self._run(ctx, resolved, self._sample, ctx, encoded, resolved)
         except JobCancelledError:
             logger.info("sampling stopped: job cancelled", extra=log_extra(ctx.job_id))
             raise
@@ -161,7 +182,8 @@ class Decoder(_StageReplica):
         self.decoder = DecodeStage(**load_components(self.config.model, ("vae",)))
 
     async def decode(self, ctx: JobContext, sampled: SampledLatents, params: dict[str, Any]) -> DecodedFrames:
-        return await self._run(ctx, self.decoder, sampled, _params(params))
+        resolved = _params(params)
+        return await self._run(ctx, resolved, self.decoder, sampled, resolved)
 
 
 @serve.deployment(name="VideoEncoder", logging_config={"encoding": "JSON"})
@@ -175,13 +197,12 @@ class VideoEncoder(_StageReplica):
         self.storage = make_storage(self.config.storage)
         self.encoder = VideoEncodeStage()
 
-    def _store(self, ctx: JobContext, video, output_key: str) -> dict[str, Any]:
+    def _store(self, ctx: JobContext, video, output_key: str, steps: int) -> dict[str, Any]:
         with span_from_carrier("store", ctx.trace, **{"svd.job_id": ctx.job_id}):
             start = time.perf_counter()
             stored = self.storage.put(output_key, video.data, content_type=video.content_type)
-            self.store.update_progress(
-                ctx.job_id, owner=ctx.owner, stage="store", timings={"store": time.perf_counter() - start}
-            )
+            self.store.update_progress(ctx.job_id, owner=ctx.owner, stage="store",
+                                       timings={"store": time.perf_counter() - start}, **self._steps(steps))
         return {
             "key": stored.key,
             "content_type": video.content_type,
@@ -194,5 +215,6 @@ class VideoEncoder(_StageReplica):
     async def encode(
         self, ctx: JobContext, decoded: DecodedFrames, params: dict[str, Any], output_key: str
     ) -> dict[str, Any]:
-        video = await self._run(ctx, self.encoder, decoded, _params(params))
-        return await asyncio.to_thread(self._store, ctx, video, output_key)
+        resolved = _params(params)
+        video = await self._run(ctx, resolved, self.encoder, decoded, resolved)
+        return await asyncio.to_thread(self._store, ctx, video, output_key, resolved.num_inference_steps)

@@ -19,8 +19,8 @@ import uuid
 from typing import Any
 
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, RayServeException
 
 from pipelines.errors import InvalidInputError, JobCancelledError
 
@@ -36,12 +36,18 @@ POLL_INTERVAL_S = 0.1
 GAUGE_INTERVAL_S = 5.0
 
 
-class WorkerLost(Exception):
-    """A stage replica died or was unreachable: the job goes back to the queue."""
+#: Failures of the machinery rather than of the job: a replica or node died, an object was lost,
+#: Serve could not route the request. The job is re-queued (bounded by max_attempts).
+INFRASTRUCTURE_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, BackPressureError,
+                         RayServeException)
 
 
 def _cause(error: BaseException) -> BaseException:
     return getattr(error, "cause", None) or error
+
+
+def is_infrastructure_error(error: BaseException) -> bool:
+    return isinstance(error, INFRASTRUCTURE_ERRORS) or isinstance(_cause(error), INFRASTRUCTURE_ERRORS)
 
 
 @serve.deployment(name="JobRunner", logging_config={"encoding": "JSON"})
@@ -197,7 +203,7 @@ class JobRunner:
                 self._count(JobStatus.CANCELLED, job.tenant)
             logger.info("job cancelled", extra=log_extra(job.id))
             return
-        if isinstance(error, (RayActorError, BackPressureError)) or isinstance(cause, (RayActorError, BackPressureError)):
+        if is_infrastructure_error(error):
             # A replica died or the stage was saturated: try again (bounded by max_attempts at claim).
             if job.attempts >= self.config.job_store.max_attempts:
                 self.store.fail(job.id, owner=self.owner, error=JobError(

@@ -47,12 +47,13 @@ class NotFoundError(APIError):
         super().__init__(404, "not_found", f"{what} not found")
 
 
-#: Domain error type -> (HTTP status, code). The most specific type wins (checked in MRO order).
+#: Domain error type -> HTTP status. The most specific type wins (checked in MRO order); the body's
+#: code is the error's own ``code`` (e.g. invalid_image, url_not_allowed), or the one given here.
 ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
     AuthenticationError: (401, "unauthorized"),
     ImageTooLargeError: (413, "image_too_large"),
     InvalidImageError: (422, "invalid_image"),
-    InvalidInputError: (422, "invalid_parameter"),
+    InvalidInputError: (422, "invalid_input"),
     JobStoreError: (503, "store_unavailable"),
     StorageError: (503, "storage_unavailable"),
 }
@@ -69,6 +70,7 @@ def response_for(error: BaseException) -> JSONResponse:
     for kind in type(error).__mro__:
         if kind in ERROR_TABLE:
             status, code = ERROR_TABLE[kind]
+            code = getattr(error, "code", None) or code
             if status >= 500:
                 # Infrastructure detail stays in the logs.
                 logger.error("request rejected: %s", error)

@@ -24,7 +24,7 @@ from ..jobstore import Job, JobStatus, JobStore
 from ..storage import Storage, job_key, job_prefix
 from ..telemetry import current_carrier, log_extra, tracer
 from ..tenants import Tenant
-from ..urlguard import guarded_client
+from ..urlguard import URLPolicy, guarded_client
 from .errors import APIError, NotFoundError
 from .schemas import ErrorInfo, Output, Progress, VideoJob
 
@@ -68,6 +68,7 @@ class VideoService:
                 return base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError):
                 raise InvalidImageError("image_url: the data URL is not valid base64") from None
+        URLPolicy(self.config.url_allowlist).check_url(url)  # scheme and form, before any I/O
         with guarded_client(allow=self.config.url_allowlist) as client:
             return fetch_image_url(url, max_bytes=self.config.max_upload_bytes, client=client)
 

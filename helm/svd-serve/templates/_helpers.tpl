@@ -335,7 +335,7 @@ gcsFaultToleranceOptions.redisPassword, the same Secret) and rejects a head that
       key: {{ include "svd-serve.redisSecretKey" $root }}
 {{- end }}
 {{- end }}
-{{- if include "svd-serve.tenantsSecretName" $root }}
+{{- if and (include "svd-serve.tenantsSecretName" $root) (not .head) }}
 - name: SVD_SERVE_TENANTS_FILE
   value: {{ include "svd-serve.tenantsFile" $root | quote }}
 {{- end }}
@@ -344,7 +344,13 @@ gcsFaultToleranceOptions.redisPassword, the same Secret) and rejects a head that
 {{- end }}
 {{- end }}
 
-{{/* Volumes of every Ray pod. */}}
+{{/*
+Volumes of every Ray pod; call with (dict "root" $ "shmSizeLimit" ... "head" true|false).
+The tenants Secret is mounted on the workers only: the head runs no replica that reads it, and
+the Serve driver on the head makes paths absolute with Path.resolve(), which would turn the
+Secret's symlink (tenants.yaml -> ..data/tenants.yaml) into a pod-specific, timestamped directory
+that the workers do not have and that disappears on every Secret update.
+*/}}
 {{- define "svd-serve.rayVolumes" -}}
 {{- $v := .root.Values }}
 - name: dshm
@@ -367,6 +373,7 @@ gcsFaultToleranceOptions.redisPassword, the same Secret) and rejects a head that
   emptyDir:
     sizeLimit: {{ $v.dataVolume.sizeLimit }}
 {{- end }}
+{{- if not .head }}
 {{- with include "svd-serve.tenantsSecretName" .root }}
 - name: tenants
   secret:
@@ -376,18 +383,20 @@ gcsFaultToleranceOptions.redisPassword, the same Secret) and rejects a head that
         path: {{ $v.tenants.existingSecretKey }}
 {{- end }}
 {{- end }}
+{{- end }}
 
-{{/* Volume mounts of every Ray container. */}}
+{{/* Volume mounts of every Ray container; call with (dict "root" $ "head" true|false). */}}
 {{- define "svd-serve.rayVolumeMounts" -}}
+{{- $v := .root.Values }}
 - name: dshm
   mountPath: /dev/shm
 - name: model-cache
-  mountPath: {{ .Values.modelCache.mountPath }}
+  mountPath: {{ $v.modelCache.mountPath }}
 - name: data
-  mountPath: {{ .Values.dataVolume.mountPath }}
-{{- if include "svd-serve.tenantsSecretName" . }}
+  mountPath: {{ $v.dataVolume.mountPath }}
+{{- if and (include "svd-serve.tenantsSecretName" .root) (not .head) }}
 - name: tenants
-  mountPath: {{ .Values.tenants.mountPath }}
+  mountPath: {{ $v.tenants.mountPath }}
   readOnly: true
 {{- end }}
 {{- end }}

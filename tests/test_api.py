@@ -1,0 +1,289 @@
+"""The HTTP API without Ray: admission, validation, the error schema, tenancy, idempotency.
+
+The FastAPI app runs in process over a real SQLite job store and a real local storage
+directory. Jobs are moved through their states with the job store's own API (what the runner
+does), so every endpoint is exercised in every state.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pipelines.sample_image import SAMPLE_IMAGE_PATH
+from serve.api.app import create_api
+from serve.api.service import VideoService
+from serve.config import AppConfig
+from serve.jobstore import JobError, JobOutput, make_job_store
+from serve.storage import make_storage
+from serve.tenants import TenantRegistry, add_tenant
+
+PNG = Path(SAMPLE_IMAGE_PATH).read_bytes()
+DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
+SMALL = {"num_frames": 4, "num_inference_steps": 2, "width": 64, "height": 64}
+
+
+@pytest.fixture
+def api(tmp_path):
+    config = AppConfig.model_validate({
+        "storage": {"local_dir": str(tmp_path / "outputs")},
+        "job_store": {"sqlite_path": str(tmp_path / "jobs.sqlite3")},
+        "max_upload_bytes": 256 * 1024,
+        "url_allowlist": ["127.0.0.2"],
+    })
+    keys = {name: add_tenant(tmp_path / "tenants.yaml", name) for name in ("alice", "bob")}
+
+    async def model_info():
+        return {"num_frames": 14}
+
+    service = VideoService(config, store=make_job_store(config.job_store), storage=make_storage(config.storage),
+                           model_info=model_info)
+    client = TestClient(create_api(service, TenantRegistry(tmp_path / "tenants.yaml")))
+    client.keys = keys
+    client.service = service
+    return client
+
+
+def h(api, tenant="alice", **extra):
+    return {"Authorization": f"Bearer {api.keys[tenant]}", **extra}
+
+
+def submit(api, tenant="alice", **body):
+    return api.post("/v1/videos", headers=h(api, tenant), json={"image_url": DATA_URL, **SMALL, **body})
+
+
+def assert_error(response, status, code, contains=""):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code
+    assert contains in body["error"]["message"]
+    assert "Traceback" not in response.text and "Error:" not in body["error"]["message"]
+
+
+def finish(api, job_id, data=b"\x00\x00\x00\x18ftypisom fake mp4"):
+    """Drive a job to completed the way the runner does."""
+    store, storage = api.service.store, api.service.storage
+    job = store.claim(job_id, owner="test-runner", lease_s=30)
+    key = job.metadata["output_key"]
+    stored = storage.put(key, data, content_type="video/mp4")
+    store.complete(job_id, owner="test-runner", timings={"total": 0.1},
+                   output=JobOutput(key=key, content_type="video/mp4", file_name=f"{job_id}.mp4", file_size=stored.size))
+
+
+def test_submit_returns_202_with_resolved_params_and_queue_position(api):
+    response = submit(api, cond_aug=0.1)
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/v1/videos/{job['id']}"
+    assert job["status"] == "queued" and job["queue_position"] == 0
+    assert 0 <= job["params"]["seed"] <= 2**32 - 2
+    assert job["params"]["noise_aug_strength"] == 0.1 and job["params"]["num_frames"] == 4
+    second = submit(api).json()
+    assert second["queue_position"] == 1
+    assert api.get(f"/v1/videos/{job['id']}", headers=h(api)).json()["params"] == job["params"]
+
+
+def test_default_frames_come_from_the_model(api):
+    job = submit(api, num_frames=None).json()
+    assert job["params"]["num_frames"] == 14
+
+
+def test_multipart_upload_with_params_field(api):
+    response = api.post("/v1/videos", headers=h(api), files={"image": ("x.png", PNG, "image/png")},
+                        data={"params": '{"seed": 7, "width": 64, "height": 64}'})
+    assert response.status_code == 202, response.text
+    assert response.json()["params"]["seed"] == 7
+    assert_error(api.post("/v1/videos", headers=h(api), files={"image": ("x.png", PNG)}, data={"params": "{"}),
+                 422, "invalid_input", "params: not valid JSON")
+    assert_error(api.post("/v1/videos", headers=h(api), files={"other": ("x.png", PNG)}),
+                 422, "invalid_input", "named 'image'")
+
+
+@pytest.mark.parametrize("headers, message", [
+    ({}, "missing Authorization header"),
+    ({"Authorization": "Basic abc"}, "must be 'Bearer <API key>'"),
+    ({"Authorization": "Bearer svd_wrong"}, "invalid API key"),
+])
+def test_every_v1_endpoint_requires_a_valid_key(api, headers, message):
+    for method, path in [("POST", "/v1/videos"), ("GET", "/v1/videos"), ("GET", "/v1/videos/vid_x"),
+                         ("GET", "/v1/videos/vid_x/content"), ("GET", "/v1/videos/vid_x/events"),
+                         ("POST", "/v1/videos/vid_x/cancel"), ("DELETE", "/v1/videos/vid_x")]:
+        response = api.request(method, path, headers=headers, json={})
+        assert_error(response, 401, "unauthorized", message)
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_parameter_errors_name_the_field_and_range(api):
+    assert_error(submit(api, motion_bucket_id=300), 422, "invalid_parameter",
+                 "motion_bucket_id: 300 is out of range (allowed: 1 to 255)")
+    assert_error(submit(api, width=100, height=64), 422, "invalid_parameter", "a multiple of 64")
+    assert_error(submit(api, frames=3), 422, "invalid_parameter", "frames: unknown parameter")
+    assert_error(api.post("/v1/videos", headers=h(api), json={**SMALL}), 422, "invalid_parameter", "image_url")
+    assert_error(api.post("/v1/videos", headers={**h(api), "Content-Type": "application/json"}, content=b"{nope"),
+                 422, "invalid_input", "not valid JSON")
+    assert_error(api.post("/v1/videos", headers={**h(api), "Content-Type": "text/plain"}, content=b"x"),
+                 415, "unsupported_media_type")
+
+
+def test_bad_images_are_rejected_at_admission(api):
+    not_image = "data:image/png;base64," + base64.b64encode(b"hello, not an image").decode()
+    assert_error(submit(api, image_url=not_image), 422, "invalid_image")
+    truncated = "data:image/png;base64," + base64.b64encode(PNG[: len(PNG) // 2]).decode()
+    assert_error(submit(api, image_url=truncated), 422, "invalid_image")
+    assert_error(submit(api, image_url="data:image/png,plain"), 422, "invalid_image", "base64")
+    assert_error(submit(api, image_url="data:image/png;base64,@@@"), 422, "invalid_image", "not valid base64")
+    # Nothing was admitted.
+    assert api.get("/v1/videos", headers=h(api)).json()["data"] == []
+
+
+def test_oversized_bodies_and_images_get_413(api):
+    big = io.BytesIO()
+    Image.effect_noise((400, 400), 100).convert("RGB").save(big, format="PNG")  # ~480 KB of noise
+    assert len(big.getvalue()) > 256 * 1024
+    response = api.post("/v1/videos", headers=h(api), files={"image": ("big.png", big.getvalue())})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] in {"request_too_large", "image_too_large"}
+    huge = api.post("/v1/videos", headers=h(api), files={"image": ("big.png", big.getvalue() * 2)})
+    assert_error(huge, 413, "request_too_large")
+    response = submit(api, image_url="data:image/png;base64," + base64.b64encode(big.getvalue()[:200_000]).decode())
+    assert response.status_code in (413, 422)
+
+
+def test_private_image_urls_are_refused_and_allowlisted_hosts_work(api):
+    assert_error(submit(api, image_url="http://127.0.0.1:9/x.png"), 422, "url_not_allowed", "private")
+    assert_error(submit(api, image_url="http://169.254.169.254/latest/meta-data"), 422, "url_not_allowed")
+    assert_error(submit(api, image_url="file:///etc/passwd"), 422, "url_not_allowed", "only http and https")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")  # the bytes decide, not the header
+            self.end_headers()
+            self.wfile.write(PNG)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        response = submit(api, image_url=f"http://127.0.0.2:{server.server_address[1]}/sample.png")
+        assert response.status_code == 202, response.text
+    finally:
+        server.shutdown()
+
+
+def test_idempotency_key_returns_the_same_job(api):
+    first = api.post("/v1/videos", headers=h(api, **{"Idempotency-Key": "req-1"}), json={"image_url": DATA_URL, **SMALL})
+    again = api.post("/v1/videos", headers=h(api, **{"Idempotency-Key": "req-1"}), json={"image_url": DATA_URL, **SMALL})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    assert len(api.get("/v1/videos", headers=h(api)).json()["data"]) == 1
+    different = api.post("/v1/videos", headers=h(api, **{"Idempotency-Key": "req-1"}),
+                         json={"image_url": DATA_URL, **SMALL, "seed": 5})
+    assert_error(different, 409, "idempotency_key_reused")
+    # Keys are per tenant.
+    other = api.post("/v1/videos", headers=h(api, "bob", **{"Idempotency-Key": "req-1"}),
+                     json={"image_url": DATA_URL, **SMALL})
+    assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
+
+
+def test_list_is_newest_first_and_paginates(api):
+    ids = [submit(api).json()["id"] for _ in range(5)]
+    page1 = api.get("/v1/videos?limit=2", headers=h(api)).json()
+    page2 = api.get(f"/v1/videos?limit=2&cursor={page1['next_cursor']}", headers=h(api)).json()
+    page3 = api.get(f"/v1/videos?limit=2&cursor={page2['next_cursor']}", headers=h(api)).json()
+    seen = [j["id"] for page in (page1, page2, page3) for j in page["data"]]
+    assert seen == list(reversed(ids)) and page3["has_more"] is False
+    assert_error(api.get("/v1/videos?limit=0", headers=h(api)), 422, "invalid_parameter", "limit")
+    assert_error(api.get("/v1/videos?cursor=garbage", headers=h(api)), 422, "invalid_input", "cursor")
+
+
+def test_job_lifecycle_cancel_delete_and_content(api):
+    queued = submit(api).json()
+    assert_error(api.get(f"/v1/videos/{queued['id']}/content", headers=h(api)), 409, "not_ready")
+    assert_error(api.delete(f"/v1/videos/{queued['id']}", headers=h(api)), 409, "job_running", "cancel it first")
+    cancelled = api.post(f"/v1/videos/{queued['id']}/cancel", headers=h(api)).json()
+    assert cancelled["status"] == "cancelled"
+    assert api.delete(f"/v1/videos/{queued['id']}", headers=h(api)).status_code == 204
+    assert_error(api.get(f"/v1/videos/{queued['id']}", headers=h(api)), 404, "not_found")
+
+    done = submit(api).json()
+    finish(api, done["id"], data=b"MP4 bytes" * 100)
+    view = api.get(f"/v1/videos/{done['id']}", headers=h(api)).json()
+    assert view["status"] == "completed" and view["progress"]["percent"] == 100.0
+    assert view["output"]["url"].endswith(f"/v1/videos/{done['id']}/content")
+    assert view["output"]["file_size"] == 900
+    content = api.get(f"/v1/videos/{done['id']}/content", headers=h(api))
+    assert content.status_code == 200 and content.content == b"MP4 bytes" * 100
+    assert content.headers["content-type"] == "video/mp4"
+    assert f'filename="{done["id"]}.mp4"' in content.headers["content-disposition"]
+    assert_error(api.post(f"/v1/videos/{done['id']}/cancel", headers=h(api)), 409, "already_finished")
+    assert api.delete(f"/v1/videos/{done['id']}", headers=h(api)).status_code == 204
+    assert not any(Path(api.service.config.storage.local_dir).rglob(f"*{done['id']}*"))
+
+
+def test_failed_job_is_data_not_an_http_error(api):
+    job = submit(api).json()
+    store = api.service.store
+    store.claim(job["id"], owner="r", lease_s=30)
+    store.fail(job["id"], owner="r", error=JobError(code="internal_error", message="generation failed"))
+    view = api.get(f"/v1/videos/{job['id']}", headers=h(api))
+    assert view.status_code == 200
+    assert view.json()["status"] == "failed" and view.json()["error"] == {"code": "internal_error",
+                                                                         "message": "generation failed"}
+
+
+def test_events_stream_ends_at_a_terminal_state(api):
+    job = submit(api).json()
+    api.post(f"/v1/videos/{job['id']}/cancel", headers=h(api))
+    with api.stream("GET", f"/v1/videos/{job['id']}/events", headers=h(api)) as stream:
+        lines = list(stream.iter_lines())
+    assert "event: status" in lines and any('"status":"cancelled"' in line for line in lines)
+
+
+def test_tenants_are_isolated_on_every_endpoint(api):
+    mine = submit(api).json()
+    finish(api, mine["id"])
+    for method, path in [("GET", ""), ("GET", "/content"), ("GET", "/events"), ("POST", "/cancel"), ("DELETE", "")]:
+        assert_error(api.request(method, f"/v1/videos/{mine['id']}{path}", headers=h(api, "bob")), 404, "not_found")
+    assert api.get("/v1/videos", headers=h(api, "bob")).json()["data"] == []
+    assert api.get(f"/v1/videos/{mine['id']}", headers=h(api)).status_code == 200
+
+
+def test_revoked_key_stops_working_without_restart(api, tmp_path):
+    from serve.tenants import read_tenants, write_tenants
+
+    assert api.get("/v1/videos", headers=h(api)).status_code == 200
+    tenants = read_tenants(tmp_path / "tenants.yaml")
+    tenants["alice"].key_hashes.clear()
+    write_tenants(tmp_path / "tenants.yaml", tenants)
+    import time
+
+    time.sleep(1.1)  # the registry re-checks the file at most once a second
+    assert_error(api.get("/v1/videos", headers=h(api)), 401, "unauthorized")
+
+
+def test_health_readiness_and_openapi(api):
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/readyz").json() == {"status": "ready"}
+    schema = api.get("/openapi.json").json()
+    assert {"/v1/videos", "/v1/videos/{job_id}", "/v1/videos/{job_id}/content", "/v1/videos/{job_id}/events",
+            "/v1/videos/{job_id}/cancel"} <= set(schema["paths"])
+    assert api.get("/docs").status_code == 200
+    assert_error(api.get("/nope"), 404, "not_found")
+
+
+def test_api_layer_imports_no_ray():
+    code = "import sys, serve.api.app, serve.api.service; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

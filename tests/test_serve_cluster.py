@@ -1,0 +1,306 @@
+"""The Serve application on a real multi-node local Ray cluster.
+
+One cluster for the whole module (starting Ray dominates the cost): a head node for the
+ingress and runner, and three worker nodes standing in for the GPU pools, each offering
+logical GPUs and the custom resource that pins its stages. The job store is a real
+redis-server, output storage a real S3-compatible server (moto over HTTP), traces go to a real
+OTLP/HTTP receiver.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fixtures_redis import redis_server  # noqa: F401
+from otlp_collector import OTLPCollector
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from pipelines.params import GenerationParams  # noqa: E402
+from pipelines.sample_image import SAMPLE_IMAGE_PATH  # noqa: E402
+from pipelines.video import decode_video_frames, probe_video  # noqa: E402
+from serve.app import build_app  # noqa: E402
+from serve.config import AppConfig  # noqa: E402
+from serve.tenants import add_tenant  # noqa: E402
+
+APP = "svd"
+TERMINAL = {"completed", "failed", "cancelled"}
+SMALL = {"num_frames": 6, "num_inference_steps": 4, "width": 64, "height": 64}
+SLOW = {"num_frames": 8, "num_inference_steps": 60, "width": 64, "height": 64}
+POOLS = {
+    "gpu-large": {"num_cpus": 3, "num_gpus": 2, "resources": {"svd_sampler": 100}},
+    "gpu-small": {"num_cpus": 2, "num_gpus": 1, "resources": {"svd_encode_decode": 100}},
+    "cpu": {"num_cpus": 1, "num_gpus": 0, "resources": {"svd_video": 100}},
+}
+
+
+def app_config(tmp: Path, model_dir: Path, redis_url: str, s3_endpoint: str, otlp_url: str) -> AppConfig:
+    def stage(gpus, resource, **extra):
+        return {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": gpus, "resources": {resource: 1}},
+                "graceful_shutdown_timeout_s": 20, "health_check_period_s": 2, **extra}
+
+    return AppConfig.model_validate({
+        "model": {"source": str(model_dir), "dtype": "fp32", "device": "cpu"},
+        "stages": {
+            "image_encoder": stage(0.25, "svd_encode_decode", num_replicas=1, max_ongoing_requests=8),
+            "sampler": stage(0.5, "svd_sampler", max_ongoing_requests=1, autoscaling={
+                "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                "upscale_delay_s": 0, "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2}),
+            "decoder": stage(0.25, "svd_encode_decode", num_replicas=1, max_ongoing_requests=8),
+            "video_encoder": stage(0, "svd_video", num_replicas=1, max_ongoing_requests=8),
+            "runner": {"ray_actor_options": {"num_cpus": 0.1}, "graceful_shutdown_timeout_s": 6},
+            "ingress": {"ray_actor_options": {"num_cpus": 0.1}},
+        },
+        "storage": {"backend": "s3", "bucket": "svd-e2e", "endpoint_url": s3_endpoint, "region": "us-east-1"},
+        "job_store": {"backend": "redis", "redis_url": redis_url, "key_prefix": f"e2e{time.time_ns()}",
+                      "lease_s": 4, "max_attempts": 3},
+        "tracing": {"exporter": "otlp", "otlp_endpoint": otlp_url, "export_interval_s": 0.3},
+        "auth": {"tenants_file": str(tmp / "tenants.yaml")},
+        "max_inflight_jobs": 8,
+    })
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, tiny_model_dir, redis_server, moto_s3_endpoint):  # noqa: F811
+    import boto3
+
+    tmp = tmp_path_factory.mktemp("serve-e2e")
+    mp = pytest.MonkeyPatch()
+    # Raylets inherit the environment: the S3 credentials reach every replica this way.
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "RAY_SERVE_HTTP_PORT": "0"}.items():
+        mp.setenv(name, value)
+    boto3.client("s3", endpoint_url=moto_s3_endpoint, region_name="us-east-1").create_bucket(Bucket="svd-e2e")
+    collector = OTLPCollector()
+    keys = {name: add_tenant(tmp / "tenants.yaml", name) for name in ("alice", "bob")}
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    nodes = {name: cluster.add_node(**spec) for name, spec in POOLS.items()}
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = app_config(tmp, tiny_model_dir, redis_server, moto_s3_endpoint, collector.url)
+    serve.run(build_app(config), name=APP, route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    _wait(lambda: client.get("/readyz").status_code == 200, 120, "readyz")
+    yield {"client": client, "keys": keys, "config": config, "nodes": nodes, "collector": collector,
+           "model_dir": tiny_model_dir}
+    client.close()
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+    collector.close()
+    mp.undo()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(predicate, timeout_s: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def auth(deployment, tenant="alice") -> dict:
+    return {"Authorization": f"Bearer {deployment['keys'][tenant]}"}
+
+
+def submit(deployment, tenant="alice", **params) -> dict:
+    data_url = "data:image/png;base64," + base64.b64encode(Path(SAMPLE_IMAGE_PATH).read_bytes()).decode()
+    response = deployment["client"].post("/v1/videos", headers=auth(deployment, tenant),
+                                         json={"image_url": data_url, **SMALL, **params})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def job(deployment, job_id, tenant="alice") -> dict:
+    response = deployment["client"].get(f"/v1/videos/{job_id}", headers=auth(deployment, tenant))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_terminal(deployment, job_id, timeout_s=120, tenant="alice") -> dict:
+    return _wait(lambda: (j := job(deployment, job_id, tenant))["status"] in TERMINAL and j, timeout_s,
+                 f"job {job_id} to finish")
+
+
+def replica_counts() -> dict[str, int]:
+    status = serve.status().applications[APP].deployments
+    return {name: sum(count for state, count in d.replica_states.items() if str(state).endswith("RUNNING"))
+            for name, d in status.items()}
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+
+def test_http_job_end_to_end_matches_in_process_pipeline(deployment):
+    from pipelines.images import load_image
+    from pipelines.loader import ModelSpec, load_pipeline
+    from pipelines.staged import StagedPipeline
+
+    created = submit(deployment, seed=1234, output_fps=10)
+    assert created["status"] == "queued" and created["params"]["seed"] == 1234
+    done = wait_terminal(deployment, created["id"])
+    assert done["status"] == "completed", done
+    assert set(done["timings"]) >= {"image_encode", "sampling", "decode", "video_encode", "store"}
+    assert done["progress"]["step"] == done["progress"]["total_steps"] == 4
+
+    # Stored in S3: the content endpoint redirects to a presigned URL that serves the MP4.
+    content = deployment["client"].get(f"/v1/videos/{created['id']}/content", headers=auth(deployment))
+    assert content.status_code == 307
+    video = httpx.get(content.headers["location"], timeout=30)
+    assert video.status_code == 200 and len(video.content) == done["output"]["file_size"]
+    info = probe_video(video.content)
+    assert (info.frames, info.width, info.height, round(info.fps)) == (6, 64, 64, 10)
+    assert info.codec == "h264"
+
+    # Same seed in process: the clips match up to codec noise (torch thread counts differ between
+    # the replica and this process, which can flip a rounded pixel and nudge the encoder), while
+    # another seed gives a clearly different clip (about 20 grey levels apart on average).
+    pipe = StagedPipeline(load_pipeline(ModelSpec(source=str(deployment["model_dir"]), dtype="fp32", device="cpu")))
+    image = load_image(SAMPLE_IMAGE_PATH)
+    served = decode_video_frames(video.content).astype(np.int16)
+    same_seed = decode_video_frames(pipe(image, GenerationParams(seed=1234, output_fps=10, **SMALL)).video.data)
+    other_seed = decode_video_frames(pipe(image, GenerationParams(seed=999, output_fps=10, **SMALL)).video.data)
+    assert np.abs(served - same_seed.astype(np.int16)).mean() < 2.0
+    assert np.abs(served - other_seed.astype(np.int16)).mean() > 10.0
+
+
+def test_stage_replicas_hold_their_gpu_share_on_their_node_pool(deployment):
+    expected = {"ImageEncoder": ("gpu-small", 0.25), "Sampler": ("gpu-large", 0.5),
+                "Decoder": ("gpu-small", 0.25), "VideoEncoder": ("cpu", 0.0)}
+    for name, (pool, gpus) in expected.items():
+        info = serve.get_deployment_handle(name, app_name=APP).replica_info.remote().result(timeout_s=30)
+        assert info["node_id"] == deployment["nodes"][pool].node_id, (name, info)
+        assert info["resources"].get("GPU", 0.0) == pytest.approx(gpus), (name, info)
+        assert info["torch_threads"] >= 1
+
+
+def test_cancel_queued_and_running_jobs(deployment):
+    running = submit(deployment, **SLOW)
+    _wait(lambda: job(deployment, running["id"])["progress"]["stage"] == "sampling", 60, "sampling to start")
+    response = deployment["client"].post(f"/v1/videos/{running['id']}/cancel", headers=auth(deployment))
+    assert response.status_code == 200
+    cancelled = wait_terminal(deployment, running["id"], timeout_s=30)
+    assert cancelled["status"] == "cancelled"
+    # It stopped within a step or so, well short of the 60 it asked for.
+    assert cancelled["progress"]["step"] < 60
+
+    # A job cancelled while queued never starts. Fill the runners first so it stays queued.
+    blockers = [submit(deployment, **SLOW) for _ in range(8)]
+    queued = submit(deployment, **SMALL)
+    assert job(deployment, queued["id"])["status"] == "queued"
+    response = deployment["client"].post(f"/v1/videos/{queued['id']}/cancel", headers=auth(deployment))
+    assert response.json()["status"] == "cancelled"
+    for blocker in blockers:
+        deployment["client"].post(f"/v1/videos/{blocker['id']}/cancel", headers=auth(deployment))
+    for blocker in blockers:
+        assert wait_terminal(deployment, blocker["id"], timeout_s=60)["status"] == "cancelled"
+    final = job(deployment, queued["id"])
+    assert final["status"] == "cancelled" and final["started_at"] is None and final["timings"] == {}
+
+
+def test_tenants_cannot_see_each_others_jobs_events_or_files(deployment):
+    mine = submit(deployment, tenant="alice")
+    wait_terminal(deployment, mine["id"])
+    client, bob = deployment["client"], auth(deployment, "bob")
+    for method, path in [("GET", ""), ("GET", "/content"), ("GET", "/events"), ("POST", "/cancel"), ("DELETE", "")]:
+        response = client.request(method, f"/v1/videos/{mine['id']}{path}", headers=bob)
+        assert response.status_code == 404, (method, path, response.text)
+        assert response.json() == {"error": {"code": "not_found", "message": "video job not found"}}
+    assert all(item["id"] != mine["id"] for item in client.get("/v1/videos", headers=bob).json()["data"])
+    assert any(item["id"] == mine["id"] for item in client.get("/v1/videos", headers=auth(deployment)).json()["data"])
+    assert client.get("/v1/videos", headers={"Authorization": "Bearer nope"}).status_code == 401
+    # The owner still has it, and deleting it removes the stored clip.
+    assert client.delete(f"/v1/videos/{mine['id']}", headers=auth(deployment)).status_code == 204
+    assert client.get(f"/v1/videos/{mine['id']}", headers=auth(deployment)).status_code == 404
+
+
+def test_events_stream_until_the_job_ends(deployment):
+    created = submit(deployment)
+    events = []
+    with deployment["client"].stream("GET", f"/v1/videos/{created['id']}/events", headers=auth(deployment)) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                events.append(line.removeprefix("event: "))
+    assert events[-1] == "status" and "progress" in events
+
+
+def test_one_trace_per_job_with_a_span_per_stage(deployment):
+    created = submit(deployment)
+    wait_terminal(deployment, created["id"])
+    collector = deployment["collector"]
+    names = {"admission", "job", "image_encode", "sampling", "decode", "video_encode", "store"}
+    spans = _wait(lambda: (s := collector.spans_of_job(created["id"])) and names <= {x["name"] for x in s} and s,
+                  30, "spans to be exported")
+    by_name = {span["name"]: span for span in spans}
+    assert len({span["trace_id"] for span in spans}) == 1
+    # Admission runs inside the HTTP request's server span (FastAPI's own instrumentation).
+    trace_id = spans[0]["trace_id"]
+    request_span = next(s for s in collector.spans if s["span_id"] == by_name["admission"]["parent_id"]
+                        or s["name"] == "POST /v1/videos" and s["trace_id"] == trace_id)
+    assert request_span["trace_id"] == trace_id
+    assert by_name["job"]["parent_id"] == by_name["admission"]["span_id"]
+    for stage in ("image_encode", "sampling", "decode", "video_encode", "store"):
+        assert by_name[stage]["parent_id"] == by_name["job"]["span_id"], stage
+    # Another job is another trace.
+    other = submit(deployment)
+    wait_terminal(deployment, other["id"])
+    other_spans = _wait(lambda: collector.spans_of_job(other["id"]), 30, "spans of the second job")
+    assert {s["trace_id"] for s in other_spans} != {trace_id}
+
+
+def test_burst_scales_the_sampler_alone_and_back_down(deployment):
+    assert replica_counts()["Sampler"] == 1
+    jobs = [submit(deployment, num_frames=8, num_inference_steps=40, width=64, height=64) for _ in range(8)]
+    peak = _wait(lambda: (c := replica_counts())["Sampler"] >= 2 and c, 90, "the Sampler to scale up")
+    assert peak["ImageEncoder"] == peak["Decoder"] == peak["VideoEncoder"] == 1
+    for created in jobs:
+        assert wait_terminal(deployment, created["id"], timeout_s=180)["status"] == "completed"
+    _wait(lambda: replica_counts()["Sampler"] == 1, 90, "the Sampler to scale back down")
+    assert replica_counts()["ImageEncoder"] == 1
+
+
+def test_killed_sampler_replica_loses_no_job(deployment):
+    created = [submit(deployment, **SLOW) for _ in range(2)]
+    _wait(lambda: any(job(deployment, c["id"])["progress"]["stage"] == "sampling" for c in created), 60, "sampling")
+    victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Sampler" in a["name"]]
+    assert victims
+    for actor in victims:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    for item in created:
+        final = wait_terminal(deployment, item["id"], timeout_s=180)
+        assert final["status"] == "completed", final
+
+
+def test_restarting_the_application_loses_no_job(deployment):
+    created = [submit(deployment, **SLOW) for _ in range(3)]
+    _wait(lambda: any(job(deployment, c["id"])["status"] == "in_progress" for c in created), 60, "a job to start")
+    serve.delete(APP)
+    serve.run(build_app(deployment["config"]), name=APP, route_prefix="/")
+    _wait(lambda: deployment["client"].get("/readyz").status_code == 200, 120, "readyz after restart")
+    for item in created:
+        final = wait_terminal(deployment, item["id"], timeout_s=180)
+        assert final["status"] == "completed", final
