@@ -7,7 +7,7 @@ PIP    := $(BIN)/python -m pip install -c constraints.txt
 STAMP  := $(VENV)/.installed
 TINY   := models/tiny
 
-.PHONY: install system-deps demo test serve clean bench
+.PHONY: install system-deps demo test serve clean bench loadtest
 
 install: $(STAMP)
 
@@ -37,3 +37,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf out data models .pytest_cache
+
+# Local single-node deployment: local Ray, the tiny model (unless MODEL=...), local files, SQLite.
+serve: $(STAMP)
+	$(BIN)/svd-serve up $(if $(MODEL),--model $(MODEL),) --port $(or $(PORT),8000)

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .records import TERMINAL, JobRecord, read_records
+from .records import JobRecord, read_records
 
 STAGES = ("image_encode", "sampling", "decode", "video_encode", "store")
 GPU_STAGES = ("image_encode", "sampling", "decode")
@@ -345,6 +345,10 @@ def render_markdown(report: dict[str, Any], charts: Sequence[str] = ()) -> str:
               f"- stopped because: {meta.get('stop_reason', '?')}"]
     if meta.get("command"):
         lines.append(f"- command: `{meta['command']}`")
+    host = meta.get("host") or {}
+    if host:
+        lines.append(f"- load generator host: {host.get('cpus')} CPUs, load average {host.get('load_avg_1m_start')} "
+                     f"at start, {host.get('load_avg_1m_end')} at end (a busy host skews latencies)")
     failed_checks = [name for name, ok in report["checks"].items() if not ok]
     lines += [f"- checks: {'all passed' if not failed_checks else 'FAILED: ' + ', '.join(failed_checks)}", ""]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -161,6 +162,7 @@ def execute(profile: Profile, *, target: str, keys: dict[str, str], out: Path, a
     sampler, source, replica_error = _replica_sampler(args, target, out, profile.replica_sample_interval)
     progress = ProgressLine(enabled=not args.quiet)
     started_iso = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_start = _load_average()
     try:
         state.start()
         runner.start_shape()
@@ -186,6 +188,7 @@ def execute(profile: Profile, *, target: str, keys: dict[str, str], out: Path, a
         "window_s": profile.duration, "drain_timeout_s": profile.drain_timeout, "max_jobs": profile.max_jobs,
         "concurrency": profile.concurrency, "stop_reason": state.stop_reason, "command": command,
         "client_exceptions": sum(e["count"] for e in runner.exceptions.values()),
+        "host": {"cpus": os.cpu_count(), "load_avg_1m_start": load_start, "load_avg_1m_end": _load_average()},
         "profile_config": json.loads(profile.model_dump_json()),
     }
     weights = weights or {t.name: t.weight for t in profile.tenants}
@@ -196,10 +199,15 @@ def execute(profile: Profile, *, target: str, keys: dict[str, str], out: Path, a
     return result
 
 
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def run(argv: Sequence[str] | None = None, *, prog: str = "python -m loadtest.run") -> int:
     """Entry point of ``python -m loadtest.run`` and ``svd-serve loadtest``; returns the exit status."""
-    import os
-
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
@@ -208,7 +216,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "python -m loadtest.ru
         print(f"loadtest: {error}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else default_out(profile)
-    command = " ".join(shlex.quote(a) for a in [prog, *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join([prog, *(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))])
     if args.local:
         if args.target:
             parser.error("--local starts its own service: leave out --target")

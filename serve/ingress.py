@@ -32,6 +32,7 @@ class Ingress:
             store=make_job_store(self.config.job_store),
             storage=make_storage(self.config.storage),
             model_info=self.model_info,
+            on_admitted=lambda job: self.runner.wake.remote(),  # fire and forget: lower dispatch latency
         )
         self.tenants = TenantRegistry(self.config.auth.resolved_tenants_file())
 

@@ -28,6 +28,7 @@ from .config import AppConfig
 from .context import JobContext
 from .jobstore import Job, JobError, JobOutput, JobStatus, make_job_store
 from .scheduler import pick_next
+from .storage import job_prefix, make_storage
 from .telemetry import current_carrier, log_extra, metrics, setup_tracing, span_from_carrier
 
 logger = logging.getLogger("svd_serve")
@@ -56,6 +57,7 @@ class JobRunner:
         self.config = AppConfig.model_validate(config)
         setup_tracing(self.config.tracing)
         self.store = make_job_store(self.config.job_store)
+        self.storage = make_storage(self.config.storage)
         self.stages = (image_encoder, sampler, decoder, video_encoder)
         self.owner = f"runner-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lease_s = self.config.job_store.lease_s
@@ -64,9 +66,14 @@ class JobRunner:
         self._last_recover = 0.0
         self._last_gauges = 0.0
         self._last_renew = 0.0
+        self._wakeup = asyncio.Event()
         self._loop_task = asyncio.get_running_loop().create_task(self._dispatch_loop())
 
     # -- public methods (called by the ingress) -------------------------------------------------
+
+    async def wake(self) -> None:
+        """A job was just admitted: look now instead of at the next poll (the store stays the truth)."""
+        self._wakeup.set()
 
     async def stats(self) -> dict[str, Any]:
         return {"owner": self.owner, "inflight": sorted(self.inflight), "stopping": self.stopping}
@@ -95,9 +102,15 @@ class JobRunner:
                 if len(self.inflight) < self.config.max_inflight_jobs:
                     job = await asyncio.to_thread(self._claim_next)
                 if job is None:
-                    await asyncio.sleep(POLL_INTERVAL_S)
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), POLL_INTERVAL_S)
+                    except asyncio.TimeoutError:
+                        pass
                     continue
                 self.inflight[job.id] = asyncio.get_running_loop().create_task(self._run_job(job))
+                task = self.inflight[job.id]
+                task.add_done_callback(lambda _: self._wakeup.set())  # a slot is free
             except Exception:  # the loop must survive a store hiccup
                 logger.exception("dispatch loop error")
                 await asyncio.sleep(1.0)
@@ -133,8 +146,10 @@ class JobRunner:
             logger.warning("recovered an expired lease: now %s", job.status.value, extra=log_extra(job.id))
             if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
                 self._count(job.status, job.tenant)
+        # Retention: expired records go, and their stored input and output with them.
         for job in self.store.purge_expired():
-            logger.info("purged an expired job record", extra=log_extra(job.id))
+            self.storage.delete_prefix(job_prefix(job.tenant, job.id))
+            logger.info("purged an expired job and its files", extra=log_extra(job.id))
 
     def _update_gauges(self) -> None:
         recorder = metrics()

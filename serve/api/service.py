@@ -48,11 +48,13 @@ class VideoService:
         store: JobStore,
         storage: Storage,
         model_info: Callable[[], Awaitable[dict[str, Any]]],
+        on_admitted: Callable[[Job], None] | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.storage = storage
         self.model_info = model_info
+        self.on_admitted = on_admitted
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -113,6 +115,8 @@ class VideoService:
                     raise APIError(409, "idempotency_key_reused",
                                    "this Idempotency-Key was already used with a different request")
             logger.info("job admitted" if created else "idempotent replay", extra=log_extra(stored.id, tenant=tenant.name))
+            if created and self.on_admitted is not None:
+                self.on_admitted(stored)
             return Admission(job=stored, created=created)
 
     # -- reads and changes ----------------------------------------------------------------------

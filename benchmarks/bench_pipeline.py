@@ -1,0 +1,613 @@
+#!/usr/bin/env python
+"""Benchmark the staged SVD pipeline: seconds per stage, U-Net TFLOP/s and MFU, peak GPU memory.
+
+Modes
+    (default)       The full SVD-XT architecture with random weights (no download: the speed of a
+                    network does not depend on its weight values), built directly on the GPU in
+                    bf16/fp16, generating one 576x1024, 25-frame, 25-step clip through the four
+                    stages of ``pipelines.staged.StagedPipeline``. Needs a CUDA GPU; on a CPU it
+                    refuses (full size would take hours) unless ``--allow-cpu`` is given.
+    --tiny          ``pipelines.tiny.build_tiny_pipeline()`` at 64x64, 14 frames, 4 steps on CPU
+                    (fp32): the CI smoke mode. ``--tiny --device cuda`` checks the GPU code path
+                    in seconds.
+    --boundaries    No model is built or run: the bytes that cross each stage boundary for the
+                    given shape (default SVD-XT 576x1024x25, fp16), from the tensor shapes.
+    --count-flops   No model is run: counts the FLOPs of one guided U-Net step and of the VAE
+                    decode at the given shape exactly, with the full SVD-XT modules on PyTorch's
+                    ``meta`` device (``torch.utils.flop_counter``), and compares them with the
+                    linear scaling used for MFU.
+
+Timing
+    One warm-up generation (same shapes, at most 2 steps) runs first, so CUDA context creation,
+    cuDNN autotuning and ``--compile`` are not counted; then ``--repeat`` measured generations,
+    reporting the median per stage. Each stage is followed by ``torch.cuda.synchronize()``, so
+    asynchronous GPU work is charged to the stage that queued it (StagedPipeline's own timings
+    do not synchronise). Random weights can produce NaN frames; that changes nothing in the
+    timing of the GPU stages, but makes the video-encode figure unrepresentative of real clips.
+
+FLOPs and MFU
+    One classifier-free-guided U-Net step (batch 2) at SVD-XT's 25x72x128 latents is 159.9 TFLOP
+    and decoding 25 frames at 576x1024 is 173.6 TFLOP (both counted with ``--count-flops``).
+    Other shapes are scaled linearly in frames x height x width (attention makes the true cost
+    slightly super-linear; ``--count-flops`` gives exact numbers). MFU = achieved U-Net TFLOP/s
+    divided by the GPU's dense bf16/fp16 peak: H100 SXM 989, H100 PCIe 756, H200 989, A100 312,
+    L4 121; any other GPU needs ``--peak-tflops``.
+
+Examples::
+
+    python benchmarks/bench_pipeline.py --tiny --repeat 5 --json out/bench-tiny.json
+    python benchmarks/bench_pipeline.py --boundaries
+    python benchmarks/bench_pipeline.py                       # on a GPU: full SVD-XT, bf16
+    python benchmarks/bench_pipeline.py --dtype fp16 --channels-last --compile --json out/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from any directory
+    sys.path.insert(0, str(REPO_ROOT))
+
+PROG = "bench_pipeline.py"
+
+# -- reference figures ---------------------------------------------------------------------------
+
+#: SVD-XT's shape: 25 frames at 576x1024, i.e. latents 25 x 4 x 72 x 128.
+REF_FRAMES, REF_HEIGHT, REF_WIDTH = 25, 576, 1024
+#: FLOPs of one classifier-free-guided U-Net step (batch 2) at 25x72x128 latents (FlopCounterMode).
+UNET_TFLOP_PER_GUIDED_STEP = 159.9
+#: FLOPs of the temporal VAE decoder for 25 frames at 576x1024 (FlopCounterMode: 173.57).
+DECODE_TFLOP_REF = 173.6
+
+#: Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, matched against the device name.
+PEAK_TFLOPS = (
+    (r"H100.*PCIE", "H100 PCIe", 756.0),
+    (r"H100.*NVL", None, None),  # a different part: ask for --peak-tflops rather than guess
+    (r"H100", "H100 SXM", 989.0),
+    (r"H200", "H200", 989.0),
+    (r"A100", "A100", 312.0),
+    (r"\bL4\b", "L4", 121.0),
+)
+
+#: Published figures for comparison. Not measured by this script.
+PUBLISHED_ANCHORS = (
+    {
+        "what": "Stability AI TensorRT SVD-XT 1.1, 25 frames, 25 steps, H100 80GB PCIe",
+        "seconds_per_video": 22.6,
+        "stages": {"unet_x25": 19.1, "vae_decode": 3.4, "clip": 0.09, "vae_encode": 0.05},
+        "source": "https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt-1-1-tensorrt",
+    },
+    {
+        "what": "Stability AI TensorRT SVD-XT 1.1, 25 frames, 25 steps, A100 80GB SXM",
+        "seconds_per_video": 32.2,
+        "stages": {"unet_x25": 27.5, "vae_decode": 4.5},
+        "source": "https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt-1-1-tensorrt",
+    },
+    {
+        "what": "eager PyTorch (diffusers) SVD-XT, 25 frames, 25 steps, A100",
+        "seconds_per_video": 51.0,
+        "stages": {},
+        "source": "figure quoted in issue #2 (approximate; not re-checked here)",
+    },
+)
+
+TINY_DEFAULTS = {"frames": 14, "height": 64, "width": 64, "steps": 4, "dtype": "fp32", "device": "cpu"}
+FULL_DEFAULTS = {"frames": REF_FRAMES, "height": REF_HEIGHT, "width": REF_WIDTH, "steps": 25, "dtype": "bf16"}
+BOUNDARY_DEFAULTS = {"frames": REF_FRAMES, "height": REF_HEIGHT, "width": REF_WIDTH, "dtype": "fp16"}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+STAGES = ("image_encode", "sampling", "decode", "video_encode")
+BOUNDARIES = ("image_encode->sampling", "sampling->decode", "decode->video_encode")
+
+
+class BenchError(Exception):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+# -- arguments -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Benchmark the staged SVD pipeline (see the module docstring for details).",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--tiny", action="store_true",
+                      help="tiny random-weight model at 64x64, 14 frames, 4 steps on CPU (CI smoke mode)")
+    mode.add_argument("--boundaries", action="store_true",
+                      help="print the bytes crossing each stage boundary for the shape, without running models")
+    mode.add_argument("--count-flops", action="store_true",
+                      help="count U-Net and decode FLOPs exactly on the meta device, without running models")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available; --tiny: cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None,
+                        help="default: bf16 (full), fp32 (--tiny), fp16 (--boundaries)")
+    parser.add_argument("--attention", choices=["sdpa", "default"], default="sdpa",
+                        help="sdpa: diffusers AttnProcessor2_0 + transformers 'sdpa' (fused kernels); default: "
+                             "diffusers' classic AttnProcessor + transformers 'eager', which materialises the "
+                             "attention matrix (tens of GB at 576x1024)")
+    parser.add_argument("--channels-last", action="store_true", help="U-Net and VAE in channels_last memory format")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net (compile time is in the warm-up)")
+    parser.add_argument("--decode-chunk-size", type=int, default=8, help="frames the VAE decodes at once (default: 8)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: 25; --tiny: 4)")
+    parser.add_argument("--frames", type=int, default=None, help="frames (default: 25; --tiny: 14)")
+    parser.add_argument("--height", type=int, default=None, help="height in pixels (default: 576; --tiny: 64)")
+    parser.add_argument("--width", type=int, default=None, help="width in pixels (default: 1024; --tiny: 64)")
+    parser.add_argument("--repeat", type=int, default=1, help="measured generations; the median is reported (default: 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up generations, not measured (default: 1)")
+    parser.add_argument("--seed", type=int, default=42, help="generation seed (default: 42)")
+    parser.add_argument("--image", default=None, help="conditioning image (default: pipelines/assets/sample.png)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16/fp16 peak of the GPU for MFU, when it is not in the built-in table")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="run the full-size architecture on CPU anyway (to check the code path at small "
+                             "--frames/--height/--width; full size on CPU takes hours)")
+    parser.add_argument("--json", metavar="PATH", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    defaults = TINY_DEFAULTS if args.tiny else BOUNDARY_DEFAULTS if args.boundaries else FULL_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.steps is None:
+        args.steps = FULL_DEFAULTS["steps"]
+    if args.repeat < 1 or args.warmup < 0:
+        parser.error("--repeat must be >= 1 and --warmup >= 0")
+    return args
+
+
+def _quiet_libraries() -> None:
+    # transformers says once that torchvision is missing and the PIL CLIPImageProcessor is used
+    # (the one SVD uses anyway); diffusers warns on every .to(dtype) of a freshly built model.
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
+
+
+# -- boundary payloads ---------------------------------------------------------------------------
+
+
+def generator_state_bytes() -> int:
+    import torch
+
+    return torch.Generator("cpu").get_state().numel()  # uint8 tensor: one byte per element
+
+
+def boundary_sizes(frames: int, height: int, width: int, dtype: str, *, embed_dim: int = 1024,
+                   latent_channels: int = 4, vae_scale: int = 8) -> dict:
+    """What crosses each boundary, from the shapes the stages produce (see pipelines/stages.py)."""
+    item = DTYPE_BYTES[dtype]
+    lh, lw = height // vae_scale, width // vae_scale
+
+    def tensor(name, shape, itemsize, kind):
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        return {"name": name, "shape": list(shape), "dtype": kind, "bytes": numel * itemsize}
+
+    encode = [
+        tensor("image_embeddings", (1, 1, embed_dim), item, dtype),
+        tensor("image_latents", (1, latent_channels, lh, lw), item, dtype),
+        tensor("generator_state", (generator_state_bytes(),), 1, "uint8"),
+    ]
+    sample = [tensor("latents", (1, frames, latent_channels, lh, lw), item, dtype)]
+    decode = [tensor("frames", (frames, height, width, 3), 1, "uint8")]
+    parts = dict(zip(BOUNDARIES, (encode, sample, decode)))
+    return {
+        "shape": {"frames": frames, "height": height, "width": width, "dtype": dtype},
+        "parts": parts,
+        "bytes": {name: sum(t["bytes"] for t in tensors) for name, tensors in parts.items()},
+    }
+
+
+def _human(n: int) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.2f} MB ({n / 2**20:.2f} MiB)"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} kB ({n / 2**10:.1f} KiB)"
+    return f"{n} B"
+
+
+def print_boundaries(sizes: dict, measured: dict | None = None) -> None:
+    s = sizes["shape"]
+    print(f"bytes crossing each stage boundary, {s['frames']} frames {s['width']}x{s['height']}, {s['dtype']}"
+          + ("" if measured else " (from the shapes; no model run)"))
+    for boundary, tensors in sizes["parts"].items():
+        for i, t in enumerate(tensors):
+            label = boundary if i == 0 else ""
+            shape = "x".join(str(d) for d in t["shape"])
+            print(f"  {label:<24} {t['name']:<17} [{shape}] {t['dtype']:<5} {t['bytes']:>12,} B")
+        total = sizes["bytes"][boundary]
+        extra = ""
+        if measured is not None:
+            extra = "  (measured: same)" if measured.get(boundary) == total else f"  (measured: {measured.get(boundary)})"
+        print(f"  {'':<24} {'= total':<17} {_human(total):>36}{extra}")
+
+
+# -- FLOPs -----------------------------------------------------------------------------------------
+
+
+def flop_estimates(frames: int, height: int, width: int, steps: int, guided: bool) -> dict:
+    latent_scale = (frames * height * width) / (REF_FRAMES * REF_HEIGHT * REF_WIDTH)
+    per_step = UNET_TFLOP_PER_GUIDED_STEP * latent_scale * (1.0 if guided else 0.5)
+    return {
+        "unet_tflop_per_step": per_step,
+        "unet_tflop": per_step * steps,
+        "decode_tflop": DECODE_TFLOP_REF * latent_scale,
+        "rule": "linear in frames*height*width from 159.9 TFLOP/guided step and 173.6 TFLOP/decode at 25x576x1024",
+    }
+
+
+def count_flops_meta(frames: int, height: int, width: int, chunk: int) -> dict:
+    """Exact FLOPs of one guided U-Net step and of the whole decode, on the meta device (no compute)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    components = build_svd_xt_models(torch.device("meta"), torch.bfloat16, attention="sdpa", with_clip=False)
+    unet, vae = components["unet"], components["vae"]
+    lh, lw = height // 8, width // 8
+    with torch.device("meta"):
+        sample = torch.empty(2, frames, 8, lh, lw, dtype=torch.bfloat16)
+        embeddings = torch.empty(2, 1, 1024, dtype=torch.bfloat16)
+        time_ids = torch.empty(2, 3, dtype=torch.bfloat16)
+        with FlopCounterMode(display=False) as counter:
+            unet(sample, torch.tensor(1.0), encoder_hidden_states=embeddings, added_time_ids=time_ids)
+        unet_flops = counter.get_total_flops()
+        decode_flops = 0
+        for start in range(0, frames, chunk):
+            n = min(chunk, frames - start)
+            with FlopCounterMode(display=False) as counter:
+                vae.decode(torch.empty(n, 4, lh, lw, dtype=torch.bfloat16), num_frames=n)
+            decode_flops += counter.get_total_flops()
+    return {"unet_tflop_per_guided_step": unet_flops / 1e12, "decode_tflop": decode_flops / 1e12}
+
+
+def lookup_peak(device_name: str, override: float | None) -> tuple[str | None, float | None]:
+    if override is not None:
+        return "--peak-tflops", override
+    for pattern, label, peak in PEAK_TFLOPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return label, peak
+    return None, None
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+def build_svd_xt_models(device, dtype, *, attention: str, with_clip: bool = True) -> dict:
+    """The full SVD-XT architecture with random weights, built on ``device``, cast to ``dtype``."""
+    import torch
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+
+    models = {}
+    with torch.device(device):
+        models["unet"] = UNetSpatioTemporalConditionModel()  # class defaults = SVD-XT's config
+        models["vae"] = AutoencoderKLTemporalDecoder(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=768,
+            scaling_factor=0.18215,
+            force_upcast=True,
+        )
+        if with_clip:
+            from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+            config = CLIPVisionConfig(  # ViT-H/14, as in SVD's image_encoder/config.json
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=16,
+                patch_size=14,
+                image_size=224,
+                projection_dim=1024,
+                hidden_act="gelu",
+                attn_implementation="sdpa" if attention == "sdpa" else "eager",
+            )
+            models["image_encoder"] = CLIPVisionModelWithProjection(config)
+    for name, module in models.items():
+        # .to(device) as well: a few parameters (e.g. the U-Net's temporal mix_factor) are created with
+        # the legacy torch.Tensor constructor, which ignores the default device.
+        models[name] = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return models
+
+
+def build_components(args, device: str, dtype):
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPImageProcessor
+
+    from pipelines.tiny import build_tiny_pipeline, svd_xt_scheduler_config
+
+    if args.tiny:
+        pipe = build_tiny_pipeline(seed=0)
+        components = SimpleNamespace(
+            unet=pipe.unet, vae=pipe.vae, image_encoder=pipe.image_encoder,
+            feature_extractor=pipe.feature_extractor, scheduler=pipe.scheduler,
+        )
+        for name in ("unet", "vae", "image_encoder"):
+            setattr(components, name, getattr(components, name).to(device=device, dtype=dtype).requires_grad_(False))
+        if args.attention == "default":
+            components.image_encoder.set_attn_implementation("eager")
+    else:
+        models = build_svd_xt_models(device, dtype, attention=args.attention)
+        components = SimpleNamespace(
+            **models,
+            feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}),
+            scheduler=EulerDiscreteScheduler.from_config(svd_xt_scheduler_config()),
+        )
+    if args.attention == "default":
+        components.unet.set_default_attn_processor()
+        components.vae.set_default_attn_processor()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        components.unet.set_attn_processor(AttnProcessor2_0())
+        components.vae.set_attn_processor(AttnProcessor2_0())
+    if args.channels_last:
+        import torch
+
+        components.unet.to(memory_format=torch.channels_last)
+        components.vae.to(memory_format=torch.channels_last)
+    if args.compile:
+        components.unet.compile()  # in place: the module keeps its type, config and attributes
+    return components
+
+
+# -- one generation --------------------------------------------------------------------------------
+
+
+def run_once(pipeline, image, params, sync):
+    """StagedPipeline.__call__, with a device synchronise after each stage so GPU time is not misplaced."""
+    from pipelines.staged import GenerationResult
+
+    params = params.resolved(pipeline.default_num_frames)
+    timings, sizes = {}, {}
+
+    def timed(name, fn, *fn_args, **fn_kwargs):
+        sync()
+        start = time.perf_counter()
+        out = fn(*fn_args, **fn_kwargs)
+        sync()
+        timings[name] = time.perf_counter() - start
+        return out
+
+    encoded = timed("image_encode", pipeline.image_encode, image, params)
+    sizes["image_encode->sampling"] = encoded.nbytes()
+    sampled = timed("sampling", pipeline.sampling, encoded, params)
+    sizes["sampling->decode"] = sampled.nbytes()
+    decoded = timed("decode", pipeline.decode, sampled, params)
+    sizes["decode->video_encode"] = decoded.nbytes()
+    video = timed("video_encode", pipeline.video_encode, decoded, params)
+    return GenerationResult(video=video, params=params, timings=timings, bytes_between_stages=sizes)
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} CPU, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+
+
+def benchmark(args) -> dict:
+    import numpy as np
+    import torch
+
+    from pipelines.images import load_image
+    from pipelines.params import GenerationParams
+    from pipelines.sample_image import SAMPLE_IMAGE_PATH
+    from pipelines.staged import StagedPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        raise BenchError(f"--device {device}: no CUDA GPU is available")
+    if not on_cuda and not args.tiny and not args.allow_cpu:
+        raise BenchError("full-size SVD-XT on CPU would take hours: use --tiny for the CPU smoke run, or run on a CUDA GPU")
+    if args.dtype == "fp16" and not on_cuda:
+        raise BenchError("--dtype fp16 is not supported on CPU (use fp32 or bf16)")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    sync = (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
+
+    params = GenerationParams(
+        seed=args.seed, num_frames=args.frames, num_inference_steps=args.steps, width=args.width,
+        height=args.height, decode_chunk_size=args.decode_chunk_size, output_format="mp4",
+    )
+    image = load_image(args.image or SAMPLE_IMAGE_PATH)
+
+    start = time.perf_counter()
+    components = build_components(args, device, dtype)
+    pipeline = StagedPipeline(components)
+    sync()
+    build_seconds = time.perf_counter() - start
+
+    runs, warmup_seconds = [], []
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", over="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # NaN frames from random weights
+        warm_params = params.model_copy(update={"num_inference_steps": min(params.num_inference_steps, 2)})
+        for _ in range(args.warmup):
+            t0 = time.perf_counter()
+            run_once(pipeline, image, warm_params, sync)
+            warmup_seconds.append(time.perf_counter() - t0)
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(args.repeat):
+            runs.append(run_once(pipeline, image, params, sync))
+
+    last = runs[-1]
+    stage_runs = [r.timings for r in runs]
+    median = {stage: statistics.median(t[stage] for t in stage_runs) for stage in STAGES}
+    totals = [sum(t.values()) for t in stage_runs]
+    guided = params.max_guidance_scale > 1.0
+
+    device_name = _device_name(device)
+    result = {
+        "mode": "tiny" if args.tiny else "svd-xt",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "device": device,
+        "device_name": device_name,
+        "versions": {"torch": torch.__version__, "python": platform.python_version(), **_lib_versions()},
+        "config": {
+            "dtype": args.dtype, "attention": args.attention, "channels_last": args.channels_last,
+            "compile": args.compile, "frames": last.params.num_frames, "height": args.height, "width": args.width,
+            "steps": args.steps, "decode_chunk_size": args.decode_chunk_size, "seed": args.seed,
+            "guided": guided, "repeat": args.repeat, "warmup": args.warmup,
+        },
+        "build_seconds": build_seconds,
+        "warmup_seconds": warmup_seconds,
+        "stage_seconds": median,
+        "stage_seconds_runs": stage_runs,
+        "total_seconds": statistics.median(totals),
+        "total_seconds_runs": totals,
+        "sampling_seconds_per_step": median["sampling"] / args.steps,
+        "bytes_between_stages": dict(last.bytes_between_stages),
+        "video_bytes": len(last.video.data),
+        "summary": last.summary(),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if on_cuda else None,
+        "published_anchors": list(PUBLISHED_ANCHORS),
+    }
+    if args.tiny:
+        embed_dim = components.image_encoder.config.projection_dim
+        expected = boundary_sizes(last.params.num_frames, args.height, args.width, args.dtype, embed_dim=embed_dim)
+    else:
+        expected = boundary_sizes(last.params.num_frames, args.height, args.width, args.dtype)
+    result["bytes_between_stages_expected"] = expected["bytes"]
+    result["_boundary_parts"] = expected
+
+    if args.tiny:
+        result["flops"] = None  # the 159.9 / 173.6 TFLOP figures describe the full SVD-XT, not the tiny model
+    else:
+        flops = flop_estimates(last.params.num_frames, args.height, args.width, args.steps, guided)
+        label, peak = lookup_peak(device_name, args.peak_tflops) if on_cuda else (None, None)
+        unet_rate = flops["unet_tflop"] / median["sampling"]
+        decode_rate = flops["decode_tflop"] / median["decode"]
+        flops.update({
+            "unet_tflops_per_s": unet_rate,
+            "decode_tflops_per_s": decode_rate,
+            "peak_tflops": peak,
+            "peak_source": label,
+            "unet_mfu": unet_rate / peak if peak and args.dtype in ("bf16", "fp16") else None,
+            "decode_mfu": decode_rate / peak if peak and args.dtype in ("bf16", "fp16") else None,
+        })
+        result["flops"] = flops
+    return result
+
+
+def _lib_versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def print_report(r: dict) -> None:
+    c = r["config"]
+    title = "tiny random-weight SVD (CI smoke)" if r["mode"] == "tiny" else "SVD-XT architecture, random weights"
+    print(f"{title} on {r['device']}: {r['device_name']}")
+    print(f"  torch {r['versions']['torch']}, diffusers {r['versions']['diffusers']}, "
+          f"transformers {r['versions']['transformers']}, {r['date']}")
+    print(f"  {c['frames']} frames {c['width']}x{c['height']}, {c['steps']} steps, {c['dtype']}, "
+          f"attention {c['attention']}, channels_last {'on' if c['channels_last'] else 'off'}, "
+          f"compile {'on' if c['compile'] else 'off'}, decode_chunk_size {c['decode_chunk_size']}, "
+          f"{'CFG (U-Net batch 2)' if c['guided'] else 'no CFG'}")
+    warm = ", ".join(f"{s:.2f}" for s in r["warmup_seconds"]) or "none"
+    print(f"  build {r['build_seconds']:.2f} s, warm-up (<= 2 steps) {warm} s, measured runs {c['repeat']}"
+          + (" (median)" if c["repeat"] > 1 else ""))
+    print("seconds per stage:")
+    for stage in STAGES:
+        values = [t[stage] for t in r["stage_seconds_runs"]]
+        spread = f"  (min {min(values):.3f}, max {max(values):.3f})" if len(values) > 1 else ""
+        extra = f"  = {r['sampling_seconds_per_step']:.3f} s/step" if stage == "sampling" else ""
+        print(f"  {stage:<14} {r['stage_seconds'][stage]:9.3f}{extra}{spread}")
+    print(f"  {'total':<14} {r['total_seconds']:9.3f} s/video")
+    f = r["flops"]
+    if f:
+        mfu = f"MFU {f['unet_mfu']:.1%} of {f['peak_tflops']:g} TFLOP/s ({f['peak_source']})" if f["unet_mfu"] else (
+            "MFU n/a: unknown GPU, pass --peak-tflops" if r["device"].startswith("cuda") else "MFU n/a on CPU")
+        print(f"U-Net: {f['unet_tflop_per_step']:.1f} TFLOP/step x {c['steps']} = {f['unet_tflop']:.0f} TFLOP "
+              f"-> {f['unet_tflops_per_s']:.1f} TFLOP/s, {mfu}")
+        dmfu = f", MFU {f['decode_mfu']:.1%}" if f["decode_mfu"] else ""
+        print(f"decode: {f['decode_tflop']:.1f} TFLOP -> {f['decode_tflops_per_s']:.1f} TFLOP/s{dmfu}")
+    if r["peak_gpu_memory_bytes"] is not None:
+        print(f"peak GPU memory (torch.cuda.max_memory_allocated, measured runs): "
+              f"{r['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
+    print(f"peak process RSS: {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+    print_boundaries(r["_boundary_parts"], measured=r["bytes_between_stages"])
+    print(f"  video (mp4, random-weight content)                     {r['video_bytes']:>12,} B")
+    print(f"last run: {r['summary']}")
+    print_anchors()
+
+
+def print_anchors() -> None:
+    print("published figures for comparison (NOT measured here):")
+    for a in PUBLISHED_ANCHORS:
+        stages = ", ".join(f"{k} {v:g} s" for k, v in a["stages"].items())
+        print(f"  {a['what']}: {a['seconds_per_video']:g} s/video" + (f" ({stages})" if stages else "")
+              + f"  [{a['source']}]")
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    try:
+        if args.boundaries:
+            sizes = boundary_sizes(args.frames, args.height, args.width, args.dtype)
+            print_boundaries(sizes)
+            result = {"mode": "boundaries", **sizes}
+        elif args.count_flops:
+            counted = count_flops_meta(args.frames, args.height, args.width, args.decode_chunk_size)
+            scaled = flop_estimates(args.frames, args.height, args.width, 1, True)
+            print(f"SVD-XT at {args.frames} frames {args.width}x{args.height} (meta device, FlopCounterMode):")
+            print(f"  U-Net, one guided step (batch 2): {counted['unet_tflop_per_guided_step']:.1f} TFLOP "
+                  f"(linear rule: {scaled['unet_tflop_per_step']:.1f})")
+            print(f"  VAE decode, chunks of {args.decode_chunk_size}: {counted['decode_tflop']:.1f} TFLOP "
+                  f"(linear rule: {scaled['decode_tflop']:.1f})")
+            result = {"mode": "count-flops", "shape": {"frames": args.frames, "height": args.height,
+                      "width": args.width}, "counted": counted, "linear_rule": scaled}
+        else:
+            result = benchmark(args)
+            print_report(result)
+            result.pop("_boundary_parts")
+    except BenchError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
