@@ -228,13 +228,13 @@ def print_boundaries(sizes: dict, measured: dict | None = None) -> None:
     for boundary, tensors in sizes["parts"].items():
         for i, t in enumerate(tensors):
             label = boundary if i == 0 else ""
-            shape = "x".join(str(d) for d in t["shape"])
-            print(f"  {label:<24} {t['name']:<17} [{shape}] {t['dtype']:<5} {t['bytes']:>12,} B")
+            shape = "[" + ", ".join(str(d) for d in t["shape"]) + "]"
+            print(f"  {label:<24} {t['name']:<17} {shape:<20} {t['dtype']:<5} {t['bytes']:>12,} B")
         total = sizes["bytes"][boundary]
         extra = ""
         if measured is not None:
             extra = "  (measured: same)" if measured.get(boundary) == total else f"  (measured: {measured.get(boundary)})"
-        print(f"  {'':<24} {'= total':<17} {_human(total):>36}{extra}")
+        print(f"  {'':<24} {'total':<17} {'':<20} {'':<5} {total:>12,} B = {_human(total)}{extra}")
 
 
 # -- FLOPs -----------------------------------------------------------------------------------------
@@ -377,14 +377,15 @@ def run_once(pipeline, image, params, sync):
     from pipelines.staged import GenerationResult
 
     params = params.resolved(pipeline.default_num_frames)
-    timings, sizes = {}, {}
+    timings, sizes, cpu_times = {}, {}, {}
 
     def timed(name, fn, *fn_args, **fn_kwargs):
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = fn(*fn_args, **fn_kwargs)
         sync()
         timings[name] = time.perf_counter() - start
+        cpu_times[name] = time.process_time() - cpu_start
         return out
 
     encoded = timed("image_encode", pipeline.image_encode, image, params)
@@ -394,7 +395,8 @@ def run_once(pipeline, image, params, sync):
     decoded = timed("decode", pipeline.decode, sampled, params)
     sizes["decode->video_encode"] = decoded.nbytes()
     video = timed("video_encode", pipeline.video_encode, decoded, params)
-    return GenerationResult(video=video, params=params, timings=timings, bytes_between_stages=sizes)
+    result = GenerationResult(video=video, params=params, timings=timings, bytes_between_stages=sizes)
+    return result, cpu_times
 
 
 def _device_name(device: str) -> str:
@@ -455,11 +457,14 @@ def benchmark(args) -> dict:
             warmup_seconds.append(time.perf_counter() - t0)
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
+        load_before = os.getloadavg()
         for _ in range(args.repeat):
             runs.append(run_once(pipeline, image, params, sync))
+        load_after = os.getloadavg()
 
-    last = runs[-1]
-    stage_runs = [r.timings for r in runs]
+    last = runs[-1][0]
+    stage_runs = [r.timings for r, _ in runs]
+    cpu_runs = [cpu for _, cpu in runs]
     median = {stage: statistics.median(t[stage] for t in stage_runs) for stage in STAGES}
     totals = [sum(t.values()) for t in stage_runs]
     guided = params.max_guidance_scale > 1.0
@@ -482,6 +487,9 @@ def benchmark(args) -> dict:
         "warmup_seconds": warmup_seconds,
         "stage_seconds": median,
         "stage_seconds_runs": stage_runs,
+        # Process CPU seconds (all threads) per stage: on a shared machine, wall >> CPU/threads means contention.
+        "stage_cpu_seconds": {stage: statistics.median(c[stage] for c in cpu_runs) for stage in STAGES},
+        "load_average_1min": {"before": load_before[0], "after": load_after[0]},
         "total_seconds": statistics.median(totals),
         "total_seconds_runs": totals,
         "sampling_seconds_per_step": median["sampling"] / args.steps,
@@ -546,6 +554,10 @@ def print_report(r: dict) -> None:
         extra = f"  = {r['sampling_seconds_per_step']:.3f} s/step" if stage == "sampling" else ""
         print(f"  {stage:<14} {r['stage_seconds'][stage]:9.3f}{extra}{spread}")
     print(f"  {'total':<14} {r['total_seconds']:9.3f} s/video")
+    if not r["device"].startswith("cuda"):
+        cpu = ", ".join(f"{k} {v:.3f}" for k, v in r["stage_cpu_seconds"].items())
+        load = r["load_average_1min"]
+        print(f"  process CPU seconds per stage: {cpu}; 1-min load average {load['before']:.1f} -> {load['after']:.1f}")
     f = r["flops"]
     if f:
         mfu = f"MFU {f['unet_mfu']:.1%} of {f['peak_tflops']:g} TFLOP/s ({f['peak_source']})" if f["unet_mfu"] else (
@@ -559,7 +571,7 @@ def print_report(r: dict) -> None:
               f"{r['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
     print(f"peak process RSS: {r['peak_rss_bytes'] / 2**30:.2f} GiB")
     print_boundaries(r["_boundary_parts"], measured=r["bytes_between_stages"])
-    print(f"  video (mp4, random-weight content)                     {r['video_bytes']:>12,} B")
+    print(f"  {'video_encode->storage':<24} {'mp4':<17} {'(random weights)':<20} {'':<5} {r['video_bytes']:>12,} B")
     print(f"last run: {r['summary']}")
     print_anchors()
 

@@ -8,6 +8,7 @@ it, so the YAML, the Helm chart and ``svd-serve up`` all describe the applicatio
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from .runner import JobRunner
 
 
 def _absolute(path: str | None) -> str | None:
-    return None if path is None else str(Path(path).expanduser().resolve())
+    # abspath, not resolve(): a Kubernetes Secret mount is a chain of symlinks whose target
+    # changes on every update, so the link itself is the path that stays valid.
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
 def localize_paths(config: AppConfig) -> AppConfig:

@@ -39,10 +39,12 @@ import email.utils
 import hashlib
 import hmac
 import inspect
+import ipaddress
 import json
 import logging
 import random
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -325,7 +327,7 @@ class AsyncGuardedTransport(httpx.AsyncHTTPTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         host, port = self.policy.check_url(str(request.url))
-        address = await asyncio.to_thread(self.policy.resolve, host, port)
+        address = await asyncio.to_thread(self._resolve, host, port)
         default_port = 443 if request.url.scheme == "https" else 80
         shown = f"[{host}]" if ":" in host else host
         request.url = request.url.copy_with(host=address)
@@ -333,6 +335,22 @@ class AsyncGuardedTransport(httpx.AsyncHTTPTransport):
         if request.url.scheme == "https":
             request.extensions = {**request.extensions, "sni_hostname": host}
         return await super().handle_async_request(request)
+
+    def _resolve(self, host: str, port: int) -> str:
+        try:
+            return self.policy.resolve(host, port)
+        except BlockedURLError:
+            # A name that does not resolve right now is a network failure (retryable), not a refusal.
+            try:
+                ipaddress.ip_address(host.strip("[]"))
+            except ValueError:
+                try:
+                    socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                except socket.gaierror:
+                    raise httpx.ConnectError(f"cannot resolve host {host!r}") from None
+                except UnicodeError:
+                    pass
+            raise
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -605,7 +623,10 @@ class WebhookSender:
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
             return None, f"{type(exc).__name__}: {exc}", None, "permanent"
         except httpx.TransportError as exc:  # connect refused/reset, DNS, protocol errors from the receiver
-            return None, f"{type(exc).__name__}: {exc or 'connection failed'}", None, "retry"
+            return None, f"{type(exc).__name__}: {str(exc) or 'connection failed'}", None, "retry"
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the caller's task; not retried
+            logger.exception("webhook attempt failed unexpectedly")
+            return None, f"{type(exc).__name__}: {exc}", None, "permanent"
         if 200 <= status < 300:
             return status, None, None, "ok"
         if status in _RETRYABLE_STATUS or 500 <= status < 600:

@@ -19,7 +19,11 @@ Semantics, shared by every backend:
   keeps its place in the queue.
 * ``expires_at`` is ``created_at + retention_s`` on create and ``finished_at + retention_s`` once
   terminal, so a finished clip is kept a full retention period. :meth:`JobStore.purge_expired`
-  never removes an ``in_progress`` record (its runner still writes to it).
+  never removes an ``in_progress`` record (its runner still writes to it). A job whose
+  ``metadata["retention_s"]`` is a positive number (a tenant's own retention) uses that instead of
+  the store's ``retention_s``.
+* Token buckets (:meth:`JobStore.take_token`) live in the store too, so a rate limit holds across
+  every process that shares it (all ingress replicas), not per process.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ from serve.jobstore.models import (
 Mutation = Callable[[Job], bool]
 
 DEFAULT_RETENTION_S = 24 * 3600.0
+
+#: ``Job.metadata`` key of a per-job retention (seconds) that overrides the store's ``retention_s``.
+RETENTION_METADATA_KEY = "retention_s"
+
+_TOKEN_EPSILON = 1e-9
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -158,6 +167,24 @@ class JobStore(ABC):
         delete their outputs and inputs."""
 
     @abstractmethod
+    def find_by_idempotency_key(self, tenant: str, idempotency_key: str) -> Job | None:
+        """The tenant's unexpired job created with this idempotency key (what :meth:`create` would
+        return as ``(existing, False)``), or None. A read: admission uses it to answer a replay
+        without spending rate-limit tokens."""
+
+    @abstractmethod
+    def take_token(self, bucket: str, *, rate_per_s: float, burst: float, now: float | None = None) -> float:
+        """Atomically take one token from the token bucket ``bucket`` (shared by every process using
+        this store). Returns 0.0 if a token was taken, else the seconds until one will be available
+        (nothing is taken then).
+
+        A bucket holds at most ``burst`` tokens and refills at ``rate_per_s``; an unknown bucket
+        starts full. ``now`` (epoch seconds) defaults to the store's clock; time never runs
+        backwards for a bucket (a caller whose clock is behind refills nothing), so slightly skewed
+        replica clocks cannot mint extra tokens. Raises ``ValueError`` for a non-positive rate or a
+        burst below 1."""
+
+    @abstractmethod
     def ping(self) -> bool:
         """True if the backing store answers."""
 
@@ -181,14 +208,44 @@ class JobStore(ABC):
     def _now(self) -> float:
         return self._clock()
 
+    def _retention_of(self, job: Job) -> float:
+        """``metadata["retention_s"]`` when it is a positive number, else the store's retention."""
+        value = job.metadata.get(RETENTION_METADATA_KEY)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        return self.retention_s
+
     def _prepare_new(self, job: Job) -> Job:
         """The record as first stored: version 1, ``updated_at`` now, ``expires_at`` filled in."""
         job = job.model_copy(deep=True)
         job.version = 1
         job.updated_at = epoch_to_dt(self._now())
         if job.expires_at is None:
-            job.expires_at = job.created_at + timedelta(seconds=self.retention_s)
+            job.expires_at = job.created_at + timedelta(seconds=self._retention_of(job))
         return job
+
+    @staticmethod
+    def _check_bucket_args(bucket: str, rate_per_s: float, burst: float) -> None:
+        if not bucket:
+            raise ValueError("bucket must not be empty")
+        if not rate_per_s > 0:
+            raise ValueError("rate_per_s must be positive")
+        if not burst >= 1:
+            raise ValueError("burst must be at least 1")
+
+    @staticmethod
+    def _refill(tokens: float | None, updated: float | None, *, now: float, rate_per_s: float, burst: float
+                ) -> tuple[float, float, float]:
+        """The token-bucket step both backends share (Redis runs the same arithmetic in Lua):
+        ``(tokens after, timestamp after, wait)``; ``wait`` is 0.0 when a token was taken."""
+        if tokens is None or updated is None:
+            tokens, updated = burst, now
+        elapsed = max(0.0, now - updated)
+        tokens = min(burst, tokens + elapsed * rate_per_s)
+        updated = max(updated, now)
+        if tokens >= 1.0 - _TOKEN_EPSILON:  # float refills land a hair short of a whole token
+            return max(0.0, tokens - 1.0), updated, 0.0
+        return tokens, updated, (1.0 - tokens) / rate_per_s
 
     def _is_expired(self, job: Job, now: float | None = None) -> bool:
         now = self._now() if now is None else now
@@ -197,7 +254,7 @@ class JobStore(ABC):
     def _finish(self, job: Job, status: JobStatus, now: float) -> None:
         job.status = status
         job.finished_at = epoch_to_dt(now)
-        job.expires_at = job.finished_at + timedelta(seconds=self.retention_s)
+        job.expires_at = job.finished_at + timedelta(seconds=self._retention_of(job))
         job.lease_owner = None
         job.lease_expires_at = None
 

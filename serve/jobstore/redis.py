@@ -13,6 +13,8 @@ cannot collide with one another or with the fixed names):
 ``leases``                       zset: in-progress jobs, score = lease expiry (recover_expired)
 ``expiry``                       zset: every job, score = expires_at (purge_expired)
 ``idem:{tenant}``                hash: idempotency key -> job id
+``bucket:{name}``                hash: a token bucket (``tokens``, ``ts`` = last refill, epoch seconds);
+                                 expires once it would be full again (a missing bucket is a full one)
 ===============================  ====================================================================
 
 Equal scores order by member, i.e. by job id, so every zset orders by ``(created_at, id)`` exactly
@@ -80,6 +82,36 @@ return 0
 """
 
 
+#: KEYS[1] = a token bucket hash; ARGV = now (epoch s), rate (tokens/s), burst. Returns the wait in
+#: seconds as a string ("0" = a token was taken): a Lua number returned to Redis would be truncated
+#: to an integer. The same arithmetic as ``JobStore._refill``, atomic because it is one script.
+_TAKE_TOKEN = """
+local now = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1])
+local ts = tonumber(state[2])
+if tokens == nil or ts == nil then
+    tokens = burst
+    ts = now
+end
+local elapsed = now - ts
+if elapsed < 0 then elapsed = 0 end
+tokens = math.min(burst, tokens + elapsed * rate)
+if now > ts then ts = now end
+local wait = 0
+if tokens >= 1 - 1e-9 then
+    tokens = math.max(0, tokens - 1)
+else
+    wait = (1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', string.format('%.17g', ts))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 60000)
+return string.format('%.17g', wait)
+"""
+
+
 def _redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -121,6 +153,7 @@ class RedisJobStore(JobStore):
                 options["password"] = password
             client = redis_lib.Redis.from_url(url, **options)
         self._r = client
+        self._take_token_script = client.register_script(_TAKE_TOKEN)
 
     # ------------------------------------------------------------------ keys
 
@@ -232,6 +265,14 @@ class RedisJobStore(JobStore):
         return self._transaction(step)
 
     @_translate
+    def take_token(self, bucket: str, *, rate_per_s: float, burst: float, now: float | None = None) -> float:
+        self._check_bucket_args(bucket, rate_per_s, burst)
+        now = self._now() if now is None else float(now)
+        wait = self._take_token_script(keys=[self._k("bucket", bucket)],
+                                       args=[repr(float(now)), repr(float(rate_per_s)), repr(float(burst))])
+        return float(wait)
+
+    @_translate
     def _mutate(self, job_id: str, fn: Mutation, *, tenant: str | None = None) -> tuple[Job, bool] | None:
         key = self._job_key(job_id)
 
@@ -305,6 +346,16 @@ class RedisJobStore(JobStore):
     def get(self, job_id: str, *, tenant: str | None) -> Job | None:
         job = self._load(self._r.get(self._job_key(job_id)))
         if job is None or (tenant is not None and job.tenant != tenant):
+            return None
+        return job
+
+    @_translate
+    def find_by_idempotency_key(self, tenant: str, idempotency_key: str) -> Job | None:
+        job_id = self._r.hget(self._k("idem", tenant), idempotency_key)
+        if job_id is None:
+            return None
+        job = self._load(self._r.get(self._job_key(job_id)))
+        if job is None or job.tenant != tenant or self._is_expired(job):
             return None
         return job
 

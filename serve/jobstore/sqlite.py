@@ -10,6 +10,8 @@
   threads *and* processes.
 * Each job is stored as its JSON plus the columns the queries index (tenant, status, created_at in
   epoch microseconds, idempotency_key, lease_expires_at, expires_at).
+* Token buckets (rate limits) are rows of ``token_buckets`` (tokens, last refill time), read and
+  written in one ``BEGIN IMMEDIATE`` transaction.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ CREATE INDEX IF NOT EXISTS jobs_status_lease ON jobs (status, lease_expires_at);
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires_at);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency
     ON jobs (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS token_buckets (
+    name       TEXT PRIMARY KEY,
+    tokens     REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 
 _COLUMNS = (
@@ -174,6 +181,21 @@ class SqliteJobStore(JobStore):
         return job, True
 
     @_translate
+    def take_token(self, bucket: str, *, rate_per_s: float, burst: float, now: float | None = None) -> float:
+        self._check_bucket_args(bucket, rate_per_s, burst)
+        now = self._now() if now is None else float(now)
+        with self._write() as conn:
+            row = conn.execute("SELECT tokens, updated_at FROM token_buckets WHERE name = ?", (bucket,)).fetchone()
+            tokens, updated, wait = self._refill(row[0] if row else None, row[1] if row else None,
+                                                 now=now, rate_per_s=rate_per_s, burst=burst)
+            conn.execute(
+                "INSERT INTO token_buckets (name, tokens, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at",
+                (bucket, tokens, updated),
+            )
+        return wait
+
+    @_translate
     def _mutate(self, job_id: str, fn: Mutation, *, tenant: str | None = None) -> tuple[Job, bool] | None:
         with self._write() as conn:
             row = conn.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -227,6 +249,18 @@ class SqliteJobStore(JobStore):
         if tenant is not None and job.tenant != tenant:
             return None
         return job
+
+    @_translate
+    def find_by_idempotency_key(self, tenant: str, idempotency_key: str) -> Job | None:
+        row = (
+            self._conn()
+            .execute("SELECT data FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, idempotency_key))
+            .fetchone()
+        )
+        if row is None:
+            return None
+        job = Job.model_validate_json(row[0])
+        return None if self._is_expired(job) else job
 
     @_translate
     def list(
