@@ -288,14 +288,23 @@ def lookup_peak(device_name: str, override: float | None) -> tuple[str | None, f
 
 
 def build_svd_xt_models(device, dtype, *, attention: str, with_clip: bool = True) -> dict:
-    """The full SVD-XT architecture with random weights, built on ``device``, cast to ``dtype``."""
+    """The full SVD-XT architecture with random weights, built on ``device`` and cast to ``dtype``.
+
+    Each model is constructed (in fp32, as diffusers and transformers initialise weights) directly
+    on the device and cast before the next one is built, so the fp32 copy of one model at most
+    exists at a time (6.1 GB for the U-Net)."""
     import torch
     from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
 
+    def finish(module):
+        # .to(device) as well: a few parameters (the U-Net's temporal mix_factor) are created with the
+        # legacy torch.Tensor constructor, which ignores the default device.
+        return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
     models = {}
     with torch.device(device):
-        models["unet"] = UNetSpatioTemporalConditionModel()  # class defaults = SVD-XT's config
-        models["vae"] = AutoencoderKLTemporalDecoder(
+        models["unet"] = finish(UNetSpatioTemporalConditionModel())  # class defaults = SVD-XT's config
+        models["vae"] = finish(AutoencoderKLTemporalDecoder(
             in_channels=3,
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 4,
@@ -305,7 +314,7 @@ def build_svd_xt_models(device, dtype, *, attention: str, with_clip: bool = True
             sample_size=768,
             scaling_factor=0.18215,
             force_upcast=True,
-        )
+        ))
         if with_clip:
             from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -320,12 +329,20 @@ def build_svd_xt_models(device, dtype, *, attention: str, with_clip: bool = True
                 hidden_act="gelu",
                 attn_implementation="sdpa" if attention == "sdpa" else "eager",
             )
-            models["image_encoder"] = CLIPVisionModelWithProjection(config)
-    for name, module in models.items():
-        # .to(device) as well: a few parameters (e.g. the U-Net's temporal mix_factor) are created with
-        # the legacy torch.Tensor constructor, which ignores the default device.
-        models[name] = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            models["image_encoder"] = finish(CLIPVisionModelWithProjection(config))
     return models
+
+
+def to_channels_last(module) -> None:
+    """Conv weights to channels_last. ``module.to(memory_format=...)`` fails on the SVD U-Net, whose
+    temporal ResNet blocks hold 5-D Conv3d weights; those get channels_last_3d instead."""
+    import torch
+
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.to(memory_format=torch.channels_last)
+        elif isinstance(layer, torch.nn.Conv3d):
+            layer.to(memory_format=torch.channels_last_3d)
 
 
 def build_components(args, device: str, dtype):
@@ -360,10 +377,8 @@ def build_components(args, device: str, dtype):
         components.unet.set_attn_processor(AttnProcessor2_0())
         components.vae.set_attn_processor(AttnProcessor2_0())
     if args.channels_last:
-        import torch
-
-        components.unet.to(memory_format=torch.channels_last)
-        components.vae.to(memory_format=torch.channels_last)
+        to_channels_last(components.unet)
+        to_channels_last(components.vae)
     if args.compile:
         components.unet.compile()  # in place: the module keeps its type, config and attributes
     return components

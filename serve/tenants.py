@@ -383,6 +383,8 @@ def load_tenants_file(path: str | Path) -> TenantsFile:
         return TenantsFile(defaults={}, tenants={})
     try:
         raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise TenantsFileError(f"{path}: cannot read it ({error.strerror or error})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -440,14 +442,21 @@ def edit_tenants_file(path: str | Path) -> Iterator[TenantsFile]:
     import fcntl
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(f".{path.name}.lock")
-    with open(lock_path, "a") as lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(lock_path, "a")
+    except OSError as error:
+        raise TenantsFileError(f"{path}: cannot write next to it ({error.strerror or error})") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             document = load_tenants_file(path)
             yield document
-            save_tenants_file(path, document)
+            try:
+                save_tenants_file(path, document)
+            except OSError as error:
+                raise TenantsFileError(f"{path}: cannot write it ({error.strerror or error})") from None
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

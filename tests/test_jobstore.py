@@ -3,6 +3,7 @@ Redis (a real redis-server from ``tests/fixtures_redis.py``; each test uses its 
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import sqlite3
@@ -582,3 +583,114 @@ def test_backend_failure_raises_job_store_error(make_store, tmp_path):
                 store.create(new_job())
         finally:
             store.close()
+
+
+# ---------------------------------------------------------------------------------------------- per-job retention
+
+
+def test_metadata_retention_overrides_the_store_retention(make_store):
+    clock = FakeClock()
+    store = make_store(clock=clock, retention_s=1000)
+    now = datetime.fromtimestamp(clock.now, tz=timezone.utc)
+    short, _ = store.create(new_job(created_at=now, metadata={"retention_s": 10}))
+    normal, _ = store.create(new_job(created_at=now))
+    bogus, _ = store.create(new_job(created_at=now, metadata={"retention_s": "soon"}))  # ignored
+    assert short.expires_at == short.created_at + timedelta(seconds=10)
+    assert normal.expires_at == bogus.expires_at == now + timedelta(seconds=1000)
+    store.claim(short.id, owner="w", lease_s=60)
+    clock.advance(5)
+    assert store.complete(short.id, owner="w", output=OUTPUT)
+    finished = store.get(short.id, tenant=None)
+    assert finished.expires_at == finished.finished_at + timedelta(seconds=10)  # kept 10 s after finishing
+    clock.advance(11)
+    assert [j.id for j in store.purge_expired()] == [short.id]
+    assert store.get(normal.id, tenant=None) is not None
+
+
+# ---------------------------------------------------------------------------------------------- idempotency lookup
+
+
+def test_find_by_idempotency_key(make_store):
+    clock = FakeClock()
+    store = make_store(clock=clock, retention_s=60)
+    now = datetime.fromtimestamp(clock.now, tz=timezone.utc)
+    job, _ = store.create(new_job(idempotency_key="req-1", created_at=now))
+    assert store.find_by_idempotency_key("acme", "req-1") == job
+    assert store.find_by_idempotency_key("globex", "req-1") is None
+    assert store.find_by_idempotency_key("acme", "req-2") is None
+    clock.advance(61)
+    assert store.find_by_idempotency_key("acme", "req-1") is None  # expired: no longer owns the key
+
+
+# ---------------------------------------------------------------------------------------------- token buckets
+
+
+def test_token_bucket_burst_then_rate(store):
+    take = functools.partial(store.take_token, "submit:acme", rate_per_s=0.1, burst=3)
+    t = 1_000_000.0
+    assert [take(now=t) for _ in range(3)] == [0.0, 0.0, 0.0]  # a new bucket starts full
+    assert take(now=t) == pytest.approx(10.0)  # one token per 10 s
+    assert take(now=t + 4) == pytest.approx(6.0)  # a refused take spends nothing
+    assert take(now=t + 10) == 0.0
+    assert take(now=t + 10) == pytest.approx(10.0)
+    # Buckets are independent.
+    assert store.take_token("submit:globex", rate_per_s=0.1, burst=3, now=t) == 0.0
+    # A long idle period refills to burst, no further.
+    later = t + 100_000
+    assert [take(now=later) for _ in range(4)][:3] == [0.0, 0.0, 0.0]
+    assert take(now=later) > 0
+    # A caller whose clock is behind refills nothing (skewed replicas cannot mint tokens).
+    assert take(now=later - 50) == pytest.approx(10.0)
+    # Fractional progress is kept between calls.
+    assert take(now=later + 2.5) == pytest.approx(7.5)
+
+
+def test_token_bucket_uses_the_store_clock(make_store):
+    clock = FakeClock()
+    store = make_store(clock=clock)
+    assert store.take_token("b", rate_per_s=1.0, burst=1) == 0.0
+    assert store.take_token("b", rate_per_s=1.0, burst=1) == pytest.approx(1.0)
+    clock.advance(0.25)
+    assert store.take_token("b", rate_per_s=1.0, burst=1) == pytest.approx(0.75)
+    clock.advance(0.75)
+    assert store.take_token("b", rate_per_s=1.0, burst=1) == 0.0
+
+
+def test_token_bucket_rejects_bad_arguments(store):
+    for kwargs in ({"rate_per_s": 0, "burst": 1}, {"rate_per_s": -1, "burst": 1}, {"rate_per_s": 1, "burst": 0.5}):
+        with pytest.raises(ValueError):
+            store.take_token("b", **kwargs)
+    with pytest.raises(ValueError):
+        store.take_token("", rate_per_s=1, burst=1)
+
+
+def test_token_bucket_is_atomic_across_store_instances(make_store):
+    """Eight clients (as eight ingress replicas) race for a bucket of 5: exactly 5 tokens go out."""
+    stores = [make_store() for _ in range(8)]
+    barrier = threading.Barrier(len(stores))
+    waits: list[float] = []
+    lock = threading.Lock()
+    t = time.time()
+
+    def worker(s: JobStore) -> None:
+        barrier.wait()
+        got = [s.take_token("shared", rate_per_s=0.001, burst=5, now=t) for _ in range(3)]
+        with lock:
+            waits.extend(got)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(waits) == 24
+    assert sum(w == 0.0 for w in waits) == 5
+    assert all(w > 0 for w in waits if w != 0.0)
+
+
+def test_token_buckets_survive_a_new_store_instance(make_store):
+    t = 2_000_000.0
+    first = make_store()
+    assert first.take_token("b", rate_per_s=0.5, burst=1, now=t) == 0.0
+    first.close()
+    assert make_store().take_token("b", rate_per_s=0.5, burst=1, now=t + 1) == pytest.approx(1.0)

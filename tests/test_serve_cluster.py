@@ -82,7 +82,10 @@ def deployment(tmp_path_factory, tiny_model_dir, redis_server, moto_s3_endpoint)
         mp.setenv(name, value)
     boto3.client("s3", endpoint_url=moto_s3_endpoint, region_name="us-east-1").create_bucket(Bucket="svd-e2e")
     collector = OTLPCollector()
-    keys = {name: add_tenant(tmp / "tenants.yaml", name) for name in ("alice", "bob")}
+    # Limits high enough that only the scheduler shapes these tests (limits have their own tests).
+    limits = {"rate_limit_per_minute": 100000, "burst": 10000, "max_running_jobs": 100, "max_queued_jobs": 1000}
+    keys = {name: add_tenant(tmp / "tenants.yaml", name, weight=weight, **limits)
+            for name, weight in (("alice", 1.0), ("bob", 1.0), ("carol", 2.0), ("dave", 1.0))}
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     nodes = {name: cluster.add_node(**spec) for name, spec in POOLS.items()}
@@ -304,3 +307,61 @@ def test_restarting_the_application_loses_no_job(deployment):
     for item in created:
         final = wait_terminal(deployment, item["id"], timeout_s=180)
         assert final["status"] == "completed", final
+
+
+# -- fair sharing (issue #4): one Sampler replica, three jobs in flight --------------------------------
+
+
+@pytest.fixture(scope="module")
+def fair_deployment(deployment):
+    config = deployment["config"]
+    stages = config.stages.model_copy(update={"sampler": config.stages.sampler.model_copy(
+        update={"autoscaling": None, "num_replicas": 1})})
+    fair = config.model_copy(update={"stages": stages, "max_inflight_jobs": 3})
+    serve.run(build_app(fair), name=APP, route_prefix="/")
+    _wait(lambda: deployment["client"].get("/readyz").status_code == 200, 120, "readyz after redeploy")
+    return deployment
+
+
+def finished_order(deployment, jobs: dict[str, str]) -> list[str]:
+    """Tenants of finished jobs, in the order they completed."""
+    views = [job(deployment, job_id, tenant) for job_id, tenant in jobs.items()]
+    done = sorted((v for v in views if v["status"] == "completed"), key=lambda v: v["finished_at"])
+    return [jobs[v["id"]] for v in done]
+
+
+def cancel_all(deployment, jobs: dict[str, str]) -> None:
+    for job_id, tenant in jobs.items():
+        deployment["client"].post(f"/v1/videos/{job_id}/cancel", headers=auth(deployment, tenant))
+    for job_id, tenant in jobs.items():
+        wait_terminal(deployment, job_id, timeout_s=120, tenant=tenant)
+
+
+def test_a_flood_does_not_starve_a_small_tenant(fair_deployment):
+    d = fair_deployment
+    jobs: dict[str, str] = {}
+    try:
+        jobs.update({submit(d, tenant="alice")["id"]: "alice" for _ in range(30)})
+        bobs = {submit(d, tenant="bob")["id"]: "bob" for _ in range(3)}
+        jobs.update(bobs)
+        for job_id in bobs:
+            assert wait_terminal(d, job_id, timeout_s=180, tenant="bob")["status"] == "completed"
+        order = finished_order(d, jobs)
+        last_bob = max(i for i, tenant in enumerate(order) if tenant == "bob")
+        assert order[:last_bob].count("alice") < 10, order
+    finally:
+        cancel_all(d, jobs)
+
+
+def test_weights_split_completed_work_under_saturation(fair_deployment):
+    d = fair_deployment
+    jobs: dict[str, str] = {}
+    try:
+        for _ in range(15):
+            for tenant in ("carol", "dave"):
+                jobs[submit(d, tenant=tenant)["id"]] = tenant
+        order = _wait(lambda: (o := finished_order(d, jobs)) and len(o) >= 15 and o, 240, "15 completed jobs")[:15]
+        ratio = order.count("carol") / max(1, order.count("dave"))
+        assert 1.6 <= ratio <= 2.4, order
+    finally:
+        cancel_all(d, jobs)

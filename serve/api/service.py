@@ -3,6 +3,25 @@
 ``VideoService`` validates the image and parameters, stores the image, writes the job record
 (before the client gets its 202), and renders jobs for their owner. Everything is tenant-scoped:
 another tenant's job id behaves exactly like a missing one.
+
+Admission applies the tenant's policy (``serve.tenants.TenantPolicy``, see docs/tenants.md) before
+anything is stored, in this order:
+
+1. the deployed model is not in ``allowed_models``: 403 ``model_not_allowed``;
+2. a known ``Idempotency-Key``: the existing job is returned (or 409 if the request differs). A
+   replay is looked up *before* the quota checks, so a retried submit never spends a rate-limit
+   token and is never refused for a quota (a race with a concurrent first submit can still
+   spend one token, once);
+3. caps on frames, resolution and steps: 422 ``limit_exceeded`` naming each limit;
+4. ``max_queued_jobs`` reached: 429 ``queue_full`` with Retry-After. A full queue is this
+   tenant's quota, not a service outage, hence 429 and not 503. The count is read, not
+   reserved, so concurrent submits can overshoot it by the number of in-flight admissions;
+5. the rate limit: a token bucket in the job store, shared by every ingress replica: 429
+   ``rate_limited`` with Retry-After (seconds until the next token);
+6. then the image is decoded (its errors are 422/413), stored, and the job written.
+
+``max_running_jobs`` never rejects: it is stamped on the job (``metadata["max_running"]``) and
+the dispatcher (:func:`serve.scheduler.pick_next`) skips a tenant at its cap.
 """
 
 from __future__ import annotations
@@ -12,6 +31,7 @@ import binascii
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -21,14 +41,22 @@ from pipelines.params import GenerationParams
 
 from ..config import AppConfig
 from ..jobstore import Job, JobStatus, JobStore
+from ..jobstore.base import RETENTION_METADATA_KEY
+from ..scheduler import MAX_RUNNING_KEY
 from ..storage import Storage, job_key, job_prefix
 from ..telemetry import current_carrier, log_extra, tracer
-from ..tenants import Tenant
+from ..tenants import Tenant, TenantPolicy
 from ..urlguard import URLPolicy, guarded_client
 from .errors import APIError, NotFoundError
 from .schemas import ErrorInfo, Output, Progress, VideoJob
 
 logger = logging.getLogger("svd_serve")
+
+#: Retry-After of a 429 queue_full: the queue drains at the pace of whole jobs, so a short hint.
+QUEUE_FULL_RETRY_AFTER_S = 10
+
+#: Token bucket of a tenant's submissions in the job store.
+SUBMIT_BUCKET = "submit:{tenant}"
 
 #: Rough share of a job's time per stage, for the progress percentage.
 _STAGE_SPAN = {"image_encode": (0, 3), "sampling": (3, 88), "decode": (88, 96), "video_encode": (96, 99), "store": (99, 100)}
@@ -86,13 +114,24 @@ class VideoService:
         """Validate, store the image, write the job. Raises for anything the client must fix."""
         if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255 and idempotency_key.isprintable()):
             raise InvalidInputError("Idempotency-Key must be 1-255 printable characters")
+        policy = tenant.policy
         with tracer().start_as_current_span("admission", attributes={"svd.tenant": tenant.name}) as span:
-            decode_image_bytes(image, max_bytes=self.config.max_upload_bytes, name="image")
-            info = await self.model_info()
-            resolved = params.resolved(default_num_frames=info["num_frames"])
+            if not policy.allows_model(self.config.model.source):
+                raise APIError(403, "model_not_allowed",
+                               "this tenant may not use the model this service runs "
+                               f"(allowed_models: {', '.join(policy.allowed_models)})")
             fingerprint = hashlib.sha256(
                 hashlib.sha256(image).digest() + params.model_dump_json().encode() + (webhook_url or "").encode()
             ).hexdigest()
+            if idempotency_key is not None:
+                existing = self.store.find_by_idempotency_key(tenant.name, idempotency_key)
+                if existing is not None:
+                    return self._replay(tenant, existing, fingerprint)
+            info = await self.model_info()
+            resolved = params.resolved(default_num_frames=info["num_frames"])
+            self.check_limits(policy, resolved)
+            self.check_quota(tenant)
+            decode_image_bytes(image, max_bytes=self.config.max_upload_bytes, name="image")
             job = Job(
                 tenant=tenant.name,
                 params=resolved.model_dump(mode="json"),
@@ -106,18 +145,63 @@ class VideoService:
                 "output_key": job_key(tenant.name, job.id, f"{job.id}.{resolved.output_format.value}"),
                 "fingerprint": fingerprint,
             }
+            if policy.max_running_jobs is not None:
+                job.metadata[MAX_RUNNING_KEY] = policy.max_running_jobs
+            if policy.retention_s is not None:
+                job.metadata[RETENTION_METADATA_KEY] = policy.retention_s
             span.set_attribute("svd.job_id", job.id)
             self.storage.put(job.input_key, image, content_type="application/octet-stream")
             stored, created = self.store.create(job)
             if not created:
                 self.storage.delete(job.input_key)
-                if stored.metadata.get("fingerprint") != fingerprint:
-                    raise APIError(409, "idempotency_key_reused",
-                                   "this Idempotency-Key was already used with a different request")
-            logger.info("job admitted" if created else "idempotent replay", extra=log_extra(stored.id, tenant=tenant.name))
-            if created and self.on_admitted is not None:
+                return self._replay(tenant, stored, fingerprint)
+            logger.info("job admitted", extra=log_extra(stored.id, tenant=tenant.name))
+            if self.on_admitted is not None:
                 self.on_admitted(stored)
-            return Admission(job=stored, created=created)
+            return Admission(job=stored, created=True)
+
+    @staticmethod
+    def _replay(tenant: Tenant, existing: Job, fingerprint: str) -> Admission:
+        """The job an earlier request with the same Idempotency-Key made, or 409 if it differs."""
+        if existing.metadata.get("fingerprint") != fingerprint:
+            raise APIError(409, "idempotency_key_reused",
+                           "this Idempotency-Key was already used with a different request")
+        logger.info("idempotent replay", extra=log_extra(existing.id, tenant=tenant.name))
+        return Admission(job=existing, created=False)
+
+    @staticmethod
+    def check_limits(policy: TenantPolicy, resolved: GenerationParams) -> None:
+        """422 ``limit_exceeded`` naming every cap of the tenant's policy the request exceeds."""
+        width, height = resolved.size
+        problems = policy.limit_violations(num_frames=resolved.num_frames or 0, width=width, height=height,
+                                           num_inference_steps=resolved.num_inference_steps)
+        if problems:
+            raise APIError(422, "limit_exceeded", "; ".join(problems))
+
+    def check_quota(self, tenant: Tenant) -> None:
+        """429 ``queue_full`` / ``rate_limited`` (both with Retry-After), from state in the job store,
+        so the limits hold across every ingress replica. Spends one rate-limit token when it passes."""
+        policy = tenant.policy
+        if policy.max_queued_jobs is not None:
+            depth = self.store.queue_depth(tenant.name)
+            if depth >= policy.max_queued_jobs:
+                raise APIError(
+                    429, "queue_full",
+                    f"queue full: this tenant has {depth} queued jobs and may have at most "
+                    f"{policy.max_queued_jobs} (max_queued_jobs); retry once some have started",
+                    {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+                )
+        if policy.rate_per_s is not None:
+            wait = self.store.take_token(SUBMIT_BUCKET.format(tenant=tenant.name),
+                                         rate_per_s=policy.rate_per_s, burst=policy.burst)
+            if wait > 0:
+                retry_after = max(1, math.ceil(wait))
+                raise APIError(
+                    429, "rate_limited",
+                    f"rate limit exceeded: this tenant may submit {policy.rate_limit_per_minute:g} requests per "
+                    f"minute (rate_limit_per_minute, bursts of up to {policy.burst}); retry in {retry_after} s",
+                    {"Retry-After": str(retry_after)},
+                )
 
     # -- reads and changes ----------------------------------------------------------------------
 

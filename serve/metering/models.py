@@ -1,0 +1,220 @@
+"""The usage record of one finished job, the charging rules, and the per-tenant summary.
+
+Pure pydantic, no storage code and no Ray. One :class:`UsageRecord` is written per job when it
+reaches a terminal state (:func:`usage_record_for` builds it from the :class:`~serve.jobstore.Job`);
+a :class:`UsageSummary` adds up a tenant's records over a time window.
+
+What is metered, per job:
+
+* ``busy_seconds[stage]``: seconds a replica of the stage spent on the job, from ``job.timings``
+  (``image_encode``, ``sampling``, ``decode``, ``video_encode``; the ``store`` upload and the
+  ``total`` wall time are not stage work and are not metered).
+* ``gpu_seconds[stage]``: ``busy_seconds[stage]`` x the stage's GPU share, i.e. its
+  ``ray_actor_options.num_gpus`` (a replica holding half a GPU for 10 s uses 5 GPU-seconds).
+* ``video_seconds``: playback length of the delivered clip, ``num_frames / output_fps`` (``fps``
+  when no ``output_fps`` was given); 0 unless the job completed.
+
+Charging rules (``charged``):
+
+* ``completed``: charged.
+* ``cancelled``: charged for the GPU time actually used: the stages that finished before the
+  cancel took effect (a job cancelled while queued used none and costs nothing; the stage that was
+  interrupted by the cancel records no timing and is not charged). No video seconds.
+* ``failed``: charged only when the failure is the client's fault, i.e. the error code is one of
+  :data:`CLIENT_ERROR_CODES` (bad input or image found while the job ran); then the GPU time used
+  up to the failure is charged. A failure of the service (``internal_error``, ``worker_lost``,
+  ``abandoned``, a missing error or any code not in that list) is never charged; it is counted as
+  an uncharged failure so operators can see it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve.jobstore.models import Job, JobStatus, to_utc, utcnow
+
+if TYPE_CHECKING:
+    from serve.config import StagesConfig
+
+#: The metered stages: the names used in ``Job.timings``, progress, spans and metric labels.
+METERED_STAGES: tuple[str, ...] = ("image_encode", "sampling", "decode", "video_encode")
+
+#: Metered stage -> its field of :class:`serve.config.StagesConfig` (where its GPU share is set).
+STAGE_CONFIG_KEYS: dict[str, str] = {
+    "image_encode": "image_encoder",
+    "sampling": "sampler",
+    "decode": "decoder",
+    "video_encode": "video_encoder",
+}
+
+#: Error codes of failures caused by the client's input: such a failed job is charged for the GPU
+#: time it used. Every other code (``internal_error``, ``worker_lost``, ``abandoned``, unknown
+#: ones) is a service fault and is not charged.
+CLIENT_ERROR_CODES: frozenset[str] = frozenset(
+    {"invalid_input", "invalid_image", "image_too_large", "invalid_parameter", "url_not_allowed"}
+)
+
+
+class Outcome(str, Enum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class UsageRecord(BaseModel):
+    """What one finished job used, and whether it is charged. Immutable once recorded."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str = Field(min_length=1)
+    tenant: str = Field(min_length=1)
+    finished_at: datetime = Field(description="When the job reached its terminal state (UTC).")
+    outcome: Outcome
+    charged: bool = Field(description="Whether this job's usage counts toward the tenant's bill.")
+    error_code: str | None = Field(default=None, description="The failure's code (failed jobs).")
+    video_seconds: float = Field(default=0.0, ge=0, description="Playback seconds delivered (completed jobs).")
+    gpu_seconds: dict[str, float] = Field(default_factory=dict, description="Per stage: busy seconds x GPU share.")
+    busy_seconds: dict[str, float] = Field(default_factory=dict, description="Per stage: replica busy seconds.")
+
+    @field_validator("finished_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return to_utc(value)
+
+    @property
+    def gpu_seconds_total(self) -> float:
+        return math.fsum(self.gpu_seconds.values())
+
+
+class UsageSummary(BaseModel):
+    """A tenant's usage over ``[start, end)`` (by ``finished_at``).
+
+    ``completed``/``failed``/``cancelled`` count every record; ``video_seconds``, ``gpu_seconds``
+    and ``busy_seconds`` add up the *charged* records only. Sums are ``math.fsum`` (correctly
+    rounded, independent of order), so every backend returns the same numbers.
+    """
+
+    tenant: str
+    start: datetime
+    end: datetime
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    charged: int = 0
+    uncharged_failures: int = 0
+    video_seconds: float = 0.0
+    gpu_seconds: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(METERED_STAGES, 0.0))
+    gpu_seconds_total: float = Field(default=0.0, description="fsum of every charged record's stage values.")
+    busy_seconds: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(METERED_STAGES, 0.0))
+
+    @property
+    def jobs(self) -> int:
+        return self.completed + self.failed + self.cancelled
+
+    @classmethod
+    def of(cls, tenant: str, start: datetime, end: datetime, records: Iterable[UsageRecord]) -> "UsageSummary":
+        """Add up ``records`` (the caller has selected the tenant's records in the window)."""
+        counts = {outcome: 0 for outcome in Outcome}
+        charged = uncharged_failures = 0
+        video: list[float] = []
+        gpu_all: list[float] = []
+        gpu: dict[str, list[float]] = {stage: [] for stage in METERED_STAGES}
+        busy: dict[str, list[float]] = {stage: [] for stage in METERED_STAGES}
+        for rec in records:
+            counts[rec.outcome] += 1
+            if not rec.charged:
+                if rec.outcome is Outcome.FAILED:
+                    uncharged_failures += 1
+                continue
+            charged += 1
+            video.append(rec.video_seconds)
+            for stage, seconds in rec.gpu_seconds.items():
+                gpu.setdefault(stage, []).append(seconds)
+                gpu_all.append(seconds)
+            for stage, seconds in rec.busy_seconds.items():
+                busy.setdefault(stage, []).append(seconds)
+        return cls(
+            tenant=tenant, start=to_utc(start), end=to_utc(end),
+            completed=counts[Outcome.COMPLETED], failed=counts[Outcome.FAILED], cancelled=counts[Outcome.CANCELLED],
+            charged=charged, uncharged_failures=uncharged_failures, video_seconds=math.fsum(video),
+            gpu_seconds={stage: math.fsum(values) for stage, values in gpu.items()},
+            gpu_seconds_total=math.fsum(gpu_all),
+            busy_seconds={stage: math.fsum(values) for stage, values in busy.items()},
+        )
+
+
+# ---------------------------------------------------------------------------------------- rules
+
+
+def gpu_share_from_config(stages: "StagesConfig") -> dict[str, float]:
+    """Each metered stage's GPU share per replica (``ray_actor_options.num_gpus``), keyed by the
+    :class:`~serve.config.StagesConfig` field: ``{"image_encoder": .., "sampler": .., "decoder": ..,
+    "video_encoder": ..}``."""
+    return {key: float(getattr(stages, key).ray_actor_options.num_gpus) for key in STAGE_CONFIG_KEYS.values()}
+
+
+def is_charged(outcome: Outcome | str, error_code: str | None = None) -> bool:
+    """The charging rule: completed and cancelled jobs are charged; a failed job only if its error
+    code is a client error (:data:`CLIENT_ERROR_CODES`)."""
+    outcome = Outcome(outcome)
+    if outcome is Outcome.FAILED:
+        return error_code in CLIENT_ERROR_CODES
+    return True
+
+
+def _seconds(value: Any) -> float:
+    """A non-negative finite number of seconds; anything else counts as 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    value = float(value)
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def _share(gpu_share: Mapping[str, float], stage: str) -> float:
+    for key in (STAGE_CONFIG_KEYS[stage], stage):
+        if key in gpu_share:
+            return _seconds(gpu_share[key])
+    return 0.0
+
+
+def _video_seconds(job: Job) -> float:
+    params = job.params
+    frames = _seconds(params.get("num_frames"))
+    fps = _seconds(params.get("output_fps")) or _seconds(params.get("fps"))
+    if frames and fps:
+        return frames / fps
+    # Params without frames or a rate: the encoder's own measurement, if the runner stored it.
+    return _seconds(job.metadata.get("video_seconds"))
+
+
+def usage_record_for(job: Job, gpu_share: Mapping[str, float]) -> UsageRecord:
+    """The usage record of a finished job.
+
+    ``gpu_share`` maps a stage to its GPU share per replica; keys may be the config names
+    (``sampler``, as :func:`gpu_share_from_config` returns) or the stage names (``sampling``). A
+    stage missing from it uses no GPU (share 0). Raises ``ValueError`` for a job that is not
+    terminal.
+    """
+    if not job.status.is_terminal:
+        raise ValueError(f"job {job.id} is {job.status.value}: only finished jobs are metered")
+    outcome = Outcome(job.status.value)
+    error_code = job.error.code if job.error is not None and outcome is Outcome.FAILED else None
+    busy = {stage: _seconds(job.timings.get(stage)) for stage in METERED_STAGES}
+    gpu = {stage: busy[stage] * _share(gpu_share, stage) for stage in METERED_STAGES}
+    return UsageRecord(
+        job_id=job.id,
+        tenant=job.tenant,
+        finished_at=job.finished_at or job.updated_at or utcnow(),
+        outcome=outcome,
+        charged=is_charged(outcome, error_code),
+        error_code=error_code,
+        video_seconds=_video_seconds(job) if job.status is JobStatus.COMPLETED else 0.0,
+        gpu_seconds=gpu,
+        busy_seconds=busy,
+    )

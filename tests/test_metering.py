@@ -1,0 +1,414 @@
+"""Usage metering: the charging rules, the ledger over both backends (SQLite in tmp_path and a real
+redis-server from ``tests/fixtures_redis.py``, each test on its own key prefix), and ``GET /v1/usage``
+over a real tenants file."""
+
+from __future__ import annotations
+
+import math
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from fixtures_redis import redis_server, start_redis_server, unique_prefix  # noqa: F401  (fixture)
+
+from serve.api.errors import install_error_handlers
+from serve.config import JobStoreConfig, StagesConfig
+from serve.jobstore import Job, JobError, JobStatus, JobStoreError, make_job_store
+from serve.metering import (
+    DEFAULT_USAGE_RETENTION_S,
+    METERED_STAGES,
+    RedisUsageLedger,
+    SqliteUsageLedger,
+    UsageLedger,
+    UsageRecord,
+    gpu_share_from_config,
+    make_usage_ledger,
+    usage_record_for,
+)
+from serve.metering.api import resolve_window, usage_router
+from serve.tenants import TenantRegistry, add_tenant
+
+BACKENDS = ["sqlite", "redis"]
+T0 = datetime(2030, 3, 10, 12, 0, tzinfo=timezone.utc)
+
+STAGES = StagesConfig.model_validate({
+    "image_encoder": {"ray_actor_options": {"num_gpus": 0.25}},
+    "sampler": {"ray_actor_options": {"num_gpus": 1.0}},
+    "decoder": {"ray_actor_options": {"num_gpus": 0.5}},
+    "video_encoder": {"ray_actor_options": {"num_gpus": 0.0}},
+})
+SHARE = gpu_share_from_config(STAGES)
+TIMINGS = {"image_encode": 0.3, "sampling": 12.7, "decode": 2.9, "video_encode": 0.4, "store": 0.2, "total": 16.9}
+
+
+def make_job(tenant: str = "alice", status: JobStatus = JobStatus.COMPLETED, *, timings: dict | None = None,
+             code: str | None = None, finished_at: datetime = T0, **params) -> Job:
+    return Job(
+        tenant=tenant, status=status, finished_at=finished_at,
+        timings=dict(TIMINGS if timings is None else timings),
+        params={"num_frames": 14, "fps": 7, "output_fps": None, **params},
+        error=JobError(code=code, message="x") if code is not None else None,
+    )
+
+
+def record_of(*args, **kwargs) -> UsageRecord:
+    return usage_record_for(make_job(*args, **kwargs), SHARE)
+
+
+# ---------------------------------------------------------------------------------------- rules
+
+
+def test_gpu_share_comes_from_each_stage_num_gpus():
+    assert SHARE == {"image_encoder": 0.25, "sampler": 1.0, "decoder": 0.5, "video_encoder": 0.0}
+    assert gpu_share_from_config(StagesConfig()) == dict.fromkeys(SHARE, 0.0)
+
+
+def test_completed_job_record():
+    rec = record_of()
+    assert rec.outcome.value == "completed" and rec.charged and rec.error_code is None
+    assert rec.finished_at == T0 and rec.tenant == "alice"
+    assert rec.busy_seconds == {"image_encode": 0.3, "sampling": 12.7, "decode": 2.9, "video_encode": 0.4}
+    assert rec.gpu_seconds == {"image_encode": 0.3 * 0.25, "sampling": 12.7, "decode": 2.9 * 0.5, "video_encode": 0.0}
+    assert rec.video_seconds == 2.0  # 14 frames at fps 7
+    assert record_of(num_frames=25, output_fps=10).video_seconds == 2.5  # output_fps is the playback rate
+    # The share may be keyed by stage name too; a stage missing from it uses no GPU.
+    rec = usage_record_for(make_job(), {"sampling": 0.5})
+    assert rec.gpu_seconds == {"image_encode": 0.0, "sampling": 12.7 * 0.5, "decode": 0.0, "video_encode": 0.0}
+
+
+@pytest.mark.parametrize("status, code, charged", [
+    (JobStatus.CANCELLED, None, True),
+    (JobStatus.FAILED, "invalid_input", True),
+    (JobStatus.FAILED, "invalid_image", True),
+    (JobStatus.FAILED, "image_too_large", True),
+    (JobStatus.FAILED, "internal_error", False),
+    (JobStatus.FAILED, "worker_lost", False),
+    (JobStatus.FAILED, "abandoned", False),
+    (JobStatus.FAILED, "some_new_code", False),
+    (JobStatus.FAILED, None, False),
+])
+def test_charging_rules(status, code, charged):
+    partial = {"image_encode": 0.3, "sampling": 5.0}  # stopped during decode: no decode timing
+    rec = record_of(status=status, code=code, timings=partial)
+    assert rec.outcome.value == status.value and rec.charged is charged
+    assert rec.error_code == code
+    assert rec.video_seconds == 0.0  # no clip delivered
+    # What was used is recorded either way (so operators see the cost of uncharged failures).
+    assert rec.gpu_seconds == {"image_encode": 0.3 * 0.25, "sampling": 5.0, "decode": 0.0, "video_encode": 0.0}
+
+
+def test_unfinished_jobs_are_not_metered():
+    for status in (JobStatus.QUEUED, JobStatus.IN_PROGRESS):
+        with pytest.raises(ValueError, match="only finished jobs"):
+            usage_record_for(make_job(status=status), SHARE)
+
+
+# ---------------------------------------------------------------------------------------- ledger
+
+
+class FakeClock:
+    def __init__(self, start: float):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=BACKENDS)
+def make_ledger(request, tmp_path):
+    """``make_ledger(**kwargs)`` opens a ledger on one backing store shared within the test."""
+    backend = request.param
+    location = str(tmp_path / "jobs.sqlite3") if backend == "sqlite" else request.getfixturevalue("redis_server")
+    prefix = unique_prefix("usage")
+    opened: list[UsageLedger] = []
+
+    def factory(**kwargs) -> UsageLedger:
+        if backend == "sqlite":
+            ledger = SqliteUsageLedger(location, **kwargs)
+        else:
+            ledger = RedisUsageLedger(location, key_prefix=prefix, **kwargs)
+        opened.append(ledger)
+        return ledger
+
+    factory.backend = backend
+    yield factory
+    for ledger in opened:
+        ledger.close()
+
+
+@pytest.fixture
+def ledger(make_ledger):
+    return make_ledger()
+
+
+def summary(ledger, tenant="alice", start=T0 - timedelta(days=1), end=T0 + timedelta(days=1)):
+    return ledger.summary(tenant, start=start, end=end)
+
+
+def test_record_is_idempotent_per_job(ledger):
+    rec = record_of()
+    assert ledger.record(rec) is True
+    assert ledger.record(rec) is False
+    # A different record of the same job (a retried runner step) changes nothing: the first wins.
+    assert ledger.record(rec.model_copy(update={"video_seconds": 99.0, "charged": False})) is False
+    assert ledger.get(rec.job_id) == rec
+    assert ledger.get("vid_missing") is None
+    s = summary(ledger)
+    assert (s.completed, s.charged, s.video_seconds) == (1, 1, 2.0)
+    assert ledger.records("alice", start=T0, end=T0 + timedelta(seconds=1)) == [rec]
+
+
+def test_concurrent_records_of_one_job_store_it_once(make_ledger):
+    rec = record_of()
+    ledgers = [make_ledger() for _ in range(4)]  # separate connections, as separate replicas have
+    results: list[bool] = []
+    barrier = threading.Barrier(len(ledgers))
+
+    def worker(ledger):
+        barrier.wait()
+        results.append(ledger.record(rec))
+
+    threads = [threading.Thread(target=worker, args=(ledger,)) for ledger in ledgers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, False, False, True]
+    assert summary(ledgers[0]).completed == 1
+
+
+def test_summary_totals_are_the_exact_sums_of_the_charged_records(ledger):
+    timings = [
+        {"image_encode": 0.31, "sampling": 12.71, "decode": 2.93, "video_encode": 0.47},
+        {"image_encode": 0.29, "sampling": 25.3, "decode": 4.1, "video_encode": 0.61},
+        {"image_encode": 0.1, "sampling": 7.77, "decode": 1.01, "video_encode": 0.2},
+        {"image_encode": 0.33, "sampling": 19.05, "decode": 3.3},
+    ]
+    completed = [record_of(timings=t, finished_at=T0 + timedelta(minutes=i), num_frames=14 + 2 * i, output_fps=6 + i)
+                 for i, t in enumerate(timings)]
+    uncharged = [record_of(status=JobStatus.FAILED, code=code, timings=timings[0], finished_at=T0)
+                 for code in ("internal_error", "worker_lost", "abandoned")]
+    for rec in completed + uncharged:
+        assert ledger.record(rec)
+
+    s = summary(ledger)
+    assert (s.completed, s.failed, s.cancelled, s.charged, s.uncharged_failures) == (4, 3, 0, 4, 3)
+    assert s.video_seconds == math.fsum((14 + 2 * i) / (6 + i) for i in range(4))
+    config_key = {"image_encode": "image_encoder", "sampling": "sampler", "decode": "decoder",
+                  "video_encode": "video_encoder"}
+    for stage in METERED_STAGES:
+        # Independently of the records: busy time x share, over the completed jobs only.
+        expected = math.fsum(t.get(stage, 0.0) * SHARE[config_key[stage]] for t in timings)
+        assert s.gpu_seconds[stage] == expected, stage
+        assert s.busy_seconds[stage] == math.fsum(t.get(stage, 0.0) for t in timings), stage
+    assert s.gpu_seconds_total == math.fsum(v for rec in completed for v in rec.gpu_seconds.values())
+    assert s.gpu_seconds["video_encode"] == 0.0  # a CPU stage costs no GPU time
+
+
+def test_cancelled_and_client_error_failures_are_charged_for_what_they_used(ledger):
+    used = {"image_encode": 0.5, "sampling": 4.0}
+    ledger.record(record_of(status=JobStatus.CANCELLED, timings=used))
+    ledger.record(record_of(status=JobStatus.CANCELLED, timings={}))  # cancelled while queued
+    ledger.record(record_of(status=JobStatus.FAILED, code="invalid_image", timings={"image_encode": 0.5}))
+    ledger.record(record_of(status=JobStatus.FAILED, code="internal_error", timings=used))
+    s = summary(ledger)
+    assert (s.completed, s.failed, s.cancelled, s.charged, s.uncharged_failures) == (0, 2, 2, 3, 1)
+    assert s.video_seconds == 0.0
+    assert s.gpu_seconds == {"image_encode": 0.25, "sampling": 4.0, "decode": 0.0, "video_encode": 0.0}
+    assert s.gpu_seconds_total == 4.25
+
+
+def test_time_window_is_half_open_on_finished_at(ledger):
+    at = {name: T0 + offset for name, offset in [
+        ("before", -timedelta(microseconds=1)), ("start", timedelta(0)), ("mid", timedelta(days=3)),
+        ("last", timedelta(days=7) - timedelta(microseconds=1)), ("end", timedelta(days=7))]}
+    recs = {name: record_of(finished_at=when) for name, when in at.items()}
+    for rec in recs.values():
+        ledger.record(rec)
+    end = T0 + timedelta(days=7)
+    assert ledger.summary("alice", start=T0, end=end).completed == 3
+    assert [r.job_id for r in ledger.records("alice", start=T0, end=end)] == [
+        recs[n].job_id for n in ("start", "mid", "last")]
+    assert [r.job_id for r in ledger.records("alice", start=T0, end=end, limit=2)] == [
+        recs[n].job_id for n in ("start", "mid")]
+    assert ledger.summary("alice", start=T0, end=T0).completed == 0
+    # Naive datetimes are UTC; other offsets are converted.
+    assert ledger.summary("alice", start=T0.replace(tzinfo=None), end=end.astimezone(
+        timezone(timedelta(hours=-5)))).completed == 3
+    with pytest.raises(ValueError):
+        ledger.summary("alice", start=end, end=T0)
+
+
+def test_tenants_are_isolated(ledger):
+    ledger.record(record_of("alice"))
+    for _ in range(3):
+        ledger.record(record_of("bob", timings={"sampling": 100.0}, num_frames=70))
+    ledger.record(record_of("bob", status=JobStatus.FAILED, code="internal_error"))
+    alice, bob = summary(ledger, "alice"), summary(ledger, "bob")
+    assert (alice.completed, alice.failed, alice.video_seconds, alice.gpu_seconds["sampling"]) == (1, 0, 2.0, 12.7)
+    assert (bob.completed, bob.uncharged_failures, bob.video_seconds) == (3, 1, 30.0)
+    assert bob.gpu_seconds["sampling"] == 300.0
+    assert all(r.tenant == "alice" for r in ledger.records("alice", start=T0, end=T0 + timedelta(days=1)))
+    assert summary(ledger, "carol").jobs == 0
+
+
+def test_purge_keeps_records_for_the_retention_period(make_ledger):
+    clock = FakeClock((T0 + timedelta(days=400)).timestamp())
+    ledger = make_ledger(clock=clock)
+    assert ledger.retention_s == DEFAULT_USAGE_RETENTION_S == 400 * 86400
+    old, kept = record_of(finished_at=T0 - timedelta(seconds=1)), record_of("bob", finished_at=T0)
+    ledger.record(old)
+    ledger.record(kept)
+    assert ledger.purge() == 1  # finished more than 400 days ago
+    assert ledger.get(old.job_id) is None and ledger.get(kept.job_id) == kept
+    assert summary(ledger, "alice", start=T0 - timedelta(days=1)).jobs == 0
+    assert ledger.purge() == 0
+    assert ledger.purge(before=T0 + timedelta(microseconds=1)) == 1
+    assert summary(ledger, "bob").jobs == 0
+    with pytest.raises(ValueError):
+        make_ledger(retention_s=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_make_usage_ledger_sits_next_to_the_job_store(backend, tmp_path, request):
+    if backend == "sqlite":
+        config = JobStoreConfig(sqlite_path=str(tmp_path / "jobs.sqlite3"))
+    else:
+        config = JobStoreConfig(backend="redis", redis_url=request.getfixturevalue("redis_server"),
+                                key_prefix=unique_prefix("svd"))
+    store, ledger = make_job_store(config), make_usage_ledger(config)
+    try:
+        assert isinstance(ledger, SqliteUsageLedger if backend == "sqlite" else RedisUsageLedger)
+        assert ledger.retention_s == DEFAULT_USAGE_RETENTION_S
+        assert make_usage_ledger(config, retention_s=60).retention_s == 60
+        job, _ = store.create(Job(tenant="alice"))
+        assert ledger.record(record_of()) and ledger.ping()
+        assert store.get(job.id, tenant="alice") is not None  # the job store is untouched
+        if backend == "redis":
+            import redis
+
+            client = redis.Redis.from_url(config.redis_url, decode_responses=True)
+            keys = set(client.scan_iter(f"{config.key_prefix}:usage:*"))
+            client.close()
+            assert keys and all(k.split(":")[2] in {"rec", "tenant", "finished"} for k in keys)
+    finally:
+        store.close()
+        ledger.close()
+
+
+def test_redis_password_comes_from_the_environment(tmp_path, monkeypatch):
+    password = "s3cret-" + unique_prefix()
+    with start_redis_server(tmp_path / "redis-auth", password=password) as url:
+        monkeypatch.setenv("REDIS_PASSWORD", password)
+        ledger = make_usage_ledger(JobStoreConfig(backend="redis", redis_url=url))
+        assert ledger.record(record_of()) and ledger.ping()
+        assert password not in repr(ledger)
+        ledger.close()
+        monkeypatch.delenv("REDIS_PASSWORD")
+        ledger = make_usage_ledger(JobStoreConfig(backend="redis", redis_url=url))
+        with pytest.raises(JobStoreError):
+            ledger.record(record_of())
+        ledger.close()
+
+
+# ---------------------------------------------------------------------------------------- GET /v1/usage
+
+NOW = datetime(2030, 3, 20, 8, 30, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def usage_api(make_ledger, tmp_path):
+    ledger = make_ledger()
+    path = tmp_path / "tenants.yaml"
+    keys = {name: add_tenant(path, name) for name in ("alice", "bob")}
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(usage_router(ledger, TenantRegistry(path).authenticate, clock=lambda: NOW))
+    client = TestClient(app)
+    client.keys, client.ledger = keys, ledger
+    return client
+
+
+def auth(client, tenant="alice"):
+    return {"Authorization": f"Bearer {client.keys[tenant]}"}
+
+
+def assert_error(response, status, code, contains=""):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code and contains in body["error"]["message"]
+
+
+def test_usage_requires_a_valid_key(usage_api):
+    assert_error(usage_api.get("/v1/usage"), 401, "unauthorized", "missing Authorization header")
+    assert_error(usage_api.get("/v1/usage", headers={"Authorization": "Bearer svd_wrong"}), 401, "unauthorized")
+    # Authentication comes first: a bad window from an anonymous caller is still a 401.
+    assert_error(usage_api.get("/v1/usage?from=nonsense"), 401, "unauthorized")
+
+
+@pytest.mark.parametrize("query, message", [
+    ("from=yesterday", "from: not an ISO 8601"),
+    ("to=2030-13-01", "to: not an ISO 8601"),
+    ("from=2030-03-03&to=2030-03-01", "from must not be after to"),
+    ("from=2030-03-01T00:00:01Z&to=2030-03-01T00:00:00Z", "from must not be after to"),
+    ("from=2029-03-01&to=2030-03-02", "longer than 366 days"),
+    ("from=2029-01-01", "longer than 366 days"),
+])
+def test_usage_rejects_a_bad_window(usage_api, query, message):
+    assert_error(usage_api.get(f"/v1/usage?{query}", headers=auth(usage_api)), 422, "invalid_parameter", message)
+
+
+def test_usage_reports_the_callers_usage_only(usage_api):
+    ledger = usage_api.ledger
+    ledger.record(record_of("alice", finished_at=datetime(2030, 3, 1, tzinfo=timezone.utc)))
+    ledger.record(record_of("alice", finished_at=datetime(2030, 3, 15, tzinfo=timezone.utc), num_frames=21))
+    ledger.record(record_of("alice", status=JobStatus.FAILED, code="worker_lost",
+                            finished_at=datetime(2030, 3, 16, tzinfo=timezone.utc)))
+    ledger.record(record_of("alice", finished_at=datetime(2030, 2, 28, 23, 59, tzinfo=timezone.utc)))
+    ledger.record(record_of("bob", finished_at=datetime(2030, 3, 15, tzinfo=timezone.utc), num_frames=70))
+
+    response = usage_api.get("/v1/usage", headers=auth(usage_api))  # default: this month so far
+    assert response.status_code == 200, response.text
+    gpu = {"image_encode": 0.3 * 0.25, "sampling": 12.7, "decode": 2.9 * 0.5, "video_encode": 0.0}
+    gpu2 = {stage: math.fsum([v, v]) for stage, v in gpu.items()}
+    assert response.json() == {
+        "object": "usage",
+        "tenant": "alice",
+        "from": "2030-03-01T00:00:00Z",
+        "to": "2030-03-20T08:30:00Z",
+        "jobs": {"completed": 2, "failed": 1, "cancelled": 0, "charged": 2, "uncharged_failures": 1},
+        "video_seconds": 5.0,  # 14/7 + 21/7; the failure is not charged
+        "gpu_seconds": {"total": math.fsum(list(gpu.values()) * 2), "by_stage": gpu2},
+    }
+
+    # A date as `to` includes that whole day; `from` may be a date-time with an offset.
+    body = usage_api.get("/v1/usage?from=2030-02-28T23:00:00-01:00&to=2030-03-01", headers=auth(usage_api)).json()
+    assert (body["from"], body["to"]) == ("2030-03-01T00:00:00Z", "2030-03-02T00:00:00Z")
+    assert body["jobs"]["completed"] == 1 and body["video_seconds"] == 2.0
+
+    bob = usage_api.get("/v1/usage?from=2030-01-01", headers=auth(usage_api, "bob")).json()
+    assert bob["tenant"] == "bob" and bob["jobs"]["completed"] == 1 and bob["video_seconds"] == 10.0
+
+
+def test_default_window_follows_to():
+    start, end = resolve_window(None, "2030-01-31", now=NOW)
+    assert (start, end) == (datetime(2030, 1, 1, tzinfo=timezone.utc), datetime(2030, 2, 1, tzinfo=timezone.utc))
+    start, end = resolve_window(None, None, now=datetime(2030, 4, 1, tzinfo=timezone.utc))
+    assert start == end == datetime(2030, 4, 1, tzinfo=timezone.utc)  # the first instant of a month
+    start, end = resolve_window("2032-01-01", "2032-12-31", now=NOW)  # a leap year: 366 days is allowed
+    assert end - start == timedelta(days=366)
+
+
+def test_usage_store_outage_is_a_503(tmp_path):
+    path = tmp_path / "tenants.yaml"
+    key = add_tenant(path, "alice")
+    ledger = RedisUsageLedger("redis://127.0.0.1:1/0", key_prefix=unique_prefix(), socket_timeout_s=1)
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(usage_router(ledger, TenantRegistry(path).authenticate, clock=lambda: NOW))
+    response = TestClient(app).get("/v1/usage", headers={"Authorization": f"Bearer {key}"})
+    assert_error(response, 503, "store_unavailable")
+    assert "127.0.0.1" not in response.text
