@@ -431,13 +431,7 @@ def _device_name(device: str) -> str:
 
 
 def benchmark(args) -> dict:
-    import numpy as np
     import torch
-
-    from pipelines.images import load_image
-    from pipelines.params import GenerationParams
-    from pipelines.sample_image import SAMPLE_IMAGE_PATH
-    from pipelines.staged import StagedPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
@@ -450,10 +444,24 @@ def benchmark(args) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     sync = (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
 
-    params = GenerationParams(
-        seed=args.seed, num_frames=args.frames, num_inference_steps=args.steps, width=args.width,
-        height=args.height, decode_chunk_size=args.decode_chunk_size, output_format="mp4",
-    )
+    import numpy as np
+
+    from pipelines.images import load_image
+    from pipelines.params import GenerationParams
+    from pipelines.sample_image import SAMPLE_IMAGE_PATH
+    from pipelines.staged import StagedPipeline
+
+    from pydantic import ValidationError
+
+    from pipelines.params import describe_validation_error
+
+    try:
+        params = GenerationParams(
+            seed=args.seed, num_frames=args.frames, num_inference_steps=args.steps, width=args.width,
+            height=args.height, decode_chunk_size=args.decode_chunk_size, output_format="mp4",
+        )
+    except ValidationError as error:
+        raise BenchError(describe_validation_error(error)) from None
     image = load_image(args.image or SAMPLE_IMAGE_PATH)
 
     start = time.perf_counter()
@@ -577,10 +585,11 @@ def print_report(r: dict) -> None:
     if f:
         mfu = f"MFU {f['unet_mfu']:.1%} of {f['peak_tflops']:g} TFLOP/s ({f['peak_source']})" if f["unet_mfu"] else (
             "MFU n/a: unknown GPU, pass --peak-tflops" if r["device"].startswith("cuda") else "MFU n/a on CPU")
-        print(f"U-Net: {f['unet_tflop_per_step']:.1f} TFLOP/step x {c['steps']} = {f['unet_tflop']:.0f} TFLOP "
-              f"-> {f['unet_tflops_per_s']:.1f} TFLOP/s, {mfu}")
+        print(f"U-Net: {f['unet_tflop_per_step']:.4g} TFLOP/step x {c['steps']} = {f['unet_tflop']:.4g} TFLOP "
+              f"-> {f['unet_tflops_per_s']:.4g} TFLOP/s, {mfu}")
         dmfu = f", MFU {f['decode_mfu']:.1%}" if f["decode_mfu"] else ""
-        print(f"decode: {f['decode_tflop']:.1f} TFLOP -> {f['decode_tflops_per_s']:.1f} TFLOP/s{dmfu}")
+        print(f"decode: {f['decode_tflop']:.4g} TFLOP -> {f['decode_tflops_per_s']:.4g} TFLOP/s{dmfu}")
+        print(f"  (FLOPs {f['rule']})")
     if r["peak_gpu_memory_bytes"] is not None:
         print(f"peak GPU memory (torch.cuda.max_memory_allocated, measured runs): "
               f"{r['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
@@ -628,6 +637,13 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if type(error).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+        print(f"{PROG}: out of GPU memory ({first}); try --attention sdpa or a smaller --decode-chunk-size",
+              file=sys.stderr)
+        return 3
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

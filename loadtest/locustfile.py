@@ -68,8 +68,9 @@ def _init(environment, **_kwargs) -> None:
     state = setup(environment, profile, keys, index=0, workers=workers)
     state.options = options
     if isinstance(runner, MasterRunner):
-        runner.register_message(MSG_RECORDS, lambda msg, **_: state.on_worker_message(msg))
-        runner.register_message(MSG_FINAL, lambda msg, **_: state.on_worker_message(msg, final=True))
+        # Look the state up per message: every run starts with a fresh one (see _test_start).
+        runner.register_message(MSG_RECORDS, lambda msg, **_: environment.loadtest.on_worker_message(msg))
+        runner.register_message(MSG_FINAL, lambda msg, **_: environment.loadtest.on_worker_message(msg, final=True))
 
 
 @events.test_start.add_listener
@@ -78,10 +79,11 @@ def _test_start(environment, **_kwargs) -> None:
     if state is None or environment.parsed_options is None:
         return
     runner = environment.runner
-    if isinstance(runner, WorkerRunner) and runner.worker_index > 0 and state.index != runner.worker_index:
-        # Re-slice the schedule now that the worker's index is known.
-        state = setup(environment, state.profile, state.keys, index=runner.worker_index, workers=state.workers)
-        state.options = environment.parsed_options
+    # A fresh state per run (the web UI can start several), sliced by the worker's index, which a
+    # worker only learns from the master's ack after init.
+    index = max(0, runner.worker_index) if isinstance(runner, WorkerRunner) else 0
+    state = setup(environment, state.profile, state.keys, index=index, workers=state.workers)
+    state.options = environment.parsed_options
     state.start()
     state.run_started_iso = datetime.now(timezone.utc).isoformat(timespec="seconds")
     state.sampler = None

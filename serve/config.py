@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.loader import ModelSpec
 
+from .webhooks import WebhookConfig
+
 STAGES = ("image_encoder", "sampler", "decoder", "video_encoder")
 
 
@@ -187,6 +189,9 @@ class JobStoreConfig(_Strict):
     lease_s: float = Field(default=30.0, gt=0, description="A claimed job returns to the queue if not renewed in time.")
     max_attempts: int = Field(default=3, ge=1, description="Claims of one job before it is failed as abandoned.")
     retention_s: float = Field(default=24 * 3600.0, gt=0, description="Records and outputs expire after this long.")
+    usage_retention_s: float = Field(
+        default=400 * 24 * 3600.0, gt=0, description="Usage (metering) records are kept this long, beyond the jobs."
+    )
 
     @model_validator(mode="after")
     def _check_backend(self) -> "JobStoreConfig":
@@ -235,6 +240,12 @@ class AppConfig(_Strict):
     job_store: JobStoreConfig = Field(default_factory=JobStoreConfig, description="Durable job store.")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Tenants and API keys.")
+    webhooks: WebhookConfig = Field(default_factory=WebhookConfig, description="Webhook delivery and retries.")
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL clients reach the API at (e.g. https://svd.example.com); used for output URLs in "
+        "webhook bodies. Without it they are relative paths.",
+    )
     max_inflight_jobs: int = Field(
         default=4,
         ge=1,

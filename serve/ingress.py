@@ -11,6 +11,9 @@ from .api.app import create_api
 from .api.service import VideoService
 from .config import AppConfig
 from .jobstore import make_job_store
+from .lifecycle import JobLifecycle
+from .metering import make_usage_ledger
+from .metering.api import usage_router
 from .storage import make_storage
 from .telemetry import setup_tracing
 from .tenants import TenantRegistry
@@ -27,14 +30,17 @@ class Ingress:
         self.runner = runner
         self.sampler = sampler
         self._model_info: dict[str, Any] | None = None
+        self.tenants = TenantRegistry(self.config.auth.resolved_tenants_file())
+        store = make_job_store(self.config.job_store)
+        self.ledger = make_usage_ledger(self.config.job_store, retention_s=self.config.job_store.usage_retention_s)
+        self.lifecycle = JobLifecycle(self.config, store=store, ledger=self.ledger, tenants=self.tenants)
         self.service = VideoService(
             self.config,
-            store=make_job_store(self.config.job_store),
+            store=store,
             storage=make_storage(self.config.storage),
             model_info=self.model_info,
             on_admitted=lambda job: self.runner.wake.remote(),  # fire and forget: lower dispatch latency
         )
-        self.tenants = TenantRegistry(self.config.auth.resolved_tenants_file())
 
     async def model_info(self) -> dict[str, Any]:
         """What the loaded model defaults to (frames), asked of a Sampler replica once."""
@@ -47,4 +53,5 @@ class Ingress:
         await asyncio.wait_for(self.runner.stats.remote(), MODEL_INFO_TIMEOUT_S)
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.service, self.tenants, ready=self._ready)
+        return create_api(self.service, self.tenants, ready=self._ready, on_ended=self.lifecycle.ended,
+                          routers=[usage_router(self.ledger, self.tenants.authenticate)])

@@ -26,10 +26,13 @@ from pipelines.errors import InvalidInputError, JobCancelledError
 
 from .config import AppConfig
 from .context import JobContext
-from .jobstore import Job, JobError, JobOutput, JobStatus, make_job_store
+from .jobstore import Job, JobError, JobOutput, make_job_store
+from .lifecycle import JobLifecycle
+from .metering import make_usage_ledger
 from .scheduler import pick_next
 from .storage import job_prefix, make_storage
 from .telemetry import current_carrier, log_extra, metrics, setup_tracing, span_from_carrier
+from .tenants import TenantRegistry
 
 logger = logging.getLogger("svd_serve")
 
@@ -58,6 +61,9 @@ class JobRunner:
         setup_tracing(self.config.tracing)
         self.store = make_job_store(self.config.job_store)
         self.storage = make_storage(self.config.storage)
+        self.ledger = make_usage_ledger(self.config.job_store, retention_s=self.config.job_store.usage_retention_s)
+        self.lifecycle = JobLifecycle(self.config, store=self.store, ledger=self.ledger,
+                                      tenants=TenantRegistry(self.config.auth.resolved_tenants_file()))
         self.stages = (image_encoder, sampler, decoder, video_encoder)
         self.owner = f"runner-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lease_s = self.config.job_store.lease_s
@@ -94,7 +100,8 @@ class JobRunner:
                     await asyncio.to_thread(self._renew_leases)
                 if now - self._last_recover >= self.lease_s / 2:
                     self._last_recover = now
-                    await asyncio.to_thread(self._recover)
+                    for job_id in await asyncio.to_thread(self._recover):
+                        await self.lifecycle.ended(job_id)
                 if now - self._last_gauges >= GAUGE_INTERVAL_S:
                     self._last_gauges = now
                     await asyncio.to_thread(self._update_gauges)
@@ -141,27 +148,25 @@ class JobRunner:
                 logger.warning("lost the lease; stopping this copy", extra=log_extra(job_id))
                 task.cancel()
 
-    def _recover(self) -> None:
+    def _recover(self) -> list[str]:
+        """Re-queue or fail jobs whose runner vanished; apply retention. Returns jobs that ended."""
+        ended = []
         for job in self.store.recover_expired(max_attempts=self.config.job_store.max_attempts):
             logger.warning("recovered an expired lease: now %s", job.status.value, extra=log_extra(job.id))
-            if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
-                self._count(job.status, job.tenant)
+            if job.status.is_terminal:
+                ended.append(job.id)
         # Retention: expired records go, and their stored input and output with them.
         for job in self.store.purge_expired():
             self.storage.delete_prefix(job_prefix(job.tenant, job.id))
             logger.info("purged an expired job and its files", extra=log_extra(job.id))
+        self.ledger.purge()
+        return ended
 
     def _update_gauges(self) -> None:
         recorder = metrics()
         if recorder is not None:
             recorder.queue_depth.set(self.store.queue_depth())
             recorder.running_jobs.set(self.store.running_count())
-
-    @staticmethod
-    def _count(status: JobStatus, tenant: str) -> None:
-        recorder = metrics()
-        if recorder is not None:
-            recorder.jobs_total.inc(tags={"status": status.value, "tenant": tenant})
 
     # -- one job --------------------------------------------------------------------------------
 
@@ -182,6 +187,8 @@ class JobRunner:
         output_key = job.metadata["output_key"]
         start = time.perf_counter()
         responses = []
+        watcher = asyncio.get_running_loop().create_task(self._watch_progress(job.id)) \
+            if job.webhook_url and job.metadata.get("webhook_events") else None
         try:
             encoded = encoder.encode.remote(ctx, job.input_key, params)
             sampled = sampler.sample.remote(ctx, encoded, params)
@@ -194,8 +201,12 @@ class JobRunner:
                 response.cancel()
             raise
         except BaseException as error:  # noqa: BLE001 - classified below
-            await asyncio.to_thread(self._settle_failure, job, error)
+            if await asyncio.to_thread(self._settle_failure, job, error):
+                await self.lifecycle.ended(job.id)
             return
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         output = JobOutput(
             key=stored["key"], content_type=stored["content_type"],
             file_name=f"{job.id}.{output_key.rsplit('.', 1)[-1]}", file_size=stored["file_size"],
@@ -205,38 +216,41 @@ class JobRunner:
             self.store.complete, job.id, owner=self.owner, output=output,
             timings={"total": job_seconds},
         )
-        await asyncio.to_thread(
-            self.store.update_metadata, job.id, {"video_seconds": stored["video_seconds"]},
-        )
-        self._count(JobStatus.COMPLETED, job.tenant)
+        await self.lifecycle.ended(job.id)
         logger.info("job completed in %.2fs", job_seconds, extra=log_extra(job.id, tenant=job.tenant))
 
-    def _settle_failure(self, job: Job, error: BaseException) -> None:
+    def _settle_failure(self, job: Job, error: BaseException) -> bool:
+        """Record how a job that raised ends; True if it reached a terminal state."""
         cause = _cause(error)
         if isinstance(cause, JobCancelledError) or self.store.is_cancel_requested(job.id):
-            if self.store.mark_cancelled(job.id, owner=self.owner):
-                self._count(JobStatus.CANCELLED, job.tenant)
             logger.info("job cancelled", extra=log_extra(job.id))
-            return
+            return self.store.mark_cancelled(job.id, owner=self.owner)
         if is_infrastructure_error(error):
             # A replica died or the stage was saturated: try again (bounded by max_attempts at claim).
-            if job.attempts >= self.config.job_store.max_attempts:
-                self.store.fail(job.id, owner=self.owner, error=JobError(
-                    code="worker_lost",
-                    message=f"a pipeline worker stopped during each of {job.attempts} attempts; giving up"))
-                self._count(JobStatus.FAILED, job.tenant)
-            else:
+            logger.warning("stage worker lost (%s)", type(cause).__name__, extra=log_extra(job.id))
+            if job.attempts < self.config.job_store.max_attempts:
                 self.store.release(job.id, owner=self.owner)
-            logger.warning("stage worker lost (%s); job re-queued", type(cause).__name__, extra=log_extra(job.id))
-            return
+                return False
+            return self.store.fail(job.id, owner=self.owner, error=JobError(
+                code="worker_lost",
+                message=f"a pipeline worker stopped during each of {job.attempts} attempts; giving up"))
         if isinstance(cause, InvalidInputError):
             err = JobError(code=cause.code, message=str(cause))
         else:
             err = JobError(code="internal_error", message="generation failed inside the service; it was logged "
                                                           "and is not charged")
             logger.error("job failed: %r", cause, extra=log_extra(job.id), exc_info=cause)
-        self.store.fail(job.id, owner=self.owner, error=err)
-        self._count(JobStatus.FAILED, job.tenant)
+        return self.store.fail(job.id, owner=self.owner, error=err)
+
+    async def _watch_progress(self, job_id: str) -> None:
+        """Progress webhooks for jobs that asked for them: the stages write progress to the store."""
+        interval = self.config.webhooks.progress_min_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            job = await asyncio.to_thread(self.store.get, job_id, tenant=None)
+            if job is None or job.status.is_terminal:
+                return
+            await self.lifecycle.progressed(job)
 
     # -- shutdown -------------------------------------------------------------------------------
 
@@ -250,3 +264,4 @@ class JobRunner:
         for job_id, task in list(self.inflight.items()):
             task.cancel()
             await asyncio.to_thread(self.store.release, job_id, owner=self.owner)
+        await self.lifecycle.drain(timeout_s=5.0)

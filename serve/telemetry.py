@@ -112,6 +112,13 @@ class _Metrics:
         self.jobs_total = metrics.Counter(
             "svd_jobs_total", description="Jobs reaching a status.", tag_keys=("status", "tenant")
         )
+        self.video_seconds = metrics.Counter(
+            "svd_video_seconds_total", description="Seconds of video produced (charged jobs).", tag_keys=("tenant",)
+        )
+        self.gpu_seconds = metrics.Counter(
+            "svd_gpu_seconds_total", description="GPU-seconds used: replica busy time x GPU share (charged jobs).",
+            tag_keys=("tenant", "stage"),
+        )
         self.queue_depth = metrics.Gauge("svd_queue_depth", description="Queued jobs in the job store.")
         self.running_jobs = metrics.Gauge("svd_running_jobs", description="Jobs in progress in the job store.")
 

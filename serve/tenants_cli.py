@@ -279,7 +279,7 @@ def _add_policy_options(parser: argparse.ArgumentParser, *, resettable: bool) ->
     group.add_argument("--any-model", action="store_true", help="allow any model (clears --allowed-model)")
     if resettable:
         group.add_argument("--reset", action="append", metavar="SETTING", default=None,
-                           help="drop this tenant's own value of a setting (e.g. burst or --max-running), "
+                           help="drop this tenant's own value of a setting (e.g. burst or max-running), "
                                 "falling back to the defaults; repeatable")
 
 

@@ -5,6 +5,7 @@ capacity model, profiles, arrival schedules, units and small helpers. No Locust 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 
@@ -85,7 +86,7 @@ def test_completed_per_minute_bins():
     partial = report.completed_per_minute(records, T0, T0 + 150.0)
     assert partial[-1]["completed"] == 2 and partial[-1]["per_minute"] == pytest.approx(2 * 60 / 30)
     ten = report.completed_per_minute(records, T0, T0 + 60, bin_s=10)
-    assert [b["completed"] for b in ten] == [1, 0, 0, 1, 0, 3]  # 59 and 61 and 150/170 clamp into the last bin
+    assert [b["completed"] for b in ten] == [1, 0, 0, 1, 0, 4]  # 59, 61, 150 and 170 clamp into the last bin
 
 
 def test_tenant_shares_against_weights():
@@ -331,15 +332,15 @@ def test_profile_rejects_bad_input():
 
 
 def test_arrival_patterns():
-    assert list(constant_times(2.0, start=1.0))[:3] if False else True
+    assert list(itertools.islice(constant_times(2.0, start=1.0), 3)) == [1.0, 1.5, 2.0]
     times = list(pattern_times(Profile.model_validate({"name": "c", "duration": 10, "max_jobs": 99, "tenants": [
         {"name": "a", "arrivals": {"pattern": "constant", "rate": 2}}]}).tenants[0].arrivals,
         rng=random.Random(0), window=10))
     assert times == [k / 2 for k in range(20)]
     assert list(burst_times(3, 10, start=5, count=2)) == [5, 5, 5, 15, 15, 15]
-    # an evenly spaced ramp from 0 to 1/s over 100 s has 50 arrivals in the ramp
-    ramp = [t for t in ramp_times(0.0, 1.0, 100.0, None) if t < 100.0]
-    assert len(ramp) == 50 and ramp == sorted(ramp)
+    # an evenly spaced ramp from 0 to 1/s over 100 s has 50 arrivals in the ramp, the last at its end
+    ramp = list(itertools.takewhile(lambda t: t <= 100.0 + 1e-9, ramp_times(0.0, 1.0, 100.0, None)))
+    assert len(ramp) == 50 and ramp == sorted(ramp) and ramp[-1] == pytest.approx(100.0)
     assert ramp[0] == pytest.approx((2 * 100 * 1) ** 0.5 / 1.0 ** 0.5, rel=1e-6)  # L(u) = u^2/200 = 1 -> u = 14.14
     spec = RampArrivals(pattern="ramp", start_rate=0.1, end_rate=0.5, over=100.0, poisson=False)
     assert expected_arrivals(spec, 150.0) == pytest.approx(0.3 * 100 + 0.5 * 50)

@@ -67,6 +67,8 @@ def app_config(tmp: Path, model_dir: Path, redis_url: str, s3_endpoint: str, otl
         "tracing": {"exporter": "otlp", "otlp_endpoint": otlp_url, "export_interval_s": 0.3},
         "auth": {"tenants_file": str(tmp / "tenants.yaml")},
         "max_inflight_jobs": 8,
+        "url_allowlist": ["127.0.0.1"],  # the test's webhook receiver
+        "webhooks": {"initial_backoff_s": 0.2, "max_backoff_s": 1, "max_elapsed_s": 30},
     })
 
 
@@ -85,7 +87,7 @@ def deployment(tmp_path_factory, tiny_model_dir, redis_server, moto_s3_endpoint)
     # Limits high enough that only the scheduler shapes these tests (limits have their own tests).
     limits = {"rate_limit_per_minute": 100000, "burst": 10000, "max_running_jobs": 100, "max_queued_jobs": 1000}
     keys = {name: add_tenant(tmp / "tenants.yaml", name, weight=weight, **limits)
-            for name, weight in (("alice", 1.0), ("bob", 1.0), ("carol", 2.0), ("dave", 1.0))}
+            for name, weight in (("alice", 1.0), ("bob", 1.0), ("carol", 2.0), ("dave", 1.0), ("erin", 1.0))}
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     nodes = {name: cluster.add_node(**spec) for name, spec in POOLS.items()}
@@ -98,7 +100,7 @@ def deployment(tmp_path_factory, tiny_model_dir, redis_server, moto_s3_endpoint)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     _wait(lambda: client.get("/readyz").status_code == 200, 120, "readyz")
     yield {"client": client, "keys": keys, "config": config, "nodes": nodes, "collector": collector,
-           "model_dir": tiny_model_dir}
+           "model_dir": tiny_model_dir, "tenants_file": tmp / "tenants.yaml"}
     client.close()
     serve.shutdown()
     ray.shutdown()
@@ -307,6 +309,63 @@ def test_restarting_the_application_loses_no_job(deployment):
     for item in created:
         final = wait_terminal(deployment, item["id"], timeout_s=180)
         assert final["status"] == "completed", final
+
+
+def test_webhook_is_signed_and_usage_adds_up(deployment):
+    import hashlib
+    import hmac
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serve.tenants import read_tenants
+
+    received, calls = [], {"n": 0}
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            calls["n"] += 1
+            if calls["n"] == 1:  # the first delivery fails: the service must retry
+                self.send_response(503)
+            else:
+                received.append((dict(self.headers), body))
+                self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        first = submit(deployment, tenant="erin", webhook_url=url)
+        second = submit(deployment, tenant="erin", num_frames=4)
+        for created in (first, second):
+            assert wait_terminal(deployment, created["id"], tenant="erin")["status"] == "completed"
+        headers, body = _wait(lambda: received and received[0], 30, "the webhook")
+    finally:
+        server.shutdown()
+    secret = read_tenants(deployment["tenants_file"])["erin"].webhook_secret
+    timestamp = headers["Webhook-Timestamp"]
+    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    assert headers["Webhook-Signature"] == f"v1={expected}"
+    event = json.loads(body)
+    assert event["type"] == "video.completed" and event["data"]["id"] == first["id"]
+    deliveries = _wait(lambda: len((j := job(deployment, first["id"], "erin"))["webhook"]["deliveries"]) >= 2 and j,
+                       30, "delivery attempts on the job")["webhook"]["deliveries"]
+    assert [d.get("status_code") for d in deliveries[:2]] == [503, 204]
+
+    usage = deployment["client"].get("/v1/usage", headers=auth(deployment, "erin")).json()
+    assert usage["jobs"]["completed"] == 2 and usage["jobs"]["charged"] == 2
+    # 6 frames + 4 frames at the default 7 fps.
+    assert usage["video_seconds"] == pytest.approx(6 / 7 + 4 / 7)
+    views = [job(deployment, c["id"], "erin") for c in (first, second)]
+    sampler_gpu = sum(v["timings"]["sampling"] for v in views) * 0.5  # the Sampler holds half a GPU
+    assert usage["gpu_seconds"]["by_stage"]["sampler"] == pytest.approx(sampler_gpu, rel=1e-6)
+    other = deployment["client"].get("/v1/usage", headers=auth(deployment, "bob")).json()
+    assert other["tenant"] == "bob" and other["video_seconds"] != usage["video_seconds"]
 
 
 # -- fair sharing (issue #4): one Sampler replica, three jobs in flight --------------------------------

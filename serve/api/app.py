@@ -5,9 +5,9 @@ be tested without Ray); ``serve.ingress_deployment.Ingress`` mounts it as the Se
 import asyncio
 import json
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Sequence
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from pipelines.errors import InvalidInputError
@@ -25,10 +25,12 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 REJECTIONS = {
     401: {"model": ErrorBody, "description": "Missing or invalid API key."},
+    403: {"model": ErrorBody, "description": "The tenant may not use this model."},
     404: {"model": ErrorBody, "description": "No such job for this tenant."},
     409: {"model": ErrorBody, "description": "The job is not in a state that allows this."},
     413: {"model": ErrorBody, "description": "The request or image is too large."},
-    422: {"model": ErrorBody, "description": "Invalid image or parameter."},
+    422: {"model": ErrorBody, "description": "Invalid image or parameter, or over a tenant cap."},
+    429: {"model": ErrorBody, "description": "Over the tenant's rate limit or queue size (see Retry-After)."},
     503: {"model": ErrorBody, "description": "A backing service is unavailable."},
 }
 
@@ -74,14 +76,18 @@ async def _too_large(send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None) -> FastAPI:
-    """The FastAPI app. ``ready`` is an async callable raising when the service cannot take work."""
+def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on_ended=None,
+               routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The FastAPI app. ``ready`` is an async callable raising when the service cannot take work;
+    ``on_ended(job_id)`` is awaited when a request ends a job (cancelling a queued one)."""
     app = FastAPI(
         title="svd-serve",
         version="0.1.0",
         description="Image-to-video generation with Stable Video Diffusion: submit a job, follow it, download the clip.",
     )
     install_error_handlers(app)
+    for router in routers:
+        app.include_router(router)
     # base64 inflates by 4/3; multipart adds a little framing.
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.config.max_upload_bytes * 4 // 3 + MULTIPART_OVERHEAD)
 
@@ -103,7 +109,9 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None) ->
                   "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
                       "image": {"type": "string", "format": "binary"},
                       "params": {"type": "string", "description": "JSON object of generation parameters"},
-                      "webhook_url": {"type": "string"}}}}}, "required": True}})
+                      "webhook_url": {"type": "string"},
+                      "webhook_events": {"type": "string", "description": "comma-separated, e.g. progress"}}}}},
+                  "required": True}})
     async def create_video(
         request: Request,
         tenant: TenantDep,
@@ -118,6 +126,7 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None) ->
             image = await upload.read(service.config.max_upload_bytes + 1)
             params = GenerationParams.model_validate(parse_params_field(form.get("params")))
             webhook_url = form.get("webhook_url") or None
+            webhook_events = [e.strip() for e in str(form.get("webhook_events") or "").split(",") if e.strip()]
         elif content_type.startswith("application/json") or not content_type:
             raw = await request.body()
             try:
@@ -128,11 +137,11 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None) ->
                 raise InvalidInputError("the body must be a JSON object with image_url and generation parameters")
             create = CreateVideoRequest.model_validate(body)
             image = await call(service.image_from_url, create.image_url)
-            params, webhook_url = create.generation_params(), create.webhook_url
+            params, webhook_url, webhook_events = create.generation_params(), create.webhook_url, create.webhook_events
         else:
             raise APIError(415, "unsupported_media_type", "send application/json or multipart/form-data")
         admission = await service.admit(tenant, image=image, params=params, webhook_url=webhook_url,
-                                        idempotency_key=idempotency_key)
+                                        webhook_events=webhook_events, idempotency_key=idempotency_key)
         view = service.view(admission.job, base_url(request))
         headers = {"Location": f"/v1/videos/{view.id}"}
         if not admission.created:
@@ -160,7 +169,10 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None) ->
 
     @app.post("/v1/videos/{job_id}/cancel", response_model=VideoJob, responses=REJECTIONS, summary="Cancel a job")
     async def cancel_video(request: Request, job_id: str, tenant: TenantDep):
-        return service.view(await call(service.cancel, tenant, job_id), base_url(request))
+        job, ended_now = await call(service.cancel, tenant, job_id)
+        if ended_now and on_ended is not None:
+            await on_ended(job.id)
+        return service.view(job, base_url(request))
 
     @app.delete("/v1/videos/{job_id}", status_code=204, responses=REJECTIONS,
                 summary="Delete a finished job and its stored files")

@@ -19,10 +19,13 @@ class CreateVideoRequest(GenerationParams):
         description="The conditioning image: an http(s) URL the service downloads, or a base64 data URL "
         "(data:image/png;base64,...). For a file upload use multipart/form-data instead."
     )
-    webhook_url: str | None = Field(default=None, description="Called with the job when it ends (see README).")
+    webhook_url: str | None = Field(default=None, description="Called with the job when it ends (docs/webhooks.md).")
+    webhook_events: list[str] = Field(
+        default_factory=list, description='Extra webhook events: ["progress"]. Terminal events are always sent.'
+    )
 
     def generation_params(self) -> GenerationParams:
-        return GenerationParams.model_validate(self.model_dump(exclude={"image_url", "webhook_url"}))
+        return GenerationParams.model_validate(self.model_dump(exclude={"image_url", "webhook_url", "webhook_events"}))
 
 
 class Progress(BaseModel):
@@ -44,6 +47,13 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+class WebhookInfo(BaseModel):
+    url: str
+    events: list[str] = Field(description="Events asked for besides the terminal ones (e.g. video.progress).")
+    deliveries: list[dict[str, Any]] = Field(
+        description="Delivery attempts: event id and type, attempt number, time, HTTP status or error, next retry.")
+
+
 class VideoJob(BaseModel):
     """A video generation job as clients see it."""
 
@@ -61,6 +71,7 @@ class VideoJob(BaseModel):
     error: ErrorInfo | None = Field(default=None, description="Why the job failed (status failed).")
     output: Output | None = Field(default=None, description="The clip (status completed).")
     webhook_url: str | None = None
+    webhook: WebhookInfo | None = Field(default=None, description="Webhook settings and delivery attempts.")
 
 
 class VideoJobList(BaseModel):

@@ -26,6 +26,7 @@ the dispatcher (:func:`serve.scheduler.pick_next`) skips a tenant at its cap.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -48,7 +49,9 @@ from ..telemetry import current_carrier, log_extra, tracer
 from ..tenants import Tenant, TenantPolicy
 from ..urlguard import URLPolicy, guarded_client
 from .errors import APIError, NotFoundError
-from .schemas import ErrorInfo, Output, Progress, VideoJob
+from ..webhooks import check_webhook_url, normalize_events
+from .schemas import VideoJob
+from .views import job_view
 
 logger = logging.getLogger("svd_serve")
 
@@ -58,8 +61,6 @@ QUEUE_FULL_RETRY_AFTER_S = 10
 #: Token bucket of a tenant's submissions in the job store.
 SUBMIT_BUCKET = "submit:{tenant}"
 
-#: Rough share of a job's time per stage, for the progress percentage.
-_STAGE_SPAN = {"image_encode": (0, 3), "sampling": (3, 88), "decode": (88, 96), "video_encode": (96, 99), "store": (99, 100)}
 
 
 @dataclass
@@ -109,9 +110,11 @@ class VideoService:
         image: bytes,
         params: GenerationParams,
         webhook_url: str | None = None,
+        webhook_events: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> Admission:
         """Validate, store the image, write the job. Raises for anything the client must fix."""
+        events = sorted(normalize_events(webhook_events)) if webhook_events else []
         if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255 and idempotency_key.isprintable()):
             raise InvalidInputError("Idempotency-Key must be 1-255 printable characters")
         policy = tenant.policy
@@ -121,7 +124,8 @@ class VideoService:
                                "this tenant may not use the model this service runs "
                                f"(allowed_models: {', '.join(policy.allowed_models)})")
             fingerprint = hashlib.sha256(
-                hashlib.sha256(image).digest() + params.model_dump_json().encode() + (webhook_url or "").encode()
+                hashlib.sha256(image).digest() + params.model_dump_json().encode()
+                + json.dumps([webhook_url, events]).encode()
             ).hexdigest()
             if idempotency_key is not None:
                 existing = self.store.find_by_idempotency_key(tenant.name, idempotency_key)
@@ -130,6 +134,11 @@ class VideoService:
             info = await self.model_info()
             resolved = params.resolved(default_num_frames=info["num_frames"])
             self.check_limits(policy, resolved)
+            if webhook_url is not None:
+                if not tenant.webhook_secret:
+                    raise APIError(422, "webhook_unavailable", "this tenant has no webhook secret to sign "
+                                   "webhooks with; ask the operator to run 'svd-serve tenants rotate --webhook-secret'")
+                await asyncio.to_thread(check_webhook_url, webhook_url, self.config.url_allowlist)
             self.check_quota(tenant)
             decode_image_bytes(image, max_bytes=self.config.max_upload_bytes, name="image")
             job = Job(
@@ -145,6 +154,8 @@ class VideoService:
                 "output_key": job_key(tenant.name, job.id, f"{job.id}.{resolved.output_format.value}"),
                 "fingerprint": fingerprint,
             }
+            if events:
+                job.metadata["webhook_events"] = events
             if policy.max_running_jobs is not None:
                 job.metadata[MAX_RUNNING_KEY] = policy.max_running_jobs
             if policy.retention_s is not None:
@@ -211,13 +222,16 @@ class VideoService:
             raise NotFoundError()
         return job
 
-    def cancel(self, tenant: Tenant, job_id: str) -> Job:
+    def cancel(self, tenant: Tenant, job_id: str) -> tuple[Job, bool]:
+        """The job after a cancel request, and whether this request ended it (it was still queued)."""
+        before = self.store.get(job_id, tenant=tenant.name)
         job = self.store.request_cancel(job_id, tenant=tenant.name)
         if job is None:
             raise NotFoundError()
         if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
             raise APIError(409, "already_finished", f"the job already {job.status.value}; nothing to cancel")
-        return job
+        ended_now = before is not None and before.status is JobStatus.QUEUED and job.status is JobStatus.CANCELLED
+        return job, ended_now
 
     def delete(self, tenant: Tenant, job_id: str) -> None:
         job = self.get(tenant, job_id)
@@ -236,39 +250,8 @@ class VideoService:
     # -- views ----------------------------------------------------------------------------------
 
     def view(self, job: Job, base_url: str) -> VideoJob:
-        progress = job.progress
-        if job.status is JobStatus.COMPLETED:
-            percent = 100.0
-        elif progress.stage in _STAGE_SPAN:
-            low, high = _STAGE_SPAN[progress.stage]
-            fraction = progress.step / progress.total_steps if progress.stage == "sampling" and progress.total_steps else 0
-            percent = low + (high - low) * fraction
-        else:
-            percent = 0.0
-        output = None
-        if job.output is not None:
-            output = Output(
-                url=f"{base_url.rstrip('/')}/v1/videos/{job.id}/content",
-                content_type=job.output.content_type,
-                file_name=job.output.file_name,
-                file_size=job.output.file_size,
-            )
-        return VideoJob(
-            id=job.id,
-            status=job.status.value,
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            expires_at=job.expires_at,
-            params=job.params,
-            queue_position=self.store.queue_position(job.id) if job.status is JobStatus.QUEUED else None,
-            progress=Progress(stage=progress.stage, step=progress.step, total_steps=progress.total_steps,
-                              percent=round(percent, 1)),
-            timings=job.timings,
-            error=ErrorInfo(code=job.error.code, message=job.error.message) if job.error else None,
-            output=output,
-            webhook_url=job.webhook_url,
-        )
+        position = self.store.queue_position(job.id) if job.status is JobStatus.QUEUED else None
+        return job_view(job, base_url, queue_position=position)
 
 
 def parse_params_field(raw: str | None) -> dict[str, Any]:

@@ -107,7 +107,7 @@ else
     wait = (1 - tokens) / rate
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', string.format('%.17g', ts))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 60000)
+redis.call('PEXPIRE', KEYS[1], math.min(math.ceil(burst / rate * 1000) + 60000, 2592000000))
 return string.format('%.17g', wait)
 """
 

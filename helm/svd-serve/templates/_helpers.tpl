@@ -257,7 +257,11 @@ the model cache directory, the tiny model path, the Redis URL and the tenants fi
   "max_inflight_jobs" .Values.app.max_inflight_jobs
   "max_upload_bytes" .Values.app.max_upload_bytes
   "url_allowlist" (.Values.app.url_allowlist | default list)
+  "webhooks" (deepCopy .Values.app.webhooks)
 }}
+{{- if .Values.app.public_url }}
+{{- $_ := set $args "public_url" .Values.app.public_url }}
+{{- end }}
 {{- toYaml $args }}
 {{- end }}
 

@@ -1,0 +1,82 @@
+"""What happens when a job ends (and, for subscribers, while it runs): usage, metrics, webhook.
+
+One place for it, used by the job runner (completed, failed, cancelled while running, abandoned)
+and by the ingress (cancelled while queued), so every terminal state is metered once and
+announced once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .api.views import job_view
+from .config import AppConfig
+from .jobstore import Job, JobStore
+from .metering import UsageLedger, gpu_share_from_config, usage_record_for
+from .telemetry import log_extra, metrics
+from .tenants import TenantRegistry
+from .webhooks import EVENT_PROGRESS, WebhookSender, event_type_for, job_recorder, wants_event
+
+logger = logging.getLogger("svd_serve")
+
+
+class JobLifecycle:
+    def __init__(self, config: AppConfig, *, store: JobStore, ledger: UsageLedger, tenants: TenantRegistry) -> None:
+        self.store, self.ledger, self.tenants = store, ledger, tenants
+        self.gpu_share = gpu_share_from_config(config.stages)
+        self.base_url = config.public_url or ""
+        self.sender = WebhookSender.from_config(config.webhooks, allow=config.url_allowlist)
+        self.keep_attempts = config.webhooks.max_recorded_attempts
+        self._deliveries: set[asyncio.Task] = set()
+
+    async def ended(self, job_id: str) -> None:
+        """Meter, count and announce a job that reached a terminal state. Never raises."""
+        try:
+            job = await asyncio.to_thread(self.store.get, job_id, tenant=None)
+            if job is None or not job.status.is_terminal:
+                return
+            await asyncio.to_thread(self._meter, job)
+            self._notify(job, event_type_for(job.status))
+        except Exception:  # bookkeeping must not break serving
+            logger.exception("terminal bookkeeping failed", extra=log_extra(job_id))
+
+    async def progressed(self, job: Job) -> None:
+        """A progress event for jobs that asked for one, at most once per configured interval."""
+        if job.webhook_url and wants_event(EVENT_PROGRESS, job.metadata.get("webhook_events")) \
+                and self.sender.progress_due(job.id):
+            self._notify(job, EVENT_PROGRESS)
+
+    def _meter(self, job: Job) -> None:
+        record = usage_record_for(job, self.gpu_share)
+        first = self.ledger.record(record)
+        recorder = metrics()
+        if recorder is None:
+            return
+        recorder.jobs_total.inc(tags={"status": job.status.value, "tenant": job.tenant})
+        if first and record.charged:
+            if record.video_seconds:
+                recorder.video_seconds.inc(record.video_seconds, tags={"tenant": job.tenant})
+            for stage, seconds in record.gpu_seconds.items():
+                if seconds:
+                    recorder.gpu_seconds.inc(seconds, tags={"tenant": job.tenant, "stage": stage})
+
+    def _notify(self, job: Job, event_type: str) -> None:
+        if not job.webhook_url:
+            return
+        tenant = self.tenants.get(job.tenant)
+        secret = tenant.webhook_secret if tenant is not None else None
+        if not secret:
+            logger.warning("webhook skipped: the tenant has no webhook secret", extra=log_extra(job.id))
+            return
+        payload = job_view(job, self.base_url).model_dump(mode="json")
+        task = asyncio.get_running_loop().create_task(self.sender.deliver(
+            job.id, job.webhook_url, secret, event_type, payload,
+            job_recorder(self.store, job.id, keep=self.keep_attempts)))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Give pending deliveries a chance to finish (shutdown)."""
+        if self._deliveries:
+            await asyncio.wait(list(self._deliveries), timeout=timeout_s)
