@@ -363,7 +363,7 @@ def test_webhook_is_signed_and_usage_adds_up(deployment):
     assert usage["video_seconds"] == pytest.approx(6 / 7 + 4 / 7)
     views = [job(deployment, c["id"], "erin") for c in (first, second)]
     sampler_gpu = sum(v["timings"]["sampling"] for v in views) * 0.5  # the Sampler holds half a GPU
-    assert usage["gpu_seconds"]["by_stage"]["sampler"] == pytest.approx(sampler_gpu, rel=1e-6)
+    assert usage["gpu_seconds"]["by_stage"]["sampling"] == pytest.approx(sampler_gpu, rel=1e-6)
     other = deployment["client"].get("/v1/usage", headers=auth(deployment, "bob")).json()
     assert other["tenant"] == "bob" and other["video_seconds"] != usage["video_seconds"]
 
