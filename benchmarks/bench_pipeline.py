@@ -499,6 +499,8 @@ def benchmark(args) -> dict:
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "device": device,
         "device_name": device_name,
+        "torch_threads": torch.get_num_threads(),
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ},
         "versions": {"torch": torch.__version__, "python": platform.python_version(), **_lib_versions()},
         "config": {
             "dtype": args.dtype, "attention": args.attention, "channels_last": args.channels_last,

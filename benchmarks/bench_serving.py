@@ -169,7 +169,8 @@ def main(argv=None) -> int:
                    "runner": {"ray_actor_options": {"num_cpus": 0}}, "ingress": {"ray_actor_options": {"num_cpus": 0}}},
         "max_inflight_jobs": 16,
     })
-    key = add_tenant(work / "tenants.yaml", "bench")
+    key = add_tenant(work / "tenants.yaml", "bench", rate_limit_per_minute=None, max_running_jobs=None,
+                     max_queued_jobs=None)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     port = 8765
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -68,7 +68,23 @@ class LocalService:
         self.gcs_address: str | None = None
         self.session: str | None = None
 
-    def start(self, timeout_s: float = READY_TIMEOUT_S) -> "LocalService":
+    def start(self, timeout_s: float = READY_TIMEOUT_S, attempts: int = 2) -> "LocalService":
+        """Start and wait until ready. On a busy machine Ray's node start-up can time out (its agents
+        must come up within seconds): such a failed start is retried once on a new port."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except RuntimeError as error:
+                if attempt == attempts or "timed out during startup" not in str(error):
+                    raise
+                print(f"svd-serve up: Ray start-up timed out (busy machine?); retrying ({attempt}/{attempts - 1})",
+                      file=sys.stderr)
+                self.stop()
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> "LocalService":
         cmd = [sys.executable, "-m", "serve.cli", "up", "--host", "127.0.0.1", "--port", str(self.port),
                "--data-dir", str(self.data_dir)]
         if self.config is not None:
@@ -79,13 +95,16 @@ class LocalService:
         env["RAY_ADDRESS"] = "local"
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"svd-serve up exited with status {self.proc.returncode}:\n{self.log_tail()}")
+                log = self.log_path.read_text(errors="replace")
+                reason = "Ray node timed out during startup: " if "timed out during startup" in log else ""
+                raise RuntimeError(f"{reason}svd-serve up exited with status {self.proc.returncode}:\n"
+                                   f"{self.log_tail()}")
             if "svd-serve is ready at" in self.log_path.read_text(errors="replace"):
                 break
             time.sleep(1.0)

@@ -17,19 +17,18 @@ from pathlib import Path
 import httpx
 
 from .config import AppConfig
-from .tenants import Tenant, hash_key, new_api_key, read_tenants, write_tenants
+from .tenants import create_tenant, read_tenants, rotate_key
 
 DEMO_TENANT = "demo"
 READY_TIMEOUT_S = 600.0
 
 
 def issue_demo_key(tenants_file: Path) -> str:
-    """A fresh key for the demo tenant (only its hash is written); other tenants are untouched."""
-    tenants = read_tenants(tenants_file)
-    key = new_api_key()
-    tenants[DEMO_TENANT] = Tenant(name=DEMO_TENANT, key_hashes=[hash_key(key)])
-    write_tenants(tenants_file, tenants)
-    return key
+    """A fresh key for the demo tenant (only its hash is written); its policy, its webhook secret
+    and the other tenants are kept."""
+    if DEMO_TENANT in read_tenants(tenants_file):
+        return rotate_key(tenants_file, DEMO_TENANT).api_key
+    return create_tenant(tenants_file, DEMO_TENANT).api_key
 
 
 def local_config(*, model: str | None, data_dir: Path, config_file: str | None) -> AppConfig:

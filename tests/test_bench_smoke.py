@@ -8,6 +8,7 @@ quoted in docs/pipeline.md are what the code computes.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "bench_pipeline.py"
+# One torch thread per subprocess: on a shared 2-core machine two OpenMP threads per process make
+# the tiny model 10-50x slower whenever the other core is busy (threads spin at every barrier).
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STAGES = ("image_encode", "sampling", "decode", "video_encode")
 BOUNDARIES = ("image_encode->sampling", "sampling->decode", "decode->video_encode")
 
@@ -24,6 +28,7 @@ def run_bench(*args: str | Path, timeout: float = 300) -> subprocess.CompletedPr
     return subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, args)],
         cwd=REPO_ROOT,
+        env=SUBPROCESS_ENV,
         capture_output=True,
         text=True,
         timeout=timeout,

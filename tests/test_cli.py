@@ -7,6 +7,7 @@ exit status, no traceback and no output file; the bad-input cases fail before th
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -25,6 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGE = REPO_ROOT / "pipelines" / "assets" / "sample.png"
 TINY_ARGS = ["--width", "64", "--height", "64", "--num-frames", "4", "--num-inference-steps", "2",
              "--device", "cpu", "--dtype", "fp32", "--quiet"]
+# One torch thread per subprocess: on a shared 2-core machine two OpenMP threads per process make
+# the tiny model 10-50x slower whenever the other core is busy (threads spin at every barrier).
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STAGES = ("image_encode", "sampling", "decode", "video_encode")
 
 
@@ -32,6 +36,7 @@ def run_cli(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProc
     return subprocess.run(
         [sys.executable, "-m", "serve.cli", *map(str, args)],
         cwd=REPO_ROOT,
+        env=SUBPROCESS_ENV,
         capture_output=True,
         text=True,
         timeout=timeout,
