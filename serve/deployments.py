@@ -36,7 +36,7 @@ from .jobstore import make_job_store
 from .storage import make_storage
 from .telemetry import log_extra, metrics, set_torch_threads, setup_tracing, span_from_carrier
 
-logger = logging.getLogger("svd_serve")
+logger = logging.getLogger("ray.serve.svd_serve")
 
 PROGRESS_WRITE_INTERVAL_S = 0.25
 

@@ -18,7 +18,7 @@ from .telemetry import log_extra, metrics
 from .tenants import TenantRegistry
 from .webhooks import EVENT_PROGRESS, WebhookSender, event_type_for, job_recorder, wants_event
 
-logger = logging.getLogger("svd_serve")
+logger = logging.getLogger("ray.serve.svd_serve")
 
 
 class JobLifecycle:

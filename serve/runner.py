@@ -34,7 +34,7 @@ from .storage import job_prefix, make_storage
 from .telemetry import current_carrier, log_extra, metrics, setup_tracing, span_from_carrier
 from .tenants import TenantRegistry
 
-logger = logging.getLogger("svd_serve")
+logger = logging.getLogger("ray.serve.svd_serve")
 
 POLL_INTERVAL_S = 0.1
 GAUGE_INTERVAL_S = 5.0

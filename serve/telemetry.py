@@ -23,7 +23,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 
 from .config import TracingConfig
 
-logger = logging.getLogger("svd_serve")
+# Under "ray.serve" so replica logs go through Serve's handlers: JSON encoding (the deployments'
+# logging_config) with our extra fields (job_id, trace_id) as keys, in Serve's log files.
+logger = logging.getLogger("ray.serve.svd_serve")
 _setup_lock = threading.Lock()
 _configured = False
 TRACER_NAME = "svd_serve"

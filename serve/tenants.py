@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from pipelines.errors import SVDServeError
 
-logger = logging.getLogger("svd_serve")
+logger = logging.getLogger("ray.serve.svd_serve")
 
 KEY_PREFIX = "svd_"
 WEBHOOK_SECRET_PREFIX = "whsec_"

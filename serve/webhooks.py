@@ -89,7 +89,7 @@ __all__ = [
     "wants_event",
 ]
 
-logger = logging.getLogger("svd_serve.webhooks")
+logger = logging.getLogger("ray.serve.svd_serve.webhooks")
 
 EVENT_COMPLETED = "video.completed"
 EVENT_FAILED = "video.failed"

@@ -22,7 +22,7 @@ from ..jobstore import JobStoreError
 from ..storage import StorageError
 from ..tenants import AuthenticationError
 
-logger = logging.getLogger("svd_serve")
+logger = logging.getLogger("ray.serve.svd_serve")
 
 
 class ErrorDetail(BaseModel):

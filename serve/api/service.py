@@ -53,7 +53,7 @@ from ..webhooks import check_webhook_url, normalize_events
 from .schemas import VideoJob
 from .views import job_view
 
-logger = logging.getLogger("svd_serve")
+logger = logging.getLogger("ray.serve.svd_serve")
 
 #: Retry-After of a 429 queue_full: the queue drains at the pace of whole jobs, so a short hint.
 QUEUE_FULL_RETRY_AFTER_S = 10
