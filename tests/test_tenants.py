@@ -189,7 +189,7 @@ def test_registry_reloads_policies_and_survives_a_bad_edit(tmp_path, caplog):
     # A broken edit keeps the last good tenants in force, and says so once in the log.
     good = path.read_text()
     path.write_text(good.replace("burst: 3", "burst: many-whsec_x"))
-    with caplog.at_level(logging.ERROR, logger="svd_serve"):
+    with caplog.at_level(logging.ERROR, logger="ray.serve.svd_serve"):
         assert registry.authenticate(f"Bearer {key}").policy.burst == 3
         assert registry.authenticate(f"Bearer {key}").policy.burst == 3
     errors = [r for r in caplog.records if "invalid" in r.getMessage()]

@@ -361,7 +361,7 @@ def test_check_webhook_url():
 
 
 def test_secret_and_query_string_never_logged(receiver, caplog):
-    caplog.set_level(logging.DEBUG, logger="svd_serve.webhooks")
+    caplog.set_level(logging.DEBUG, logger="ray.serve.svd_serve.webhooks")
     receiver.script = [(503, {}, 0.0), (404, {}, 0.0)]
     result, records = deliver(make_sender(), receiver.url + "?token=super-private")
     assert result.outcome == "rejected" and len(records) == 2
