@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtest.profile import load_profile  # noqa: E402
 from loadtest.units import parse_keys  # noqa: E402
-from loadtest.users import MSG_FINAL, MSG_RECORDS, JobUser, PollUser, ProfileShape, setup  # noqa: E402,F401
+from loadtest.users import MSG_FINAL, MSG_FLUSH, MSG_RECORDS, JobUser, PollUser, ProfileShape, setup  # noqa: E402,F401
 
 logger = logging.getLogger("loadtest")
 FINAL_WAIT_S = 15.0
@@ -42,10 +42,10 @@ FINAL_WAIT_S = 15.0
 
 @events.init_command_line_parser.add_listener
 def _options(parser) -> None:
-    group = parser.add_argument_group("svd-serve load test")
+    group = parser  # Locust's parser (not an argument group) knows include_in_web_ui / is_secret
     group.add_argument("--loadtest-profile", env_var="LOADTEST_PROFILE", default="smoke",
                        help="profile YAML or bundled profile name")
-    group.add_argument("--loadtest-keys", env_var="LOADTEST_KEYS", default="", include_in_web_ui=False,
+    group.add_argument("--loadtest-keys", env_var="LOADTEST_KEYS", default="", is_secret=True,
                        help="tenantA=KEY,tenantB=KEY (or one bare KEY)")
     group.add_argument("--loadtest-out", env_var="LOADTEST_OUT", default="loadtest-results",
                        help="directory for reports (one sub-directory per run)")
@@ -71,6 +71,15 @@ def _init(environment, **_kwargs) -> None:
         # Look the state up per message: every run starts with a fresh one (see _test_start).
         runner.register_message(MSG_RECORDS, lambda msg, **_: environment.loadtest.on_worker_message(msg))
         runner.register_message(MSG_FINAL, lambda msg, **_: environment.loadtest.on_worker_message(msg, final=True))
+    elif isinstance(runner, WorkerRunner):
+        runner.register_message(MSG_FLUSH, lambda msg, **_: _final_flush(environment))
+
+
+def _final_flush(environment) -> None:
+    """Worker: the run is over (the master says so, or this worker stops): settle and send everything."""
+    state = environment.loadtest
+    state.finish()
+    state.flush_to_master(final=True)
 
 
 @events.test_start.add_listener
@@ -113,11 +122,13 @@ def _test_stop(environment, **_kwargs) -> None:
         return
     runner = environment.runner
     if isinstance(runner, WorkerRunner):
-        state.finish()
-        state.flush_to_master(final=True)
+        _final_flush(environment)
         return
     state.finish()
     if isinstance(runner, MasterRunner):
+        # A headless master ends with quit(), which fires test_stop before telling the workers
+        # anything: ask them for their last records explicitly.
+        runner.send_message(MSG_FLUSH)
         deadline = time.monotonic() + FINAL_WAIT_S
         while len(state.remote_final) < max(1, runner.worker_count) and time.monotonic() < deadline:
             gevent.sleep(0.5)

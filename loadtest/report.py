@@ -187,21 +187,36 @@ def stage_busy(records: Sequence[JobRecord], wall_s: float,
     return out
 
 
+def _spans(records: Sequence[JobRecord], t_end: float) -> list[tuple[float, float]]:
+    """(submitted, seen finished) of every admitted job; still running ones end at ``t_end``."""
+    return [(r.submitted_at, r.terminal_at or r.done_at or t_end) for r in records
+            if r.submitted_at is not None and r.status != "rejected"]
+
+
 def in_flight_series(records: Sequence[JobRecord], t0: float, t_end: float, *,
                      step_s: float = 1.0) -> list[tuple[float, int]]:
-    """(seconds since start, jobs submitted and not yet seen finished) at each step."""
-    spans = []
-    for r in records:
-        if r.submitted_at is None or r.status == "rejected":
-            continue
-        end = r.terminal_at or r.done_at or t_end
-        spans.append((r.submitted_at, end))
+    """(seconds since start, jobs in flight at some point of [t, t + step)) for each step.
+
+    Counting overlap with the interval, not the instant, keeps jobs shorter than a step visible.
+    """
+    spans = _spans(records, t_end)
     out = []
     steps = max(1, int(math.ceil((t_end - t0) / step_s)))
     for i in range(steps + 1):
         t = t0 + i * step_s
-        out.append((i * step_s, sum(1 for a, b in spans if a <= t < b)))
+        out.append((i * step_s, sum(1 for a, b in spans if a < t + step_s and b > t)))
     return out
+
+
+def max_in_flight(records: Sequence[JobRecord], t_end: float) -> int:
+    """The most jobs in flight at one instant (a sweep over submissions and completions)."""
+    events = sorted([(a, 1) for a, _ in _spans(records, t_end)] + [(b, -1) for _, b in _spans(records, t_end)],
+                    key=lambda e: (e[0], e[1]))
+    peak = current = 0
+    for _, delta in events:
+        current += delta
+        peak = max(peak, current)
+    return peak
 
 
 def replica_summary(samples: Sequence[dict[str, Any]], t0: float) -> dict[str, Any]:
@@ -310,7 +325,7 @@ def build_report(records: Sequence[JobRecord], *, meta: dict[str, Any], weights:
         "replicas": {"source": replica_source, "samples": len(replica_samples), "error": replica_error,
                      "deployments": replicas},
         "load": {"in_flight": [[t, n] for t, n in in_flight_series(records, t0, t_end, step_s=step)],
-                 "max_in_flight": max((n for _, n in in_flight_series(records, t0, t_end, step_s=step)), default=0)},
+                 "step_s": step, "max_in_flight": max_in_flight(records, t_end)},
         "arrival_lag_s": lag,
         "cancellations": cancellation_block(records),
         "downloads": download_block(records),
@@ -433,6 +448,7 @@ def render_charts(report: dict[str, Any], out_dir: str | Path) -> list[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return []
     out_dir = Path(out_dir)
@@ -481,12 +497,16 @@ def render_charts(report: dict[str, Any], out_dir: str | Path) -> list[str]:
         ys = [p["running"] for p in points] + [points[-1]["running"]]
         top.step(xs, ys, where="post", label=name)
     top.set_ylabel("running replicas")
+    top.set_ylim(0, max([d["max"] for d in deployments.values()] + [1]) + 1)
+    top.yaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_title("Replicas per deployment" if deployments else "Replicas per deployment (not sampled)")
     if deployments:
         top.legend(fontsize="small", ncol=3)
     load = report["load"]["in_flight"]
-    bottom.plot([p[0] for p in load], [p[1] for p in load], color="#C44E52")
-    bottom.set_ylabel("jobs in flight")
+    bottom.step([p[0] for p in load], [p[1] for p in load], where="post", color="#C44E52")
+    bottom.set_ylabel(f"jobs in flight ({report['load'].get('step_s', 1):.0f}s steps)")
+    bottom.set_ylim(bottom=0)
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.set_xlabel("time since start (s)")
     save(fig, "scaling.png")
 

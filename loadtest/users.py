@@ -39,6 +39,7 @@ logger = logging.getLogger("loadtest")
 
 MSG_RECORDS = "svd_loadtest_records"
 MSG_FINAL = "svd_loadtest_final"
+MSG_FLUSH = "svd_loadtest_flush"
 FLUSH_INTERVAL_S = 2.0
 MAX_FOLLOW_ERRORS = 10
 

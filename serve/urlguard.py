@@ -7,17 +7,21 @@ unspecified, reserved and documentation ranges are refused, in their IPv6 forms 
 ``fc00::/7``, ``fe80::/10``, IPv4-mapped and NAT64 addresses are unwrapped and checked).
 
 The check runs in the transport, so it applies to every redirect hop, and the connection goes
-to the very address that was checked (the URL is rewritten to the IP; Host and TLS SNI keep the
-name), so a DNS answer that changes between check and connect (rebinding) cannot slip through.
+to the very address that was checked (the transport's network backend connects to it; URL, Host,
+TLS SNI and certificate check keep the name), so a DNS answer that changes between check and
+connect (rebinding) cannot slip through.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Iterable
+import threading
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from pipelines.errors import InvalidInputError
@@ -116,23 +120,65 @@ class URLPolicy:
         return str(addresses[0])
 
 
+class _PinnedBackend(httpcore.NetworkBackend):
+    """httpcore's network backend, except that it connects only to the address that
+    :class:`GuardedTransport` checked for the request being sent from this thread."""
+
+    def __init__(self) -> None:
+        self._backend = httpcore.SyncBackend()
+        self._local = threading.local()
+
+    @contextmanager
+    def pinned(self, host: str, address: str) -> Iterator[None]:
+        previous = getattr(self._local, "pin", None)
+        self._local.pin = (host, address)
+        try:
+            yield
+        finally:
+            self._local.pin = previous
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None, socket_options=None) -> httpcore.NetworkStream:
+        pin = getattr(self._local, "pin", None)
+        if pin is None or pin[0] != _normal_host(host):
+            raise httpcore.ConnectError(f"refusing to connect to {host!r}: it was not checked by the URL guard")
+        return self._backend.connect_tcp(pin[1], port, timeout, local_address, socket_options)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options=None):
+        raise httpcore.ConnectError("the URL guard does not connect to unix sockets")
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _normal_host(host: str) -> str:
+    return host.strip("[]").rstrip(".").lower()
+
+
 class GuardedTransport(httpx.HTTPTransport):
-    """Checks each request (each redirect hop) and connects to the checked address."""
+    """Checks each request (each redirect hop) and connects to the checked address.
+
+    The request itself is sent unchanged: URL, ``Host`` header, TLS SNI and certificate check all
+    keep the name, and pooled connections are keyed by it (so a TLS connection verified for one
+    name is never reused for another name on the same address). Only the TCP connect is pinned,
+    by the network backend, to the address :meth:`URLPolicy.resolve` returned for this hop.
+    """
 
     def __init__(self, policy: URLPolicy, **kwargs) -> None:
         super().__init__(**kwargs)
         self.policy = policy
+        self._backend = _PinnedBackend()
+        # httpx does not expose httpcore's ``network_backend``; without it there is no pinning,
+        # so refuse to build a transport rather than connect unchecked.
+        if not isinstance(getattr(self._pool, "_network_backend", None), httpcore.SyncBackend):
+            raise RuntimeError("GuardedTransport cannot pin connections with this httpx/httpcore version")
+        self._pool._network_backend = self._backend
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         host, port = self.policy.check_url(str(request.url))
         address = self.policy.resolve(host, port)
-        ip_host = f"[{address}]" if ":" in address else address
-        request.url = request.url.copy_with(host=address if ":" not in address else address)
-        request.headers["Host"] = host if request.url.port in (None, 80, 443) else f"{host}:{port}"
-        if request.url.scheme == "https":
-            request.extensions = {**request.extensions, "sni_hostname": host}
-        del ip_host
-        return super().handle_request(request)
+        with self._backend.pinned(_normal_host(host), address):
+            return super().handle_request(request)
 
 
 def guarded_client(*, allow: Iterable[str] = (), timeout_s: float = READ_TIMEOUT_S) -> httpx.Client:
@@ -141,6 +187,6 @@ def guarded_client(*, allow: Iterable[str] = (), timeout_s: float = READ_TIMEOUT
         transport=GuardedTransport(URLPolicy(allow)),
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,
-        timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
+        timeout=httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)),
         trust_env=False,
     )

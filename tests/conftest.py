@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-# Keep torch from oversubscribing the 2-core CI machine when tests run model code in-process.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One torch thread in the test process: OpenMP spin-waits make 2 threads on 2 busy cores
+# (Ray replicas run beside the tests) dramatically slower, see docs/benchmarks.md.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -147,6 +147,10 @@ def test_in_flight_series_and_replica_summary():
                job(4, submit=1, status="rejected", submit_status=429)]
     series = dict(report.in_flight_series(records, T0, T0 + 6, step_s=1.0))
     assert [series[t] for t in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)] == [1, 1, 2, 1, 2, 1, 0]
+    assert report.max_in_flight(records, T0 + 6) == 2
+    short = [job(1, submit=0.2, terminal=0.4), job(2, submit=0.5, terminal=0.9), job(3, submit=0.6, terminal=0.7)]
+    assert dict(report.in_flight_series(short, T0, T0 + 1, step_s=1.0))[0.0] == 3  # sub-step jobs still show
+    assert report.max_in_flight(short, T0 + 1) == 2
     samples = [{"t": T0 + t, "deployments": {"Sampler": {"running": n}, "Ingress": {"running": 1}}}
                for t, n in [(0, 1), (10, 1), (20, 2), (30, 2), (40, 1)]]
     summary = report.replica_summary(samples, T0)
