@@ -239,7 +239,10 @@ def run_local(profile: Profile, *, out: Path, args: argparse.Namespace, command:
     finally:
         if service is not None:
             print("stopping svd-serve up ...", file=sys.stderr)
-            if not service.stop():
+            stopping = time.monotonic()
+            if service.stop():
+                print(f"svd-serve up stopped in {time.monotonic() - stopping:.0f}s", file=sys.stderr)
+            else:
                 print("svd-serve up did not stop cleanly on SIGTERM; its processes were killed", file=sys.stderr)
         if not getattr(args, "keep_data", False):
             shutil.rmtree(data_dir, ignore_errors=True)

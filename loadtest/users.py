@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 import gevent
 from locust import HttpUser, LoadTestShape, constant, task
-from locust.runners import STATE_STOPPED, MasterRunner, WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 from .arrivals import Arrival, ArrivalQueue
 from .profile import Profile
@@ -590,11 +589,3 @@ def _retry_after(response) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
-
-
-def runner_stopped(runner) -> bool:
-    return runner.state == STATE_STOPPED
-
-
-def eprint(*args: Any) -> None:
-    print(*args, file=sys.stderr, flush=True)

@@ -222,3 +222,44 @@ def test_run_refuses_missing_keys(tmp_path):
                            "multitenant", "--keys", "gold=K"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "silver" in proc.stderr and "bronze" in proc.stderr
+
+
+def test_distributed_master_and_workers(stub_api, tmp_path):
+    """The Locust CLI path used in k8s/loadtest/: a headless master, two workers, one report."""
+    url, api = stub_api
+    profile = tmp_path / "profile.yaml"
+    body = {**PROFILE, "name": "dist", "tenants": PROFILE["tenants"][:2], "max_jobs": 20}
+    profile.write_text(yaml.safe_dump(body))
+    out = tmp_path / "out"
+    env = {**__import__("os").environ, "LOADTEST_PROFILE": str(profile), "LOADTEST_KEYS": "alpha=KA,beta=KB",
+           "LOADTEST_OUT": str(out), "LOADTEST_WORKERS": "2"}
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    locust = [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py"]
+    master = subprocess.Popen(locust + ["--master", "--headless", "--expect-workers", "2", "--host", url,
+                                        "--master-bind-port", str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers = [subprocess.Popen(locust + ["--worker", "--master-port", str(port)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        output, _ = master.communicate(timeout=120)
+        for worker in workers:
+            worker.wait(timeout=30)
+    finally:
+        for proc in [master, *workers]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    runs = list(out.iterdir())
+    assert len(runs) == 1, output
+    report = json.loads((runs[0] / "report.json").read_text())
+    assert report["meta"]["workers"] == 2
+    assert report["jobs"]["scheduled"] == 15  # 9 constant + 2 bursts of 3, split between the workers
+    assert report["jobs"]["unfinished"] == 0 and report["jobs"]["completed"] >= 10
+    assert report["http"]["errors_5xx"] == 0
+    records = [json.loads(line) for line in (runs[0] / "records.jsonl").read_text().splitlines()]
+    assert {r["worker"] for r in records} == {0, 1}
+    assert (runs[0] / "charts" / "scaling.png").exists() and (runs[0] / "report.md").exists()

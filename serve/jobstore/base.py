@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from serve.jobstore.models import (
     Job,
@@ -58,30 +57,11 @@ RETENTION_METADATA_KEY = "retention_s"
 
 _TOKEN_EPSILON = 1e-9
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class JobStoreError(RuntimeError):
     """The job store could not complete an operation: the backend is unreachable, locked for too
     long, or kept conflicting. (A refused transition is not an error: it returns False/None.)"""
-
-
-def translate_errors(*backend_errors: type[BaseException]) -> Callable[[F], F]:
-    """Decorator for backend methods: re-raise ``backend_errors`` as :class:`JobStoreError`, so
-    callers (the API maps it to 503) need not know the backend. The message names the error type
-    and text only; redis-py and sqlite3 errors carry no credentials."""
-
-    def decorate(method: F) -> F:
-        @functools.wraps(method)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return method(*args, **kwargs)
-            except backend_errors as exc:
-                raise JobStoreError(f"job store unavailable ({type(exc).__name__}: {exc})") from exc
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
 
 
 def encode_cursor(job: Job) -> str:

@@ -34,22 +34,30 @@ expired jobs so their stored clips get deleted; a key that Redis evicted silentl
 files and leave stale index entries. Expiry is tracked in the ``expiry`` zset instead, and an
 expired but not yet purged job no longer holds its idempotency key.
 
-The password comes from the ``REDIS_PASSWORD`` environment variable, never from the URL in the
-config; it is not logged and does not appear in ``repr``.
+The client comes from :func:`serve.db.redis.connect_redis`: the password comes from the
+``REDIS_PASSWORD`` environment variable, never from the URL in the config; it is not logged and
+does not appear in ``repr``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, TypeVar
 
 import redis as redis_lib
 from redis.exceptions import WatchError
 
+from serve.db.redis import (
+    PASSWORD_ENV,
+    check_key_prefix,
+    connect_redis,
+    ping_redis,
+    redact_url,
+    redis_errors,
+    redis_key,
+)
 from serve.jobstore.base import (
     DEFAULT_RETENTION_S,
     JobStore,
@@ -57,11 +65,19 @@ from serve.jobstore.base import (
     Mutation,
     decode_cursor,
     encode_cursor,
-    translate_errors,
 )
 from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt
 
-PASSWORD_ENV = "REDIS_PASSWORD"
+__all__ = ["PASSWORD_ENV", "RedisJobStore"]
+
+R = TypeVar("R")
+
+#: Queues (inside MULTI) the writes of one transaction step on its pipeline.
+Writes = Callable[[Any], None]
+
+#: What :meth:`RedisJobStore._update_one` does with the job it read (None if missing): returns
+#: ``(result, writes)``; ``writes`` None writes nothing.
+Plan = Callable[[Job | None], tuple[R, Writes | None]]
 
 _MAX_RETRIES = 1000
 
@@ -112,16 +128,12 @@ return string.format('%.17g', wait)
 """
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else f":***@{netloc}"))
+def _visible(job: Job | None, tenant: str | None) -> Job | None:
+    """``job``, or None if it is missing or (``tenant`` given) another tenant's."""
+    return None if job is None or (tenant is not None and job.tenant != tenant) else job
 
 
-_translate = translate_errors(redis_lib.RedisError)
+_translate = redis_errors()
 
 
 class RedisJobStore(JobStore):
@@ -137,28 +149,15 @@ class RedisJobStore(JobStore):
     ):
         kwargs = {"clock": clock} if clock is not None else {}
         super().__init__(retention_s=retention_s, **kwargs)
-        if not key_prefix:
-            raise ValueError("key_prefix must not be empty")
-        self.url = _redact(url)
-        self.prefix = key_prefix
-        if client is None:
-            options: dict[str, Any] = {
-                "decode_responses": True,
-                "socket_timeout": socket_timeout_s,
-                "socket_connect_timeout": socket_timeout_s,
-                "health_check_interval": 30,
-            }
-            password = os.environ.get(PASSWORD_ENV)
-            if password:
-                options["password"] = password
-            client = redis_lib.Redis.from_url(url, **options)
-        self._r = client
-        self._take_token_script = client.register_script(_TAKE_TOKEN)
+        self.prefix = check_key_prefix(key_prefix)
+        self.url = redact_url(url)
+        self._r = connect_redis(url, socket_timeout_s=socket_timeout_s, client=client)
+        self._take_token_script = self._r.register_script(_TAKE_TOKEN)
 
     # ------------------------------------------------------------------ keys
 
     def _k(self, *parts: str) -> str:
-        return ":".join((self.prefix, *parts))
+        return redis_key(self.prefix, *parts)
 
     def _job_key(self, job_id: str) -> str:
         return self._k("job", job_id)
@@ -272,45 +271,47 @@ class RedisJobStore(JobStore):
                                        args=[repr(float(now)), repr(float(rate_per_s)), repr(float(burst))])
         return float(wait)
 
-    @_translate
-    def _mutate(self, job_id: str, fn: Mutation, *, tenant: str | None = None) -> tuple[Job, bool] | None:
+    def _update_one(self, job_id: str, plan: Plan[R]) -> R:
+        """One optimistic step on one job: WATCH its record, read it and ``plan`` what to do. Its
+        writes are EXECed in one MULTI (the whole step is retried on fresh data if the record
+        changed meanwhile); without writes the record is UNWATCHed. Returns the plan's result."""
         key = self._job_key(job_id)
 
-        def step(pipe: Any) -> tuple[Job, bool] | None:
+        def step(pipe: Any) -> R:
             pipe.watch(key)
-            old = self._load(pipe.get(key))
-            if old is None or (tenant is not None and old.tenant != tenant):
+            result, writes = plan(self._load(pipe.get(key)))
+            if writes is None:
                 pipe.unwatch()
-                return None
-            new = old.model_copy(deep=True)
-            if not fn(new):
-                pipe.unwatch()
-                return old, False
-            new.version = old.version + 1
-            new.updated_at = epoch_to_dt(self._now())
-            pipe.multi()
-            self._write(pipe, old, new)
-            pipe.execute()
-            return new, True
+            else:
+                pipe.multi()
+                writes(pipe)
+                pipe.execute()
+            return result
 
         return self._transaction(step)
+
+    @_translate
+    def _mutate(self, job_id: str, fn: Mutation, *, tenant: str | None = None) -> tuple[Job, bool] | None:
+        def plan(old: Job | None) -> tuple[tuple[Job, bool] | None, Writes | None]:
+            old = _visible(old, tenant)
+            if old is None:
+                return None, None
+            new = old.model_copy(deep=True)
+            if not fn(new):
+                return (old, False), None
+            new.version = old.version + 1
+            new.updated_at = epoch_to_dt(self._now())
+            return (new, True), lambda pipe: self._write(pipe, old, new)
+
+        return self._update_one(job_id, plan)
 
     @_translate
     def delete(self, job_id: str, *, tenant: str) -> Job | None:
-        key = self._job_key(job_id)
+        def plan(job: Job | None) -> tuple[Job | None, Writes | None]:
+            job = _visible(job, tenant)
+            return job, (None if job is None else lambda pipe: self._remove(pipe, job))
 
-        def step(pipe: Any) -> Job | None:
-            pipe.watch(key)
-            job = self._load(pipe.get(key))
-            if job is None or job.tenant != tenant:
-                pipe.unwatch()
-                return None
-            pipe.multi()
-            self._remove(pipe, job)
-            pipe.execute()
-            return job
-
-        return self._transaction(step)
+        return self._update_one(job_id, plan)
 
     @_translate
     def purge_expired(self, now: datetime | float | None = None) -> list[Job]:
@@ -321,43 +322,29 @@ class RedisJobStore(JobStore):
         return [job for job in purged if job is not None]
 
     def _purge_one(self, job_id: str, cutoff: float) -> Job | None:
-        key = self._job_key(job_id)
-
-        def step(pipe: Any) -> Job | None:
-            pipe.watch(key)
-            job = self._load(pipe.get(key))
+        def plan(job: Job | None) -> tuple[Job | None, Writes | None]:
             if job is None:  # a stale index entry: drop it
-                pipe.unwatch()
                 self._r.zrem(self._k("expiry"), job_id)
-                return None
+                return None, None
             if job.status is JobStatus.IN_PROGRESS or not self._is_expired(job, cutoff):
-                pipe.unwatch()
-                return None
-            pipe.multi()
-            self._remove(pipe, job)
-            pipe.execute()
-            return job
+                return None, None
+            return job, lambda pipe: self._remove(pipe, job)
 
-        return self._transaction(step)
+        return self._update_one(job_id, plan)
 
     # ------------------------------------------------------------------ reads
 
     @_translate
     def get(self, job_id: str, *, tenant: str | None) -> Job | None:
-        job = self._load(self._r.get(self._job_key(job_id)))
-        if job is None or (tenant is not None and job.tenant != tenant):
-            return None
-        return job
+        return _visible(self._load(self._r.get(self._job_key(job_id))), tenant)
 
     @_translate
     def find_by_idempotency_key(self, tenant: str, idempotency_key: str) -> Job | None:
         job_id = self._r.hget(self._k("idem", tenant), idempotency_key)
         if job_id is None:
             return None
-        job = self._load(self._r.get(self._job_key(job_id)))
-        if job is None or job.tenant != tenant or self._is_expired(job):
-            return None
-        return job
+        job = _visible(self._load(self._r.get(self._job_key(job_id))), tenant)
+        return None if job is None or self._is_expired(job) else job
 
     @_translate
     def list(
@@ -435,10 +422,7 @@ class RedisJobStore(JobStore):
     # ------------------------------------------------------------------ lifecycle
 
     def ping(self) -> bool:
-        try:
-            return bool(self._r.ping())
-        except redis_lib.RedisError:
-            return False
+        return ping_redis(self._r)
 
     def close(self) -> None:
         self._r.close()

@@ -1,10 +1,7 @@
 """SQLite job store: one node, any number of processes (Ray replicas) sharing one file.
 
-* WAL journal (readers never block the writer), ``busy_timeout`` so a contended writer waits
-  instead of failing, ``synchronous=NORMAL`` (durable across process crashes; WAL keeps the file
-  consistent across power loss).
-* One connection per thread (``threading.local``), re-opened after ``fork`` (a connection is
-  never used in two processes).
+* Connections: :class:`serve.db.sqlite.SqliteDatabase` (WAL, ``busy_timeout``,
+  ``synchronous=NORMAL``, one connection per thread, re-opened after ``fork``).
 * Every write is a ``BEGIN IMMEDIATE`` transaction: it takes the database write lock up front, so
   read-check-write sequences (claim, idempotent create, every transition) are atomic across
   threads *and* processes.
@@ -13,16 +10,14 @@
 * Token buckets (rate limits) are rows of ``token_buckets`` (tokens, last refill time), read and
   written in one ``BEGIN IMMEDIATE`` transaction.
 """
-
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
+
+from serve.db.sqlite import SqliteDatabase, sqlite_errors
 
 from serve.jobstore.base import (
     DEFAULT_RETENTION_S,
@@ -30,7 +25,6 @@ from serve.jobstore.base import (
     Mutation,
     decode_cursor,
     encode_cursor,
-    translate_errors,
 )
 from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt
 
@@ -81,7 +75,16 @@ def _row(job: Job) -> tuple:
     )
 
 
-_translate = translate_errors(sqlite3.Error)
+def _load(conn: sqlite3.Connection, job_id: str, tenant: str | None) -> Job | None:
+    """The job, or None if it is missing or (``tenant`` given) another tenant's."""
+    row = conn.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        return None
+    job = Job.model_validate_json(row[0])
+    return None if tenant is not None and job.tenant != tenant else job
+
+
+_translate = sqlite_errors()
 
 
 class SqliteJobStore(JobStore):
@@ -95,74 +98,15 @@ class SqliteJobStore(JobStore):
     ):
         kwargs = {"clock": clock} if clock is not None else {}
         super().__init__(retention_s=retention_s, **kwargs)
-        self.path = str(path)
-        if self.path == ":memory:" or self.path.startswith("file:"):
-            raise ValueError("SqliteJobStore needs a file path (every thread and process opens it)")
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._busy_timeout_ms = int(busy_timeout_s * 1000)
-        self._local = threading.local()
-        self._all: list[tuple[int, sqlite3.Connection]] = []
-        self._all_lock = threading.Lock()
-        self._closed = False
-        self._schema_ready = False
-        self._conn()  # the first connection creates the schema
-
-    # ------------------------------------------------------------------ connections
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise RuntimeError("the job store is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            return conn
-        # isolation_level=None: no implicit transactions; we issue BEGIN IMMEDIATE ourselves.
-        conn = sqlite3.connect(
-            self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
-        )
-        conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        if not self._schema_ready:
-            try:
-                with self._transaction(conn):
-                    for statement in filter(str.strip, _SCHEMA.split(";")):
-                        conn.execute(statement)
-            except BaseException:
-                conn.close()
-                raise
-            self._schema_ready = True
-        self._local.conn = conn
-        self._local.pid = os.getpid()
-        with self._all_lock:
-            self._all.append((os.getpid(), conn))
-        return conn
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any error (a
-        failed COMMIT included, so the thread's connection is never left inside a transaction)."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            raise
-
-    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return self._transaction(self._conn())
+        self._db = SqliteDatabase(path, schema=_SCHEMA, busy_timeout_s=busy_timeout_s, name="job store")
+        self.path = self._db.path
 
     # ------------------------------------------------------------------ writes
 
     @_translate
     def create(self, job: Job) -> tuple[Job, bool]:
         job = self._prepare_new(job)
-        with self._write() as conn:
+        with self._db.transaction() as conn:
             if job.idempotency_key is not None:
                 row = conn.execute(
                     "SELECT data FROM jobs WHERE tenant = ? AND idempotency_key = ?",
@@ -184,7 +128,7 @@ class SqliteJobStore(JobStore):
     def take_token(self, bucket: str, *, rate_per_s: float, burst: float, now: float | None = None) -> float:
         self._check_bucket_args(bucket, rate_per_s, burst)
         now = self._now() if now is None else float(now)
-        with self._write() as conn:
+        with self._db.transaction() as conn:
             row = conn.execute("SELECT tokens, updated_at FROM token_buckets WHERE name = ?", (bucket,)).fetchone()
             tokens, updated, wait = self._refill(row[0] if row else None, row[1] if row else None,
                                                  now=now, rate_per_s=rate_per_s, burst=burst)
@@ -197,12 +141,9 @@ class SqliteJobStore(JobStore):
 
     @_translate
     def _mutate(self, job_id: str, fn: Mutation, *, tenant: str | None = None) -> tuple[Job, bool] | None:
-        with self._write() as conn:
-            row = conn.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                return None
-            job = Job.model_validate_json(row[0])
-            if tenant is not None and job.tenant != tenant:
+        with self._db.transaction() as conn:
+            job = _load(conn, job_id, tenant)
+            if job is None:
                 return None
             if not fn(job):
                 return job, False
@@ -218,7 +159,7 @@ class SqliteJobStore(JobStore):
 
     @_translate
     def delete(self, job_id: str, *, tenant: str) -> Job | None:
-        with self._write() as conn:
+        with self._db.transaction() as conn:
             row = conn.execute("SELECT data FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant)).fetchone()
             if row is None:
                 return None
@@ -228,7 +169,7 @@ class SqliteJobStore(JobStore):
     @_translate
     def purge_expired(self, now: datetime | float | None = None) -> list[Job]:
         cutoff = self._normalize_now(now, self._now())
-        with self._write() as conn:
+        with self._db.transaction() as conn:
             rows = conn.execute(
                 "SELECT data FROM jobs WHERE expires_at <= ? AND status != ?",
                 (cutoff, JobStatus.IN_PROGRESS.value),
@@ -242,18 +183,12 @@ class SqliteJobStore(JobStore):
 
     @_translate
     def get(self, job_id: str, *, tenant: str | None) -> Job | None:
-        row = self._conn().execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
-            return None
-        job = Job.model_validate_json(row[0])
-        if tenant is not None and job.tenant != tenant:
-            return None
-        return job
+        return _load(self._db.conn(), job_id, tenant)
 
     @_translate
     def find_by_idempotency_key(self, tenant: str, idempotency_key: str) -> Job | None:
         row = (
-            self._conn()
+            self._db.conn()
             .execute("SELECT data FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, idempotency_key))
             .fetchone()
         )
@@ -279,7 +214,7 @@ class SqliteJobStore(JobStore):
             args += [us, last_id]
         sql += " ORDER BY created_us DESC, id DESC LIMIT ?"
         args.append(limit + 1)
-        jobs = [Job.model_validate_json(r[0]) for r in self._conn().execute(sql, args).fetchall()]
+        jobs = [Job.model_validate_json(r[0]) for r in self._db.conn().execute(sql, args).fetchall()]
         if len(jobs) > limit:
             jobs = jobs[:limit]
             return jobs, encode_cursor(jobs[-1])
@@ -288,7 +223,7 @@ class SqliteJobStore(JobStore):
     @_translate
     def queued_heads(self) -> list[Job]:
         rows = (
-            self._conn()
+            self._db.conn()
             .execute(
                 "SELECT data FROM ("
                 "  SELECT data, created_us, id,"
@@ -303,10 +238,10 @@ class SqliteJobStore(JobStore):
 
     def _count(self, status: JobStatus, tenant: str | None) -> int:
         if tenant is None:
-            row = self._conn().execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status.value,)).fetchone()
+            row = self._db.conn().execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status.value,)).fetchone()
         else:
             row = (
-                self._conn()
+                self._db.conn()
                 .execute("SELECT COUNT(*) FROM jobs WHERE tenant = ? AND status = ?", (tenant, status.value))
                 .fetchone()
             )
@@ -322,7 +257,7 @@ class SqliteJobStore(JobStore):
 
     @_translate
     def queue_position(self, job_id: str) -> int | None:
-        conn = self._conn()
+        conn = self._db.conn()
         row = conn.execute("SELECT status, created_us FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None or row[0] != JobStatus.QUEUED.value:
             return None
@@ -334,13 +269,13 @@ class SqliteJobStore(JobStore):
 
     @_translate
     def is_cancel_requested(self, job_id: str) -> bool:
-        row = self._conn().execute("SELECT status, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._db.conn().execute("SELECT status, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row is None or bool(row[1]) or row[0] == JobStatus.CANCELLED.value
 
     @_translate
     def _expired_lease_ids(self, now: float) -> list[str]:
         rows = (
-            self._conn()
+            self._db.conn()
             .execute(
                 "SELECT id FROM jobs WHERE status = ? AND lease_expires_at <= ? ORDER BY lease_expires_at",
                 (JobStatus.IN_PROGRESS.value, now),
@@ -352,22 +287,10 @@ class SqliteJobStore(JobStore):
     # ------------------------------------------------------------------ lifecycle
 
     def ping(self) -> bool:
-        try:
-            return self._conn().execute("SELECT 1").fetchone()[0] == 1
-        except sqlite3.Error:
-            return False
+        return self._db.ping()
 
     def close(self) -> None:
-        self._closed = True
-        with self._all_lock:
-            conns, self._all = self._all, []
-        pid = os.getpid()
-        for owner_pid, conn in conns:
-            # A connection inherited through fork belongs to the parent: closing it here could
-            # disturb the parent's locks and WAL, so it is left alone.
-            if owner_pid == pid:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
+        self._db.close()
 
     def __repr__(self) -> str:
         return f"SqliteJobStore(path={self.path!r})"

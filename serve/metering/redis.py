@@ -20,22 +20,20 @@ too (delete the hash and both index entries together).
 
 Records carry no Redis TTL: retention is enforced by :meth:`UsageLedger.purge` through the
 ``finished`` zset. Floats are written with ``repr`` (JSON for the per-stage maps), which round-trips
-exactly. The password comes from the ``REDIS_PASSWORD`` environment variable, never from the URL
-in the config; it is not logged and does not appear in ``repr``.
+exactly. The client comes from :func:`serve.db.redis.connect_redis`: the password comes from the
+``REDIS_PASSWORD`` environment variable, never from the URL in the config; it is not logged and
+does not appear in ``repr``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import redis as redis_lib
 
-from serve.jobstore.base import JobStoreError, translate_errors
+from serve.db.redis import check_key_prefix, connect_redis, ping_redis, redact_url, redis_errors, redis_key
 from serve.jobstore.models import dt_to_us
-from serve.jobstore.redis import PASSWORD_ENV, _redact
 from serve.metering.base import DEFAULT_USAGE_RETENTION_S, UsageLedger
 from serve.metering.models import UsageRecord
 
@@ -67,7 +65,7 @@ return removed
 #: Records read (HGETALL) per pipelined round trip, and purged per batch.
 _BATCH = 500
 
-_translate = translate_errors(redis_lib.RedisError)
+_translate = redis_errors()
 
 
 def _fields(rec: UsageRecord) -> list[str]:
@@ -116,29 +114,16 @@ class RedisUsageLedger(UsageLedger):
     ):
         kwargs = {"clock": clock} if clock is not None else {}
         super().__init__(retention_s=retention_s, **kwargs)
-        if not key_prefix:
-            raise ValueError("key_prefix must not be empty")
-        self.url = _redact(url)
-        self.prefix = f"{key_prefix}:usage"
-        if client is None:
-            options: dict[str, Any] = {
-                "decode_responses": True,
-                "socket_timeout": socket_timeout_s,
-                "socket_connect_timeout": socket_timeout_s,
-                "health_check_interval": 30,
-            }
-            password = os.environ.get(PASSWORD_ENV)
-            if password:
-                options["password"] = password
-            client = redis_lib.Redis.from_url(url, **options)
-        self._r = client
-        self._record_script = client.register_script(_RECORD)
-        self._purge_script = client.register_script(_PURGE_ONE)
+        self.prefix = redis_key(check_key_prefix(key_prefix), "usage")
+        self.url = redact_url(url)
+        self._r = connect_redis(url, socket_timeout_s=socket_timeout_s, client=client)
+        self._record_script = self._r.register_script(_RECORD)
+        self._purge_script = self._r.register_script(_PURGE_ONE)
 
     # ------------------------------------------------------------------ keys
 
     def _k(self, *parts: str) -> str:
-        return ":".join((self.prefix, *parts))
+        return redis_key(self.prefix, *parts)
 
     def _rec_key(self, job_id: str) -> str:
         return self._k("rec", job_id)
@@ -186,7 +171,7 @@ class RedisUsageLedger(UsageLedger):
         return _from_hash(self._r.hgetall(self._rec_key(job_id)))
 
     def _scan(self, tenant: str, start_us: int, end_us: int, limit: int | None) -> Iterator[UsageRecord]:
-        try:
+        with redis_errors("usage ledger"):  # a generator runs outside the @_translate wrapper
             # Ids only (a few dozen bytes each); the records are then read in pipelined batches.
             paging = {"start": 0, "num": limit} if limit is not None else {}
             ids = self._r.zrangebyscore(self._k("tenant", tenant), start_us, f"({end_us}", **paging)
@@ -198,16 +183,11 @@ class RedisUsageLedger(UsageLedger):
                     rec = _from_hash(data)
                     if rec is not None and rec.tenant == tenant:  # purged meanwhile: skipped
                         yield rec
-        except redis_lib.RedisError as exc:  # a generator runs outside the @_translate wrapper
-            raise JobStoreError(f"usage ledger unavailable ({type(exc).__name__}: {exc})") from exc
 
     # ------------------------------------------------------------------ lifecycle
 
     def ping(self) -> bool:
-        try:
-            return bool(self._r.ping())
-        except redis_lib.RedisError:
-            return False
+        return ping_redis(self._r)
 
     def close(self) -> None:
         self._r.close()
