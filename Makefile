@@ -41,3 +41,8 @@ clean:
 # Local single-node deployment: local Ray, the tiny model (unless MODEL=...), local files, SQLite.
 serve: $(STAMP)
 	$(BIN)/svd-serve up $(if $(MODEL),--model $(MODEL),) --port $(or $(PORT),8000)
+
+# A short Locust profile against a local `svd-serve up` with the tiny model; report in out/loadtest/.
+PROFILE ?= smoke
+loadtest: $(STAMP)
+	$(BIN)/python -m loadtest.run --local --profile loadtest/profiles/$(PROFILE).yaml --out out/loadtest/$(PROFILE)

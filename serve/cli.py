@@ -221,10 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_up)
     from .tenants_cli import register as register_tenants  # svd-serve tenants ...
     register_tenants(commands)
+
+    # Listed here for --help; main() hands its arguments to the load tester, which parses its own.
+    commands.add_parser("loadtest", add_help=False, help="run a Locust load profile headless against a URL")
     return parser
 
 
+def cmd_loadtest(argv: Sequence[str]) -> int:
+    from loadtest.run import run  # imported lazily: Locust patches the process with gevent
+
+    return run(list(argv), prog="svd-serve loadtest")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["loadtest"]:
+        return cmd_loadtest(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "generate" and args.model is None:

@@ -78,6 +78,7 @@ def up(*, model: str | None, config_file: str | None, host: str, port: int, data
 
     # Logical CPUs: the stages reserve whole CPUs for scheduling, but a small machine can still run them all.
     ray.init(
+        address="local",  # always a new cluster of our own, never whatever else runs on this machine
         num_cpus=num_cpus or max(8, os.cpu_count() or 1),
         num_gpus=num_gpus,
         include_dashboard=False,
