@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -260,14 +261,28 @@ def test_serve_config(rendered):
     assert hu.placement_errors(rendered.rayservice, application["args"]) == []
 
 
-def test_import_path_resolves():
-    try:
-        module = importlib.import_module("serve.app")
-    except ModuleNotFoundError as error:
-        if error.name in ("serve.app", "serve"):
-            pytest.skip("serve/app.py is not written yet: cannot resolve serve.app:build_app")
-        raise
-    assert callable(getattr(module, "build_app"))
+def test_import_path_builds_the_same_application_as_make_serve(rendered):
+    """The chart's serveConfigV2 builds, through serve.app:build_app, the application `make serve`
+    runs: the same six deployments, each with the options the values asked for."""
+    from ray.serve._private.build_app import build_app as build_deployments  # pinned ray==2.60.0
+
+    (application,) = rendered.serve_config["applications"]
+    module_name, _, attribute = application["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module_name), attribute)
+    from serve.up import local_config
+
+    def deployments(app):
+        return {d.name: d for d in build_deployments(app, name="svd").deployments}
+
+    chart = deployments(builder(application["args"]))
+    local = deployments(builder(local_config(model="models/tiny", data_dir=Path("data"), config_file=None)))
+    assert set(chart) == set(local) == {"Ingress", "JobRunner", "ImageEncoder", "Sampler", "Decoder", "VideoEncoder"}
+    for name, key in (("ImageEncoder", "image_encoder"), ("Sampler", "sampler"), ("Decoder", "decoder"),
+                      ("VideoEncoder", "video_encoder")):
+        wanted = application["args"]["stages"][key]["ray_actor_options"]
+        options = chart[name].ray_actor_options
+        assert options.get("num_gpus", 0) == wanted.get("num_gpus", 0), name
+        assert options.get("resources", {}) == wanted.get("resources", {}), name
 
 
 def test_head_runs_no_model_work(rendered):
