@@ -43,28 +43,37 @@ def p50(values):
     return statistics.median(values)
 
 
-def in_process_baseline(model_dir: Path, jobs: int) -> tuple[list[float], dict[str, int]]:
+STAGES = ("image_encode", "sampling", "decode", "video_encode")
+
+
+def in_process_baseline(model_dir: Path, jobs: int) -> tuple[list[float], dict[str, int], dict[str, list[float]]]:
     torch.set_num_threads(1)  # the replicas run one torch thread each (num_cpus <= 1)
     pipe = StagedPipeline(load_pipeline(ModelSpec(source=str(model_dir), dtype="fp32", device="cpu")))
     image = load_image(SAMPLE_IMAGE_PATH)
     pipe(image, GenerationParams(seed=0, **WORKLOAD))  # warm-up
-    times, sizes = [], {}
+    times, sizes, stage_times = [], {}, {stage: [] for stage in STAGES}
     for i in range(jobs):
         start = time.perf_counter()
         result = pipe(image, GenerationParams(seed=i, **WORKLOAD))
         times.append(time.perf_counter() - start)
         sizes = result.bytes_between_stages
-    return times, sizes
+        for stage in STAGES:
+            stage_times[stage].append(result.timings[stage])
+    return times, sizes, stage_times
 
 
 def stage_options(cpus: float) -> dict:
     return {"num_replicas": 1, "ray_actor_options": {"num_cpus": cpus}, "torch_threads": 1, "max_ongoing_requests": 16}
 
 
-def http_overhead(client: httpx.Client, key: str, jobs: int) -> tuple[list[float], list[float]]:
+def http_overhead(client: httpx.Client, key: str, jobs: int, poll_s: float) -> dict[str, list[float]]:
+    """Sequential jobs through the HTTP API; client and server-side latencies and where they go."""
+    from datetime import datetime
+
     data_url = "data:image/png;base64," + base64.b64encode(Path(SAMPLE_IMAGE_PATH).read_bytes()).decode()
     headers = {"Authorization": f"Bearer {key}"}
-    client_times, server_times = [], []
+    out: dict[str, list[float]] = {"client": [], "server": [], "queue_wait": [], "stages": [],
+                                   **{stage: [] for stage in STAGES}}
     for i in range(jobs + 1):
         start = time.perf_counter()
         job = client.post("/v1/videos", headers=headers, json={"image_url": data_url, "seed": i, **WORKLOAD}).json()
@@ -72,38 +81,47 @@ def http_overhead(client: httpx.Client, key: str, jobs: int) -> tuple[list[float
             view = client.get(f"/v1/videos/{job['id']}", headers=headers).json()
             if view["status"] in ("completed", "failed", "cancelled"):
                 break
-            time.sleep(0.005)
+            time.sleep(poll_s)
         assert view["status"] == "completed", view
         content = client.get(f"/v1/videos/{job['id']}/content", headers=headers)
         assert content.status_code == 200
         elapsed = time.perf_counter() - start
         if i == 0:
             continue  # warm-up
-        client_times.append(elapsed)
-        from datetime import datetime
+        created, started, finished = (datetime.fromisoformat(view[k]) for k in ("created_at", "started_at",
+                                                                                 "finished_at"))
+        out["client"].append(elapsed)
+        out["server"].append((finished - created).total_seconds())
+        out["queue_wait"].append((started - created).total_seconds())
+        out["stages"].append(sum(v for k, v in view["timings"].items() if k != "total"))
+        for stage in STAGES:
+            out[stage].append(view["timings"][stage])
+    return out
 
-        created = datetime.fromisoformat(view["created_at"])
-        finished = datetime.fromisoformat(view["finished_at"])
-        server_times.append((finished - created).total_seconds())
-    return client_times, server_times
 
-
-def throughput_staged(concurrent: int, storage_key: str) -> float:
+def throughput_staged(concurrent: int, storage_key: str, store) -> float:
+    """N jobs through the four stage deployments, driven the way the runner drives them (claimed job
+    records, chained DeploymentResponses) but without the HTTP API and the dispatch loop."""
     from ray import serve
 
     from serve.context import JobContext
+    from serve.jobstore import Job
 
     encoder, sampler, decoder, video = (serve.get_deployment_handle(n, app_name="svd")
                                         for n in ("ImageEncoder", "Sampler", "Decoder", "VideoEncoder"))
     params = [GenerationParams(seed=i, **WORKLOAD).resolved(14).model_dump(mode="json") for i in range(concurrent)]
+    jobs = []
+    for p in params:
+        job, _ = store.create(Job(tenant="bench", params=p, input_key=storage_key))
+        jobs.append(store.claim(job.id, owner="bench", lease_s=3600))
     start = time.perf_counter()
     responses = []
-    for i, p in enumerate(params):
-        ctx = JobContext(job_id=f"bench{i}", tenant="bench", owner="bench")
+    for job, p in zip(jobs, params):
+        ctx = JobContext(job_id=job.id, tenant="bench", owner="bench")
         encoded = encoder.encode.remote(ctx, storage_key, p)
         sampled = sampler.sample.remote(ctx, encoded, p)
         decoded = decoder.decode.remote(ctx, sampled, p)
-        responses.append(video.encode.remote(ctx, decoded, p, f"bench/bench{i}/out.mp4"))
+        responses.append(video.encode.remote(ctx, decoded, p, f"bench/{job.id}/out.mp4"))
     for response in responses:
         response.result(timeout_s=600)
     return time.perf_counter() - start
@@ -138,6 +156,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=20, help="sequential jobs for the overhead figure")
     parser.add_argument("--concurrent", type=int, default=12, help="concurrent jobs for the throughput figure")
+    parser.add_argument("--poll", type=float, default=0.02, help="client poll interval in seconds (default 0.02)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -154,8 +173,9 @@ def main(argv=None) -> int:
     figures: dict = {"workload": WORKLOAD, "cpu_count": os.cpu_count(), "torch": torch.__version__}
 
     print(f"in-process staged pipeline, {args.jobs} jobs, 1 torch thread ...", flush=True)
-    local_times, sizes = in_process_baseline(model_dir, args.jobs)
+    local_times, sizes, local_stages = in_process_baseline(model_dir, args.jobs)
     figures["in_process_p50_s"] = p50(local_times)
+    figures["in_process_stage_p50_s"] = {stage: p50(values) for stage, values in local_stages.items()}
     figures["bytes_between_stages"] = sizes
 
     # Stage CPU shares add up to 2.0: the same budget the monolithic deployment gets below.
@@ -180,16 +200,23 @@ def main(argv=None) -> int:
         time.sleep(0.5)
 
     print(f"HTTP job API, {args.jobs} sequential jobs ...", flush=True)
-    client_times, server_times = http_overhead(client, key, args.jobs)
-    figures["http_e2e_p50_s"] = p50(client_times)
-    figures["server_e2e_p50_s"] = p50(server_times)
-    figures["overhead_p50_ms"] = (p50(client_times) - figures["in_process_p50_s"]) * 1000
+    latencies = http_overhead(client, key, args.jobs, args.poll)
+    figures["http_e2e_p50_s"] = p50(latencies["client"])
+    figures["server_e2e_p50_s"] = p50(latencies["server"])
+    figures["queue_wait_p50_s"] = p50(latencies["queue_wait"])
+    figures["stage_time_p50_s"] = p50(latencies["stages"])
+    figures["served_stage_p50_s"] = {stage: p50(latencies[stage]) for stage in STAGES}
+    figures["overhead_p50_ms"] = (p50(latencies["client"]) - figures["in_process_p50_s"]) * 1000
+    figures["server_overhead_p50_ms"] = (p50(latencies["server"]) - figures["in_process_p50_s"]) * 1000
 
     print(f"throughput, {args.concurrent} concurrent jobs: staged ...", flush=True)
     storage_key = "bench/input/sample.png"
     make_storage(config.storage).put(storage_key, Path(SAMPLE_IMAGE_PATH).read_bytes(), content_type="image/png")
-    throughput_staged(2, storage_key)  # warm-up
-    staged_s = throughput_staged(args.concurrent, storage_key)
+    from serve.jobstore import make_job_store
+
+    store = make_job_store(config.job_store)
+    throughput_staged(2, storage_key, store)  # warm-up
+    staged_s = throughput_staged(args.concurrent, storage_key, store)
     serve.delete("svd")
     print("... monolithic (2 replicas x 1 CPU, whole pipeline each) ...", flush=True)
     mono_s = throughput_monolithic(model_dir, args.concurrent, replicas=2, cpus=1.0)
@@ -204,7 +231,13 @@ def main(argv=None) -> int:
     print(f"in-process staged pipeline      p50 {figures['in_process_p50_s'] * 1000:8.1f} ms")
     print(f"HTTP job (submit->poll->download) p50 {figures['http_e2e_p50_s'] * 1000:6.1f} ms"
           f"   (server created->finished p50 {figures['server_e2e_p50_s'] * 1000:.1f} ms)")
-    print(f"serving overhead                p50 {figures['overhead_p50_ms']:8.1f} ms   (target <= 50 ms)")
+    print(f"  queue wait p50 {figures['queue_wait_p50_s'] * 1000:.1f} ms, time inside the stages p50 "
+          f"{figures['stage_time_p50_s'] * 1000:.1f} ms (client polls every {args.poll * 1000:.0f} ms)")
+    for stage in STAGES:
+        print(f"  {stage:<13} in process {figures['in_process_stage_p50_s'][stage] * 1000:7.1f} ms   "
+              f"in its replica {figures['served_stage_p50_s'][stage] * 1000:7.1f} ms")
+    print(f"serving overhead (client)       p50 {figures['overhead_p50_ms']:8.1f} ms   (target <= 50 ms)")
+    print(f"serving overhead (server)       p50 {figures['server_overhead_p50_ms']:8.1f} ms")
     for boundary, size in sizes.items():
         print(f"bytes {boundary:<24} {size:>10,d}")
     print(f"throughput staged     {figures['staged_jobs_per_min']:7.1f} jobs/min")

@@ -53,7 +53,6 @@ class _StageReplica:
         set_torch_threads(getattr(self.config.stages, self.config_key).resolved_torch_threads())
         setup_tracing(self.config.tracing)
         self.store = make_job_store(self.config.job_store)
-        self.healthy = True
 
     def _steps(self, steps: int) -> dict[str, int]:
         return {"step": steps if self.after_sampling else 0, "total_steps": steps}
@@ -61,13 +60,13 @@ class _StageReplica:
     def _started(self, ctx: JobContext, steps: int) -> None:
         self.store.update_progress(ctx.job_id, owner=ctx.owner, stage=self.stage, **self._steps(steps))
 
-    def _finished(self, ctx: JobContext, steps: int, seconds: float, **extra) -> None:
+    def _finished(self, ctx: JobContext, steps: int, seconds: float) -> None:
         self.store.update_progress(ctx.job_id, owner=ctx.owner, stage=self.stage, timings={self.stage: seconds},
                                    **self._steps(steps))
         recorder = metrics()
         if recorder is not None:
             recorder.stage_seconds.observe(seconds, tags={"stage": self.stage})
-        logger.info("%s done in %.3fs", self.stage, seconds, extra=log_extra(ctx.job_id, stage=self.stage, **extra))
+        logger.info("%s done in %.3fs", self.stage, seconds, extra=log_extra(ctx.job_id, stage=self.stage))
 
     async def _run(self, ctx: JobContext, params: GenerationParams, fn, *args):
         """Run one stage call in a worker thread under its span, recording progress and timing."""
@@ -93,9 +92,10 @@ class _StageReplica:
         }
 
     async def check_health(self) -> None:
-        if not self.healthy:
-            raise RuntimeError(f"{self.stage} replica is unhealthy")
-        await asyncio.to_thread(self.store.ping)
+        # The model is loaded in __init__ (a replica that cannot load never becomes healthy); what
+        # can break later is the job store every stage writes progress to.
+        if not await asyncio.to_thread(self.store.ping):
+            raise RuntimeError(f"{self.stage} replica cannot reach the job store")
 
 
 def _params(params: dict[str, Any]) -> GenerationParams:

@@ -87,7 +87,8 @@ class JobRunner:
     async def check_health(self) -> None:
         if self._loop_task.done():
             raise RuntimeError("the dispatch loop stopped")
-        await asyncio.to_thread(self.store.ping)
+        if not await asyncio.to_thread(self.store.ping):
+            raise RuntimeError("the job runner cannot reach the job store")
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -229,7 +230,7 @@ class JobRunner:
             # A replica died or the stage was saturated: try again (bounded by max_attempts at claim).
             logger.warning("stage worker lost (%s)", type(cause).__name__, extra=log_extra(job.id))
             if job.attempts < self.config.job_store.max_attempts:
-                self.store.release(job.id, owner=self.owner)
+                self.store.release(job.id, owner=self.owner, count_attempt=True)
                 return False
             return self.store.fail(job.id, owner=self.owner, error=JobError(
                 code="worker_lost",

@@ -363,6 +363,16 @@ def test_release_returns_job_without_counting_an_attempt(store):
     assert store.get(older.id, tenant=None).status is JobStatus.CANCELLED
 
 
+def test_release_after_a_lost_worker_counts_the_attempt(store):
+    job, _ = store.create(new_job())
+    for attempt in (1, 2, 3):
+        assert store.claim(job.id, owner="w1", lease_s=60).attempts == attempt
+        assert store.release(job.id, owner="w1", count_attempt=True)
+        released = store.get(job.id, tenant=None)
+        assert released.status is JobStatus.QUEUED and released.attempts == attempt
+        assert released.started_at is not None
+
+
 # ---------------------------------------------------------------------------------------------- cancel
 
 

@@ -12,7 +12,8 @@ anything is stored, in this order:
    replay is looked up *before* the quota checks, so a retried submit never spends a rate-limit
    token and is never refused for a quota (a race with a concurrent first submit can still
    spend one token, once);
-3. caps on frames, resolution and steps: 422 ``limit_exceeded`` naming each limit;
+3. caps on frames, resolution and steps: 422 ``limit_exceeded`` naming each limit; a
+   ``webhook_url`` needs a tenant webhook secret and must pass the SSRF checks (422);
 4. ``max_queued_jobs`` reached: 429 ``queue_full`` with Retry-After. A full queue is this
    tenant's quota, not a service outage, hence 429 and not 503. The count is read, not
    reserved, so concurrent submits can overshoot it by the number of in-flight admissions;
@@ -48,8 +49,8 @@ from ..storage import Storage, job_key, job_prefix
 from ..telemetry import current_carrier, log_extra, tracer
 from ..tenants import Tenant, TenantPolicy
 from ..urlguard import URLPolicy, guarded_client
-from .errors import APIError, NotFoundError
 from ..webhooks import check_webhook_url, normalize_events
+from .errors import APIError, NotFoundError
 from .schemas import VideoJob
 from .views import job_view
 
@@ -60,7 +61,6 @@ QUEUE_FULL_RETRY_AFTER_S = 10
 
 #: Token bucket of a tenant's submissions in the job store.
 SUBMIT_BUCKET = "submit:{tenant}"
-
 
 
 @dataclass

@@ -340,12 +340,14 @@ class JobStore(ABC):
 
         return self._changed(self._mutate(job_id, fn))
 
-    def release(self, job_id: str, *, owner: str) -> bool:
-        """Give a claimed job back to the queue (graceful shutdown) without counting the attempt.
+    def release(self, job_id: str, *, owner: str, count_attempt: bool = False) -> bool:
+        """Give a claimed job back to the queue.
 
-        The claim's ``attempts`` increment is undone (and ``started_at`` cleared if no attempt is
-        left), the lease is dropped and the job keeps its place in the queue. A job whose cancel
-        was requested is cancelled instead of requeued.
+        By default (a graceful shutdown) the attempt does not count: the claim's ``attempts``
+        increment is undone (and ``started_at`` cleared if no attempt is left). With
+        ``count_attempt`` (a pipeline worker died under the job) it counts, so a job that keeps
+        killing workers runs out of ``max_attempts``. Either way the lease is dropped and the job
+        keeps its place in the queue; a job whose cancel was requested is cancelled instead.
         """
 
         def fn(job: Job) -> bool:
@@ -354,9 +356,10 @@ class JobStore(ABC):
             if job.cancel_requested:
                 self._finish(job, JobStatus.CANCELLED, self._now())
                 return True
-            job.attempts = max(0, job.attempts - 1)
-            if job.attempts == 0:
-                job.started_at = None
+            if not count_attempt:
+                job.attempts = max(0, job.attempts - 1)
+                if job.attempts == 0:
+                    job.started_at = None
             self._requeue(job)
             return True
 
