@@ -128,12 +128,6 @@ class LocalService:
             pass
         return None
 
-    def demo_key(self) -> str | None:
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if "demo API key" in line:
-                return line.rsplit(" ", 1)[-1].strip()
-        return None
-
     def log_tail(self, lines: int = 25) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -232,9 +232,6 @@ class Profile(_Strict):
                 return tenant
         raise KeyError(name)
 
-    def with_duration(self, seconds: float | None) -> "Profile":
-        return self if seconds is None else self.model_copy(update={"duration": float(seconds)})
-
     def summary(self) -> str:
         lines = [f"profile {self.name}: window {format_duration(self.duration)}, drain <= "
                  f"{format_duration(self.drain_timeout)}, max {self.max_jobs} jobs / {self.max_requests} requests, "

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-DEPLOYMENTS = ("Ingress", "JobRunner", "ImageEncoder", "Sampler", "Decoder", "VideoEncoder")
 
 
 def parse_dashboard(payload: dict[str, Any], app: str = "svd") -> dict[str, dict[str, Any]]:

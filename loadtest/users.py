@@ -68,7 +68,6 @@ class RunState:
         self.stop_reason: str | None = None
         self.finished = False
         self._images: dict[tuple[int, int], str] = {}
-        self._sent_upto = 0
         self._flusher = None
         self.remote: dict[str, dict[str, Any]] = {}  # master: per-worker status
         self.remote_records: list[JobRecord] = []

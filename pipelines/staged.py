@@ -22,9 +22,6 @@ from .stages import (
     VideoEncodeStage,
 )
 
-STAGE_NAMES = ("image_encode", "sampling", "decode", "video_encode")
-
-
 @dataclass
 class GenerationResult:
     """A finished clip with the parameters that made it (seed resolved) and seconds per stage."""

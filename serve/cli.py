@@ -16,7 +16,6 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 

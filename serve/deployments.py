@@ -46,7 +46,6 @@ class _StageReplica:
 
     stage: str  # name used in progress, timings, spans and metrics
     config_key: str  # field of StagesConfig
-    after_sampling = True  # progress reports all sampling steps done while this stage runs
 
     def _setup(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
@@ -54,28 +53,23 @@ class _StageReplica:
         setup_tracing(self.config.tracing)
         self.store = make_job_store(self.config.job_store)
 
-    def _steps(self, steps: int) -> dict[str, int]:
-        return {"step": steps if self.after_sampling else 0, "total_steps": steps}
+    def _started(self, ctx: JobContext) -> None:
+        self.store.update_progress(ctx.job_id, owner=ctx.owner, stage=self.stage)
 
-    def _started(self, ctx: JobContext, steps: int) -> None:
-        self.store.update_progress(ctx.job_id, owner=ctx.owner, stage=self.stage, **self._steps(steps))
-
-    def _finished(self, ctx: JobContext, steps: int, seconds: float) -> None:
-        self.store.update_progress(ctx.job_id, owner=ctx.owner, stage=self.stage, timings={self.stage: seconds},
-                                   **self._steps(steps))
+    def _finished(self, ctx: JobContext, seconds: float) -> None:
+        self.store.update_progress(ctx.job_id, owner=ctx.owner, stage=self.stage, timings={self.stage: seconds})
         recorder = metrics()
         if recorder is not None:
             recorder.stage_seconds.observe(seconds, tags={"stage": self.stage})
         logger.info("%s done in %.3fs", self.stage, seconds, extra=log_extra(ctx.job_id, stage=self.stage))
 
-    async def _run(self, ctx: JobContext, params: GenerationParams, fn, *args):
+    async def _run(self, ctx: JobContext, fn, *args):
         """Run one stage call in a worker thread under its span, recording progress and timing."""
-        steps = params.num_inference_steps
         with span_from_carrier(self.stage, ctx.trace, **{"svd.job_id": ctx.job_id, "svd.tenant": ctx.tenant}):
-            await asyncio.to_thread(self._started, ctx, steps)
+            await asyncio.to_thread(self._started, ctx)
             start = time.perf_counter()
             result = await asyncio.to_thread(fn, *args)
-            await asyncio.to_thread(self._finished, ctx, steps, time.perf_counter() - start)
+            await asyncio.to_thread(self._finished, ctx, time.perf_counter() - start)
             return result
 
     async def replica_info(self) -> dict[str, Any]:
@@ -106,7 +100,7 @@ def _params(params: dict[str, Any]) -> GenerationParams:
 class ImageEncoder(_StageReplica):
     """CLIP image embedding + VAE latent of the conditioning image (reads it from storage)."""
 
-    stage, config_key, after_sampling = "image_encode", "image_encoder", False
+    stage, config_key = "image_encode", "image_encoder"
 
     def __init__(self, config: dict[str, Any]) -> None:
         self._setup(config)
@@ -124,15 +118,14 @@ class ImageEncoder(_StageReplica):
         )
 
     async def encode(self, ctx: JobContext, input_key: str, params: dict[str, Any]) -> EncodedImage:
-        resolved = _params(params)
-        return await self._run(ctx, resolved, self._encode, input_key, resolved)
+        return await self._run(ctx, self._encode, input_key, _params(params))
 
 
 @serve.deployment(name="Sampler", logging_config={"encoding": "JSON"})
 class Sampler(_StageReplica):
     """U-Net Euler sampling: the expensive stage, scaled on its own."""
 
-    stage, config_key, after_sampling = "sampling", "sampler", False
+    stage, config_key = "sampling", "sampler"
 
     def __init__(self, config: dict[str, Any]) -> None:
         self._setup(config)
@@ -164,8 +157,7 @@ class Sampler(_StageReplica):
 
     async def sample(self, ctx: JobContext, encoded: EncodedImage, params: dict[str, Any]) -> SampledLatents:
         try:
-            resolved = _params(params)
-            return await self._run(ctx, resolved, self._sample, ctx, encoded, resolved)
+            return await self._run(ctx, self._sample, ctx, encoded, _params(params))
         except JobCancelledError:
             logger.info("sampling stopped: job cancelled", extra=log_extra(ctx.job_id))
             raise
@@ -182,8 +174,7 @@ class Decoder(_StageReplica):
         self.decoder = DecodeStage(**load_components(self.config.model, ("vae",)))
 
     async def decode(self, ctx: JobContext, sampled: SampledLatents, params: dict[str, Any]) -> DecodedFrames:
-        resolved = _params(params)
-        return await self._run(ctx, resolved, self.decoder, sampled, resolved)
+        return await self._run(ctx, self.decoder, sampled, _params(params))
 
 
 @serve.deployment(name="VideoEncoder", logging_config={"encoding": "JSON"})
@@ -197,12 +188,12 @@ class VideoEncoder(_StageReplica):
         self.storage = make_storage(self.config.storage)
         self.encoder = VideoEncodeStage()
 
-    def _store(self, ctx: JobContext, video, output_key: str, steps: int) -> dict[str, Any]:
+    def _store(self, ctx: JobContext, video, output_key: str) -> dict[str, Any]:
         with span_from_carrier("store", ctx.trace, **{"svd.job_id": ctx.job_id}):
             start = time.perf_counter()
             stored = self.storage.put(output_key, video.data, content_type=video.content_type)
             self.store.update_progress(ctx.job_id, owner=ctx.owner, stage="store",
-                                       timings={"store": time.perf_counter() - start}, **self._steps(steps))
+                                       timings={"store": time.perf_counter() - start})
         return {
             "key": stored.key,
             "content_type": video.content_type,
@@ -215,6 +206,5 @@ class VideoEncoder(_StageReplica):
     async def encode(
         self, ctx: JobContext, decoded: DecodedFrames, params: dict[str, Any], output_key: str
     ) -> dict[str, Any]:
-        resolved = _params(params)
-        video = await self._run(ctx, resolved, self.encoder, decoded, resolved)
-        return await asyncio.to_thread(self._store, ctx, video, output_key, resolved.num_inference_steps)
+        video = await self._run(ctx, self.encoder, decoded, _params(params))
+        return await asyncio.to_thread(self._store, ctx, video, output_key)

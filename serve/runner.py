@@ -174,15 +174,15 @@ class JobRunner:
     async def _run_job(self, job: Job) -> None:
         try:
             with span_from_carrier("job", job.trace_context, **{"svd.job_id": job.id, "svd.tenant": job.tenant,
-                                                                 "svd.attempt": job.attempts}) as span:
+                                                                 "svd.attempt": job.attempts}):
                 ctx = JobContext(job_id=job.id, tenant=job.tenant, owner=self.owner, trace=current_carrier())
-                await self._drive(job, ctx, span)
+                await self._drive(job, ctx)
         except asyncio.CancelledError:
             pass  # lease lost or shutting down: the store already has the job elsewhere
         finally:
             self.inflight.pop(job.id, None)
 
-    async def _drive(self, job: Job, ctx: JobContext, span) -> None:
+    async def _drive(self, job: Job, ctx: JobContext) -> None:
         encoder, sampler, decoder, video_encoder = self.stages
         params = job.params
         output_key = job.metadata["output_key"]

@@ -54,12 +54,6 @@ def setup_tracing(config: TracingConfig) -> None:
         _configured = True
 
 
-def flush_tracing(timeout_s: float = 5.0) -> None:
-    provider = trace.get_tracer_provider()
-    if hasattr(provider, "force_flush"):
-        provider.force_flush(int(timeout_s * 1000))
-
-
 def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 

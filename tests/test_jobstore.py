@@ -465,6 +465,15 @@ def test_progress_metadata_and_version_bumps(store):
     store.update_metadata("vid_missing", {"a": 1})  # no-op
 
 
+def test_stages_after_sampling_keep_the_step_count(store):
+    job, _ = store.create(new_job())
+    store.claim(job.id, owner="w1", lease_s=60)
+    store.update_progress(job.id, owner="w1", stage="sampling", step=25, total_steps=25)
+    store.update_progress(job.id, owner="w1", stage="decode", timings={"decode": 0.5})
+    progress = store.get(job.id, tenant=None).progress
+    assert (progress.stage, progress.step, progress.total_steps) == ("decode", 25, 25)
+
+
 # ---------------------------------------------------------------------------------------------- queue views
 
 

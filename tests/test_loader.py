@@ -353,9 +353,9 @@ def _hub_env(tmp_path: Path, **env: str) -> dict[str, str]:
     return clean
 
 
-def _resolve_in_subprocess(spec: dict, tmp_path: Path, **env: str) -> tuple[str, str]:
-    """Run resolve_model_dir in a fresh interpreter; return (error message, all output)."""
-    proc = subprocess.run(
+def _run_resolve(spec: dict, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """resolve_model_dir in a fresh interpreter (huggingface_hub reads its env at import)."""
+    return subprocess.run(
         [sys.executable, "-c", _RESOLVE_SCRIPT, json.dumps(spec)],
         env=_hub_env(tmp_path, **env),
         cwd=tmp_path,
@@ -363,6 +363,11 @@ def _resolve_in_subprocess(spec: dict, tmp_path: Path, **env: str) -> tuple[str,
         text=True,
         timeout=60,
     )
+
+
+def _resolve_in_subprocess(spec: dict, tmp_path: Path, **env: str) -> tuple[str, str]:
+    """Run resolve_model_dir in a fresh interpreter; return (error message, all output)."""
+    proc = _run_resolve(spec, tmp_path, **env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 3, output
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ModelLoadError: ")]
@@ -372,14 +377,7 @@ def _resolve_in_subprocess(spec: dict, tmp_path: Path, **env: str) -> tuple[str,
 
 def _resolve_ok_in_subprocess(spec: dict, tmp_path: Path, **env: str) -> str:
     """Run resolve_model_dir in a fresh interpreter and return the directory it printed."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _RESOLVE_SCRIPT, json.dumps(spec)],
-        env=_hub_env(tmp_path, **env),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _run_resolve(spec, tmp_path, **env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout.strip().splitlines()[-1]
 

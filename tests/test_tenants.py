@@ -121,7 +121,7 @@ def test_defaults_are_merged_under_each_tenants_policy(tmp_path):
     raw = yaml.safe_load(path.read_text())
     assert raw["defaults"] == {"max_running_jobs": 3, "burst": 5}
     assert raw["tenants"]["acme"]["policy"] == {"max_running_jobs": 8} and "policy" not in raw["tenants"]["globex"]
-    # write_tenants (used by `svd-serve up`) keeps the defaults section.
+    # write_tenants keeps the defaults section.
     write_tenants(path, tenants)
     assert yaml.safe_load(path.read_text())["defaults"] == {"max_running_jobs": 3, "burst": 5}
     assert os.stat(path).st_mode & 0o777 == 0o600  # it holds webhook secrets

@@ -293,16 +293,21 @@ class JobStore(ABC):
         *,
         owner: str,
         stage: str | None,
-        step: int = 0,
-        total_steps: int = 0,
+        step: int | None = None,
+        total_steps: int | None = None,
         timings: dict[str, float] | None = None,
     ) -> bool:
-        """Set the progress and merge ``timings``. False if ``owner`` lost the lease."""
+        """Set the stage (and the sampling steps, when given: stages after sampling leave them at
+        n of n) and merge ``timings``. False if ``owner`` lost the lease."""
 
         def fn(job: Job) -> bool:
             if not self._holds(job, owner):
                 return False
-            job.progress = JobProgress(stage=stage, step=step, total_steps=total_steps)
+            job.progress = JobProgress(
+                stage=stage,
+                step=job.progress.step if step is None else step,
+                total_steps=job.progress.total_steps if total_steps is None else total_steps,
+            )
             if timings:
                 job.timings.update({k: float(v) for k, v in timings.items()})
             return True
