@@ -63,6 +63,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from any directory
     sys.path.insert(0, str(REPO_ROOT))
 
+from pipelines.registry import STAGES as REGISTRY  # noqa: E402  (light: no torch)
+
 PROG = "bench_pipeline.py"
 
 # -- reference figures ---------------------------------------------------------------------------
@@ -110,8 +112,8 @@ TINY_DEFAULTS = {"frames": 14, "height": 64, "width": 64, "steps": 4, "dtype": "
 FULL_DEFAULTS = {"frames": REF_FRAMES, "height": REF_HEIGHT, "width": REF_WIDTH, "steps": 25, "dtype": "bf16"}
 BOUNDARY_DEFAULTS = {"frames": REF_FRAMES, "height": REF_HEIGHT, "width": REF_WIDTH, "dtype": "fp16"}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-STAGES = ("image_encode", "sampling", "decode", "video_encode")
-BOUNDARIES = ("image_encode->sampling", "sampling->decode", "decode->video_encode")
+STAGES = REGISTRY.names()
+BOUNDARIES = tuple(f"{a}->{b}" for a, b in zip(STAGES, STAGES[1:]))
 
 
 class BenchError(Exception):
@@ -388,30 +390,21 @@ def build_components(args, device: str, dtype):
 
 
 def run_once(pipeline, image, params, sync):
-    """StagedPipeline.__call__, with a device synchronise after each stage so GPU time is not misplaced."""
-    from pipelines.staged import GenerationResult
+    """StagedPipeline.__call__ with a device synchronise around each stage, so GPU time is not
+    misplaced, and the CPU time of each stage."""
+    import contextlib
 
-    params = params.resolved(pipeline.default_num_frames)
-    timings, sizes, cpu_times = {}, {}, {}
+    cpu_times = {}
 
-    def timed(name, fn, *fn_args, **fn_kwargs):
+    @contextlib.contextmanager
+    def synchronised(name):
         sync()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out = fn(*fn_args, **fn_kwargs)
+        cpu_start = time.process_time()
+        yield
         sync()
-        timings[name] = time.perf_counter() - start
         cpu_times[name] = time.process_time() - cpu_start
-        return out
 
-    encoded = timed("image_encode", pipeline.image_encode, image, params)
-    sizes["image_encode->sampling"] = encoded.nbytes()
-    sampled = timed("sampling", pipeline.sampling, encoded, params)
-    sizes["sampling->decode"] = sampled.nbytes()
-    decoded = timed("decode", pipeline.decode, sampled, params)
-    sizes["decode->video_encode"] = decoded.nbytes()
-    video = timed("video_encode", pipeline.video_encode, decoded, params)
-    result = GenerationResult(video=video, params=params, timings=timings, bytes_between_stages=sizes)
-    return result, cpu_times
+    return pipeline(image, params, stage_hook=synchronised), cpu_times
 
 
 def _device_name(device: str) -> str:

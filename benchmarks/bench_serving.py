@@ -1,12 +1,19 @@
-"""Serving benchmarks (issue #3), measured side by side in one run on this machine.
+"""Serving benchmarks, measured side by side in one run on this machine.
 
-1. Serving overhead: end-to-end latency of a job through the HTTP API (submit, poll, download)
-   minus the in-process staged pipeline on the same tiny workload and the same torch threads.
-2. Bytes moved between stages per job.
-3. Throughput of N concurrent jobs: the four-stage deployment versus one deployment holding the
-   whole pipeline, on the same CPU budget.
+1. Serving latency through the HTTP API, for this tree and (``--baseline REF``) for an earlier
+   commit checked out into a temporary git worktree, each served in turn by the same harness on
+   the same tiny workload:
+   * plumbing: server created->finished minus the time inside the stages (the stages' own timings);
+   * queue wait: created->started;
+   * first progress event: the first SSE event showing a finished sampling step, minus the moment
+     that step ended. The moment comes from the job's ``progress.updated_at`` where the API has
+     it (the Sampler reports it), else from a watcher that reads the job's SQLite row every 2 ms
+     (the baseline's Sampler writes that row as the step ends).
+2. The in-process staged pipeline on the same workload, and the bytes between stages.
+3. Throughput of N concurrent jobs: the staged application through its HTTP API versus one
+   deployment holding the whole pipeline called directly, on the same CPU budget.
 
-    python benchmarks/bench_serving.py [--jobs 20] [--concurrent 12] [--json out.json]
+    python benchmarks/bench_serving.py [--jobs 20] [--concurrent 12] [--baseline 5210605] [--json out.json]
 
 Prints figures and ratios; record them in docs/benchmarks.md. Not a test.
 """
@@ -17,169 +24,35 @@ import argparse
 import base64
 import json
 import os
+import signal
+import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
-os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import httpx  # noqa: E402
-import torch  # noqa: E402
-
-from pipelines.images import load_image  # noqa: E402
-from pipelines.loader import ModelSpec, load_pipeline  # noqa: E402
-from pipelines.params import GenerationParams  # noqa: E402
-from pipelines.sample_image import SAMPLE_IMAGE_PATH  # noqa: E402
-from pipelines.staged import StagedPipeline  # noqa: E402
-from pipelines.tiny import write_tiny_model  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[1]
 WORKLOAD = {"num_frames": 14, "num_inference_steps": 4, "width": 64, "height": 64}
+TERMINAL = ("completed", "failed", "cancelled")
+#: The landed tree before the stage registry and the runner split.
+DEFAULT_BASELINE = "5210605"
 
 
 def p50(values):
-    return statistics.median(values)
-
-
-STAGES = ("image_encode", "sampling", "decode", "video_encode")
-
-
-def in_process_baseline(model_dir: Path, jobs: int) -> tuple[list[float], dict[str, int], dict[str, list[float]]]:
-    torch.set_num_threads(1)  # the replicas run one torch thread each (num_cpus <= 1)
-    pipe = StagedPipeline(load_pipeline(ModelSpec(source=str(model_dir), dtype="fp32", device="cpu")))
-    image = load_image(SAMPLE_IMAGE_PATH)
-    pipe(image, GenerationParams(seed=0, **WORKLOAD))  # warm-up
-    times, sizes, stage_times = [], {}, {stage: [] for stage in STAGES}
-    for i in range(jobs):
-        start = time.perf_counter()
-        result = pipe(image, GenerationParams(seed=i, **WORKLOAD))
-        times.append(time.perf_counter() - start)
-        sizes = result.bytes_between_stages
-        for stage in STAGES:
-            stage_times[stage].append(result.timings[stage])
-    return times, sizes, stage_times
+    return statistics.median(values) if values else float("nan")
 
 
 def stage_options(cpus: float) -> dict:
     return {"num_replicas": 1, "ray_actor_options": {"num_cpus": cpus}, "torch_threads": 1, "max_ongoing_requests": 16}
 
 
-def http_overhead(client: httpx.Client, key: str, jobs: int, poll_s: float) -> dict[str, list[float]]:
-    """Sequential jobs through the HTTP API; client and server-side latencies and where they go."""
-    from datetime import datetime
-
-    data_url = "data:image/png;base64," + base64.b64encode(Path(SAMPLE_IMAGE_PATH).read_bytes()).decode()
-    headers = {"Authorization": f"Bearer {key}"}
-    out: dict[str, list[float]] = {"client": [], "server": [], "queue_wait": [], "stages": [],
-                                   **{stage: [] for stage in STAGES}}
-    for i in range(jobs + 1):
-        start = time.perf_counter()
-        job = client.post("/v1/videos", headers=headers, json={"image_url": data_url, "seed": i, **WORKLOAD}).json()
-        while True:
-            view = client.get(f"/v1/videos/{job['id']}", headers=headers).json()
-            if view["status"] in ("completed", "failed", "cancelled"):
-                break
-            time.sleep(poll_s)
-        assert view["status"] == "completed", view
-        content = client.get(f"/v1/videos/{job['id']}/content", headers=headers)
-        assert content.status_code == 200
-        elapsed = time.perf_counter() - start
-        if i == 0:
-            continue  # warm-up
-        created, started, finished = (datetime.fromisoformat(view[k]) for k in ("created_at", "started_at",
-                                                                                 "finished_at"))
-        out["client"].append(elapsed)
-        out["server"].append((finished - created).total_seconds())
-        out["queue_wait"].append((started - created).total_seconds())
-        out["stages"].append(sum(v for k, v in view["timings"].items() if k != "total"))
-        for stage in STAGES:
-            out[stage].append(view["timings"][stage])
-    return out
-
-
-def throughput_staged(concurrent: int, storage_key: str, store) -> float:
-    """N jobs through the four stage deployments, driven the way the runner drives them (claimed job
-    records, chained DeploymentResponses) but without the HTTP API and the dispatch loop."""
-    from ray import serve
-
-    from serve.context import JobContext
-    from serve.jobstore import Job
-
-    encoder, sampler, decoder, video = (serve.get_deployment_handle(n, app_name="svd")
-                                        for n in ("ImageEncoder", "Sampler", "Decoder", "VideoEncoder"))
-    params = [GenerationParams(seed=i, **WORKLOAD).resolved(14).model_dump(mode="json") for i in range(concurrent)]
-    jobs = []
-    for p in params:
-        job, _ = store.create(Job(tenant="bench", params=p, input_key=storage_key))
-        jobs.append(store.claim(job.id, owner="bench", lease_s=3600))
-    start = time.perf_counter()
-    responses = []
-    for job, p in zip(jobs, params):
-        ctx = JobContext(job_id=job.id, tenant="bench", owner="bench")
-        encoded = encoder.encode.remote(ctx, storage_key, p)
-        sampled = sampler.sample.remote(ctx, encoded, p)
-        decoded = decoder.decode.remote(ctx, sampled, p)
-        responses.append(video.encode.remote(ctx, decoded, p, f"bench/{job.id}/out.mp4"))
-    for response in responses:
-        response.result(timeout_s=600)
-    return time.perf_counter() - start
-
-
-def throughput_monolithic(model_dir: Path, concurrent: int, replicas: int, cpus: float) -> float:
-    from ray import serve
-
-    @serve.deployment(name="Monolithic")
-    class Monolithic:
-        def __init__(self, source: str) -> None:
-            torch.set_num_threads(1)
-            self.pipe = StagedPipeline(load_pipeline(ModelSpec(source=source, dtype="fp32", device="cpu")))
-            self.image = load_image(SAMPLE_IMAGE_PATH)
-
-        def generate(self, params: dict) -> int:
-            return len(self.pipe(self.image, GenerationParams.model_validate(params)).video.data)
-
-    handle = serve.run(
-        Monolithic.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus}, max_ongoing_requests=16)
-        .bind(str(model_dir)), name="mono", route_prefix="/mono")
-    handle.generate.remote(GenerationParams(seed=0, **WORKLOAD).model_dump(mode="json")).result()  # warm-up
-    start = time.perf_counter()
-    responses = [handle.generate.remote(GenerationParams(seed=i, **WORKLOAD).model_dump(mode="json"))
-                 for i in range(concurrent)]
-    for response in responses:
-        response.result(timeout_s=600)
-    return time.perf_counter() - start
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=20, help="sequential jobs for the overhead figure")
-    parser.add_argument("--concurrent", type=int, default=12, help="concurrent jobs for the throughput figure")
-    parser.add_argument("--poll", type=float, default=0.02, help="client poll interval in seconds (default 0.02)")
-    parser.add_argument("--json", default=None, help="also write the figures here")
-    args = parser.parse_args(argv)
-
-    import ray
-    from ray import serve
-
-    from serve.app import build_app
-    from serve.config import AppConfig
-    from serve.storage import make_storage
-    from serve.tenants import add_tenant
-
-    work = Path(tempfile.mkdtemp(prefix="svd-bench-"))
-    model_dir = write_tiny_model(work / "tiny")
-    figures: dict = {"workload": WORKLOAD, "cpu_count": os.cpu_count(), "torch": torch.__version__}
-
-    print(f"in-process staged pipeline, {args.jobs} jobs, 1 torch thread ...", flush=True)
-    local_times, sizes, local_stages = in_process_baseline(model_dir, args.jobs)
-    figures["in_process_p50_s"] = p50(local_times)
-    figures["in_process_stage_p50_s"] = {stage: p50(values) for stage, values in local_stages.items()}
-    figures["bytes_between_stages"] = sizes
-
-    # Stage CPU shares add up to 2.0: the same budget the monolithic deployment gets below.
-    config = AppConfig.model_validate({
+def app_config(work: Path, model_dir: Path) -> dict:
+    """Stage CPU shares add up to 2.0: the same budget the monolithic deployment gets."""
+    return {
         "model": {"source": str(model_dir), "dtype": "fp32", "device": "cpu"},
         "storage": {"local_dir": str(work / "outputs")},
         "job_store": {"sqlite_path": str(work / "jobs.sqlite3")},
@@ -188,61 +61,333 @@ def main(argv=None) -> int:
                    "decoder": stage_options(0.5), "video_encoder": stage_options(0.25),
                    "runner": {"ray_actor_options": {"num_cpus": 0}}, "ingress": {"ray_actor_options": {"num_cpus": 0}}},
         "max_inflight_jobs": 16,
-    })
-    key = add_tenant(work / "tenants.yaml", "bench", rate_limit_per_minute=None, max_running_jobs=None,
-                     max_queued_jobs=None)
+    }
+
+
+# -- the server: one tree's application in a child process ------------------------------------------
+
+
+def serve_tree(tree: Path, config_path: Path, port: int) -> int:
+    """Child process: serve ``tree``'s application until SIGTERM."""
+    sys.path.insert(0, str(tree))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    port = 8765
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name="svd", route_prefix="/")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    while client.get("/readyz").status_code != 200:
-        time.sleep(0.5)
-
-    print(f"HTTP job API, {args.jobs} sequential jobs ...", flush=True)
-    latencies = http_overhead(client, key, args.jobs, args.poll)
-    figures["http_e2e_p50_s"] = p50(latencies["client"])
-    figures["server_e2e_p50_s"] = p50(latencies["server"])
-    figures["queue_wait_p50_s"] = p50(latencies["queue_wait"])
-    figures["stage_time_p50_s"] = p50(latencies["stages"])
-    figures["served_stage_p50_s"] = {stage: p50(latencies[stage]) for stage in STAGES}
-    figures["overhead_p50_ms"] = (p50(latencies["client"]) - figures["in_process_p50_s"]) * 1000
-    figures["server_overhead_p50_ms"] = (p50(latencies["server"]) - figures["in_process_p50_s"]) * 1000
-
-    print(f"throughput, {args.concurrent} concurrent jobs: staged ...", flush=True)
-    storage_key = "bench/input/sample.png"
-    make_storage(config.storage).put(storage_key, Path(SAMPLE_IMAGE_PATH).read_bytes(), content_type="image/png")
-    from serve.jobstore import make_job_store
-
-    store = make_job_store(config.job_store)
-    throughput_staged(2, storage_key, store)  # warm-up
-    staged_s = throughput_staged(args.concurrent, storage_key, store)
-    serve.delete("svd")
-    print("... monolithic (2 replicas x 1 CPU, whole pipeline each) ...", flush=True)
-    mono_s = throughput_monolithic(model_dir, args.concurrent, replicas=2, cpus=1.0)
-    figures["staged_jobs_per_min"] = args.concurrent / staged_s * 60
-    figures["monolithic_jobs_per_min"] = args.concurrent / mono_s * 60
-    figures["staged_over_monolithic"] = figures["staged_jobs_per_min"] / figures["monolithic_jobs_per_min"]
+    serve.run(build_app(json.loads(config_path.read_text())), name="svd", route_prefix="/")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print("READY", flush=True)
+    stop.wait()
     serve.shutdown()
     ray.shutdown()
+    return 0
+
+
+class Server:
+    def __init__(self, tree: Path, work: Path, config: dict, port: int) -> None:
+        self.tree, self.port = tree, port
+        work.mkdir(parents=True, exist_ok=True)
+        config_path = work / "config.json"
+        config_path.write_text(json.dumps(config))
+        env = {**os.environ, "RAY_DEDUP_LOGS": "1", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-tree", str(tree), "--serve-config",
+                                      str(config_path), "--serve-port", str(port)],
+                                     stdout=subprocess.PIPE, stderr=open(work / "server.log", "w"), text=True,
+                                     env=env, cwd=tree)
+
+    def __enter__(self) -> "Server":
+        import httpx
+
+        line = self.proc.stdout.readline()
+        if "READY" not in line:
+            raise RuntimeError(f"the server for {self.tree} did not start (see its server.log)")
+        with httpx.Client(base_url=f"http://127.0.0.1:{self.port}") as client:
+            while client.get("/readyz").status_code != 200:
+                time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# -- the client side ---------------------------------------------------------------------------------
+
+
+class RowWatcher(threading.Thread):
+    """Reads one job's SQLite row every 2 ms; remembers when it first shows a finished sampling step."""
+
+    def __init__(self, db_path: Path, job_id: str) -> None:
+        super().__init__(daemon=True)
+        self.db_path, self.job_id = db_path, job_id
+        self.first_step_at: float | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self.db_path, timeout=5)
+        try:
+            while not self.stop.is_set():
+                row = conn.execute("SELECT data FROM jobs WHERE id = ?", (self.job_id,)).fetchone()
+                if row is not None:
+                    job = json.loads(row[0])
+                    if job["progress"].get("stage") == "sampling" and job["progress"].get("step", 0) >= 1:
+                        self.first_step_at = time.time()
+                        return
+                    if job["status"] in TERMINAL:
+                        return
+                time.sleep(0.002)
+        finally:
+            conn.close()
+
+
+def follow_events(base_url: str, headers: dict, job_id: str) -> dict:
+    """The job's SSE stream to its end: the final view, and the arrival of the first step event."""
+    import httpx
+
+    out: dict = {}
+    with httpx.stream("GET", f"{base_url}/v1/videos/{job_id}/events", headers=headers, timeout=300) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            view, arrived = json.loads(line[6:]), time.time()
+            progress = view["progress"]
+            if "first_step" not in out and progress["stage"] == "sampling" and progress["step"] >= 1:
+                out["first_step"] = (arrived, progress)
+            if view["status"] in TERMINAL:
+                out["final"] = view
+                return out
+    return out
+
+
+def http_latencies(base_url: str, key: str, jobs: int, db_path: Path) -> dict[str, list[float]]:
+    """Sequential jobs through the HTTP API, followed by SSE; server-side latencies and where they go."""
+    import httpx
+
+    from pipelines.sample_image import SAMPLE_IMAGE_PATH
+
+    data_url = "data:image/png;base64," + base64.b64encode(Path(SAMPLE_IMAGE_PATH).read_bytes()).decode()
+    headers = {"Authorization": f"Bearer {key}"}
+    out: dict[str, list[float]] = {"client": [], "server": [], "queue_wait": [], "plumbing": [],
+                                   "first_progress": [], "first_progress_row": []}
+    with httpx.Client(base_url=base_url, timeout=60, headers=headers) as client:
+        for i in range(jobs + 1):
+            start = time.perf_counter()
+            job = client.post("/v1/videos", json={"image_url": data_url, "seed": i, **WORKLOAD}).json()
+            watcher = RowWatcher(db_path, job["id"])
+            watcher.start()
+            events = follow_events(base_url, headers, job["id"])
+            watcher.stop.set()
+            watcher.join()
+            view = events["final"]
+            assert view["status"] == "completed", view
+            assert client.get(f"/v1/videos/{job['id']}/content").status_code == 200
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                continue  # warm-up
+            created, started, finished = (datetime.fromisoformat(view[k]) for k in ("created_at", "started_at",
+                                                                                     "finished_at"))
+            server = (finished - created).total_seconds()
+            inside = sum(v for k, v in view["timings"].items() if k != "total")
+            out["client"].append(elapsed)
+            out["server"].append(server)
+            out["queue_wait"].append((started - created).total_seconds())
+            out["plumbing"].append(server - inside)
+            if "first_step" in events:
+                arrived, progress = events["first_step"]
+                if watcher.first_step_at is not None:
+                    out["first_progress_row"].append(arrived - watcher.first_step_at)
+                reported = progress.get("updated_at")
+                if reported and progress["step"] == 1:
+                    out["first_progress"].append(arrived - datetime.fromisoformat(reported).timestamp())
+                elif watcher.first_step_at is not None:
+                    out["first_progress"].append(arrived - watcher.first_step_at)
+    return out
+
+
+def serving_figures(tree: Path, work: Path, model_dir: Path, jobs: int, port: int) -> dict:
+    from serve.tenants import add_tenant
+
+    config = app_config(work, model_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    key = add_tenant(work / "tenants.yaml", "bench", rate_limit_per_minute=None, max_running_jobs=None,
+                     max_queued_jobs=None)
+    with Server(tree, work, config, port):
+        lat = http_latencies(f"http://127.0.0.1:{port}", key, jobs, work / "jobs.sqlite3")
+    ms = {name: round(p50(values) * 1000, 1) for name, values in lat.items()}
+    return {"tree": str(tree), "p50_ms": ms, "n": {name: len(values) for name, values in lat.items()}}
+
+
+# -- throughput ------------------------------------------------------------------------------------------
+
+
+def throughput_staged(base_url: str, key: str, concurrent: int) -> float:
+    import httpx
+
+    from pipelines.sample_image import SAMPLE_IMAGE_PATH
+
+    data_url = "data:image/png;base64," + base64.b64encode(Path(SAMPLE_IMAGE_PATH).read_bytes()).decode()
+    with httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as client:
+        start = time.perf_counter()
+        ids = [client.post("/v1/videos", json={"image_url": data_url, "seed": i, **WORKLOAD}).json()["id"]
+               for i in range(concurrent)]
+        for job_id in ids:
+            while client.get(f"/v1/videos/{job_id}").json()["status"] not in TERMINAL:
+                time.sleep(0.05)
+        return time.perf_counter() - start
+
+
+def throughput_monolithic(model_dir: Path, concurrent: int, replicas: int, cpus: float) -> float:
+    import ray
+    from ray import serve
+
+    from pipelines.images import load_image
+    from pipelines.loader import ModelSpec, load_pipeline
+    from pipelines.params import GenerationParams
+    from pipelines.sample_image import SAMPLE_IMAGE_PATH
+    from pipelines.staged import StagedPipeline
+
+    @serve.deployment(name="Monolithic")
+    class Monolithic:
+        def __init__(self, source: str) -> None:
+            import torch
+
+            torch.set_num_threads(1)
+            self.pipe = StagedPipeline(load_pipeline(ModelSpec(source=source, dtype="fp32", device="cpu")))
+            self.image = load_image(SAMPLE_IMAGE_PATH)
+
+        def generate(self, params: dict) -> int:
+            return len(self.pipe(self.image, GenerationParams.model_validate(params)).video.data)
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        handle = serve.run(Monolithic.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus},
+                                              max_ongoing_requests=16).bind(str(model_dir)), name="mono",
+                           route_prefix="/mono")
+        handle.generate.remote(GenerationParams(seed=0, **WORKLOAD).model_dump(mode="json")).result()  # warm-up
+        start = time.perf_counter()
+        responses = [handle.generate.remote(GenerationParams(seed=i, **WORKLOAD).model_dump(mode="json"))
+                     for i in range(concurrent)]
+        for response in responses:
+            response.result(timeout_s=600)
+        return time.perf_counter() - start
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def in_process_baseline(model_dir: Path, jobs: int) -> tuple[list[float], dict[str, int], dict[str, list[float]]]:
+    import torch
+
+    from pipelines.images import load_image
+    from pipelines.loader import ModelSpec, load_pipeline
+    from pipelines.params import GenerationParams
+    from pipelines.sample_image import SAMPLE_IMAGE_PATH
+    from pipelines.staged import StagedPipeline
+
+    torch.set_num_threads(1)  # the replicas run one torch thread each (num_cpus <= 1)
+    pipe = StagedPipeline(load_pipeline(ModelSpec(source=str(model_dir), dtype="fp32", device="cpu")))
+    image = load_image(SAMPLE_IMAGE_PATH)
+    pipe(image, GenerationParams(seed=0, **WORKLOAD))  # warm-up
+    times, sizes, stage_times = [], {}, {}
+    for i in range(jobs):
+        start = time.perf_counter()
+        result = pipe(image, GenerationParams(seed=i, **WORKLOAD))
+        times.append(time.perf_counter() - start)
+        sizes = result.bytes_between_stages
+        for stage, seconds in result.timings.items():
+            stage_times.setdefault(stage, []).append(seconds)
+    return times, sizes, stage_times
+
+
+def worktree(ref: str, where: Path) -> Path:
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(where), ref], check=True,
+                   capture_output=True)
+    return where
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=20, help="sequential jobs per tree for the latency figures")
+    parser.add_argument("--concurrent", type=int, default=12, help="concurrent jobs for the throughput figure")
+    parser.add_argument("--baseline", default=DEFAULT_BASELINE,
+                        help=f"git ref served side by side for comparison (default {DEFAULT_BASELINE}); 'none' to skip")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--serve-tree", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-config", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_tree:
+        return serve_tree(Path(args.serve_tree), Path(args.serve_config), args.serve_port)
+
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from pipelines.tiny import write_tiny_model
+    from serve.tenants import add_tenant
+
+    work = Path(tempfile.mkdtemp(prefix="svd-bench-"))
+    model_dir = write_tiny_model(work / "tiny")
+    figures: dict = {"workload": WORKLOAD, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                     "date": datetime.now().astimezone().isoformat(timespec="seconds")}
+
+    print(f"in-process staged pipeline, {args.jobs} jobs, 1 torch thread ...", flush=True)
+    local_times, sizes, local_stages = in_process_baseline(model_dir, args.jobs)
+    figures["in_process_p50_ms"] = round(p50(local_times) * 1000, 1)
+    figures["in_process_stage_p50_ms"] = {stage: round(p50(v) * 1000, 1) for stage, v in local_stages.items()}
+    figures["bytes_between_stages"] = sizes
+
+    trees = {"this tree": ROOT}
+    if args.baseline != "none":
+        trees = {f"baseline {args.baseline}": worktree(args.baseline, work / "baseline"), **trees}
+    figures["serving"] = {}
+    try:
+        for label, tree in trees.items():
+            print(f"HTTP job API, {args.jobs} sequential jobs, {label} ...", flush=True)
+            figures["serving"][label] = serving_figures(tree, work / label.replace(" ", "-"), model_dir, args.jobs,
+                                                        port=8765)
+    finally:
+        if args.baseline != "none":
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline")],
+                           capture_output=True)
+
+    print(f"throughput, {args.concurrent} concurrent jobs: staged (HTTP API) ...", flush=True)
+    through = work / "throughput"
+    through.mkdir()
+    key = add_tenant(through / "tenants.yaml", "bench", rate_limit_per_minute=None, max_running_jobs=None,
+                     max_queued_jobs=None)
+    with Server(ROOT, through, app_config(through, model_dir), 8766):
+        throughput_staged("http://127.0.0.1:8766", key, 2)  # warm-up
+        staged_s = throughput_staged("http://127.0.0.1:8766", key, args.concurrent)
+    print("... monolithic (2 replicas x 1 CPU, whole pipeline each, called directly) ...", flush=True)
+    mono_s = throughput_monolithic(model_dir, args.concurrent, replicas=2, cpus=1.0)
+    figures["staged_jobs_per_min"] = round(args.concurrent / staged_s * 60, 1)
+    figures["monolithic_jobs_per_min"] = round(args.concurrent / mono_s * 60, 1)
+    figures["staged_over_monolithic"] = round(figures["staged_jobs_per_min"] / figures["monolithic_jobs_per_min"], 2)
 
     print()
     print(f"workload: {WORKLOAD}, tiny model, CPU, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"in-process staged pipeline      p50 {figures['in_process_p50_s'] * 1000:8.1f} ms")
-    print(f"HTTP job (submit->poll->download) p50 {figures['http_e2e_p50_s'] * 1000:6.1f} ms"
-          f"   (server created->finished p50 {figures['server_e2e_p50_s'] * 1000:.1f} ms)")
-    print(f"  queue wait p50 {figures['queue_wait_p50_s'] * 1000:.1f} ms, time inside the stages p50 "
-          f"{figures['stage_time_p50_s'] * 1000:.1f} ms (client polls every {args.poll * 1000:.0f} ms)")
-    for stage in STAGES:
-        print(f"  {stage:<13} in process {figures['in_process_stage_p50_s'][stage] * 1000:7.1f} ms   "
-              f"in its replica {figures['served_stage_p50_s'][stage] * 1000:7.1f} ms")
-    print(f"serving overhead (client)       p50 {figures['overhead_p50_ms']:8.1f} ms   (target <= 50 ms)")
-    print(f"serving overhead (server)       p50 {figures['server_overhead_p50_ms']:8.1f} ms")
+    print(f"in-process staged pipeline p50 {figures['in_process_p50_ms']:.1f} ms")
+    rows = [("client submit->SSE end->download", "client"), ("server created->finished", "server"),
+            ("queue wait (created->started)", "queue_wait"), ("plumbing (server minus stages)", "plumbing"),
+            ("first SSE progress after step 1 ends", "first_progress"),
+            ("  same, from the row watcher", "first_progress_row")]
+    labels = list(figures["serving"])
+    print(f"{'p50 ms':<40}" + "".join(f"{label:>22}" for label in labels))
+    for title, name in rows:
+        print(f"{title:<40}" + "".join(f"{figures['serving'][label]['p50_ms'][name]:>22.1f}" for label in labels))
     for boundary, size in sizes.items():
-        print(f"bytes {boundary:<24} {size:>10,d}")
-    print(f"throughput staged     {figures['staged_jobs_per_min']:7.1f} jobs/min")
-    print(f"throughput monolithic {figures['monolithic_jobs_per_min']:7.1f} jobs/min")
-    print(f"staged / monolithic   {figures['staged_over_monolithic']:7.2f}x")
+        print(f"bytes {boundary:<28} {size:>10,d}")
+    print(f"throughput staged (HTTP)   {figures['staged_jobs_per_min']:7.1f} jobs/min")
+    print(f"throughput monolithic      {figures['monolithic_jobs_per_min']:7.1f} jobs/min")
+    print(f"staged / monolithic        {figures['staged_over_monolithic']:7.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0

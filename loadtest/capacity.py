@@ -31,12 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .stages import default_gpu_shares, deployment_of, stage_names, stage_of
 from .units import parse_mapping, parse_rate
-
-STAGE_ORDER = ("image_encode", "sampling", "decode", "video_encode")
-#: GPU share per replica of each stage, as in the Helm chart's defaults (helm/svd-serve/values.yaml).
-DEFAULT_GPU_SHARE = {"image_encode": 0.25, "sampling": 1.0, "decode": 0.5, "video_encode": 0.0}
-DEPLOYMENT = {"image_encode": "ImageEncoder", "sampling": "Sampler", "decode": "Decoder", "video_encode": "VideoEncoder"}
 
 
 @dataclass
@@ -84,10 +80,11 @@ def plan(rate_per_hour: float, stage_seconds: dict[str, float], *, utilisation: 
         raise ValueError("the target rate must be above 0")
     if not stage_seconds:
         raise ValueError("no stage service times given")
-    shares = {**DEFAULT_GPU_SHARE, **(gpu_share or {})}
+    shares = {**default_gpu_shares(), **(gpu_share or {})}
     rate_s = rate_per_hour / 3600.0
     stages: list[StagePlan] = []
-    order = [s for s in STAGE_ORDER if s in stage_seconds] + sorted(set(stage_seconds) - set(STAGE_ORDER))
+    known = stage_names()
+    order = [s for s in known if s in stage_seconds] + sorted(set(stage_seconds) - set(known))
     for stage in order:
         service = float(stage_seconds[stage])
         if service < 0:
@@ -99,7 +96,7 @@ def plan(rate_per_hour: float, stage_seconds: dict[str, float], *, utilisation: 
         per_replica_h = 3600.0 * par / service if service > 0 else math.inf
         now = (current or {}).get(stage)
         stages.append(StagePlan(
-            stage=stage, deployment=DEPLOYMENT.get(stage, stage), service_s=service, parallel=par, gpu_share=share,
+            stage=stage, deployment=deployment_of(stage) or stage, service_s=service, parallel=par, gpu_share=share,
             offered_load=offered, replicas=replicas, gpus=replicas * share, utilisation=offered / replicas,
             max_rate_per_replica_h=per_replica_h,
             est_queue_wait_s=erlang_c_wait(replicas, offered, service),
@@ -127,14 +124,14 @@ def plan(rate_per_hour: float, stage_seconds: dict[str, float], *, utilisation: 
 
 
 def stage_seconds_from_report(report: dict[str, Any]) -> dict[str, float]:
-    """Mean per-stage seconds of completed jobs (store folds into video_encode: same replica)."""
+    """Mean per-stage seconds of completed jobs (store folds into the final stage: same replica)."""
     stages = report.get("stages") or {}
     out: dict[str, float] = {}
     for stage, block in stages.items():
         mean = (block.get("seconds") or {}).get("mean")
         if mean is None:
             continue
-        key = "video_encode" if stage == "store" else stage
+        key = stage_of(stage)
         out[key] = out.get(key, 0.0) + float(mean)
     if not out:
         raise ValueError("the report has no stage timings (no completed jobs?)")
@@ -176,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="target utilisation of each stage, 0-1 (default 0.7)")
     parser.add_argument("--gpu-share", default="",
                         help="GPU share per replica, e.g. sampling=1,decode=0.5 (default: the Helm chart's: "
-                             + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_GPU_SHARE.items()) + ")")
+                             + ", ".join(f"{k}={v:g}" for k, v in default_gpu_shares().items()) + ")")
     parser.add_argument("--parallel", default="", help="jobs a replica serves at once at full speed (default 1 each)")
     parser.add_argument("--replicas", default="", help="current replica counts, e.g. sampling=4: adds the max rate they sustain")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

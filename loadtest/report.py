@@ -11,8 +11,11 @@ Definitions (all per job; latencies use completed jobs only):
 * service time = ``finished_at - created_at`` (the service's clock)
 * stage busy = sum of a stage's timings over completed jobs / wall time of the run; divided by the
   mean number of replicas of the stage it is the utilisation of that stage
-* a tenant's share of work = its completed GPU-stage seconds (image_encode + sampling + decode) /
-  everybody's; compare it with its share of the weights (fair share holds under contention only)
+* a tenant's share of work = its completed GPU-stage seconds (the stages that load model
+  components: image_encode + sampling + decode) / everybody's; compare it with its share of the
+  weights (fair share holds under contention only)
+
+Stage and deployment names come from the stage registry (:mod:`loadtest.stages`).
 
 No Locust import: unit-tested on known inputs.
 """
@@ -27,12 +30,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .records import JobRecord, read_records
+from .stages import deployment_of, deployment_order, gpu_stages, timing_names
 
-STAGES = ("image_encode", "sampling", "decode", "video_encode", "store")
-GPU_STAGES = ("image_encode", "sampling", "decode")
-STAGE_DEPLOYMENT = {"image_encode": "ImageEncoder", "sampling": "Sampler", "decode": "Decoder",
-                    "video_encode": "VideoEncoder", "store": "VideoEncoder"}
-DEPLOYMENT_ORDER = ("Ingress", "JobRunner", "ImageEncoder", "Sampler", "Decoder", "VideoEncoder")
 LAG_WARNING_S = 2.0
 
 
@@ -85,7 +84,7 @@ def arrival_lag(r: JobRecord) -> float | None:
 
 
 def gpu_seconds(r: JobRecord) -> float:
-    return sum(float(r.timings.get(stage, 0.0)) for stage in GPU_STAGES)
+    return sum(float(r.timings.get(stage, 0.0)) for stage in gpu_stages())
 
 
 def latency_block(records: Sequence[JobRecord]) -> dict[str, Any]:
@@ -168,15 +167,16 @@ def stage_busy(records: Sequence[JobRecord], wall_s: float,
                mean_replicas: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
     completed = [r for r in records if r.status == "completed"]
     out = {}
-    for stage in STAGES:
+    for stage in timing_names():
         values = [float(r.timings[stage]) for r in completed if stage in r.timings]
         if not values:
             continue
         busy = sum(values)
         fraction = busy / wall_s if wall_s > 0 else None
-        replicas = (mean_replicas or {}).get(STAGE_DEPLOYMENT[stage])
+        deployment = deployment_of(stage)
+        replicas = (mean_replicas or {}).get(deployment)
         out[stage] = {
-            "deployment": STAGE_DEPLOYMENT[stage],
+            "deployment": deployment,
             "jobs": len(values),
             "busy_s": busy,
             "busy_fraction": fraction,
@@ -225,8 +225,9 @@ def replica_summary(samples: Sequence[dict[str, Any]], t0: float) -> dict[str, A
     for sample in sorted(samples, key=lambda s: s["t"]):
         for name, detail in (sample.get("deployments") or {}).items():
             series[name].append((sample["t"] - t0, int(detail.get("running", 0))))
+    order = deployment_order()
     out: dict[str, Any] = {}
-    for name in sorted(series, key=lambda n: (DEPLOYMENT_ORDER.index(n) if n in DEPLOYMENT_ORDER else 99, n)):
+    for name in sorted(series, key=lambda n: (order.index(n) if n in order else len(order), n)):
         points = series[name]
         counts = [n for _, n in points]
         changes = [points[0]] + [p for prev, p in zip(points, points[1:]) if p[1] != prev[1]]

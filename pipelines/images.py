@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.errors import ImageTooLargeError, InvalidImageError
+from pipelines.urls import redact_url
 
 if TYPE_CHECKING:
     import httpx
@@ -276,21 +277,6 @@ def load_image_source(
         data = fetch_image_url(source, timeout=timeout, max_bytes=max_bytes)
         return decode_image_bytes(data, max_bytes=max_bytes, max_pixels=max_pixels, name=redact_url(source))
     return load_image(source, max_bytes=max_bytes, max_pixels=max_pixels)
-
-
-def redact_url(url: str) -> str:
-    """``url`` without credentials, query string or fragment, for error messages and logs."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<invalid URL>"
-    if not parts.scheme or not host:
-        return url.split("?", 1)[0].split("#", 1)[0][:200]
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}{port}{parts.path}"[:200]
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ handed from the encode stage to the sampler.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -98,6 +99,15 @@ class EncodedVideo:
     width: int
     height: int
     fps: int
+
+
+def to_host(payload):
+    """A stage payload with every tensor field moved to the CPU: what leaves a GPU replica."""
+    if not dataclasses.is_dataclass(payload):
+        return payload
+    moved = {f.name: getattr(payload, f.name).cpu() for f in dataclasses.fields(payload)
+             if isinstance(getattr(payload, f.name), torch.Tensor)}
+    return dataclasses.replace(payload, **moved) if moved else payload
 
 
 def _require_resolved(params: GenerationParams) -> None:
@@ -199,6 +209,7 @@ class SamplingStage:
 
     def __init__(self, *, unet, scheduler) -> None:
         self.unet = unet
+        self.default_num_frames = int(unet.config.num_frames)
         self.scheduler_class = type(scheduler)
         self.scheduler_config = scheduler.config
 

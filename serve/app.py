@@ -2,7 +2,8 @@
 
     serve run serve/serve_config.yaml            # or: serve deploy, or a KubeRay RayService
 
-``args`` are validated by :class:`serve.config.AppConfig`; every deployment's options come from
+``args`` are validated by :class:`serve.config.AppConfig`; the deployments are the registered
+stages (:mod:`pipelines.registry`) plus the job runner and the ingress, and their options come from
 it, so the YAML, the Helm chart and ``svd-serve up`` all describe the application the same way.
 """
 
@@ -14,10 +15,12 @@ from typing import Any
 
 from ray.serve import Application
 
+from pipelines.registry import STAGES
+
 from .config import AppConfig
-from .deployments import Decoder, ImageEncoder, Sampler, VideoEncoder
 from .ingress import Ingress
 from .runner import JobRunner
+from .stage_replica import StageReplica
 
 
 def _absolute(path: str | None) -> str | None:
@@ -41,15 +44,15 @@ def localize_paths(config: AppConfig) -> AppConfig:
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
-    """Bind the four stages, the job runner and the ingress into one application."""
+    """Bind one deployment per registered stage, the job runner and the ingress into one application."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     config = localize_paths(config)
     raw = config.model_dump(mode="json")
-    stages = config.stages
-    image_encoder = ImageEncoder.options(**stages.image_encoder.to_serve_options()).bind(raw)
-    sampler = Sampler.options(**stages.sampler.to_serve_options()).bind(raw)
-    decoder = Decoder.options(**stages.decoder.to_serve_options()).bind(raw)
-    video_encoder = VideoEncoder.options(**stages.video_encoder.to_serve_options()).bind(raw)
-    runner = JobRunner.options(**stages.runner.to_serve_options()).bind(raw, image_encoder, sampler, decoder,
-                                                                         video_encoder)
-    return Ingress.options(**stages.ingress.to_serve_options()).bind(raw, runner, sampler)
+    stages = {
+        spec.name: StageReplica.options(name=spec.deployment, **config.stages.for_stage(spec).to_serve_options())
+        .bind(raw, spec.name)
+        for spec in STAGES.stages()
+    }
+    runner = JobRunner.options(**config.stages.runner.to_serve_options()).bind(raw, stages)
+    model_stage = stages[STAGES.model_stage().name]
+    return Ingress.options(**config.stages.ingress.to_serve_options()).bind(raw, runner, model_stage)

@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for Ray (default: max(8, cores))")
     run.add_argument("--num-gpus", type=int, default=None, help="GPUs for Ray (default: detected)")
     run.set_defaults(handler=cmd_up)
-    from .tenants_cli import register as register_tenants  # svd-serve tenants ...
+    from .tenants.admin import register as register_tenants  # svd-serve tenants ...
     register_tenants(commands)
 
     # Listed here for --help; main() hands its arguments to the load tester, which parses its own.

@@ -14,10 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.loader import ModelSpec
-
-from .webhooks import WebhookConfig
-
-STAGES = ("image_encoder", "sampler", "decoder", "video_encoder")
+from pipelines.registry import STAGES as STAGE_REGISTRY
+from pipelines.registry import StageSpec, import_stage_modules
 
 
 class _Strict(BaseModel):
@@ -122,23 +120,13 @@ class DeploymentConfig(_Strict):
         return self.torch_threads or max(1, math.ceil(self.ray_actor_options.num_cpus))
 
 
-class StagesConfig(_Strict):
-    """One deployment per pipeline stage, plus the HTTP ingress and the job runner."""
+class StagesConfig(BaseModel):
+    """One deployment per registered pipeline stage (keyed by its ``config_key``: ``image_encoder``,
+    ``sampler``, ``decoder``, ``video_encoder``, plus any stage a ``stage_modules`` module adds),
+    plus the HTTP ingress and the job runner. A stage left out gets its registry defaults."""
 
-    image_encoder: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(max_ongoing_requests=4),
-        description="CLIP image encoder + VAE encoder.",
-    )
-    sampler: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(max_ongoing_requests=1),
-        description="U-Net sampling: the expensive stage. One job at a time per replica by default.",
-    )
-    decoder: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(max_ongoing_requests=2), description="VAE temporal decoder."
-    )
-    video_encoder: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(max_ongoing_requests=4), description="ffmpeg MP4/WebM/GIF encode (CPU)."
-    )
+    model_config = ConfigDict(extra="allow")
+
     ingress: DeploymentConfig = Field(
         default_factory=lambda: DeploymentConfig(
             ray_actor_options=ActorOptions(num_cpus=0.25), max_ongoing_requests=200
@@ -149,6 +137,39 @@ class StagesConfig(_Strict):
         default_factory=lambda: DeploymentConfig(ray_actor_options=ActorOptions(num_cpus=0.25), max_ongoing_requests=4),
         description="Job runner: claims jobs from the job store and drives them through the stages.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stages_from_registry(cls, data: Any) -> Any:
+        if isinstance(data, BaseModel):
+            data = {**data.model_dump(), **(data.model_extra or {})}
+        data = dict(data or {})
+        known = {spec.config_key: spec for spec in STAGE_REGISTRY.stages()}
+        unknown = sorted(set(data) - set(known) - {"ingress", "runner"})
+        if unknown:
+            raise ValueError(f"unknown stage {unknown[0]!r} in stages; registered stages: "
+                             f"{', '.join(known)} (plus ingress and runner)")
+        for key, spec in known.items():
+            given = data.get(key)
+            if isinstance(given, DeploymentConfig):
+                continue
+            defaults = spec.resources
+            base = {"ray_actor_options": {"num_cpus": defaults.num_cpus, "num_gpus": defaults.num_gpus},
+                    "max_ongoing_requests": defaults.max_ongoing_requests}
+            data[key] = DeploymentConfig.model_validate(_merged(base, given or {}))
+        return data
+
+    def for_stage(self, spec: StageSpec) -> DeploymentConfig:
+        """The deployment options of a registered stage."""
+        return getattr(self, spec.config_key)
+
+
+def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` over ``defaults``, one level deep into ``ray_actor_options``."""
+    merged = {**defaults, **given}
+    if "ray_actor_options" in given and isinstance(given["ray_actor_options"], dict):
+        merged["ray_actor_options"] = {**defaults["ray_actor_options"], **given["ray_actor_options"]}
+    return merged
 
 
 class StorageConfig(_Strict):
@@ -215,6 +236,59 @@ class TracingConfig(_Strict):
         return self
 
 
+class WebhookConfig(_Strict):
+    """Webhook delivery: timeouts and the retry policy (AppConfig ``webhooks``)."""
+
+    timeout_s: float = Field(
+        default=10.0, gt=0, le=120,
+        description="Seconds one attempt may take in all (connect, send, response headers); slower counts as a "
+        "failed attempt and is retried.",
+    )
+    max_elapsed_s: float = Field(
+        default=3600.0, gt=0, le=86400,
+        description="Retry window per event, from the first attempt: no attempt starts after it (the last one may "
+        "run timeout_s past it). Pending retries live in the runner process; a runner restart drops them.",
+    )
+    initial_backoff_s: float = Field(
+        default=1.0, gt=0, description="Wait before the first retry; each further retry waits twice as long."
+    )
+    max_backoff_s: float = Field(
+        default=300.0, gt=0, description="Longest wait between two attempts, unless the receiver's Retry-After asks "
+        "for more."
+    )
+    max_attempts: int = Field(default=20, ge=1, le=100, description="Attempts per event, the first one included.")
+    jitter: float = Field(
+        default=0.2, ge=0, lt=1,
+        description="Random spread of each backoff, as a fraction (0.2: +/-20%), so retries of many events do not "
+        "arrive in lockstep.",
+    )
+    progress_max_attempts: int = Field(
+        default=1, ge=1, le=100,
+        description="Attempts per video.progress event. Progress is superseded by the next event, so by default it "
+        "is sent once and not retried (a stale retry could arrive after the terminal event).",
+    )
+    progress_min_interval_s: float = Field(
+        default=5.0, ge=0, description="Least seconds between two progress events of one job (WebhookSender.progress_due)."
+    )
+    max_recorded_attempts: int = Field(
+        default=50, ge=1, le=1000,
+        description="Attempts kept on the job in metadata.webhook_deliveries (the newest; job_recorder trims).",
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "WebhookConfig":
+        if self.initial_backoff_s > self.max_backoff_s:
+            raise ValueError(
+                f"initial_backoff_s ({self.initial_backoff_s}) exceeds max_backoff_s ({self.max_backoff_s})"
+            )
+        if self.max_backoff_s > self.max_elapsed_s:
+            raise ValueError(f"max_backoff_s ({self.max_backoff_s}) exceeds max_elapsed_s ({self.max_elapsed_s})")
+        if self.progress_max_attempts > self.max_attempts:
+            raise ValueError("progress_max_attempts exceeds max_attempts")
+        return self
+
+
+
 class AuthConfig(_Strict):
     """Tenants and their API keys (only SHA-256 hashes are stored)."""
 
@@ -234,6 +308,11 @@ class AuthConfig(_Strict):
 class AppConfig(_Strict):
     """Everything ``serve.app:build_app`` needs."""
 
+    stage_modules: list[str] = Field(
+        default_factory=list,
+        description="Python modules imported before the rest of the config is validated, each registering extra "
+        "pipeline stages with pipelines.registry.register_stage (docs/architecture.md). Every process imports them.",
+    )
     model: ModelSpec = Field(default_factory=ModelSpec, description="Which weights every model stage loads.")
     stages: StagesConfig = Field(default_factory=StagesConfig, description="Per-deployment options.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Output storage.")
@@ -258,6 +337,14 @@ class AppConfig(_Strict):
         description="Hosts or CIDRs the service may fetch from or call even though they are private "
         "(trusted internal hosts). Everything else private, loopback or link-local is refused.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_stage_modules(cls, data: Any) -> Any:
+        # Before ``stages`` is validated: it may configure a stage those modules register.
+        if isinstance(data, dict) and data.get("stage_modules"):
+            import_stage_modules(data["stage_modules"])
+        return data
 
     @classmethod
     def from_file(cls, path: str | Path) -> "AppConfig":

@@ -1,15 +1,55 @@
-"""What travels with every stage call besides the payload: which job, whose, and its trace."""
+"""What travels between the job driver and the stage replicas besides the payloads themselves."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
 class JobContext:
     job_id: str
     tenant: str
-    owner: str
-    """Lease owner (the runner driving the job): stage progress writes are guarded by it."""
     trace: dict[str, str] = field(default_factory=dict)
-    """W3C trace context (``traceparent``) of the runner's job span."""
+    """W3C trace context (``traceparent``) of the driver's job span."""
+    output_key: str = ""
+    """Where the stage that produces the final value stores the clip."""
+
+
+@dataclass
+class StageOutput:
+    """A stage's result as it leaves the replica: the value for the next stage, and the seconds
+    spent by every stage so far (each replica adds its own), so the driver learns all timings from
+    the last result without touching the payloads in between."""
+
+    value: Any
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """A stage that reports steps streams these to the driver: ``step`` 0 when it starts, then
+    after every step."""
+
+    stage: str
+    step: int
+    total: int
+    at: float = 0.0
+    """Epoch seconds when the step ended (when the stage started, for step 0)."""
+
+
+@dataclass(frozen=True)
+class StoredVideo:
+    """The final stage's result in the Serve application: the clip, already in output storage."""
+
+    key: str
+    content_type: str
+    file_size: int
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_frames / self.fps if self.fps else 0.0

@@ -24,11 +24,11 @@ MODEL_INFO_TIMEOUT_S = 10.0
 @serve.deployment(name="Ingress", logging_config={"encoding": "JSON"})
 @serve.ingress()
 class Ingress:
-    def __init__(self, config: dict[str, Any], runner, sampler) -> None:
+    def __init__(self, config: dict[str, Any], runner, model_stage) -> None:
         self.config = AppConfig.model_validate(config)
         setup_tracing(self.config.tracing)
         self.runner = runner
-        self.sampler = sampler
+        self.model_stage = model_stage  # the stage whose replicas know the loaded model
         self._model_info: dict[str, Any] | None = None
         self.tenants = TenantRegistry(self.config.auth.resolved_tenants_file())
         store = make_job_store(self.config.job_store)
@@ -39,13 +39,12 @@ class Ingress:
             store=store,
             storage=make_storage(self.config.storage),
             model_info=self.model_info,
-            on_admitted=lambda job: self.runner.wake.remote(),  # fire and forget: lower dispatch latency
         )
 
     async def model_info(self) -> dict[str, Any]:
-        """What the loaded model defaults to (frames), asked of a Sampler replica once."""
+        """What the loaded model defaults to (frames), asked of a model stage replica once."""
         if self._model_info is None:
-            self._model_info = await asyncio.wait_for(self.sampler.info.remote(), MODEL_INFO_TIMEOUT_S)
+            self._model_info = await asyncio.wait_for(self.model_stage.info.remote(), MODEL_INFO_TIMEOUT_S)
         return self._model_info
 
     async def _ready(self) -> None:

@@ -41,11 +41,15 @@ class JobLifecycle:
         except Exception:  # bookkeeping must not break serving
             logger.exception("terminal bookkeeping failed", extra=log_extra(job_id))
 
-    async def progressed(self, job: Job) -> None:
-        """A progress event for jobs that asked for one, at most once per configured interval."""
-        if job.webhook_url and wants_event(EVENT_PROGRESS, job.metadata.get("webhook_events")) \
-                and self.sender.progress_due(job.id):
-            self._notify(job, EVENT_PROGRESS)
+    def wants_progress_event(self, job: Job) -> bool:
+        """Whether the job subscribed to progress events and one is due (at most one per
+        configured interval); a True answer counts as the event being sent."""
+        return job.webhook is not None and wants_event(EVENT_PROGRESS, job.webhook.events) \
+            and self.sender.progress_due(job.id)
+
+    def progressed(self, job: Job) -> None:
+        """Send a progress event for ``job`` (as it is now); see :meth:`wants_progress_event`."""
+        self._notify(job, EVENT_PROGRESS)
 
     def _meter(self, job: Job) -> None:
         record = usage_record_for(job, self.gpu_share)

@@ -5,8 +5,8 @@ tenant is running. The next job comes from the tenant with the least running wor
 weight, ties broken by age: a tenant that floods the queue cannot starve one that submits a
 few jobs, and under saturation running slots (hence completed work) split by weight.
 
-A tenant already running its policy's ``max_running_jobs`` (stamped on each job at admission as
-``metadata["max_running"]``) is skipped: its jobs wait in the queue, and the slot goes to the
+A tenant already running its policy's ``max_running_jobs`` (stamped on each job at admission in
+``job.policy``) is skipped: its jobs wait in the queue, and the slot goes to the
 next tenant instead of staying idle.
 """
 
@@ -16,24 +16,12 @@ from typing import Callable, Sequence
 
 from .jobstore import Job
 
-#: ``Job.metadata`` key of the tenant's running-jobs cap at admission (absent: no cap).
-MAX_RUNNING_KEY = "max_running"
-
-
-def running_cap(job: Job) -> int | None:
-    """The job's tenant's cap on running jobs, or None (no cap, or an unreadable value)."""
-    value = job.metadata.get(MAX_RUNNING_KEY)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
-        return None
-    return int(value)
-
-
 def pick_next(heads: Sequence[Job], running: Callable[[str], int]) -> Job | None:
     """The head to dispatch next, or None when nothing is queued or every tenant with queued
     work is at its running cap."""
 
     def at_cap(job: Job) -> bool:
-        cap = running_cap(job)
+        cap = job.policy.max_running_jobs
         return cap is not None and running(job.tenant) >= cap
 
     candidates = [job for job in heads if not at_cap(job)]
@@ -41,6 +29,6 @@ def pick_next(heads: Sequence[Job], running: Callable[[str], int]) -> Job | None
         return None
 
     def rank(job: Job):
-        return ((running(job.tenant) + 1) / max(job.weight, 1e-6), job.created_at, job.id)
+        return ((running(job.tenant) + 1) / max(job.policy.weight, 1e-6), job.created_at, job.id)
 
     return min(candidates, key=rank)

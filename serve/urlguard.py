@@ -6,21 +6,24 @@ loopback, private, link-local (cloud metadata at 169.254.169.254), CGNAT, multic
 unspecified, reserved and documentation ranges are refused, in their IPv6 forms too (``::1``,
 ``fc00::/7``, ``fe80::/10``, IPv4-mapped and NAT64 addresses are unwrapped and checked).
 
-The check runs in the transport, so it applies to every redirect hop, and the connection goes
-to the very address that was checked (the transport's network backend connects to it; URL, Host,
-TLS SNI and certificate check keep the name), so a DNS answer that changes between check and
-connect (rebinding) cannot slip through.
+The check runs in the transport (:class:`GuardedTransport`, :class:`AsyncGuardedTransport`: the
+same strategy in both), so it applies to every redirect hop, and the connection goes to the very
+address that was checked: the transport's httpcore network backend connects to it, while the URL,
+Host header, TLS SNI and certificate check keep the name. So a DNS answer that changes between
+check and connect (rebinding) cannot slip through. Use :func:`guarded_client` or
+:func:`async_guarded_client`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-import threading
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from contextvars import ContextVar
 from urllib.parse import urlsplit
 
+import anyio.to_thread
 import httpcore
 import httpx
 
@@ -45,6 +48,11 @@ class BlockedURLError(InvalidInputError):
     """The URL's scheme, host or resolved address is not allowed."""
 
     code = "url_not_allowed"
+
+
+class UnresolvableHostError(BlockedURLError):
+    """The URL's host name does not resolve (right now): refused like any other blocked URL, but a
+    caller that retries (webhook delivery) may treat it as a network failure."""
 
 
 def _unwrap(address: ipaddress._BaseAddress) -> ipaddress._BaseAddress:
@@ -104,11 +112,13 @@ class URLPolicy:
             literal = None
             try:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except (socket.gaierror, UnicodeError):
+            except socket.gaierror:
+                raise UnresolvableHostError(f"cannot resolve host {host!r}") from None
+            except UnicodeError:  # not a valid (IDNA) name: it never will resolve
                 raise BlockedURLError(f"cannot resolve host {host!r}") from None
             addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
         if not addresses:
-            raise BlockedURLError(f"cannot resolve host {host!r}")
+            raise UnresolvableHostError(f"cannot resolve host {host!r}")
         if host in self.allowed_hosts:
             return str(addresses[0])
         for address in addresses:
@@ -120,29 +130,42 @@ class URLPolicy:
         return str(addresses[0])
 
 
-class _PinnedBackend(httpcore.NetworkBackend):
-    """httpcore's network backend, except that it connects only to the address that
-    :class:`GuardedTransport` checked for the request being sent from this thread."""
+class _Pins:
+    """Which address each checked host may be connected to, for the request being sent.
 
-    def __init__(self) -> None:
-        self._backend = httpcore.SyncBackend()
-        self._local = threading.local()
+    The pin lives in a context variable: each thread (sync clients) and each asyncio task (async
+    clients, many requests on one event-loop thread) sees only its own request's pin. It is keyed
+    by the backend, so a pin set for one transport never opens a connection for another.
+    """
+
+    _current: ContextVar[tuple[object, str, str] | None] = ContextVar("urlguard_pin", default=None)
 
     @contextmanager
     def pinned(self, host: str, address: str) -> Iterator[None]:
-        previous = getattr(self._local, "pin", None)
-        self._local.pin = (host, address)
+        token = self._current.set((self, _normal_host(host), address))
         try:
             yield
         finally:
-            self._local.pin = previous
+            self._current.reset(token)
+
+    def address_for(self, host: str) -> str:
+        """The checked address for ``host``; refuses a connection the guard did not check."""
+        pin = self._current.get()
+        if pin is None or pin[0] is not self or pin[1] != _normal_host(host):
+            raise httpcore.ConnectError(f"refusing to connect to {host!r}: it was not checked by the URL guard")
+        return pin[2]
+
+
+class _PinnedBackend(_Pins, httpcore.NetworkBackend):
+    """httpcore's network backend, except that it connects only to the address that
+    :class:`GuardedTransport` checked for the request being sent."""
+
+    def __init__(self, backend: httpcore.NetworkBackend) -> None:
+        self._backend = backend
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                     local_address: str | None = None, socket_options=None) -> httpcore.NetworkStream:
-        pin = getattr(self._local, "pin", None)
-        if pin is None or pin[0] != _normal_host(host):
-            raise httpcore.ConnectError(f"refusing to connect to {host!r}: it was not checked by the URL guard")
-        return self._backend.connect_tcp(pin[1], port, timeout, local_address, socket_options)
+        return self._backend.connect_tcp(self.address_for(host), port, timeout, local_address, socket_options)
 
     def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options=None):
         raise httpcore.ConnectError("the URL guard does not connect to unix sockets")
@@ -151,8 +174,40 @@ class _PinnedBackend(httpcore.NetworkBackend):
         self._backend.sleep(seconds)
 
 
+class _AsyncPinnedBackend(_Pins, httpcore.AsyncNetworkBackend):
+    """The async twin of :class:`_PinnedBackend`, for :class:`AsyncGuardedTransport`."""
+
+    def __init__(self, backend: httpcore.AsyncNetworkBackend) -> None:
+        self._backend = backend
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None, socket_options=None) -> httpcore.AsyncNetworkStream:
+        return await self._backend.connect_tcp(self.address_for(host), port, timeout, local_address, socket_options)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options=None):
+        raise httpcore.ConnectError("the URL guard does not connect to unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
 def _normal_host(host: str) -> str:
     return host.strip("[]").rstrip(".").lower()
+
+
+def _pin_pool(transport: httpx.BaseTransport | httpx.AsyncBaseTransport, wrapper: type[_Pins],
+              expected: type) -> _Pins:
+    """Replace the network backend of ``transport``'s connection pool by a pinning ``wrapper`` of it.
+
+    httpx does not expose httpcore's ``network_backend``; without it there is no pinning, so
+    refuse to build a transport rather than connect unchecked.
+    """
+    pool = transport._pool  # type: ignore[union-attr]
+    backend = getattr(pool, "_network_backend", None)
+    if not isinstance(backend, expected):
+        raise RuntimeError(f"{type(transport).__name__} cannot pin connections with this httpx/httpcore version")
+    pool._network_backend = pinned = wrapper(backend)
+    return pinned
 
 
 class GuardedTransport(httpx.HTTPTransport):
@@ -167,26 +222,54 @@ class GuardedTransport(httpx.HTTPTransport):
     def __init__(self, policy: URLPolicy, **kwargs) -> None:
         super().__init__(**kwargs)
         self.policy = policy
-        self._backend = _PinnedBackend()
-        # httpx does not expose httpcore's ``network_backend``; without it there is no pinning,
-        # so refuse to build a transport rather than connect unchecked.
-        if not isinstance(getattr(self._pool, "_network_backend", None), httpcore.SyncBackend):
-            raise RuntimeError("GuardedTransport cannot pin connections with this httpx/httpcore version")
-        self._pool._network_backend = self._backend
+        self._backend = _pin_pool(self, _PinnedBackend, httpcore.SyncBackend)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         host, port = self.policy.check_url(str(request.url))
         address = self.policy.resolve(host, port)
-        with self._backend.pinned(_normal_host(host), address):
+        with self._backend.pinned(host, address):
             return super().handle_request(request)
 
 
-def guarded_client(*, allow: Iterable[str] = (), timeout_s: float = READ_TIMEOUT_S) -> httpx.Client:
+class AsyncGuardedTransport(httpx.AsyncHTTPTransport):
+    """:class:`GuardedTransport` for async clients, pinned the same way (by the network backend).
+
+    The DNS lookup of the check runs in a worker thread (``getaddrinfo`` blocks), abandoned if the
+    request is cancelled. The pin is per asyncio task, so concurrent requests on one event loop
+    never see each other's addresses.
+    """
+
+    def __init__(self, policy: URLPolicy, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.policy = policy
+        self._backend = _pin_pool(self, _AsyncPinnedBackend, httpcore.AsyncNetworkBackend)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host, port = self.policy.check_url(str(request.url))
+        address = await anyio.to_thread.run_sync(self.policy.resolve, host, port, abandon_on_cancel=True)
+        with self._backend.pinned(host, address):
+            return await super().handle_async_request(request)
+
+
+def _client_options(timeout_s: float, follow_redirects: bool, headers: Mapping[str, str] | None) -> dict:
+    return {
+        "follow_redirects": follow_redirects,
+        "max_redirects": MAX_REDIRECTS,
+        "timeout": httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)),
+        "trust_env": False,  # no proxy from the environment: it would not be the checked address
+        "headers": headers,
+    }
+
+
+def guarded_client(*, allow: Iterable[str] = (), timeout_s: float = READ_TIMEOUT_S, follow_redirects: bool = True,
+                   headers: Mapping[str, str] | None = None) -> httpx.Client:
     """An httpx client for untrusted URLs: checked on every hop, at most 3 redirects, bounded timeouts."""
-    return httpx.Client(
-        transport=GuardedTransport(URLPolicy(allow)),
-        follow_redirects=True,
-        max_redirects=MAX_REDIRECTS,
-        timeout=httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)),
-        trust_env=False,
-    )
+    return httpx.Client(transport=GuardedTransport(URLPolicy(allow)),
+                        **_client_options(timeout_s, follow_redirects, headers))
+
+
+def async_guarded_client(*, allow: Iterable[str] = (), timeout_s: float = READ_TIMEOUT_S,
+                         follow_redirects: bool = True, headers: Mapping[str, str] | None = None) -> httpx.AsyncClient:
+    """:func:`guarded_client` for async code (one :class:`AsyncGuardedTransport`)."""
+    return httpx.AsyncClient(transport=AsyncGuardedTransport(URLPolicy(allow)),
+                             **_client_options(timeout_s, follow_redirects, headers))

@@ -187,7 +187,7 @@ def test_running_cap_queues_instead_of_rejecting(env):
     jobs = [submit(api, key).json() for _ in range(2)]
     assert all(job["status"] == "queued" for job in jobs)
     record = store.get(jobs[0]["id"], tenant=None)
-    assert record.metadata["max_running"] == 1
+    assert record.policy.max_running_jobs == 1 and record.policy.retention_s == 600
     # The tenant's retention replaces the service's: expires_at is created_at + 600 s.
     assert record.expires_at == record.created_at + timedelta(seconds=600)
     assert store.claim(jobs[0]["id"], owner="runner", lease_s=60) is not None

@@ -19,8 +19,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from pipelines.params import GenerationParams
 from pipelines.sample_image import SAMPLE_IMAGE_PATH
 from serve.api.app import create_api
+from serve.api.forms import MAX_FORM_FIELDS
 from serve.api.service import VideoService
 from serve.config import AppConfig
 from serve.jobstore import JobError, JobOutput, make_job_store
@@ -74,7 +76,7 @@ def finish(api, job_id, data=b"\x00\x00\x00\x18ftypisom fake mp4"):
     """Drive a job to completed the way the runner does."""
     store, storage = api.service.store, api.service.storage
     job = store.claim(job_id, owner="test-runner", lease_s=30)
-    key = job.metadata["output_key"]
+    key = job.output_key
     stored = storage.put(key, data, content_type="video/mp4")
     store.complete(job_id, owner="test-runner", timings={"total": 0.1},
                    output=JobOutput(key=key, content_type="video/mp4", file_name=f"{job_id}.mp4", file_size=stored.size))
@@ -107,6 +109,72 @@ def test_multipart_upload_with_params_field(api):
                  422, "invalid_input", "params: not valid JSON")
     assert_error(api.post("/v1/videos", headers=h(api), files={"other": ("x.png", PNG)}),
                  422, "invalid_input", "named 'image'")
+
+
+def upload(api, data=None, files=None):
+    """A multipart submit with the sample image, as ``curl -F image=@x.png -F seed=5`` sends it."""
+    return api.post("/v1/videos", headers=h(api), files=files or {"image": ("x.png", PNG, "image/png")}, data=data)
+
+
+def test_multipart_flat_fields_are_the_generation_parameters(api):
+    response = upload(api, {"seed": "5", "motion_bucket_id": "40", "num_frames": "4", "fps": "6",
+                            "cond_aug": "0.1", "min_guidance_scale": "1.5", "output_format": "webm",
+                            "width": "64", "height": "64", "webhook_events": "progress"})
+    assert response.status_code == 202, response.text
+    params = response.json()["params"]
+    assert params["seed"] == 5 and params["motion_bucket_id"] == 40 and params["num_frames"] == 4
+    assert params["fps"] == 6 and params["noise_aug_strength"] == 0.1 and params["min_guidance_scale"] == 1.5
+    assert params["output_format"] == "webm" and (params["width"], params["height"]) == (64, 64)
+    assert api.get(f"/v1/videos/{response.json()['id']}", headers=h(api)).json()["params"] == params
+    # Flat fields and the params object combine; the field name works as well as the alias.
+    both = upload(api, {"noise_aug_strength": "0.3", "aspect_ratio": "1:1", "params": '{"seed": 9, "num_frames": 4}'})
+    assert both.status_code == 202, both.text
+    assert both.json()["params"]["seed"] == 9 and both.json()["params"]["noise_aug_strength"] == 0.3
+    assert both.json()["params"]["aspect_ratio"] == "1:1"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("motion_bucket_id", 300), ("width", 100), ("seed", "abc"), ("output_format", "avi"), ("frames", 3),
+])
+def test_multipart_fields_fail_with_the_json_message(api, field, value):
+    as_json = submit(api, **{field: value})
+    assert as_json.status_code == 422, as_json.text
+    as_form = upload(api, {**{k: str(v) for k, v in SMALL.items()}, field: str(value)})
+    assert_error(as_form, 422, "invalid_parameter", field)
+    assert as_form.json() == as_json.json()
+
+
+def test_multipart_parameters_are_given_once(api):
+    assert_error(upload(api, {"seed": "5", "params": '{"seed": 6}'}), 422, "invalid_parameter", "seed: given twice")
+    assert_error(upload(api, {"cond_aug": "0.1", "params": '{"noise_aug_strength": 0.2}'}),
+                 422, "invalid_parameter", "noise_aug_strength: given twice")
+    assert_error(upload(api, {"cond_aug": "0.1", "noise_aug_strength": "0.2"}),
+                 422, "invalid_parameter", "noise_aug_strength: given twice")
+    assert_error(upload(api, {"seed": ["5", "5"]}), 422, "invalid_parameter", "seed: given more than once")
+    assert_error(upload(api, {"webhook_url": ["https://a.example", "https://b.example"]}),
+                 422, "invalid_parameter", "webhook_url: given more than once")
+    assert_error(upload(api, {"webhook": "https://a.example"}), 422, "invalid_parameter", "webhook: unknown parameter")
+    extra_file = [("image", ("x.png", PNG)), ("params", ("p.json", b"{}"))]
+    assert_error(upload(api, files=extra_file), 422, "invalid_input", "one file")
+    assert api.get("/v1/videos", headers=h(api)).json()["data"] == []
+
+
+def test_multipart_field_count_is_capped_in_the_error_shape(api):
+    assert MAX_FORM_FIELDS == len(GenerationParams.model_fields) + 4  # + image, params, webhook_url, webhook_events
+    at_cap = upload(api, {f"field{i}": "1" for i in range(MAX_FORM_FIELDS)})
+    assert_error(at_cap, 422, "invalid_parameter", "field0: unknown parameter")  # parsed, then refused by name
+    over = upload(api, {f"field{i}": "1" for i in range(MAX_FORM_FIELDS + 1)})
+    assert_error(over, 422, "too_many_fields", f"more than {MAX_FORM_FIELDS} form fields")
+
+
+def test_multipart_schema_lists_every_parameter(api):
+    body = api.get("/openapi.json").json()["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
+    form = body["multipart/form-data"]["schema"]
+    expected = set(GenerationParams.model_json_schema()["properties"]) | {"image", "params", "webhook_url",
+                                                                           "webhook_events"}
+    assert set(form["properties"]) == expected and "cond_aug" in form["properties"]
+    assert form["properties"]["output_format"]["enum"] == ["mp4", "webm", "gif"]
+    assert "$ref" not in str(form) and form["required"] == ["image"]
 
 
 @pytest.mark.parametrize("headers, message", [

@@ -24,9 +24,9 @@ from pipelines.images import (
     load_image,
     load_image_source,
     normalize_image,
-    redact_url,
 )
 from pipelines.sample_image import SAMPLE_IMAGE_PATH, SAMPLE_SIZE, draw_sample_image, main as sample_main
+from pipelines.urls import redact_url
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -469,7 +469,18 @@ def test_load_image_source_dispatches(server_url, tmp_path):
 
 
 def test_redact_url():
+    """The one redaction (pipelines.urls) used by images, webhooks and the Redis clients."""
     assert redact_url("https://user:pw@host.example:8443/a/b.png?sig=1#f") == "https://host.example:8443/a/b.png"
+    assert redact_url("http://[::1]:8080/hook?token=t") == "http://[::1]:8080/hook"
+    # Redis URLs (RedisJobStore / RedisUsageLedger repr): never the password.
+    assert redact_url("redis://:s3cret@redis.internal:6379/0") == "redis://redis.internal:6379/0"
+    assert redact_url("rediss://user:s3cret@redis.internal/2?ssl_cert_reqs=none") == "rediss://redis.internal/2"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact_url("unix://user:s3cret@/run/redis.sock?db=0&password=s3cret") == "unix:///run/redis.sock"
+    # Not a URL, or not parseable: shown without anything after ? or #, or not at all.
+    assert redact_url("images/cat.png?x=1") == "images/cat.png"
+    assert redact_url("http://[::1/") == "<invalid URL>"
+    assert len(redact_url("https://h.example/" + "a" * 500)) == 200
 
 
 # -- sample image ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from fixtures_redis import redis_server, start_redis_server, unique_prefix  # no
 
 from serve.config import JobStoreConfig
 from serve.jobstore import (
+    AdmissionPolicy,
     Job,
     JobError,
     JobOutput,
@@ -24,6 +25,7 @@ from serve.jobstore import (
     JobStoreError,
     RedisJobStore,
     SqliteJobStore,
+    WebhookSubscription,
     make_job_store,
 )
 
@@ -90,9 +92,11 @@ OUTPUT = JobOutput(key="acme/out.mp4", content_type="video/mp4", file_name="out.
 def test_create_and_get_round_trip(store):
     job = new_job(
         trace_context={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"},
-        weight=2.5,
-        webhook_url="https://example.com/hook",
-        metadata={"usage": {"frames": 14}},
+        policy=AdmissionPolicy(weight=2.5, max_running_jobs=2, retention_s=None),
+        webhook=WebhookSubscription(url="https://example.com/hook", events=["video.progress"]),
+        route=["image_encode", "sampling", "decode", "video_encode"],
+        output_key="acme/vid/out.mp4",
+        fingerprint="f" * 64,
     )
     stored, created = store.create(job)
     assert created
@@ -457,12 +461,30 @@ def test_progress_metadata_and_version_bumps(store):
     assert current.updated_at >= claimed.updated_at
     assert store.renew(job.id, owner="w1", lease_s=60)
     assert store.get(job.id, tenant=None).version == 5
-    store.update_metadata(job.id, {"webhook": {"attempts": 1}})
-    store.update_metadata(job.id, {"usage": {"gpu_s": 3.5}})
+
+
+def test_webhook_attempts_are_appended_and_trimmed(store):
+    job, _ = store.create(new_job(webhook=WebhookSubscription(url="https://example.com/hook")))
+    for attempt in range(1, 5):
+        assert store.record_webhook_attempt(job.id, {"event_id": "evt_1", "type": "video.completed",
+                                                     "attempt": attempt, "at": "2030-01-01T00:00:00.000Z",
+                                                     "status_code": 503}, keep=3)
     current = store.get(job.id, tenant=None)
-    assert current.version == 7
-    assert current.metadata == {"webhook": {"attempts": 1}, "usage": {"gpu_s": 3.5}}
-    store.update_metadata("vid_missing", {"a": 1})  # no-op
+    assert [d.attempt for d in current.webhook.deliveries] == [2, 3, 4]
+    assert current.version == 5
+    assert not store.record_webhook_attempt("vid_missing", {"event_id": "e", "type": "t", "attempt": 1,
+                                                            "at": "x"}, keep=3)
+    plain, _ = store.create(new_job())  # no subscription: nothing to record on
+    assert not store.record_webhook_attempt(plain.id, {"event_id": "e", "type": "t", "attempt": 1, "at": "x"}, keep=3)
+
+
+def test_the_cluster_lease_has_one_holder_until_it_expires(make_store):
+    clock = FakeClock()
+    store = make_store(clock=clock)
+    assert store.hold_lease("janitor", owner="a", ttl_s=10)
+    assert not store.hold_lease("janitor", owner="b", ttl_s=10)
+    assert store.hold_lease("janitor", owner="a", ttl_s=10)  # renewed by its holder
+    assert store.hold_lease("other", owner="b", ttl_s=10)  # leases are independent
 
 
 def test_stages_after_sampling_keep_the_step_count(store):
@@ -607,15 +629,14 @@ def test_backend_failure_raises_job_store_error(make_store, tmp_path):
 # ---------------------------------------------------------------------------------------------- per-job retention
 
 
-def test_metadata_retention_overrides_the_store_retention(make_store):
+def test_the_tenant_retention_stamped_at_admission_overrides_the_store_retention(make_store):
     clock = FakeClock()
     store = make_store(clock=clock, retention_s=1000)
     now = datetime.fromtimestamp(clock.now, tz=timezone.utc)
-    short, _ = store.create(new_job(created_at=now, metadata={"retention_s": 10}))
+    short, _ = store.create(new_job(created_at=now, policy=AdmissionPolicy(retention_s=10)))
     normal, _ = store.create(new_job(created_at=now))
-    bogus, _ = store.create(new_job(created_at=now, metadata={"retention_s": "soon"}))  # ignored
     assert short.expires_at == short.created_at + timedelta(seconds=10)
-    assert normal.expires_at == bogus.expires_at == now + timedelta(seconds=1000)
+    assert normal.expires_at == now + timedelta(seconds=1000)
     store.claim(short.id, owner="w", lease_s=60)
     clock.advance(5)
     assert store.complete(short.id, owner="w", output=OUTPUT)

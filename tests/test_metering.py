@@ -15,10 +15,10 @@ from fixtures_redis import redis_server, start_redis_server, unique_prefix  # no
 
 from serve.api.errors import install_error_handlers
 from serve.config import JobStoreConfig, StagesConfig
-from serve.jobstore import Job, JobError, JobStatus, JobStoreError, make_job_store
+from serve.jobstore import Job, JobError, JobOutput, JobStatus, JobStoreError, make_job_store
 from serve.metering import (
     DEFAULT_USAGE_RETENTION_S,
-    METERED_STAGES,
+    metered_stages,
     RedisUsageLedger,
     SqliteUsageLedger,
     UsageLedger,
@@ -45,10 +45,15 @@ TIMINGS = {"image_encode": 0.3, "sampling": 12.7, "decode": 2.9, "video_encode":
 
 def make_job(tenant: str = "alice", status: JobStatus = JobStatus.COMPLETED, *, timings: dict | None = None,
              code: str | None = None, finished_at: datetime = T0, **params) -> Job:
+    params = {"num_frames": 14, "fps": 7, "output_fps": None, **params}
+    # The clip the final stage reports: its frames at the playback rate (output_fps, else fps).
+    fps = params["output_fps"] or params["fps"]
+    output = JobOutput(key="k", content_type="video/mp4", file_name="v.mp4", file_size=1,
+                       num_frames=params["num_frames"], fps=fps, duration_s=params["num_frames"] / fps)
     return Job(
         tenant=tenant, status=status, finished_at=finished_at,
-        timings=dict(TIMINGS if timings is None else timings),
-        params={"num_frames": 14, "fps": 7, "output_fps": None, **params},
+        timings=dict(TIMINGS if timings is None else timings), params=params,
+        output=output if status is JobStatus.COMPLETED else None,
         error=JobError(code=code, message="x") if code is not None else None,
     )
 
@@ -198,7 +203,7 @@ def test_summary_totals_are_the_exact_sums_of_the_charged_records(ledger):
     assert s.video_seconds == math.fsum((14 + 2 * i) / (6 + i) for i in range(4))
     config_key = {"image_encode": "image_encoder", "sampling": "sampler", "decode": "decoder",
                   "video_encode": "video_encoder"}
-    for stage in METERED_STAGES:
+    for stage in metered_stages():
         # Independently of the records: busy time x share, over the completed jobs only.
         expected = math.fsum(t.get(stage, 0.0) * SHARE[config_key[stage]] for t in timings)
         assert s.gpu_seconds[stage] == expected, stage

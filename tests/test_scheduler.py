@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from serve.jobstore import Job
-from serve.scheduler import MAX_RUNNING_KEY, pick_next, running_cap
+import pytest
+from pydantic import ValidationError
+
+from serve.jobstore import AdmissionPolicy, Job
+from serve.scheduler import pick_next
 
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 
 
-def head(tenant: str, age_s: float = 0, weight: float = 1.0, max_running: object = None) -> Job:
-    metadata = {} if max_running is None else {MAX_RUNNING_KEY: max_running}
-    return Job(tenant=tenant, created_at=T0 - timedelta(seconds=age_s), weight=weight, metadata=metadata)
+def head(tenant: str, age_s: float = 0, weight: float = 1.0, max_running: int | None = None) -> Job:
+    return Job(tenant=tenant, created_at=T0 - timedelta(seconds=age_s),
+               policy=AdmissionPolicy(weight=weight, max_running_jobs=max_running))
 
 
 def running_of(counts: dict[str, int]):
@@ -48,8 +51,15 @@ def test_tenants_at_their_running_cap_are_skipped():
     assert pick_next([capped, head("c", max_running=1)], running_of({"a": 2, "c": 1})) is None
 
 
-def test_unreadable_caps_are_ignored():
-    assert running_cap(head("a", max_running=3)) == 3
-    for bad in ("3", 0, -1, True, [1]):
-        assert running_cap(head("a", max_running=bad)) is None
-    assert pick_next([head("a", max_running="3")], running_of({"a": 10})) is not None
+def test_caps_are_validated_when_stamped():
+    # The policy stamped on a job is typed: an unreadable cap cannot reach the scheduler.
+    for bad in ("three", 0, -1, [1]):
+        with pytest.raises(ValidationError):
+            AdmissionPolicy(max_running_jobs=bad)
+
+
+def test_records_from_before_the_typed_policy_keep_their_terms():
+    legacy = Job.model_validate({"tenant": "a", "weight": 2.5, "metadata": {"max_running": 3, "output_key": "k",
+                                                                         "fingerprint": "f", "retention_s": 60}})
+    assert legacy.policy == AdmissionPolicy(weight=2.5, max_running_jobs=3, retention_s=60)
+    assert (legacy.output_key, legacy.fingerprint) == ("k", "f")

@@ -1,29 +1,37 @@
 """The SSRF guard (serve/urlguard.py, issue #4), exercised end to end over loopback.
 
 Nothing here mocks the guard. Test servers listen on 127.0.0.x / ::1 and count every TCP
-connection they accept, ``socket.create_connection`` (what httpcore connects with) is wrapped to
-record every connection attempt, and DNS is replaced by a fake ``socket.getaddrinfo`` only in the
-tests that need a name to resolve somewhere (rebinding, allowlisted names).
+connection they accept, ``socket.create_connection`` and ``anyio.connect_tcp`` (what httpcore's
+sync and async backends connect with) are wrapped to record every connection attempt, and DNS is
+replaced by a fake ``socket.getaddrinfo`` only in the tests that need a name to resolve somewhere
+(rebinding, allowlisted names). The client tests run twice, ``[sync]`` (:class:`GuardedTransport`)
+and ``[async]`` (:class:`AsyncGuardedTransport`): both must pin the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import ipaddress
+import random
 import socket
 import socketserver
 import threading
 import time
 
+import anyio
 import httpx
 import pytest
 
 from serve.urlguard import (
     CONNECT_TIMEOUT_S,
     MAX_REDIRECTS,
+    AsyncGuardedTransport,
     BlockedURLError,
     GuardedTransport,
+    UnresolvableHostError,
     URLPolicy,
+    async_guarded_client,
     guarded_client,
     is_public_address,
 )
@@ -219,15 +227,70 @@ def trap():
 
 @pytest.fixture
 def connections(monkeypatch):
-    """Every address httpcore tried to connect to (the real connect still happens)."""
+    """Every address httpcore tried to connect to, sync or async (the real connect still happens)."""
     attempts: list[tuple] = []
+    real_connect_tcp = anyio.connect_tcp
 
     def recording_create_connection(address, *args, **kwargs):
         attempts.append(address)
         return _real_create_connection(address, *args, **kwargs)
 
+    async def recording_connect_tcp(remote_host, remote_port, **kwargs):
+        attempts.append((remote_host, remote_port))
+        return await real_connect_tcp(remote_host, remote_port, **kwargs)
+
     monkeypatch.setattr(socket, "create_connection", recording_create_connection)
+    monkeypatch.setattr(anyio, "connect_tcp", recording_connect_tcp)
     return attempts
+
+
+class OnOwnLoop:
+    """An ``httpx.AsyncClient`` driven from these synchronous tests, on an event loop of its own
+    for the client's whole life (its connection pool belongs to that loop)."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+        self.loop = asyncio.new_event_loop()
+
+    def get(self, url: str) -> httpx.Response:
+        return self.loop.run_until_complete(self.client.get(url))
+
+    def __enter__(self) -> "OnOwnLoop":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            self.loop.run_until_complete(self.client.aclose())
+        finally:
+            self.loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def open_client(kind):
+    """``guarded_client(**kwargs)``, or ``async_guarded_client(**kwargs)`` on its own loop."""
+
+    def open_(**kwargs):
+        return guarded_client(**kwargs) if kind == "sync" else OnOwnLoop(async_guarded_client(**kwargs))
+
+    return open_
+
+
+@pytest.fixture
+def client_over(kind):
+    """A plain client over a guarded transport (``GuardedTransport`` or ``AsyncGuardedTransport``)."""
+
+    def make(policy: URLPolicy, *, client_kwargs: dict | None = None, **transport_kwargs):
+        if kind == "sync":
+            return httpx.Client(transport=GuardedTransport(policy, **transport_kwargs), **(client_kwargs or {}))
+        transport = AsyncGuardedTransport(policy, **transport_kwargs)
+        return OnOwnLoop(httpx.AsyncClient(transport=transport, **(client_kwargs or {})))
+
+    return make
 
 
 class FakeDNS:
@@ -287,21 +350,21 @@ def test_policy_refuses_hostile_url(url, connections):
 
 
 @pytest.mark.parametrize("url", HOSTILE_URLS)
-def test_guarded_client_refuses_hostile_url(url, connections):
+def test_guarded_client_refuses_hostile_url(url, connections, open_client):
     expected = (BlockedURLError, httpx.InvalidURL) if url in REFUSED_BY_HTTPX_PARSER else BlockedURLError
-    with guarded_client(timeout_s=2) as client:
+    with open_client(timeout_s=2) as client:
         with pytest.raises(expected):
             client.get(url)
     assert connections == []
 
 
 @pytest.mark.parametrize("template", LIVE_HOSTILE_URLS)
-def test_guarded_client_never_reaches_loopback_trap(template, trap, connections):
+def test_guarded_client_never_reaches_loopback_trap(template, trap, connections, open_client):
     if "[" in template and not HAS_IPV6:
         pytest.skip("no IPv6 loopback")
     url = template.format(port=trap.port)
     before = trap.connections
-    with guarded_client(timeout_s=2) as client:
+    with open_client(timeout_s=2) as client:
         with pytest.raises(BlockedURLError):
             client.get(url)
     with pytest.raises(BlockedURLError):
@@ -363,13 +426,13 @@ REDIRECT_TARGETS = [
 
 
 @pytest.mark.parametrize("target", REDIRECT_TARGETS)
-def test_redirect_to_a_blocked_address_is_refused_on_that_hop(target, servers, trap, connections):
+def test_redirect_to_a_blocked_address_is_refused_on_that_hop(target, servers, trap, connections, open_client):
     if "[" in target and not HAS_IPV6:
         pytest.skip("no IPv6 loopback")
     location = target.format(port=trap.port)
     origin = servers("127.0.0.2", routes={"/go": (302, {"Location": location}, b"")})
     before = trap.connections
-    with guarded_client(allow=["127.0.0.2"], timeout_s=2) as client:
+    with open_client(allow=["127.0.0.2"], timeout_s=2) as client:
         with pytest.raises(BlockedURLError):
             client.get(origin.url("/go"))
     assert [path for path, _ in origin.requests] == ["/go"]  # the first hop was made...
@@ -388,9 +451,9 @@ def _chain(servers, redirects: int):
 
 
 @pytest.mark.parametrize("redirects", [1, 2, MAX_REDIRECTS])
-def test_redirect_chain_within_the_limit_is_followed(redirects, servers):
+def test_redirect_chain_within_the_limit_is_followed(redirects, servers, open_client):
     hops = _chain(servers, redirects)
-    with guarded_client(allow=["127.0.0.2", "127.0.0.3"], timeout_s=2) as client:
+    with open_client(allow=["127.0.0.2", "127.0.0.3"], timeout_s=2) as client:
         response = client.get(hops[0][0].url(hops[0][1]))
     assert response.status_code == 200 and response.text == "ok"
     assert len(response.history) == redirects
@@ -399,9 +462,9 @@ def test_redirect_chain_within_the_limit_is_followed(redirects, servers):
         assert path in [p for p, _ in server.requests]
 
 
-def test_redirect_chain_over_the_limit_is_refused(servers):
+def test_redirect_chain_over_the_limit_is_refused(servers, open_client):
     hops = _chain(servers, MAX_REDIRECTS + 1)  # 4 redirects
-    with guarded_client(allow=["127.0.0.2", "127.0.0.3"], timeout_s=2) as client:
+    with open_client(allow=["127.0.0.2", "127.0.0.3"], timeout_s=2) as client:
         with pytest.raises(httpx.TooManyRedirects):
             client.get(hops[0][0].url(hops[0][1]))
     last_server, last_path = hops[-1]
@@ -410,12 +473,22 @@ def test_redirect_chain_over_the_limit_is_refused(servers):
     assert len(made) == MAX_REDIRECTS + 1
 
 
-def test_redirect_to_another_scheme_is_refused(servers, connections):
+def test_redirect_to_another_scheme_is_refused(servers, connections, open_client):
     origin = servers("127.0.0.2", routes={"/go": (302, {"Location": "file:///etc/passwd"}, b"")})
-    with guarded_client(allow=["127.0.0.2"], timeout_s=2) as client:
+    with open_client(allow=["127.0.0.2"], timeout_s=2) as client:
         with pytest.raises((BlockedURLError, httpx.UnsupportedProtocol)):
             client.get(origin.url("/go"))
     assert connections == [("127.0.0.2", origin.port)]
+
+
+def test_redirect_is_not_followed_when_disabled(servers, trap, connections, open_client):
+    # Webhook delivery: a 3xx is the answer, its Location (here a loopback trap) is never visited.
+    origin = servers("127.0.0.2", routes={"/hook": (307, {"Location": f"http://127.0.0.1:{trap.port}/"}, b"")})
+    before = trap.connections
+    with open_client(allow=["127.0.0.2", "127.0.0.1"], timeout_s=2, follow_redirects=False) as client:
+        response = client.get(origin.url("/hook"))
+    assert response.status_code == 307 and response.history == []
+    assert trap.connections == before and connections == [("127.0.0.2", origin.port)]
 
 
 # -- 3. DNS rebinding ---------------------------------------------------------------------------
@@ -434,11 +507,11 @@ def rebinding_pair(servers):
     pytest.skip("could not get the same port on 127.0.0.1 and 127.0.0.2")
 
 
-def test_rebinding_connects_to_the_checked_address(rebinding_pair, dns, connections):
+def test_rebinding_connects_to_the_checked_address(rebinding_pair, dns, connections, open_client):
     good, trap_server = rebinding_pair
     port = good.port
     dns.set("rebind.test", ["127.0.0.2"], ["127.0.0.1"])
-    with guarded_client(allow=["127.0.0.2"], timeout_s=2) as client:
+    with open_client(allow=["127.0.0.2"], timeout_s=2) as client:
         response = client.get(f"http://rebind.test:{port}/first")
         assert response.status_code == 200
         assert dns.count("rebind.test") == 1  # resolved once for this hop...
@@ -453,18 +526,47 @@ def test_rebinding_connects_to_the_checked_address(rebinding_pair, dns, connecti
     assert trap_server.connections == 0 and len(good.requests) == 1
 
 
-def test_rebinding_between_redirect_hops_is_caught(rebinding_pair, dns, connections):
+def test_rebinding_between_redirect_hops_is_caught(rebinding_pair, dns, connections, open_client):
     good, trap_server = rebinding_pair
     port = good.port
     good.routes["/first"] = (302, {"Location": "/second"}, b"")  # relative: same name, new hop
     dns.set("rebind.test", ["127.0.0.2"], ["127.0.0.1"])
-    with guarded_client(allow=["127.0.0.2"], timeout_s=2) as client:
+    with open_client(allow=["127.0.0.2"], timeout_s=2) as client:
         with pytest.raises(BlockedURLError):
             client.get(f"http://rebind.test:{port}/first")
     assert dns.count("rebind.test") == 2  # once per hop, by name
     assert [p for p, _ in good.requests] == ["/first"]
     assert trap_server.connections == 0
     assert connections == [("127.0.0.2", port)]
+
+
+def test_concurrent_async_requests_each_connect_to_their_own_checked_address(rebinding_pair, dns, monkeypatch,
+                                                                             connections):
+    # Many requests share one event loop (thread); the pin is per task, so none connects to an
+    # address checked for another. Both servers listen on the same port: a crossed pin would
+    # reach the other one.
+    good, other = rebinding_pair
+    port = good.port
+    names = {f"a{i}.test": "127.0.0.2" for i in range(12)} | {f"b{i}.test": "127.0.0.1" for i in range(12)}
+    for name, address in names.items():
+        dns.set(name, [address])
+
+    def slow_getaddrinfo(*args, **kwargs):  # lookups finish in random order, interleaving the requests
+        time.sleep(random.uniform(0, 0.02))
+        return dns.getaddrinfo(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
+
+    async def main() -> list[httpx.Response]:
+        async with async_guarded_client(allow=["127.0.0.1", "127.0.0.2"], timeout_s=5) as client:
+            return await asyncio.gather(*(client.get(f"http://{name}:{port}/{name}") for name in names))
+
+    assert all(r.status_code == 200 for r in asyncio.run(main()))
+    for server, address in ((good, "127.0.0.2"), (other, "127.0.0.1")):
+        expected = {f"/{n}" for n, a in names.items() if a == address}
+        assert {p for p, _ in server.requests} == expected
+        assert all(h["Host"] == f"{p[1:]}:{port}" for p, h in server.requests)
+    assert sorted(connections) == sorted((a, port) for a in names.values())
 
 
 @pytest.mark.parametrize("answer", [
@@ -474,10 +576,10 @@ def test_rebinding_between_redirect_hops_is_caught(rebinding_pair, dns, connecti
     ["127.0.0.2", "::1"],
     ["127.0.0.2", "::ffff:169.254.169.254"],
 ])
-def test_a_name_with_any_blocked_address_is_refused(answer, servers, dns, connections):
+def test_a_name_with_any_blocked_address_is_refused(answer, servers, dns, connections, open_client):
     good = servers("127.0.0.2")
     dns.set("mixed.test", answer)
-    with guarded_client(allow=["127.0.0.2"], timeout_s=2) as client:
+    with open_client(allow=["127.0.0.2"], timeout_s=2) as client:
         with pytest.raises(BlockedURLError):
             client.get(f"http://mixed.test:{good.port}/")
     assert good.connections == 0 and connections == []
@@ -490,11 +592,11 @@ def test_a_name_with_any_blocked_address_is_refused(answer, servers, dns, connec
     ["8.8.8.8", "::ffff:127.0.0.1"],
     ["1.1.1.1", "169.254.169.254"],
 ])
-def test_a_public_name_with_any_private_address_is_refused(answer, dns, connections):
+def test_a_public_name_with_any_private_address_is_refused(answer, dns, connections, open_client):
     dns.set("mixed.test", answer)
     with pytest.raises(BlockedURLError):
         check_and_resolve(URLPolicy(), "https://mixed.test/x.png")
-    with guarded_client(timeout_s=2) as client:
+    with open_client(timeout_s=2) as client:
         with pytest.raises(BlockedURLError):
             client.get("https://mixed.test/x.png")
     assert connections == []
@@ -505,21 +607,22 @@ def test_public_name_resolves_to_its_first_address(dns):
     assert check_and_resolve(URLPolicy(), "https://cdn.test/a.png") == "93.184.215.14"
 
 
-def test_unresolvable_name_is_refused(dns, connections):
-    with guarded_client(timeout_s=2) as client:
-        with pytest.raises(BlockedURLError):
+def test_unresolvable_name_is_refused(dns, connections, open_client):
+    with open_client(timeout_s=2) as client:
+        with pytest.raises(UnresolvableHostError):  # a BlockedURLError; webhook delivery retries it
             client.get("http://nowhere.test/")
     assert connections == []
+    assert issubclass(UnresolvableHostError, BlockedURLError)
 
 
 # -- 4. allowlist -------------------------------------------------------------------------------
 
 
-def test_cidr_entry_admits_its_addresses_and_nothing_else(servers, trap, dns, connections):
+def test_cidr_entry_admits_its_addresses_and_nothing_else(servers, trap, dns, connections, open_client):
     inside = [servers("127.0.0.2"), servers("127.0.0.3")]
     outside = servers("127.0.0.4")
     dns.set("inside.test", ["127.0.0.3"])
-    with guarded_client(allow=["127.0.0.2/31"], timeout_s=2) as client:
+    with open_client(allow=["127.0.0.2/31"], timeout_s=2) as client:
         for server in inside:
             assert client.get(server.url("/in")).text == "ok"
         assert client.get(f"http://inside.test:{inside[1].port}/by-name").status_code == 200
@@ -532,11 +635,11 @@ def test_cidr_entry_admits_its_addresses_and_nothing_else(servers, trap, dns, co
     assert [p for p, _ in inside[0].requests] == ["/in"]
 
 
-def test_hostname_entry_admits_that_name_and_nothing_else(servers, dns, connections):
+def test_hostname_entry_admits_that_name_and_nothing_else(servers, dns, connections, open_client):
     server = servers("127.0.0.2")
     for name in ("internal.test", "other.test", "sub.internal.test", "internal.test.evil.test", "xinternal.test"):
         dns.set(name, ["127.0.0.2"])
-    with guarded_client(allow=["Internal.Test."], timeout_s=2) as client:
+    with open_client(allow=["Internal.Test."], timeout_s=2) as client:
         response = client.get(f"http://internal.test:{server.port}/ok")
         assert response.status_code == 200
         assert server.requests[-1][1]["Host"] == f"internal.test:{server.port}"
@@ -549,10 +652,10 @@ def test_hostname_entry_admits_that_name_and_nothing_else(servers, dns, connecti
     assert [p for p, _ in server.requests] == ["/ok", "/ok2"]
 
 
-def test_allowlisted_name_keeps_its_name_across_a_relative_redirect(servers, dns):
+def test_allowlisted_name_keeps_its_name_across_a_relative_redirect(servers, dns, open_client):
     server = servers("127.0.0.2", routes={"/a": (302, {"Location": "/b"}, b"")})
     dns.set("internal.test", ["127.0.0.2"])
-    with guarded_client(allow=["internal.test"], timeout_s=2) as client:
+    with open_client(allow=["internal.test"], timeout_s=2) as client:
         response = client.get(f"http://internal.test:{server.port}/a")
     assert response.status_code == 200
     assert str(response.url) == f"http://internal.test:{server.port}/b"
@@ -561,9 +664,9 @@ def test_allowlisted_name_keeps_its_name_across_a_relative_redirect(servers, dns
 
 
 @pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback")
-def test_allowlisted_ipv6_literal(servers, connections):
+def test_allowlisted_ipv6_literal(servers, connections, open_client):
     server = servers("::1")
-    with guarded_client(allow=["::1/128"], timeout_s=2) as client:
+    with open_client(allow=["::1/128"], timeout_s=2) as client:
         response = client.get(f"http://[::1]:{server.port}/v6")
         assert response.status_code == 200 and response.text == "ok"
         assert str(response.url) == f"http://[::1]:{server.port}/v6"
@@ -573,20 +676,25 @@ def test_allowlisted_ipv6_literal(servers, connections):
     assert [a[:2] for a in connections] == [("::1", server.port)]
 
 
-def test_host_header_on_default_and_non_default_ports(monkeypatch):
+def test_host_header_on_default_and_non_default_ports(monkeypatch, kind, client_over):
     # What the guarded transport hands to httpx's own transport (replaced below the guard by a
-    # recorder, so no network is needed): the Host header keeps the name and any non-default port.
+    # recorder, so no network is needed): URL and Host header unchanged (no rewriting to the IP).
     seen: list[httpx.Request] = []
 
     def capture(self, request):
         seen.append(request)
         return httpx.Response(200, request=request)
 
-    monkeypatch.setattr(httpx.HTTPTransport, "handle_request", capture)
-    transport = GuardedTransport(URLPolicy(["93.184.215.14/32", "2606:4700::/32"]))
+    async def capture_async(self, request):
+        return capture(self, request)
+
+    if kind == "sync":
+        monkeypatch.setattr(httpx.HTTPTransport, "handle_request", capture)
+    else:
+        monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", capture_async)
     urls = ["http://93.184.215.14/", "http://93.184.215.14:443/", "https://93.184.215.14:80/",
             "https://93.184.215.14/", "http://[2606:4700::1]:8080/", "https://[2606:4700::1]/"]
-    with httpx.Client(transport=transport) as client:
+    with client_over(URLPolicy(["93.184.215.14/32", "2606:4700::/32"])) as client:
         for url in urls:
             client.get(url)
     assert [r.headers["Host"] for r in seen] == [
@@ -595,12 +703,11 @@ def test_host_header_on_default_and_non_default_ports(monkeypatch):
     assert [str(r.url) for r in seen] == urls
 
 
-def test_connections_go_only_to_the_checked_address(servers):
+def test_connections_go_only_to_the_checked_address(servers, client_over):
     # A transport configured with a proxy would connect to the proxy, not to the checked address:
     # the pinned connect refuses it (nothing reaches the "proxy").
     proxy = servers("127.0.0.3")
-    transport = GuardedTransport(URLPolicy(["127.0.0.2", "127.0.0.3"]), proxy=proxy.url())
-    with httpx.Client(transport=transport) as client:
+    with client_over(URLPolicy(["127.0.0.2", "127.0.0.3"]), proxy=proxy.url()) as client:
         with pytest.raises(httpx.ConnectError, match="not checked"):
             client.get("http://127.0.0.2:9/")
     assert proxy.connections == 0
@@ -665,14 +772,15 @@ class TLSServer(Server):
         return super().url(path).replace("http://", "https://", 1)
 
 
-def test_https_is_verified_against_the_name_while_pinned_to_the_checked_address(tmp_path, servers, dns, connections):
+def test_https_is_verified_against_the_name_while_pinned_to_the_checked_address(tmp_path, servers, dns, connections,
+                                                                                client_over):
     server_ctx, client_ctx = _tls_material(tmp_path, "secure.test")
     server = TLSServer("127.0.0.2", server_ctx, routes={"/a": (302, {"Location": "/b"}, b"")})
     try:
         dns.set("secure.test", ["127.0.0.2"])
         dns.set("impostor.test", ["127.0.0.2"])
-        transport = GuardedTransport(URLPolicy(["127.0.0.2"]), verify=client_ctx)
-        with httpx.Client(transport=transport, follow_redirects=True, max_redirects=MAX_REDIRECTS) as client:
+        redirects = {"follow_redirects": True, "max_redirects": MAX_REDIRECTS}
+        with client_over(URLPolicy(["127.0.0.2"]), client_kwargs=redirects, verify=client_ctx) as client:
             response = client.get(f"https://secure.test:{server.port}/a")
             assert response.status_code == 200 and response.text == "ok"
             assert str(response.url) == f"https://secure.test:{server.port}/b"
@@ -693,13 +801,13 @@ def test_https_is_verified_against_the_name_while_pinned_to_the_checked_address(
 # -- 5. timeouts --------------------------------------------------------------------------------
 
 
-def test_read_timeout_on_a_server_that_never_answers(connections):
+def test_read_timeout_on_a_server_that_never_answers(connections, open_client):
     silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     silent.bind(("127.0.0.2", 0))
     silent.listen(8)  # the kernel completes the handshake; nobody ever reads or answers
     port = silent.getsockname()[1]
     try:
-        with guarded_client(allow=["127.0.0.2"], timeout_s=0.3) as client:
+        with open_client(allow=["127.0.0.2"], timeout_s=0.3) as client:
             started = time.monotonic()
             with pytest.raises(httpx.ReadTimeout):
                 client.get(f"http://127.0.0.2:{port}/slow")
@@ -710,15 +818,15 @@ def test_read_timeout_on_a_server_that_never_answers(connections):
     assert connections == [("127.0.0.2", port)]
 
 
-def test_client_settings():
-    client = guarded_client(timeout_s=7)
-    try:
+@pytest.mark.parametrize("factory", [guarded_client, async_guarded_client])
+def test_client_settings(factory):
+    for client in (factory(timeout_s=7), factory(timeout_s=7, follow_redirects=False, headers={"User-Agent": "t/1"})):
         assert client.timeout.read == 7 and client.timeout.write == 7 and client.timeout.pool == 7
         assert client.timeout.connect == min(CONNECT_TIMEOUT_S, 7)
         assert client.max_redirects == MAX_REDIRECTS == 3
-        assert client.follow_redirects is True
         assert client.trust_env is False  # no proxy from the environment
-    finally:
-        client.close()
-    with guarded_client(timeout_s=0.5) as quick:
-        assert quick.timeout.connect <= 0.5
+        transport = client._transport
+        assert isinstance(transport, GuardedTransport if factory is guarded_client else AsyncGuardedTransport)
+    assert factory(timeout_s=7).follow_redirects is True
+    assert client.follow_redirects is False and client.headers["User-Agent"] == "t/1"
+    assert factory(timeout_s=0.5).timeout.connect <= 0.5

@@ -25,19 +25,19 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from pipelines.urls import redact_url
+from serve.config import WebhookConfig
+from serve import webhooks
+from serve.urlguard import BlockedURLError
 from serve.webhooks import (
     EVENT_COMPLETED,
     EVENT_FAILED,
     EVENT_PROGRESS,
-    METADATA_KEY,
-    BlockedURLError,
-    WebhookConfig,
     WebhookSender,
     check_webhook_url,
     event_type_for,
     job_recorder,
     normalize_events,
-    redact_url,
     retry_after_seconds,
     sign,
     verify,
@@ -154,6 +154,9 @@ def test_sign_is_the_documented_hmac():
     assert sign("unicode-sécret", 5, b"") == expected_signature("unicode-sécret", 5, b"")
     with pytest.raises(ValueError):
         sign("", 1, body)
+    # The headers of one attempt, as the sender builds them.
+    assert webhooks.signed_headers(SECRET, "evt_1", body, timestamp=1_700_000_000) == signed_headers(
+        SECRET, 1_700_000_000, body)
 
 
 def test_verify_accepts_valid_and_rejects_tampering():
@@ -295,6 +298,21 @@ def test_connection_errors_are_retried():
     assert records[0]["next_retry_in_s"] is not None and records[1]["next_retry_in_s"] is None
 
 
+def test_a_name_that_does_not_resolve_now_is_retried(monkeypatch):
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "hooks.down.test":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    result, records = deliver(make_sender(max_attempts=2), "https://hooks.down.test/hook")
+    assert result.outcome == "exhausted" and len(records) == 2
+    assert all(r["error"] == "ConnectError: cannot resolve host 'hooks.down.test'" for r in records)
+    assert records[0]["next_retry_in_s"] is not None
+
+
 def test_max_attempts_stops_retries(receiver):
     receiver.script = [(500, {}, 0.0)] * 10
     result, records = deliver(make_sender(max_attempts=3), receiver.url)
@@ -426,22 +444,29 @@ def test_events_helpers_and_progress(receiver):
 
 
 def test_job_recorder_appends_attempts_to_the_job(receiver, tmp_path):
-    from serve.jobstore import Job, SqliteJobStore
+    from serve.jobstore import SqliteJobStore
+    from serve.jobstore.models import Job, WebhookSubscription
 
     store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     try:
-        job, _ = store.create(Job(tenant="acme", webhook_url=receiver.url))
+        job, _ = store.create(Job(tenant="acme", webhook=WebhookSubscription(url=receiver.url)))
         receiver.script = [(503, {}, 0.0)]
         result = asyncio.run(make_sender().deliver(job.id, receiver.url, SECRET, EVENT_COMPLETED, PAYLOAD,
                                                    job_recorder(store, job.id, keep=50)))
         assert result.delivered
-        stored = store.get(job.id, tenant="acme").metadata[METADATA_KEY]
-        assert [a.get("status_code") for a in stored] == [503, 200] and stored == result.attempts
+
+        def stored() -> list[dict]:
+            return [a.model_dump(exclude_none=True) for a in store.get(job.id, tenant="acme").webhook.deliveries]
+
+        assert [a.get("status_code") for a in stored()] == [503, 200]
+        assert stored() == [{k: v for k, v in a.items() if v is not None} for a in result.attempts]
 
         trimmed = job_recorder(store, job.id, keep=3)
         for n in range(3):
-            trimmed({"attempt": 10 + n})
-        assert [a["attempt"] for a in store.get(job.id, tenant="acme").metadata[METADATA_KEY]] == [10, 11, 12]
-        job_recorder(store, "vid_missing")({"attempt": 1})  # a deleted job: no error
+            trimmed({**result.attempts[-1], "attempt": 10 + n})
+        assert [a["attempt"] for a in stored()] == [10, 11, 12]
+        job_recorder(store, "vid_missing", keep=3)(result.attempts[0])  # a deleted job: no error
+        with pytest.raises(ValueError):
+            job_recorder(store, job.id, keep=0)
     finally:
         store.close()

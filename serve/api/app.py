@@ -11,15 +11,16 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from pipelines.errors import InvalidInputError
-from pipelines.params import GenerationParams
 
 from ..jobstore import JobStatus
 from ..tenants import Tenant, TenantRegistry
 from .errors import APIError, ErrorBody, install_error_handlers
+from .forms import multipart_schema, read_submit_form
 from .schemas import CreateVideoRequest, VideoJob, VideoJobList
-from .service import VideoService, parse_params_field
+from .service import VideoService
 
-EVENTS_POLL_S = 0.25
+EVENTS_WAKE_S = 1.0  # disconnect checks and keep-alives, between change notices
+EVENTS_RECHECK_S = 5.0  # re-read even without a notice (notices are hints, the store is the truth)
 EVENTS_HEARTBEAT_S = 15.0
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -106,11 +107,7 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
               summary="Submit an image-to-video job",
               openapi_extra={"requestBody": {"content": {
                   "application/json": {"schema": CreateVideoRequest.model_json_schema()},
-                  "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-                      "image": {"type": "string", "format": "binary"},
-                      "params": {"type": "string", "description": "JSON object of generation parameters"},
-                      "webhook_url": {"type": "string"},
-                      "webhook_events": {"type": "string", "description": "comma-separated, e.g. progress"}}}}},
+                  "multipart/form-data": {"schema": multipart_schema()}},
                   "required": True}})
     async def create_video(
         request: Request,
@@ -119,14 +116,8 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
     ):
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=8)
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise InvalidInputError("multipart upload: send the image as a file field named 'image'")
-            image = await upload.read(service.config.max_upload_bytes + 1)
-            params = GenerationParams.model_validate(parse_params_field(form.get("params")))
-            webhook_url = form.get("webhook_url") or None
-            webhook_events = [e.strip() for e in str(form.get("webhook_events") or "").split(",") if e.strip()]
+            form = await read_submit_form(request, max_image_bytes=service.config.max_upload_bytes)
+            image, params, webhook_url, webhook_events = form.image, form.params, form.webhook_url, form.webhook_events
         elif content_type.startswith("application/json") or not content_type:
             raw = await request.body()
             try:
@@ -201,26 +192,31 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
         url = base_url(request)
 
         async def stream():
-            # Lease renewals bump the record's version without changing what a client sees,
-            # so events fire on a change of the rendered view.
-            job, last, status, beat = first, None, None, time.monotonic()
-            while True:
-                if job is None:
-                    return
-                payload = service.view(job, url).model_dump_json()
-                if payload != last:
-                    event = "status" if job.status != status else "progress"
-                    last, status = payload, job.status
-                    yield f"event: {event}\nid: {job.version}\ndata: {payload}\n\n"
-                    if job.status.is_terminal:
-                        return
-                elif time.monotonic() - beat >= EVENTS_HEARTBEAT_S:
-                    beat = time.monotonic()
-                    yield ": keep-alive\n\n"
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(EVENTS_POLL_S)
-                job = await call(service.store.get, job_id, tenant=tenant.name)
+            # The store announces every change of the job: wake on it, re-read, and send an event
+            # when the rendered view changed (lease renewals change the record, not the view).
+            # The disconnect check and the keep-alive run on a short timer; no store reads then.
+            last, status, beat = None, None, time.monotonic()
+            with service.store.changes.watch(job_id) as watch:
+                job = first
+                while job is not None:
+                    payload = service.view(job, url).model_dump_json()
+                    if payload != last:
+                        event = "status" if job.status != status else "progress"
+                        last, status = payload, job.status
+                        yield f"event: {event}\nid: {job.version}\ndata: {payload}\n\n"
+                        if job.status.is_terminal:
+                            return
+                    changed = False
+                    waited = time.monotonic()
+                    while not changed:
+                        if await request.is_disconnected():
+                            return
+                        if time.monotonic() - beat >= EVENTS_HEARTBEAT_S:
+                            beat = time.monotonic()
+                            yield ": keep-alive\n\n"
+                        # A lost notice costs at most EVENTS_RECHECK_S, never a stuck stream.
+                        changed = await watch.changed(EVENTS_WAKE_S) or time.monotonic() - waited >= EVENTS_RECHECK_S
+                    job = await call(service.store.get, job_id, tenant=tenant.name)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -29,10 +29,12 @@ class CreateVideoRequest(GenerationParams):
 
 
 class Progress(BaseModel):
-    stage: str | None = Field(description="image_encode, sampling, decode, video_encode or store; null when queued.")
+    stage: str | None = Field(description="The stage running now (image_encode, sampling, decode, ...: the "
+                              "job's route); null when queued.")
     step: int = Field(description="Sampling steps done.")
     total_steps: int = Field(description="Sampling steps in all.")
     percent: float = Field(description="Rough overall completion, 0-100.")
+    updated_at: datetime | None = Field(default=None, description="When the running stage reported this progress.")
 
 
 class Output(BaseModel):

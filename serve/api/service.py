@@ -21,7 +21,7 @@ anything is stored, in this order:
    ``rate_limited`` with Retry-After (seconds until the next token);
 6. then the image is decoded (its errors are 422/413), stored, and the job written.
 
-``max_running_jobs`` never rejects: it is stamped on the job (``metadata["max_running"]``) and
+``max_running_jobs`` never rejects: it is stamped on the job (``job.policy``) and
 the dispatcher (:func:`serve.scheduler.pick_next`) skips a tenant at its cap.
 """
 
@@ -40,11 +40,10 @@ from typing import Any, Awaitable, Callable
 from pipelines.errors import ImageTooLargeError, InvalidImageError, InvalidInputError
 from pipelines.images import decode_image_bytes, fetch_image_url
 from pipelines.params import GenerationParams
+from pipelines.registry import STAGES
 
 from ..config import AppConfig
-from ..jobstore import Job, JobStatus, JobStore
-from ..jobstore.base import RETENTION_METADATA_KEY
-from ..scheduler import MAX_RUNNING_KEY
+from ..jobstore import AdmissionPolicy, Job, JobStatus, JobStore, WebhookSubscription
 from ..storage import Storage, job_key, job_prefix
 from ..telemetry import current_carrier, log_extra, tracer
 from ..tenants import Tenant, TenantPolicy
@@ -77,13 +76,11 @@ class VideoService:
         store: JobStore,
         storage: Storage,
         model_info: Callable[[], Awaitable[dict[str, Any]]],
-        on_admitted: Callable[[Job], None] | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.storage = storage
         self.model_info = model_info
-        self.on_admitted = on_admitted
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -144,22 +141,16 @@ class VideoService:
             job = Job(
                 tenant=tenant.name,
                 params=resolved.model_dump(mode="json"),
-                weight=tenant.weight,
-                webhook_url=webhook_url,
+                route=[spec.name for spec in STAGES.route(resolved)],
+                fingerprint=fingerprint,
+                policy=AdmissionPolicy(weight=tenant.weight, max_running_jobs=policy.max_running_jobs,
+                                       retention_s=policy.retention_s),
+                webhook=WebhookSubscription(url=webhook_url, events=events) if webhook_url else None,
                 idempotency_key=idempotency_key,
                 trace_context=current_carrier(),
             )
             job.input_key = job_key(tenant.name, job.id, "input")
-            job.metadata = {
-                "output_key": job_key(tenant.name, job.id, f"{job.id}.{resolved.output_format.value}"),
-                "fingerprint": fingerprint,
-            }
-            if events:
-                job.metadata["webhook_events"] = events
-            if policy.max_running_jobs is not None:
-                job.metadata[MAX_RUNNING_KEY] = policy.max_running_jobs
-            if policy.retention_s is not None:
-                job.metadata[RETENTION_METADATA_KEY] = policy.retention_s
+            job.output_key = job_key(tenant.name, job.id, f"{job.id}.{resolved.output_format.value}")
             span.set_attribute("svd.job_id", job.id)
             self.storage.put(job.input_key, image, content_type="application/octet-stream")
             stored, created = self.store.create(job)
@@ -167,14 +158,12 @@ class VideoService:
                 self.storage.delete(job.input_key)
                 return self._replay(tenant, stored, fingerprint)
             logger.info("job admitted", extra=log_extra(stored.id, tenant=tenant.name))
-            if self.on_admitted is not None:
-                self.on_admitted(stored)
             return Admission(job=stored, created=True)
 
     @staticmethod
     def _replay(tenant: Tenant, existing: Job, fingerprint: str) -> Admission:
         """The job an earlier request with the same Idempotency-Key made, or 409 if it differs."""
-        if existing.metadata.get("fingerprint") != fingerprint:
+        if existing.fingerprint != fingerprint:
             raise APIError(409, "idempotency_key_reused",
                            "this Idempotency-Key was already used with a different request")
         logger.info("idempotent replay", extra=log_extra(existing.id, tenant=tenant.name))
@@ -252,17 +241,4 @@ class VideoService:
     def view(self, job: Job, base_url: str) -> VideoJob:
         position = self.store.queue_position(job.id) if job.status is JobStatus.QUEUED else None
         return job_view(job, base_url, queue_position=position)
-
-
-def parse_params_field(raw: str | None) -> dict[str, Any]:
-    """The ``params`` form field of a multipart upload: a JSON object of generation parameters."""
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise InvalidInputError(f"params: not valid JSON ({error.msg} at position {error.pos})") from None
-    if not isinstance(value, dict):
-        raise InvalidInputError("params: must be a JSON object of generation parameters")
-    return value
 

@@ -2,33 +2,43 @@
 
 from __future__ import annotations
 
+from pipelines.registry import STAGES, progress_spans
+
 from ..jobstore import Job, JobStatus
-from ..webhooks import METADATA_KEY as WEBHOOK_DELIVERIES
 from .schemas import ErrorInfo, Output, Progress, VideoJob, WebhookInfo
 
-#: Rough share of a job's time per stage, for the progress percentage.
-STAGE_SPAN = {"image_encode": (0, 3), "sampling": (3, 88), "decode": (88, 96), "video_encode": (96, 99),
-              "store": (99, 100)}
+#: The upload of the finished clip, after the last stage.
+STORE_SPAN = (99.0, 100.0)
+
+
+def progress_percent(job: Job) -> float:
+    """Rough overall completion: each stage of the job's route gets a band in proportion to its
+    share of the time; a stage that reports steps fills its band step by step."""
+    progress = job.progress
+    if job.status is JobStatus.COMPLETED:
+        return 100.0
+    known = set(STAGES.names())
+    spans = progress_spans(STAGES.get(name) for name in job.route if name in known)
+    spans["store"] = STORE_SPAN
+    if progress.stage not in spans:
+        return 0.0
+    low, high = spans[progress.stage]
+    stepped = progress.stage in known and STAGES.get(progress.stage).reports_steps and progress.total_steps
+    fraction = progress.step / progress.total_steps if stepped else 0.0
+    return low + (high - low) * min(1.0, fraction)
 
 
 def job_view(job: Job, base_url: str, *, queue_position: int | None = None) -> VideoJob:
     progress = job.progress
-    if job.status is JobStatus.COMPLETED:
-        percent = 100.0
-    elif progress.stage in STAGE_SPAN:
-        low, high = STAGE_SPAN[progress.stage]
-        sampling = progress.stage == "sampling" and progress.total_steps
-        percent = low + (high - low) * (progress.step / progress.total_steps if sampling else 0)
-    else:
-        percent = 0.0
+    percent = progress_percent(job)
     output = None
     if job.output is not None:
         output = Output(url=f"{base_url.rstrip('/')}/v1/videos/{job.id}/content", content_type=job.output.content_type,
                         file_name=job.output.file_name, file_size=job.output.file_size)
     webhook = None
-    if job.webhook_url:
-        webhook = WebhookInfo(url=job.webhook_url, events=sorted(job.metadata.get("webhook_events") or []),
-                              deliveries=list(job.metadata.get(WEBHOOK_DELIVERIES) or []))
+    if job.webhook is not None:
+        webhook = WebhookInfo(url=job.webhook.url, events=sorted(job.webhook.events),
+                              deliveries=[_delivery(d) for d in job.webhook.deliveries])
     return VideoJob(
         id=job.id,
         status=job.status.value,
@@ -39,10 +49,19 @@ def job_view(job: Job, base_url: str, *, queue_position: int | None = None) -> V
         params=job.params,
         queue_position=queue_position if job.status is JobStatus.QUEUED else None,
         progress=Progress(stage=progress.stage, step=progress.step, total_steps=progress.total_steps,
-                          percent=round(percent, 1)),
+                          percent=round(percent, 1), updated_at=progress.updated_at),
         timings=job.timings,
         error=ErrorInfo(code=job.error.code, message=job.error.message) if job.error else None,
         output=output,
         webhook_url=job.webhook_url,
         webhook=webhook,
     )
+
+
+def _delivery(attempt) -> dict:
+    """An attempt as shown: its HTTP status or its error, whichever it has."""
+    shown = attempt.model_dump()
+    for key in ("status_code", "error"):
+        if shown[key] is None:
+            del shown[key]
+    return shown

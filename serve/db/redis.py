@@ -1,8 +1,8 @@
 """Redis clients for the cluster backends (the job store and the usage ledger share one Redis).
 
 The password comes from the ``REDIS_PASSWORD`` environment variable, never from the URL in the
-config; it is not logged and does not appear in ``repr`` (keep :func:`redact_url`'s form of the
-URL for display). Keys are ``:``-joined, all under a non-empty prefix, with the variable part (a
+config; it is not logged and does not appear in ``repr`` (keep :func:`pipelines.urls.redact_url`'s form
+of the URL for display). Keys are ``:``-joined, all under a non-empty prefix, with the variable part (a
 tenant, a job id) always the *last* component so it cannot collide with the fixed names.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -21,7 +20,6 @@ __all__ = [
     "check_key_prefix",
     "connect_redis",
     "ping_redis",
-    "redact_url",
     "redis_errors",
     "redis_key",
 ]
@@ -56,16 +54,6 @@ def ping_redis(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password in it replaced by ``***`` (for ``repr`` and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else f":***@{netloc}"))
 
 
 def check_key_prefix(key_prefix: str) -> str:

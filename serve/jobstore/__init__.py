@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from serve.jobstore.changes import QUEUE_CHANNEL, JobChanges, JobWatch
 from serve.jobstore.base import JobStore, JobStoreError, abandoned_error, decode_cursor, encode_cursor
 from serve.jobstore.models import (
     JOB_ID_PREFIX,
@@ -17,6 +18,9 @@ from serve.jobstore.models import (
     JobOutput,
     JobProgress,
     JobStatus,
+    AdmissionPolicy,
+    WebhookAttempt,
+    WebhookSubscription,
     new_job_id,
     utcnow,
 )
@@ -27,6 +31,12 @@ if TYPE_CHECKING:
     from serve.config import JobStoreConfig
 
 __all__ = [
+    "QUEUE_CHANNEL",
+    "JobChanges",
+    "JobWatch",
+    "AdmissionPolicy",
+    "WebhookAttempt",
+    "WebhookSubscription",
     "JOB_ID_PREFIX",
     "TERMINAL_STATUSES",
     "Job",

@@ -22,6 +22,8 @@ Semantics, shared by every backend:
   never removes an ``in_progress`` record (its runner still writes to it). A job whose
   ``metadata["retention_s"]`` is a positive number (a tenant's own retention) uses that instead of
   the store's ``retention_s``.
+* Every committed change of a job is announced on ``store.changes`` (:mod:`serve.jobstore.changes`),
+  so waiters wake on it instead of polling.
 * Token buckets (:meth:`JobStore.take_token`) live in the store too, so a rate limit holds across
   every process that shares it (all ingress replicas), not per process.
 """
@@ -36,12 +38,14 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from serve.jobstore.changes import QUEUE_CHANNEL, JobChanges
 from serve.jobstore.models import (
     Job,
     JobError,
     JobOutput,
     JobProgress,
     JobStatus,
+    WebhookAttempt,
     dt_to_us,
     epoch_to_dt,
     to_utc,
@@ -51,9 +55,6 @@ from serve.jobstore.models import (
 Mutation = Callable[[Job], bool]
 
 DEFAULT_RETENTION_S = 24 * 3600.0
-
-#: ``Job.metadata`` key of a per-job retention (seconds) that overrides the store's ``retention_s``.
-RETENTION_METADATA_KEY = "retention_s"
 
 _TOKEN_EPSILON = 1e-9
 
@@ -88,6 +89,9 @@ def abandoned_error(attempts: int) -> JobError:
 
 class JobStore(ABC):
     """Durable, multi-process-safe job records. All methods are synchronous and thread-safe."""
+
+    changes: JobChanges
+    """Where committed changes are announced (set by each backend)."""
 
     def __init__(self, *, retention_s: float = DEFAULT_RETENTION_S, clock: Callable[[], float] = time.time):
         if retention_s <= 0:
@@ -165,6 +169,12 @@ class JobStore(ABC):
         burst below 1."""
 
     @abstractmethod
+    def hold_lease(self, name: str, *, owner: str, ttl_s: float) -> bool:
+        """Take or keep the cluster-wide lease ``name`` for ``ttl_s`` seconds: True if ``owner``
+        holds it afterwards (it was free, expired, or already ``owner``'s). Elects the one process
+        that runs once-per-cluster work (the janitor)."""
+
+    @abstractmethod
     def ping(self) -> bool:
         """True if the backing store answers."""
 
@@ -188,12 +198,15 @@ class JobStore(ABC):
     def _now(self) -> float:
         return self._clock()
 
+    def _announce(self, job: Job) -> None:
+        """Publish a committed change (and, for a queued job, that the queue changed)."""
+        self.changes.publish(job.id)
+        if job.status is JobStatus.QUEUED:
+            self.changes.publish(QUEUE_CHANNEL)
+
     def _retention_of(self, job: Job) -> float:
-        """``metadata["retention_s"]`` when it is a positive number, else the store's retention."""
-        value = job.metadata.get(RETENTION_METADATA_KEY)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return float(value)
-        return self.retention_s
+        """The tenant's retention stamped at admission, else the store's."""
+        return job.policy.retention_s or self.retention_s
 
     def _prepare_new(self, job: Job) -> Job:
         """The record as first stored: version 1, ``updated_at`` now, ``expires_at`` filled in."""
@@ -296,9 +309,11 @@ class JobStore(ABC):
         step: int | None = None,
         total_steps: int | None = None,
         timings: dict[str, float] | None = None,
+        reported_at: float | None = None,
     ) -> bool:
         """Set the stage (and the sampling steps, when given: stages after sampling leave them at
-        n of n) and merge ``timings``. False if ``owner`` lost the lease."""
+        n of n) and merge ``timings``. ``reported_at`` (epoch seconds, default now) is when the
+        stage observed this progress. False if ``owner`` lost the lease."""
 
         def fn(job: Job) -> bool:
             if not self._holds(job, owner):
@@ -307,6 +322,7 @@ class JobStore(ABC):
                 stage=stage,
                 step=job.progress.step if step is None else step,
                 total_steps=job.progress.total_steps if total_steps is None else total_steps,
+                updated_at=epoch_to_dt(self._now() if reported_at is None else reported_at),
             )
             if timings:
                 job.timings.update({k: float(v) for k, v in timings.items()})
@@ -412,14 +428,19 @@ class JobStore(ABC):
                 changed.append(result[0])
         return changed
 
-    def update_metadata(self, job_id: str, patch: dict[str, Any]) -> None:
-        """Shallow-merge ``patch`` into ``metadata`` (bumps ``version``). No-op if the job is gone."""
+    def record_webhook_attempt(self, job_id: str, attempt: dict[str, Any], *, keep: int) -> bool:
+        """Append one webhook delivery attempt to the job, keeping the newest ``keep``; atomic, so
+        concurrent deliveries of one job lose no entry. False if the job is gone."""
+
+        entry = WebhookAttempt.model_validate(attempt)
 
         def fn(job: Job) -> bool:
-            job.metadata.update(patch)
+            if job.webhook is None:
+                return False
+            job.webhook.deliveries = [*job.webhook.deliveries, entry][-keep:]
             return True
 
-        self._mutate(job_id, fn)
+        return self._changed(self._mutate(job_id, fn))
 
     @staticmethod
     def _changed(result: tuple[Job, bool] | None) -> bool:

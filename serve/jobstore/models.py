@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 JOB_ID_PREFIX = "vid_"
 
@@ -68,13 +68,56 @@ class JobProgress(BaseModel):
     stage: str | None = None
     step: int = 0
     total_steps: int = 0
+    updated_at: datetime | None = Field(default=None, description="When the stage reported this progress.")
 
 
 class JobOutput(BaseModel):
+    """The stored clip, as the final stage wrote it."""
+
     key: str = Field(description="Storage key of the encoded clip.")
     content_type: str
     file_name: str
     file_size: int
+    num_frames: int = Field(default=0, ge=0, description="Frames in the clip.")
+    fps: float = Field(default=0.0, ge=0, description="Playback frame rate.")
+    width: int = Field(default=0, ge=0)
+    height: int = Field(default=0, ge=0)
+    duration_s: float = Field(default=0.0, ge=0, description="Playback length, num_frames / fps (metered).")
+
+
+class WebhookAttempt(BaseModel):
+    """One delivery attempt of one webhook event, as shown on the job."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    event_id: str
+    type: str
+    attempt: int
+    at: str = Field(description="When the attempt started (ISO 8601, UTC).")
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float | None = None
+    next_retry_in_s: float | None = None
+
+
+class WebhookSubscription(BaseModel):
+    """Where the job's events go, which extra events it asked for, and what was delivered."""
+
+    url: str
+    events: list[str] = Field(default_factory=list, description="Extra events (video.progress); terminal ones always.")
+    deliveries: list[WebhookAttempt] = Field(default_factory=list, description="The newest attempts.")
+
+
+class AdmissionPolicy(BaseModel):
+    """The tenant's policy as it stood when the job was admitted: later policy changes apply to new
+    jobs only, so a job is scheduled and kept by the terms it was accepted under."""
+
+    weight: float = Field(default=1.0, gt=0, description="Fair-share weight.")
+    max_running_jobs: int | None = Field(default=None, ge=1, description="The tenant's cap on running jobs.")
+    retention_s: float | None = Field(default=None, gt=0, description="The tenant's own retention.")
+
+
+_LEGACY_KEYS = frozenset({"metadata", "weight", "webhook_url"})
 
 
 class Job(BaseModel):
@@ -106,11 +149,32 @@ class Job(BaseModel):
     cancel_requested: bool = False
     idempotency_key: str | None = None
     trace_context: dict[str, str] = Field(default_factory=dict, description="W3C traceparent carrier.")
-    weight: float = Field(default=1.0, gt=0, description="The tenant's fair-share weight at admission.")
-    webhook_url: str | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form: webhook attempts, usage, ...")
+    route: list[str] = Field(default_factory=list, description="The stages the job passes through, in order.")
+    output_key: str = Field(default="", description="Storage key the clip is written to.")
+    fingerprint: str | None = Field(default=None, description="Hash of the request (Idempotency-Key replays).")
+    policy: AdmissionPolicy = Field(default_factory=AdmissionPolicy, description="The tenant's terms at admission.")
+    webhook: WebhookSubscription | None = None
     version: int = 0
     expires_at: datetime | None = Field(default=None, description="Set by the store on create.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_metadata_record(cls, data: Any) -> Any:
+        """Records written before the typed fields kept them in a ``metadata`` dict: read those
+        (a job queued across an upgrade keeps its output key, policy and webhook)."""
+        if not isinstance(data, dict) or not _LEGACY_KEYS & data.keys():
+            return data
+        data = dict(data)
+        meta = data.pop("metadata", None) or {}
+        data.setdefault("output_key", meta.get("output_key", ""))
+        data.setdefault("fingerprint", meta.get("fingerprint"))
+        data.setdefault("policy", {"weight": data.pop("weight", 1.0), "max_running_jobs": meta.get("max_running"),
+                                   "retention_s": meta.get("retention_s")})
+        url = data.pop("webhook_url", None)
+        if url and "webhook" not in data:
+            data["webhook"] = {"url": url, "events": meta.get("webhook_events") or [],
+                               "deliveries": meta.get("webhook_deliveries") or []}
+        return data
 
     @field_validator("created_at", "updated_at", "started_at", "finished_at", "expires_at")
     @classmethod
@@ -120,3 +184,7 @@ class Job(BaseModel):
     @property
     def is_terminal(self) -> bool:
         return self.status.is_terminal
+
+    @property
+    def webhook_url(self) -> str | None:
+        return self.webhook.url if self.webhook is not None else None

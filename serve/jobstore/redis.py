@@ -13,6 +13,8 @@ cannot collide with one another or with the fixed names):
 ``leases``                       zset: in-progress jobs, score = lease expiry (recover_expired)
 ``expiry``                       zset: every job, score = expires_at (purge_expired)
 ``idem:{tenant}``                hash: idempotency key -> job id
+``lease:{name}``                 string: the owner of a cluster-wide lease (PX expiry)
+``changes``                      pub/sub channel: ids of jobs just changed
 ``bucket:{name}``                hash: a token bucket (``tokens``, ``ts`` = last refill, epoch seconds);
                                  expires once it would be full again (a missing bucket is a full one)
 ===============================  ====================================================================
@@ -49,12 +51,12 @@ from typing import Any, TypeVar
 import redis as redis_lib
 from redis.exceptions import WatchError
 
+from pipelines.urls import redact_url
 from serve.db.redis import (
     PASSWORD_ENV,
     check_key_prefix,
     connect_redis,
     ping_redis,
-    redact_url,
     redis_errors,
     redis_key,
 )
@@ -66,6 +68,7 @@ from serve.jobstore.base import (
     decode_cursor,
     encode_cursor,
 )
+from serve.jobstore.changes import RedisChanges
 from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt
 
 __all__ = ["PASSWORD_ENV", "RedisJobStore"]
@@ -128,6 +131,17 @@ return string.format('%.17g', wait)
 """
 
 
+#: KEYS[1] = a cluster lease; ARGV = owner, ttl in ms. 1 if the owner holds it afterwards.
+_HOLD_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
+end
+return 0
+"""
+
+
 def _visible(job: Job | None, tenant: str | None) -> Job | None:
     """``job``, or None if it is missing or (``tenant`` given) another tenant's."""
     return None if job is None or (tenant is not None and job.tenant != tenant) else job
@@ -153,6 +167,8 @@ class RedisJobStore(JobStore):
         self.url = redact_url(url)
         self._r = connect_redis(url, socket_timeout_s=socket_timeout_s, client=client)
         self._take_token_script = self._r.register_script(_TAKE_TOKEN)
+        self._hold_lease_script = self._r.register_script(_HOLD_LEASE)
+        self.changes = RedisChanges(self._r, self._k("changes"))
 
     # ------------------------------------------------------------------ keys
 
@@ -261,7 +277,10 @@ class RedisJobStore(JobStore):
             pipe.execute()
             return job, True
 
-        return self._transaction(step)
+        stored, created = self._transaction(step)
+        if created:
+            self._announce(stored)
+        return stored, created
 
     @_translate
     def take_token(self, bucket: str, *, rate_per_s: float, burst: float, now: float | None = None) -> float:
@@ -303,7 +322,15 @@ class RedisJobStore(JobStore):
             new.updated_at = epoch_to_dt(self._now())
             return (new, True), lambda pipe: self._write(pipe, old, new)
 
-        return self._update_one(job_id, plan)
+        result = self._update_one(job_id, plan)
+        if result is not None and result[1]:
+            self._announce(result[0])
+        return result
+
+    @_translate
+    def hold_lease(self, name: str, *, owner: str, ttl_s: float) -> bool:
+        ttl_ms = max(1, int(ttl_s * 1000))
+        return bool(self._hold_lease_script(keys=[self._k("lease", name)], args=[owner, ttl_ms]))
 
     @_translate
     def delete(self, job_id: str, *, tenant: str) -> Job | None:
@@ -425,6 +452,7 @@ class RedisJobStore(JobStore):
         return ping_redis(self._r)
 
     def close(self) -> None:
+        self.changes.close()
         self._r.close()
 
     def __repr__(self) -> str:

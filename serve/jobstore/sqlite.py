@@ -26,6 +26,7 @@ from serve.jobstore.base import (
     decode_cursor,
     encode_cursor,
 )
+from serve.jobstore.changes import SocketChanges
 from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt
 
 _SCHEMA = """
@@ -48,6 +49,11 @@ CREATE INDEX IF NOT EXISTS jobs_status_lease ON jobs (status, lease_expires_at);
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires_at);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency
     ON jobs (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS cluster_leases (
+    name       TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS token_buckets (
     name       TEXT PRIMARY KEY,
     tokens     REAL NOT NULL,
@@ -100,6 +106,7 @@ class SqliteJobStore(JobStore):
         super().__init__(retention_s=retention_s, **kwargs)
         self._db = SqliteDatabase(path, schema=_SCHEMA, busy_timeout_s=busy_timeout_s, name="job store")
         self.path = self._db.path
+        self.changes = SocketChanges.for_database(self.path)
 
     # ------------------------------------------------------------------ writes
 
@@ -122,6 +129,7 @@ class SqliteJobStore(JobStore):
                 conn.execute(f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _row(job))
             except sqlite3.IntegrityError as exc:
                 raise ValueError(f"job {job.id} already exists") from exc
+        self._announce(job)
         return job, True
 
     @_translate
@@ -155,7 +163,22 @@ class SqliteJobStore(JobStore):
                 "version = ?, data = ? WHERE id = ?",
                 (values[2], values[5], values[6], values[7], values[8], values[9], job.id),
             )
+        self._announce(job)
         return job, True
+
+    @_translate
+    def hold_lease(self, name: str, *, owner: str, ttl_s: float) -> bool:
+        now = self._now()
+        with self._db.transaction() as conn:
+            row = conn.execute("SELECT owner, expires_at FROM cluster_leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != owner and row[1] > now:
+                return False
+            conn.execute(
+                "INSERT INTO cluster_leases (name, owner, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at",
+                (name, owner, now + ttl_s),
+            )
+        return True
 
     @_translate
     def delete(self, job_id: str, *, tenant: str) -> Job | None:
@@ -290,6 +313,7 @@ class SqliteJobStore(JobStore):
         return self._db.ping()
 
     def close(self) -> None:
+        self.changes.close()
         self._db.close()
 
     def __repr__(self) -> str:

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 from serve.metering.base import DEFAULT_USAGE_RETENTION_S, UsageLedger
 from serve.metering.models import (
     CLIENT_ERROR_CODES,
-    METERED_STAGES,
-    STAGE_CONFIG_KEYS,
+    metered_stages,
     Outcome,
     UsageRecord,
     UsageSummary,
@@ -34,8 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLIENT_ERROR_CODES",
     "DEFAULT_USAGE_RETENTION_S",
-    "METERED_STAGES",
-    "STAGE_CONFIG_KEYS",
+    "metered_stages",
     "Outcome",
     "RedisUsageLedger",
     "SqliteUsageLedger",

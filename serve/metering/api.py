@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serve.api.errors import APIError, ErrorBody
 from serve.jobstore.models import to_utc, utcnow
 from serve.metering.base import UsageLedger
-from serve.metering.models import METERED_STAGES, UsageSummary
+from serve.metering.models import UsageSummary, metered_stages
 from serve.tenants import Tenant
 
 #: The longest window one request may ask for.
@@ -58,7 +58,7 @@ class UsageResponse(BaseModel):
 
     @classmethod
     def of(cls, summary: UsageSummary) -> "UsageResponse":
-        by_stage = {**dict.fromkeys(METERED_STAGES, 0.0), **summary.gpu_seconds}
+        by_stage = {**dict.fromkeys(metered_stages(), 0.0), **summary.gpu_seconds}
         return cls(
             tenant=summary.tenant, from_=summary.start, to=summary.end,
             jobs=UsageJobs(completed=summary.completed, failed=summary.failed, cancelled=summary.cancelled,

@@ -11,8 +11,8 @@ What is metered, per job:
   ``total`` wall time are not stage work and are not metered).
 * ``gpu_seconds[stage]``: ``busy_seconds[stage]`` x the stage's GPU share, i.e. its
   ``ray_actor_options.num_gpus`` (a replica holding half a GPU for 10 s uses 5 GPU-seconds).
-* ``video_seconds``: playback length of the delivered clip, ``num_frames / output_fps`` (``fps``
-  when no ``output_fps`` was given); 0 unless the job completed.
+* ``video_seconds``: playback length of the delivered clip (``JobOutput.duration_s``: frames / fps,
+  as the final stage encoded it); 0 unless the job completed.
 
 Charging rules (``charged``):
 
@@ -37,21 +37,17 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipelines.registry import STAGES
 from serve.jobstore.models import Job, JobStatus, to_utc, utcnow
 
 if TYPE_CHECKING:
     from serve.config import StagesConfig
 
-#: The metered stages: the names used in ``Job.timings``, progress, spans and metric labels.
-METERED_STAGES: tuple[str, ...] = ("image_encode", "sampling", "decode", "video_encode")
 
-#: Metered stage -> its field of :class:`serve.config.StagesConfig` (where its GPU share is set).
-STAGE_CONFIG_KEYS: dict[str, str] = {
-    "image_encode": "image_encoder",
-    "sampling": "sampler",
-    "decode": "decoder",
-    "video_encode": "video_encoder",
-}
+def metered_stages() -> tuple[str, ...]:
+    """The metered stages: every registered stage, by the name used in ``Job.timings``, progress,
+    spans and metric labels."""
+    return STAGES.names()
 
 #: Error codes of failures caused by the client's input: such a failed job is charged for the GPU
 #: time it used. Every other code (``internal_error``, ``worker_lost``, ``abandoned``, unknown
@@ -109,9 +105,9 @@ class UsageSummary(BaseModel):
     charged: int = 0
     uncharged_failures: int = 0
     video_seconds: float = 0.0
-    gpu_seconds: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(METERED_STAGES, 0.0))
+    gpu_seconds: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(metered_stages(), 0.0))
     gpu_seconds_total: float = Field(default=0.0, description="fsum of every charged record's stage values.")
-    busy_seconds: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(METERED_STAGES, 0.0))
+    busy_seconds: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(metered_stages(), 0.0))
 
     @property
     def jobs(self) -> int:
@@ -124,8 +120,8 @@ class UsageSummary(BaseModel):
         charged = uncharged_failures = 0
         video: list[float] = []
         gpu_all: list[float] = []
-        gpu: dict[str, list[float]] = {stage: [] for stage in METERED_STAGES}
-        busy: dict[str, list[float]] = {stage: [] for stage in METERED_STAGES}
+        gpu: dict[str, list[float]] = {stage: [] for stage in metered_stages()}
+        busy: dict[str, list[float]] = {stage: [] for stage in metered_stages()}
         for rec in records:
             counts[rec.outcome] += 1
             if not rec.charged:
@@ -156,7 +152,7 @@ def gpu_share_from_config(stages: "StagesConfig") -> dict[str, float]:
     """Each metered stage's GPU share per replica (``ray_actor_options.num_gpus``), keyed by the
     :class:`~serve.config.StagesConfig` field: ``{"image_encoder": .., "sampler": .., "decoder": ..,
     "video_encoder": ..}``."""
-    return {key: float(getattr(stages, key).ray_actor_options.num_gpus) for key in STAGE_CONFIG_KEYS.values()}
+    return {spec.config_key: float(stages.for_stage(spec).ray_actor_options.num_gpus) for spec in STAGES.stages()}
 
 
 def is_charged(outcome: Outcome | str, error_code: str | None = None) -> bool:
@@ -177,20 +173,16 @@ def _seconds(value: Any) -> float:
 
 
 def _share(gpu_share: Mapping[str, float], stage: str) -> float:
-    for key in (STAGE_CONFIG_KEYS[stage], stage):
+    spec = STAGES.get(stage)
+    for key in (spec.config_key, stage):
         if key in gpu_share:
             return _seconds(gpu_share[key])
     return 0.0
 
 
 def _video_seconds(job: Job) -> float:
-    params = job.params
-    frames = _seconds(params.get("num_frames"))
-    fps = _seconds(params.get("output_fps")) or _seconds(params.get("fps"))
-    if frames and fps:
-        return frames / fps
-    # Params without frames or a rate: the encoder's own measurement, if the runner stored it.
-    return _seconds(job.metadata.get("video_seconds"))
+    """The delivered clip's playback length, as the final stage measured it."""
+    return _seconds(job.output.duration_s) if job.output is not None else 0.0
 
 
 def usage_record_for(job: Job, gpu_share: Mapping[str, float]) -> UsageRecord:
@@ -205,8 +197,8 @@ def usage_record_for(job: Job, gpu_share: Mapping[str, float]) -> UsageRecord:
         raise ValueError(f"job {job.id} is {job.status.value}: only finished jobs are metered")
     outcome = Outcome(job.status.value)
     error_code = job.error.code if job.error is not None and outcome is Outcome.FAILED else None
-    busy = {stage: _seconds(job.timings.get(stage)) for stage in METERED_STAGES}
-    gpu = {stage: busy[stage] * _share(gpu_share, stage) for stage in METERED_STAGES}
+    busy = {stage: _seconds(job.timings.get(stage)) for stage in metered_stages()}
+    gpu = {stage: busy[stage] * _share(gpu_share, stage) for stage in metered_stages()}
     return UsageRecord(
         job_id=job.id,
         tenant=job.tenant,

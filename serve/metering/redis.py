@@ -32,7 +32,8 @@ from collections.abc import Callable, Iterator
 
 import redis as redis_lib
 
-from serve.db.redis import check_key_prefix, connect_redis, ping_redis, redact_url, redis_errors, redis_key
+from pipelines.urls import redact_url
+from serve.db.redis import check_key_prefix, connect_redis, ping_redis, redis_errors, redis_key
 from serve.jobstore.models import dt_to_us
 from serve.metering.base import DEFAULT_USAGE_RETENTION_S, UsageLedger
 from serve.metering.models import UsageRecord

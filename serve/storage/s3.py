@@ -2,7 +2,9 @@
 
 Credentials are never configured here: boto3 finds them in the standard AWS environment
 variables, shared config, or the instance / workload identity (IRSA, EKS Pod Identity, ...).
-Nothing this module logs or raises contains a credential or a presigned URL.
+Nothing this module logs or raises contains a credential or a presigned URL. The client recipe
+and the reading of botocore errors are shared with the model weights mirror
+(:mod:`pipelines.s3client`); the :class:`StorageError` wording is this module's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from pipelines import s3client
 from serve.storage.base import (
     DEFAULT_CHUNK_SIZE,
     ObjectNotFound,
@@ -32,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["S3Storage", "content_disposition"]
 
-_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
 # Defence in depth: access key ids never reach a message even if a store echoes one.
 _ACCESS_KEY_RE = re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA)[A-Z0-9]{12,}\b")
@@ -92,31 +94,12 @@ class S3Storage(Storage):
         return self._client
 
     def _make_client(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        options: dict[str, Any] = {
-            "signature_version": "s3v4",
-            "retries": {"max_attempts": 5, "mode": "standard"},
-            "connect_timeout": 10,
-            "read_timeout": 60,
-            # S3-compatible stores need path-style (http://host/bucket/key) addressing.
-            "s3": {"addressing_style": "path" if self.config.endpoint_url else "auto"},
-        }
-        if self.config.endpoint_url:
-            # boto3 >= 1.36 adds CRC checksums to every upload by default; many S3-compatible
-            # stores reject them. Only send checksums where the S3 API requires one.
-            options["request_checksum_calculation"] = "when_required"
-            options["response_checksum_validation"] = "when_required"
         try:
-            cfg = Config(**options)
-        except TypeError:  # older botocore without the checksum options
-            options.pop("request_checksum_calculation", None)
-            options.pop("response_checksum_validation", None)
-            cfg = Config(**options)
-        try:
-            return boto3.session.Session().client(
-                "s3", region_name=self.config.region, endpoint_url=self.config.endpoint_url, config=cfg
+            return s3client.make_client(
+                endpoint_url=self.config.endpoint_url,
+                region=self.config.region,
+                max_attempts=5,
+                read_timeout=60,
             )
         except Exception as exc:  # e.g. a malformed endpoint_url
             raise StorageError(f"S3: cannot create a client for bucket {self.bucket}: {_one_line(exc)}") from exc
@@ -128,15 +111,11 @@ class S3Storage(Storage):
         return f"s3://{self.bucket}/{self._full(key)}" if key is not None else f"s3://{self.bucket}"
 
     def _error(self, op: str, key: str | None, exc: Exception) -> StorageError:
-        from botocore.exceptions import ClientError
-
-        if isinstance(exc, ClientError):
-            err = exc.response.get("Error", {}) or {}
-            code = str(err.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
-            if code == "NoSuchBucket":
-                detail = "NoSuchBucket: the bucket does not exist"
-            else:
-                detail = f"{code}: {err.get('Message') or 'no message'}"
+        failure = s3client.classify(exc)
+        if failure.kind == "no_such_bucket":
+            detail = "NoSuchBucket: the bucket does not exist"
+        elif failure.answered:
+            detail = f"{failure.code or failure.status or '?'}: {failure.message or 'no message'}"
         else:
             detail = f"{type(exc).__name__}: {exc}"
         return StorageError(_one_line(f"S3 {op} failed for {self._where(key)}: {detail}", 500))
@@ -149,8 +128,8 @@ class S3Storage(Storage):
         try:
             return fn(Bucket=self.bucket, **kwargs)
         except ClientError as exc:
-            code = str((exc.response.get("Error") or {}).get("Code", ""))
-            if reads and key is not None and code in _NOT_FOUND_CODES:
+            code = s3client.classify(exc).code
+            if reads and key is not None and code in s3client.NOT_FOUND_CODES:
                 if code != "NoSuchKey":
                     # HEAD answers a bare 404 for a missing bucket too: tell them apart (once).
                     self._check_bucket(op, key)
@@ -167,8 +146,7 @@ class S3Storage(Storage):
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
-            code = str((exc.response.get("Error") or {}).get("Code", ""))
-            if code in ("404", "NoSuchBucket", "NotFound"):
+            if s3client.classify(exc).code in ("404", "NoSuchBucket", "NotFound"):
                 raise StorageError(
                     f"S3 {op} failed for {self._where(key)}: NoSuchBucket: the bucket does not exist"
                 ) from None

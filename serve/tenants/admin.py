@@ -12,6 +12,9 @@ the key's SHA-256 hash (and the webhook secret, which signing needs). ``list`` n
 or a secret. Every command edits the tenants file (``--file``, default ``$SVD_SERVE_TENANTS_FILE``
 or ``./data/tenants.yaml``) under a lock and replaces it atomically; running services pick the
 change up within a second, without a restart. Failures print one line and exit non-zero.
+
+This module holds the commands and what they print; the policy options are
+:mod:`serve.tenants.options`, and the changes to the file :mod:`serve.tenants.edits`.
 """
 
 from __future__ import annotations
@@ -19,113 +22,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from typing import Any
 
+from pipelines.errors import SVDServeError
+
+from . import edits
+from .file import load_tenants_file, read_tenants
+from .options import add_policy_options, fail, policy_changes, policy_resets
+from .policy import TenantPolicy
+
 TENANTS_FILE_ENV = "SVD_SERVE_TENANTS_FILE"
 DEFAULT_TENANTS_FILE = "./data/tenants.yaml"
-
-#: (option, policy field, kind, help). kind: "float", "int", "float?"/"int?" (accept "none"), "duration?".
-POLICY_OPTIONS: list[tuple[str, str, str, str]] = [
-    ("--weight", "weight", "float", "fair-share weight when tenants compete for the GPUs (default 1)"),
-    ("--rate-limit", "rate_limit_per_minute", "float?",
-     "submissions per minute, shared by all ingress replicas; 'none' for no limit (default 150)"),
-    ("--burst", "burst", "int", "submissions allowed back to back before the rate applies (default 20)"),
-    ("--max-running", "max_running_jobs", "int?", "jobs generating at once; more wait queued (default 4)"),
-    ("--max-queued", "max_queued_jobs", "int?", "jobs waiting in the queue; more get 429 queue_full (default 100)"),
-    ("--max-frames", "max_num_frames", "int?", "most frames per clip; more get 422 (default: none)"),
-    ("--max-pixels", "max_pixels", "int?", "most width x height per frame; more get 422 (default: none)"),
-    ("--max-long-side", "max_long_side", "int?", "largest width or height; more get 422 (default: none)"),
-    ("--max-steps", "max_inference_steps", "int?", "most num_inference_steps; more get 422 (default: none)"),
-    ("--retention", "retention_s", "duration?",
-     "how long finished jobs and clips are kept: seconds or 90m, 12h, 7d (default: the service's)"),
-]
-OPTION_OF = {field: option for option, field, _, _ in POLICY_OPTIONS}
-OPTION_OF["allowed_models"] = "--allowed-model"
-
-
-def _fail(message: str):
-    from .tenants import TenantsFileError
-
-    raise TenantsFileError(message)
-
 
 # -- argument parsing -----------------------------------------------------------------------------
 
 
 def _tenants_file(args: argparse.Namespace) -> str:
     return args.file or os.environ.get(TENANTS_FILE_ENV) or DEFAULT_TENANTS_FILE
-
-
-def _convert(option: str, kind: str, raw: str) -> Any:
-    """Option text -> value. Done here rather than by argparse so a bad value is one line."""
-    text = raw.strip()
-    if kind.endswith("?") and text.lower() in {"none", "unlimited", "off"}:
-        return None
-    base = kind.rstrip("?")
-    try:
-        if base == "int":
-            return int(text)
-        if base == "float":
-            return float(text)
-        if base == "duration":
-            match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.lower())
-            if not match:
-                raise ValueError
-            return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    except ValueError:
-        pass
-    expected = {"int": "a whole number", "float": "a number", "duration": "seconds or a duration such as 12h or 7d"}
-    suffix = " or 'none'" if kind.endswith("?") else ""
-    _fail(f"{option} {raw!r}: expected {expected[base]}{suffix}")
-
-
-def _policy_changes(args: argparse.Namespace) -> dict[str, Any]:
-    """The policy settings given on the command line, validated on their own (one line per error,
-    naming the option)."""
-    from pydantic import ValidationError
-
-    from .tenants import TenantPolicy
-
-    changes: dict[str, Any] = {}
-    for option, field, kind, _ in POLICY_OPTIONS:
-        raw = getattr(args, field, None)
-        if raw is not None:
-            changes[field] = _convert(option, kind, raw)
-    if getattr(args, "any_model", False):
-        if args.allowed_models:
-            _fail("give either --allowed-model or --any-model, not both")
-        changes["allowed_models"] = []
-    elif getattr(args, "allowed_models", None):
-        changes["allowed_models"] = list(args.allowed_models)
-    try:
-        TenantPolicy.model_validate(changes)
-    except ValidationError as error:
-        problems = []
-        for item in error.errors(include_url=False, include_input=False):
-            loc = item.get("loc") or ()
-            message = str(item["msg"]).removeprefix("Value error, ")
-            if loc:
-                problems.append(f"{OPTION_OF.get(str(loc[0]), str(loc[0]))}: {message}")
-            else:
-                problems.append(message)
-        _fail("; ".join(problems))
-    return changes
-
-
-def _resets(args: argparse.Namespace) -> list[str]:
-    from .tenants import TenantPolicy
-
-    names = []
-    for raw in getattr(args, "reset", None) or []:
-        name = raw.strip().lstrip("-").replace("-", "_")
-        by_option = {option.lstrip("-").replace("-", "_"): field for field, option in OPTION_OF.items()}
-        name = by_option.get(name, name)
-        if name not in TenantPolicy.model_fields:
-            _fail(f"--reset {raw}: not a policy setting (one of: {', '.join(TenantPolicy.model_fields)})")
-        names.append(name)
-    return names
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -173,16 +87,12 @@ def _print_credentials(issued: Any, *, as_json: bool, header: str, footer: str |
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from .tenants import create_tenant
-
-    issued = create_tenant(_tenants_file(args), args.name, policy=_policy_changes(args))
+    issued = edits.create_tenant(_tenants_file(args), args.name, policy=policy_changes(args))
     _print_credentials(issued, as_json=args.json, header=f"added tenant {args.name}")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .tenants import TenantPolicy, load_tenants_file
-
     document = load_tenants_file(_tenants_file(args))
     defaults = TenantPolicy.model_validate(document.defaults)
     if args.json:
@@ -208,30 +118,26 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    from .tenants import read_tenants, remove_tenant, revoke_key
-
     path = _tenants_file(args)
     if args.key_hash:
-        revoked = revoke_key(path, args.name, args.key_hash)
+        revoked = edits.revoke_key(path, args.name, args.key_hash)
         left = len(read_tenants(path)[args.name].key_hashes)
         print(f"revoked key {revoked} of tenant {args.name} ({left} key{'s' if left != 1 else ''} left)")
     else:
-        remove_tenant(path, args.name)
+        edits.remove_tenant(path, args.name)
         print(f"removed tenant {args.name}: its keys no longer work; its jobs stay until their retention ends")
     return 0
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    from .tenants import rotate_key, rotate_webhook_secret
-
     path = _tenants_file(args)
     if args.webhook_secret:
         if args.keep_old:
-            _fail("--keep-old applies to API keys, not to --webhook-secret")
-        issued = rotate_webhook_secret(path, args.name)
+            fail("--keep-old applies to API keys, not to --webhook-secret")
+        issued = edits.rotate_webhook_secret(path, args.name)
         _print_credentials(issued, as_json=args.json, header=f"new webhook secret of tenant {args.name}")
         return 0
-    issued = rotate_key(path, args.name, keep_old=args.keep_old)
+    issued = edits.rotate_key(path, args.name, keep_old=args.keep_old)
     footer = None
     if args.keep_old:
         footer = (f"The old key(s) still work: revoke them with "
@@ -242,23 +148,19 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    from .tenants import update_policy
-
-    changes, resets = _policy_changes(args), _resets(args)
+    changes, resets = policy_changes(args), policy_resets(args)
     if not changes and not resets:
-        _fail("nothing to change: give a policy option (see --help) or --reset SETTING")
-    tenant = update_policy(_tenants_file(args), args.name, changes, reset=resets)
+        fail("nothing to change: give a policy option (see --help) or --reset SETTING")
+    tenant = edits.update_policy(_tenants_file(args), args.name, changes, reset=resets)
     print(f"updated tenant {args.name}: {_policy_line(tenant.policy, tenant.policy_overrides)}")
     return 0
 
 
 def cmd_defaults(args: argparse.Namespace) -> int:
-    from .tenants import TenantPolicy, load_tenants_file, update_defaults
-
     path = _tenants_file(args)
-    changes, resets = _policy_changes(args), _resets(args)
+    changes, resets = policy_changes(args), policy_resets(args)
     if changes or resets:
-        defaults = update_defaults(path, changes, reset=resets)
+        defaults = edits.update_defaults(path, changes, reset=resets)
         print(f"updated defaults: {_policy_line(TenantPolicy.model_validate(defaults))}")
     else:
         defaults = load_tenants_file(path).defaults
@@ -267,20 +169,6 @@ def cmd_defaults(args: argparse.Namespace) -> int:
 
 
 # -- registration ---------------------------------------------------------------------------------
-
-
-def _add_policy_options(parser: argparse.ArgumentParser, *, resettable: bool) -> None:
-    group = parser.add_argument_group("policy (see docs/tenants.md)")
-    for option, field, _, text in POLICY_OPTIONS:
-        group.add_argument(option, dest=field, metavar="VALUE", default=None, help=text)
-    group.add_argument("--allowed-model", dest="allowed_models", action="append", metavar="SOURCE", default=None,
-                       help="a model source this tenant may use (repeat; globs such as 'stabilityai/*' work); "
-                            "replaces the list (default: any model)")
-    group.add_argument("--any-model", action="store_true", help="allow any model (clears --allowed-model)")
-    if resettable:
-        group.add_argument("--reset", action="append", metavar="SETTING", default=None,
-                           help="drop this tenant's own value of a setting (e.g. burst or max-running), "
-                                "falling back to the defaults; repeatable")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -300,7 +188,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                                              "secret once")
     add.add_argument("name", help="tenant name: 1-64 letters, digits, '_', '.' or '-'")
     add.add_argument("--json", action="store_true", help="print the credentials as one JSON object")
-    _add_policy_options(add, resettable=False)
+    add_policy_options(add, resettable=False)
     add.set_defaults(handler=cmd_add)
 
     show = commands.add_parser("list", parents=[common], help="tenants, their key counts and policies "
@@ -327,20 +215,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     change = commands.add_parser("set", parents=[common], help="change a tenant's policy")
     change.add_argument("name", help="tenant name")
-    _add_policy_options(change, resettable=True)
+    add_policy_options(change, resettable=True)
     change.set_defaults(handler=cmd_set)
 
     defaults = commands.add_parser("defaults", parents=[common],
                                    help="show, or change, the policy defaults every tenant inherits")
-    _add_policy_options(defaults, resettable=True)
+    add_policy_options(defaults, resettable=True)
     defaults.set_defaults(handler=cmd_defaults)
     return tenants
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m serve.tenants_cli``); ``svd-serve tenants`` is the usual one."""
-    from pipelines.errors import SVDServeError
-
+    """Standalone entry (``python -m serve.tenants.admin``); ``svd-serve tenants`` is the usual one."""
     parser = argparse.ArgumentParser(prog="svd-serve")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

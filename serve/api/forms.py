@@ -1,0 +1,165 @@
+"""Multipart submits of ``POST /v1/videos``: the form read into the same model as a JSON body.
+
+The image is the file field ``image``. Every generation parameter may be its own text field
+(``-F seed=5 -F cond_aug=0.1 -F output_format=webm``), sit in the ``params`` field as a JSON
+object, or both; ``webhook_url`` and ``webhook_events`` (comma-separated) complete the form.
+Nothing is dropped: an unknown field, a repeated field, or a parameter given twice (flat and in
+``params``, or by name and by alias) is a 422 naming it.
+
+Form values are strings. Pydantic first coerces them to each field's type with a model that
+has GenerationParams' fields and aliases but none of its constraints; GenerationParams then
+validates the merged parameters, so errors read as for JSON (``motion_bucket_id: 300 is out of
+range (allowed: 1 to 255)``, not ``'300'``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ConfigDict, Field, create_model
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from pipelines.errors import InvalidInputError
+from pipelines.params import GenerationParams
+
+from .errors import APIError
+
+IMAGE_FIELD, PARAMS_FIELD, WEBHOOK_URL_FIELD, WEBHOOK_EVENTS_FIELD = "image", "params", "webhook_url", "webhook_events"
+ROUTE_FIELDS = (IMAGE_FIELD, PARAMS_FIELD, WEBHOOK_URL_FIELD, WEBHOOK_EVENTS_FIELD)
+#: The most fields a form can need: one per generation parameter plus the route's own.
+MAX_FORM_FIELDS = len(GenerationParams.model_fields) + len(ROUTE_FIELDS)
+
+#: A parameter's name or alias -> its field name.
+_PARAMETER_NAMES = {
+    **{name: name for name in GenerationParams.model_fields},
+    **{field.alias: name for name, field in GenerationParams.model_fields.items() if field.alias},
+}
+
+#: GenerationParams' fields and aliases with their types only: coerces form strings, checks no range.
+_FormValues = create_model(
+    "GenerationFormValues",
+    __config__=ConfigDict(extra="forbid", populate_by_name=True),
+    **{name: (field.annotation, Field(default=None, alias=field.alias))
+       for name, field in GenerationParams.model_fields.items()},
+)
+
+
+@dataclass(frozen=True)
+class SubmitForm:
+    image: bytes
+    params: GenerationParams
+    webhook_url: str | None
+    webhook_events: list[str]
+
+
+async def read_submit_form(request: Request, *, max_image_bytes: int) -> SubmitForm:
+    """The image (at most ``max_image_bytes`` + 1 bytes read, so the caller sees it is too large),
+    the validated parameters and the webhook settings of a multipart submit."""
+    fields = _single_values(await _parse_form(request))
+    upload = fields.pop(IMAGE_FIELD, None)
+    if not isinstance(upload, UploadFile):
+        raise InvalidInputError("multipart upload: send the image as a file field named 'image'")
+    texts: dict[str, str] = {}
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            raise InvalidInputError(f"multipart upload: {name}: send a text field, not a file")
+        texts[name] = value
+    flat = {name: value for name, value in texts.items() if name not in ROUTE_FIELDS}
+    params = _form_params(flat, parse_params_field(texts.get(PARAMS_FIELD)))
+    events = texts.get(WEBHOOK_EVENTS_FIELD) or ""
+    return SubmitForm(
+        image=await upload.read(max_image_bytes + 1),
+        params=params,
+        webhook_url=texts.get(WEBHOOK_URL_FIELD) or None,
+        webhook_events=[event.strip() for event in events.split(",") if event.strip()],
+    )
+
+
+async def _parse_form(request: Request) -> FormData:
+    """The form, with the parser's refusals (starlette's plain 400s) as API errors."""
+    try:
+        return await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
+    except HTTPException as error:
+        detail = str(error.detail)
+        if detail.startswith("Too many fields"):
+            raise APIError(422, "too_many_fields",
+                           f"multipart upload: more than {MAX_FORM_FIELDS} form fields (the image, params, "
+                           "webhook_url, webhook_events and one per generation parameter)") from None
+        if detail.startswith("Too many files"):
+            raise InvalidInputError("multipart upload: send one file, the image") from None
+        raise InvalidInputError(f"multipart upload: {detail}") from None
+
+
+def _single_values(form: FormData) -> dict[str, UploadFile | str]:
+    values: dict[str, UploadFile | str] = {}
+    for name, value in form.multi_items():
+        if name in values:
+            raise APIError(422, "invalid_parameter", f"{name}: given more than once; send each form field once")
+        values[name] = value
+    return values
+
+
+def parse_params_field(raw: str | None) -> dict[str, Any]:
+    """The ``params`` form field of a multipart upload: a JSON object of generation parameters."""
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise InvalidInputError(f"params: not valid JSON ({error.msg} at position {error.pos})") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError("params: must be a JSON object of generation parameters")
+    return value
+
+
+def _form_params(flat: dict[str, str], nested: dict[str, Any]) -> GenerationParams:
+    """Flat form fields plus the ``params`` object, each parameter given once, validated as JSON is.
+    A pydantic ValidationError is left to the API's handler (one line naming each field)."""
+    _reject_given_twice(flat, nested)
+    typed = _FormValues.model_validate(flat)
+    coerced = {name: getattr(typed, _PARAMETER_NAMES[name]) for name in flat}  # keyed as the client spelled them
+    return GenerationParams.model_validate({**nested, **coerced})
+
+
+def _reject_given_twice(flat: dict[str, str], nested: dict[str, Any]) -> None:
+    seen: dict[str, str] = {}
+    places = [(name, f"form field '{name}'") for name in flat] + [(name, f"'{name}' in params") for name in nested]
+    for name, place in places:
+        field = _PARAMETER_NAMES.get(name)
+        if field is None:
+            continue  # unknown: named by validation
+        if field in seen:
+            raise APIError(422, "invalid_parameter", f"{field}: given twice ({seen[field]} and {place}); give it once")
+        seen[field] = place
+
+
+def multipart_schema() -> dict[str, Any]:
+    """The multipart request body as /docs shows it: the image, every generation parameter as its
+    own field (from GenerationParams' JSON schema, references inlined), params and the webhook fields."""
+    schema = GenerationParams.model_json_schema()
+    defs = schema.get("$defs", {})
+    return {"type": "object", "required": [IMAGE_FIELD], "additionalProperties": False, "properties": {
+        IMAGE_FIELD: {"type": "string", "format": "binary", "description": "The conditioning image."},
+        **{name: _inline_refs(prop, defs) for name, prop in schema["properties"].items()},
+        PARAMS_FIELD: {"type": "string", "description": "JSON object of generation parameters, instead of or "
+                                                         "besides the fields above (each parameter once)"},
+        WEBHOOK_URL_FIELD: {"type": "string", "description": "Called with the job when it ends (docs/webhooks.md)."},
+        WEBHOOK_EVENTS_FIELD: {"type": "string", "description": "comma-separated, e.g. progress"},
+    }}
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    """``node`` with each ``#/$defs/...`` reference replaced by its definition (OpenAPI has no ``$defs``)."""
+    if isinstance(node, list):
+        return [_inline_refs(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref", "")
+    if ref.startswith("#/$defs/"):
+        rest = {key: value for key, value in node.items() if key != "$ref"}
+        return _inline_refs({**defs[ref.removeprefix("#/$defs/")], **rest}, defs)
+    return {key: _inline_refs(value, defs) for key, value in node.items()}

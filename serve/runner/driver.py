@@ -1,0 +1,149 @@
+"""The job driver: one claimed job through its route of stages, to a terminal state.
+
+Stage calls are chained as ``DeploymentResponse``s, so payloads go from replica to replica through
+Ray's object store and never through here. A stage that reports steps (the Sampler) is called as a
+stream: its :class:`~serve.context.StepReport`s arrive as the steps end, and the driver writes them
+to the job store at a bounded rate (the first and last step at once) and sends progress webhooks.
+The last stage's :class:`~serve.context.StageOutput` carries every stage's timing and the stored
+clip, which completes the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from pipelines.params import GenerationParams
+from pipelines.registry import FINAL_VALUE, SOURCE_VALUE
+from pipelines.registry import STAGES as STAGE_REGISTRY
+from pipelines.registry import StageSpec
+
+from ..config import AppConfig
+from ..context import JobContext, StageOutput, StepReport, StoredVideo
+from ..jobstore import Job, JobOutput, JobStore
+from ..lifecycle import JobLifecycle
+from ..telemetry import current_carrier, log_extra, span_from_carrier
+from .failures import cause_of, classify
+
+logger = logging.getLogger("ray.serve.svd_serve")
+
+#: Least seconds between two progress writes of one job (the first and last step are always written).
+PROGRESS_WRITE_INTERVAL_S = 0.25
+
+
+class JobDriver:
+    def __init__(self, config: AppConfig, *, store: JobStore, lifecycle: JobLifecycle,
+                 stages: dict[str, DeploymentHandle], owner: str) -> None:
+        self.config, self.store, self.lifecycle, self.stages, self.owner = config, store, lifecycle, stages, owner
+
+    async def run(self, job: Job) -> None:
+        """Drive ``job`` (claimed by ``owner``) until it completes, fails, is cancelled or is handed
+        back for a retry. Raises only CancelledError (lease lost or shutdown)."""
+        with span_from_carrier("job", job.trace_context, **{"svd.job_id": job.id, "svd.tenant": job.tenant,
+                                                            "svd.attempt": job.attempts}):
+            ctx = JobContext(job_id=job.id, tenant=job.tenant, trace=current_carrier(), output_key=job.output_key)
+            start = time.perf_counter()
+            try:
+                final = await self._through_route(job, ctx)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as error:  # noqa: BLE001 - classified
+                if await asyncio.to_thread(self._settle_failure, job, error):
+                    await self.lifecycle.ended(job.id)
+                return
+            seconds = time.perf_counter() - start
+            await asyncio.to_thread(self.store.complete, job.id, owner=self.owner, output=_job_output(job, final.value),
+                                    timings={**final.timings, "total": seconds})
+        await self.lifecycle.ended(job.id)
+        logger.info("job completed in %.2fs", seconds, extra=log_extra(job.id, tenant=job.tenant))
+
+    def route_of(self, job: Job) -> tuple[StageSpec, ...]:
+        if job.route:
+            return tuple(STAGE_REGISTRY.get(name) for name in job.route)
+        return STAGE_REGISTRY.route(GenerationParams.model_validate(job.params))
+
+    async def _through_route(self, job: Job, ctx: JobContext) -> StageOutput:
+        values: dict[str, Any] = {SOURCE_VALUE: job.input_key}
+        calls: list[Any] = []
+        progress = ProgressReporter(self, job)
+        announce_next = False
+        try:
+            for spec in self.route_of(job):
+                args = [values[name] for name in spec.inputs]
+                handle = self.stages[spec.name]
+                if spec.reports_steps:
+                    stream = handle.options(stream=True).run_streaming.remote(ctx, *args, params=job.params)
+                    calls.append(stream)
+                    async for item in stream:
+                        if isinstance(item, StepReport):
+                            await progress.step(item)
+                        else:
+                            values[spec.output] = item
+                    announce_next = True
+                else:
+                    response = handle.run.remote(ctx, *args, params=job.params)
+                    calls.append(response)
+                    values[spec.output] = response
+                    if announce_next:  # after submitting: the write is off the critical path
+                        announce_next = False
+                        await progress.stage(spec.name)
+            final = values[FINAL_VALUE]
+            return await final if isinstance(final, DeploymentResponse) else final
+        except asyncio.CancelledError:
+            for call in calls:
+                call.cancel()
+            raise
+
+    def _settle_failure(self, job: Job, error: BaseException) -> bool:
+        """Record how a job that raised ends; True if it reached a terminal state."""
+        verdict = classify(error, cancel_requested=self.store.is_cancel_requested(job.id), attempts=job.attempts,
+                           max_attempts=self.config.job_store.max_attempts)
+        if verdict.action == "cancel":
+            logger.info("job cancelled", extra=log_extra(job.id))
+            return self.store.mark_cancelled(job.id, owner=self.owner)
+        if verdict.action == "retry":
+            logger.warning("stage worker lost (%s); the job goes back to the queue", type(cause_of(error)).__name__,
+                           extra=log_extra(job.id))
+            self.store.release(job.id, owner=self.owner, count_attempt=True)
+            return False
+        if verdict.internal:
+            logger.error("job failed: %r", cause_of(error), extra=log_extra(job.id), exc_info=cause_of(error))
+        return self.store.fail(job.id, owner=self.owner, error=verdict.error)
+
+
+class ProgressReporter:
+    """Writes one job's progress to the store at a bounded rate and sends its progress webhooks."""
+
+    def __init__(self, driver: JobDriver, job: Job) -> None:
+        self.driver, self.job = driver, job
+        self.last_write = 0.0
+
+    async def stage(self, name: str) -> None:
+        await self._write(stage=name)
+
+    async def step(self, report: StepReport) -> None:
+        now = time.monotonic()
+        first_or_last = report.step <= 1 or report.step == report.total
+        if not first_or_last and now - self.last_write < PROGRESS_WRITE_INTERVAL_S:
+            return
+        self.last_write = now
+        await self._write(stage=report.stage, step=report.step, total_steps=report.total, reported_at=report.at)
+
+    async def _write(self, **progress: Any) -> None:
+        driver, job = self.driver, self.job
+        written = await asyncio.to_thread(driver.store.update_progress, job.id, owner=driver.owner, **progress)
+        if written and driver.lifecycle.wants_progress_event(job):
+            fresh = await asyncio.to_thread(driver.store.get, job.id, tenant=None)
+            if fresh is not None:
+                driver.lifecycle.progressed(fresh)
+
+
+def _job_output(job: Job, stored: StoredVideo) -> JobOutput:
+    extension = job.output_key.rsplit(".", 1)[-1]
+    return JobOutput(key=stored.key, content_type=stored.content_type, file_name=f"{job.id}.{extension}",
+                     file_size=stored.file_size, num_frames=stored.num_frames, fps=stored.fps, width=stored.width,
+                     height=stored.height, duration_s=stored.duration_s)

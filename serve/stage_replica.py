@@ -1,0 +1,155 @@
+"""One Ray Serve deployment class for every registered pipeline stage.
+
+``build_app`` binds :class:`StageReplica` once per entry of :data:`pipelines.registry.STAGES`, under
+the stage's deployment name and options. A replica loads only the components its stage declares,
+once, and runs the stage in a worker thread so health checks and new requests stay responsive.
+
+Replicas do not write the job store: each returns a :class:`~serve.context.StageOutput` carrying
+its value and the timings so far, and the driver records them. A stage that reports steps is
+called as a stream and yields :class:`~serve.context.StepReport`s as the steps end, then its
+output. The source value (the conditioning image) arrives as a storage key and is read here; the
+final value (the clip) is written to output storage here, so the driver never handles payloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from pipelines.images import decode_image_bytes
+from pipelines.loader import load_components
+from pipelines.params import GenerationParams
+from pipelines import registry
+from pipelines.registry import FINAL_VALUE, SOURCE_VALUE
+from pipelines.stages import EncodedVideo, to_host
+
+from .config import AppConfig
+from .context import JobContext, StageOutput, StepReport, StoredVideo
+from .jobstore import make_job_store
+from .storage import make_storage
+from .telemetry import log_extra, metrics, set_torch_threads, setup_tracing, span_from_carrier
+
+logger = logging.getLogger("ray.serve.svd_serve")
+
+
+@serve.deployment(logging_config={"encoding": "JSON"})
+class StageReplica:
+    def __init__(self, config: dict[str, Any], stage: str) -> None:
+        self.config = AppConfig.model_validate(config)  # imports stage_modules: the registry matches the driver's
+        # Through the module: Serve pickles this class by value, and the registry (a module
+        # singleton that stage_modules extend in this process) must not be copied along.
+        self.spec = registry.STAGES.get(stage)
+        set_torch_threads(self.config.stages.for_stage(self.spec).resolved_torch_threads())
+        setup_tracing(self.config.tracing)
+        self.store = make_job_store(self.config.job_store)  # cancel checks and health
+        needs_storage = SOURCE_VALUE in self.spec.inputs or self.spec.output == FINAL_VALUE
+        self.storage = make_storage(self.config.storage) if needs_storage else None
+        parts = load_components(self.config.model, self.spec.components) if self.spec.components else {}
+        self.stage = self.spec.build(parts)
+
+    # -- calls from the driver ------------------------------------------------------------------
+
+    async def run(self, ctx: JobContext, *inputs: Any, params: dict[str, Any]) -> StageOutput:
+        """Run the stage on its inputs (earlier StageOutputs, or the stored image's key)."""
+        values, timings = self._unwrap(inputs)
+        with self._span(ctx):
+            start = time.perf_counter()
+            value = await asyncio.to_thread(self._call, values, GenerationParams.model_validate(params), {})
+            return await self._finish(ctx, value, timings, time.perf_counter() - start)
+
+    async def run_streaming(self, ctx: JobContext, *inputs: Any, params: dict[str, Any]
+                            ) -> AsyncIterator[StepReport | StageOutput]:
+        """Like :meth:`run` for a stage that reports steps: yields a StepReport when it starts
+        and after each step, then the StageOutput."""
+        values, timings = self._unwrap(inputs)
+        loop = asyncio.get_running_loop()
+        reports: asyncio.Queue[StepReport] = asyncio.Queue()
+
+        def on_step(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(reports.put_nowait, StepReport(self.spec.name, done, total, time.time()))
+
+        stopped = threading.Event()  # the driver went away (lease lost, shutdown): stop at the next step
+        hooks = {"on_step": on_step,
+                 "should_cancel": lambda: stopped.is_set() or self.store.is_cancel_requested(ctx.job_id)}
+        with self._span(ctx):
+            yield StepReport(self.spec.name, 0, GenerationParams.model_validate(params).num_inference_steps, time.time())
+            start = time.perf_counter()
+            work = asyncio.ensure_future(asyncio.to_thread(self._call, values,
+                                                           GenerationParams.model_validate(params), hooks))
+            try:
+                while not work.done() or not reports.empty():
+                    getter = asyncio.ensure_future(reports.get())
+                    await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield getter.result()
+                    else:
+                        getter.cancel()
+                value = work.result()
+            finally:
+                stopped.set()
+            yield await self._finish(ctx, value, timings, time.perf_counter() - start)
+
+    async def info(self) -> dict[str, Any]:
+        """The loaded model's defaults (on the stage that describes the model)."""
+        return {"stage": self.spec.name, "model": self.config.model.source,
+                "num_frames": int(getattr(self.stage, "default_num_frames", 0))}
+
+    async def replica_info(self) -> dict[str, Any]:
+        """Where this replica runs and what it holds (for operators and placement tests)."""
+        import ray
+        import torch
+
+        context = ray.get_runtime_context()
+        return {"stage": self.spec.name, "node_id": context.get_node_id(),
+                "resources": context.get_assigned_resources(), "torch_threads": torch.get_num_threads()}
+
+    async def check_health(self) -> None:
+        # The model loads in __init__ (a replica that cannot load never becomes healthy); what can
+        # break later is the job store the cancel checks read.
+        if not await asyncio.to_thread(self.store.ping):
+            raise RuntimeError(f"{self.spec.name} replica cannot reach the job store")
+
+    # -- inside -----------------------------------------------------------------------------------
+
+    def _span(self, ctx: JobContext):
+        return span_from_carrier(self.spec.name, ctx.trace, **{"svd.job_id": ctx.job_id, "svd.tenant": ctx.tenant})
+
+    @staticmethod
+    def _unwrap(inputs: tuple[Any, ...]) -> tuple[list[Any], dict[str, float]]:
+        values, timings = [], {}
+        for item in inputs:
+            if isinstance(item, StageOutput):
+                timings.update(item.timings)
+                item = item.value
+            values.append(item)
+        return values, timings
+
+    def _call(self, values: list[Any], params: GenerationParams, hooks: dict[str, Any]) -> Any:
+        values = [self._read_source(v) if name == SOURCE_VALUE else v for name, v in zip(self.spec.inputs, values)]
+        return to_host(self.stage(*values, params, **hooks))
+
+    def _read_source(self, input_key: str):
+        return decode_image_bytes(self.storage.get(input_key), name="the stored input image")
+
+    async def _finish(self, ctx: JobContext, value: Any, timings: dict[str, float], seconds: float) -> StageOutput:
+        timings = {**timings, self.spec.name: seconds}
+        recorder = metrics()
+        if recorder is not None:
+            recorder.stage_seconds.observe(seconds, tags={"stage": self.spec.name})
+        logger.info("%s done in %.3fs", self.spec.name, seconds, extra=log_extra(ctx.job_id, stage=self.spec.name))
+        if self.spec.output == FINAL_VALUE and isinstance(value, EncodedVideo):
+            value = await asyncio.to_thread(self._store, ctx, value, timings)
+        return StageOutput(value=value, timings=timings)
+
+    def _store(self, ctx: JobContext, video: EncodedVideo, timings: dict[str, float]) -> StoredVideo:
+        with span_from_carrier("store", ctx.trace, **{"svd.job_id": ctx.job_id}):
+            start = time.perf_counter()
+            stored = self.storage.put(ctx.output_key, video.data, content_type=video.content_type)
+            timings["store"] = time.perf_counter() - start
+        return StoredVideo(key=stored.key, content_type=video.content_type, file_size=stored.size,
+                           num_frames=video.num_frames, fps=video.fps, width=video.width, height=video.height)
