@@ -159,7 +159,10 @@ def follow_events(base_url: str, headers: dict, job_id: str) -> dict:
                 continue
             view, arrived = json.loads(line[6:]), time.time()
             progress = view["progress"]
-            if "first_step" not in out and progress["stage"] == "sampling" and progress["step"] >= 1:
+            # The first event that shows a finished sampling step, or anything after one.
+            past_step_one = (progress["stage"] == "sampling" and progress["step"] >= 1) or (
+                progress["stage"] not in (None, "image_encode", "sampling"))
+            if "first_step" not in out and past_step_one:
                 out["first_step"] = (arrived, progress)
             if view["status"] in TERMINAL:
                 out["final"] = view
@@ -205,7 +208,7 @@ def http_latencies(base_url: str, key: str, jobs: int, db_path: Path) -> dict[st
                 if watcher.first_step_at is not None:
                     out["first_progress_row"].append(arrived - watcher.first_step_at)
                 reported = progress.get("updated_at")
-                if reported and progress["step"] == 1:
+                if reported and progress["stage"] == "sampling" and progress["step"] == 1:
                     out["first_progress"].append(arrived - datetime.fromisoformat(reported).timestamp())
                 elif watcher.first_step_at is not None:
                     out["first_progress"].append(arrived - watcher.first_step_at)

@@ -26,11 +26,16 @@ from typing import Sequence
 
 import yaml
 
+from pipelines.registry import STAGES
+
 from .profile import Profile
+from .session import execute, finish, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 420.0
 STOP_TIMEOUT_S = 90.0
+#: The stage that autoscales (1-2 replicas) in the default local config, so scaling shows in the report.
+SCALED_STAGE = "sampling"
 
 
 def free_port() -> int:
@@ -41,19 +46,17 @@ def free_port() -> int:
 
 def local_serve_config(data_dir: Path, model_dir: Path) -> dict:
     """Tiny CPU model, local storage and SQLite under ``data_dir``, Sampler autoscaling 1-2."""
+    stages = {spec.config_key: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}} for spec in STAGES.stages()}
+    stages[STAGES.get(SCALED_STAGE).config_key] = {
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                        "upscale_delay_s": 3, "downscale_delay_s": 20},
+        "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 1}}
     return {
         "model": {"source": str(model_dir), "dtype": "fp32", "device": "cpu"},
         "storage": {"backend": "local", "local_dir": str(data_dir / "outputs")},
         "job_store": {"backend": "sqlite", "sqlite_path": str(data_dir / "jobs.sqlite3")},
         "auth": {"tenants_file": str(data_dir / "tenants.yaml")},
-        "stages": {
-            "sampler": {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                                        "upscale_delay_s": 3, "downscale_delay_s": 20},
-                        "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 1}},
-            "image_encoder": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
-            "decoder": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
-            "video_encoder": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
-        },
+        "stages": stages,
     }
 
 
@@ -209,8 +212,6 @@ def prepare_data_dir(profile: Profile, data_dir: Path, *, serve_config: str | No
 
 
 def run_local(profile: Profile, *, out: Path, args: argparse.Namespace, command: str) -> int:
-    from .run import execute, finish
-
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(tempfile.mkdtemp(prefix="svd-loadtest-"))
     status = 1
@@ -244,10 +245,8 @@ def run_local(profile: Profile, *, out: Path, args: argparse.Namespace, command:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .run import run
-
     args = list(sys.argv[1:] if argv is None else argv)
-    return run(["--local", *args], prog="python -m loadtest.local")
+    return run_cli(["--local", *args], prog="python -m loadtest.local", run_local=run_local)
 
 
 if __name__ == "__main__":

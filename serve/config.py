@@ -272,7 +272,7 @@ class WebhookConfig(_Strict):
     )
     max_recorded_attempts: int = Field(
         default=50, ge=1, le=1000,
-        description="Attempts kept on the job in metadata.webhook_deliveries (the newest; job_recorder trims).",
+        description="Attempts kept on the job in webhook.deliveries (the newest; job_recorder trims).",
     )
 
     @model_validator(mode="after")

@@ -58,9 +58,8 @@ class StageReplica:
         """Run the stage on its inputs (earlier StageOutputs, or the stored image's key)."""
         values, timings = self._unwrap(inputs)
         with self._span(ctx):
-            start = time.perf_counter()
-            value = await asyncio.to_thread(self._call, values, GenerationParams.model_validate(params), {})
-            return await self._finish(ctx, value, timings, time.perf_counter() - start)
+            return await asyncio.to_thread(self._run_timed, ctx, values, GenerationParams.model_validate(params),
+                                           {}, timings)
 
     async def run_streaming(self, ctx: JobContext, *inputs: Any, params: dict[str, Any]
                             ) -> AsyncIterator[StepReport | StageOutput]:
@@ -78,9 +77,8 @@ class StageReplica:
                  "should_cancel": lambda: stopped.is_set() or self.store.is_cancel_requested(ctx.job_id)}
         with self._span(ctx):
             yield StepReport(self.spec.name, 0, GenerationParams.model_validate(params).num_inference_steps, time.time())
-            start = time.perf_counter()
-            work = asyncio.ensure_future(asyncio.to_thread(self._call, values,
-                                                           GenerationParams.model_validate(params), hooks))
+            work = asyncio.ensure_future(asyncio.to_thread(self._run_timed, ctx, values,
+                                                           GenerationParams.model_validate(params), hooks, timings))
             try:
                 while not work.done() or not reports.empty():
                     getter = asyncio.ensure_future(reports.get())
@@ -89,10 +87,10 @@ class StageReplica:
                         yield getter.result()
                     else:
                         getter.cancel()
-                value = work.result()
+                output = work.result()
             finally:
                 stopped.set()
-            yield await self._finish(ctx, value, timings, time.perf_counter() - start)
+            yield output
 
     async def info(self) -> dict[str, Any]:
         """The loaded model's defaults (on the stage that describes the model)."""
@@ -129,22 +127,24 @@ class StageReplica:
             values.append(item)
         return values, timings
 
-    def _call(self, values: list[Any], params: GenerationParams, hooks: dict[str, Any]) -> Any:
+    def _run_timed(self, ctx: JobContext, values: list[Any], params: GenerationParams, hooks: dict[str, Any],
+                   timings: dict[str, float]) -> StageOutput:
+        """In a worker thread: the stage itself (timed), then the clip's upload if it is the last."""
+        start = time.perf_counter()
         values = [self._read_source(v) if name == SOURCE_VALUE else v for name, v in zip(self.spec.inputs, values)]
-        return to_host(self.stage(*values, params, **hooks))
-
-    def _read_source(self, input_key: str):
-        return decode_image_bytes(self.storage.get(input_key), name="the stored input image")
-
-    async def _finish(self, ctx: JobContext, value: Any, timings: dict[str, float], seconds: float) -> StageOutput:
+        value = to_host(self.stage(*values, params, **hooks))
+        seconds = time.perf_counter() - start
         timings = {**timings, self.spec.name: seconds}
         recorder = metrics()
         if recorder is not None:
             recorder.stage_seconds.observe(seconds, tags={"stage": self.spec.name})
         logger.info("%s done in %.3fs", self.spec.name, seconds, extra=log_extra(ctx.job_id, stage=self.spec.name))
         if self.spec.output == FINAL_VALUE and isinstance(value, EncodedVideo):
-            value = await asyncio.to_thread(self._store, ctx, value, timings)
+            value = self._store(ctx, value, timings)
         return StageOutput(value=value, timings=timings)
+
+    def _read_source(self, input_key: str):
+        return decode_image_bytes(self.storage.get(input_key), name="the stored input image")
 
     def _store(self, ctx: JobContext, video: EncodedVideo, timings: dict[str, float]) -> StoredVideo:
         with span_from_carrier("store", ctx.trace, **{"svd.job_id": ctx.job_id}):

@@ -96,7 +96,7 @@ def up(*, model: str | None, config_file: str | None, host: str, port: int, data
         f"model: {config.model.source}\n"
         f"demo API key (tenant '{DEMO_TENANT}', shown once): {key}\n\n"
         f"  curl -s -H 'Authorization: Bearer {key}' -F image=@{sample} "
-        f"-F 'params={{\"num_frames\": 14, \"num_inference_steps\": 8, \"width\": 256, \"height\": 128}}' {url}/v1/videos\n"
+        f"-F num_frames=14 -F num_inference_steps=8 -F width=256 -F height=128 {url}/v1/videos\n"
         f"  curl -s -H 'Authorization: Bearer {key}' {url}/v1/videos/<id>\n"
         f"  curl -s -L -H 'Authorization: Bearer {key}' -o clip.mp4 {url}/v1/videos/<id>/content\n\n"
         "Ctrl-C stops it.",

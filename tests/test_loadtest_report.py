@@ -9,11 +9,14 @@ import itertools
 import json
 import random
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 from pydantic import BaseModel, ValidationError
 
-from loadtest import capacity, report
+from loadtest import capacity, report, stages as lt_stages
 from loadtest.arrivals import ArrivalQueue, burst_times, constant_times, expected_arrivals, pattern_times, ramp_times
 from loadtest.profile import Profile, RampArrivals, bundled_profiles, load_profile
 from loadtest.records import JobRecord, gradient_png
@@ -262,6 +265,73 @@ def test_capacity_from_report_and_cli(capsys, tmp_path):
     assert capacity.main(["--rate", "600/h", "--stage-seconds", "sampling=19.1,decode=3.4"]) == 0
     assert "bottleneck: sampling" in capsys.readouterr().out
     assert capacity.main(["--rate", "600/h", "--stage-seconds", "sampling"]) == 2
+
+
+# -- stage names: read from the registry ---------------------------------------------------------
+
+
+@pytest.fixture
+def extra_stages():
+    """Two stages registered for one test: a GPU stage between decode and the video encoder, and a
+    last stage that rewrites the video (so the upload moves to its replica)."""
+    from pipelines.registry import STAGES, StageResources, StageSpec
+
+    sharpen = StageSpec(name="sharpen", config_key="sharpener", deployment="Sharpener", factory="x:y",
+                        inputs=("frames",), output="frames", components=("vae",),
+                        resources=StageResources(num_gpus=0.2))
+    watermark = StageSpec(name="watermark", config_key="watermarker", deployment="Watermarker", factory="x:y",
+                          inputs=("video",), output="video")
+    STAGES.register(sharpen, after="decode")
+    STAGES.register(watermark)
+    try:
+        yield sharpen, watermark
+    finally:
+        STAGES.unregister("watermark")
+        STAGES.unregister("sharpen")
+
+
+def test_stage_tables_of_the_builtin_stages():
+    assert lt_stages.timing_names()[-1] == "store"
+    assert set(lt_stages.gpu_stages()) >= {"image_encode", "sampling", "decode"}
+    assert "video_encode" not in lt_stages.gpu_stages()
+    assert lt_stages.deployment_of("store") == lt_stages.deployment_of("video_encode") == "VideoEncoder"
+    assert lt_stages.deployment_of("sampling") == "Sampler" and lt_stages.deployment_of("nope") is None
+    order = lt_stages.deployment_order()
+    assert order[:2] == ("Ingress", "JobRunner")
+    assert [order.index(d) for d in ("ImageEncoder", "Sampler", "Decoder", "VideoEncoder")] == sorted(
+        order.index(d) for d in ("ImageEncoder", "Sampler", "Decoder", "VideoEncoder"))
+
+
+def test_report_and_capacity_follow_registered_stages(extra_stages):
+    timings = {"sampling": 6.0, "sharpen": 1.0, "video_encode": 0.5, "watermark": 0.25, "store": 0.5}
+    records = [job(i, timings=timings) for i in range(4)]
+    busy = report.stage_busy(records, wall_s=10.0, mean_replicas={"Sharpener": 2.0})
+    assert list(busy) == ["sampling", "sharpen", "video_encode", "watermark", "store"]
+    assert busy["sharpen"]["deployment"] == "Sharpener" and busy["sharpen"]["utilisation"] == pytest.approx(0.2)
+    assert busy["store"]["deployment"] == "Watermarker"
+    assert report.gpu_seconds(records[0]) == pytest.approx(7.0)  # sampling + sharpen: stages with components
+
+    samples = [{"t": T0, "deployments": {n: {"running": 1} for n in ("Watermarker", "Sharpener", "Decoder", "Ingress")}}]
+    assert list(report.replica_summary(samples, T0)) == ["Ingress", "Decoder", "Sharpener", "Watermarker"]
+
+    result = capacity.plan(60, {"watermark": 1.0, "sharpen": 2.0, "decode": 1.0, "custom": 1.0})
+    assert [s["stage"] for s in result["stages"]] == ["decode", "sharpen", "watermark", "custom"]
+    by_stage = {s["stage"]: s for s in result["stages"]}
+    assert by_stage["sharpen"]["deployment"] == "Sharpener" and by_stage["sharpen"]["gpu_share"] == 0.2
+    assert by_stage["custom"]["deployment"] == "custom" and by_stage["custom"]["gpu_share"] == 0.0
+    rep = {"stages": {"watermark": {"seconds": {"mean": 0.3}}, "store": {"seconds": {"mean": 0.2}}}}
+    assert capacity.stage_seconds_from_report(rep) == {"watermark": pytest.approx(0.5)}
+
+
+def test_chart_gpu_shares_mirror_the_helm_values():
+    """loadtest.stages.CHART_GPU_SHARE is the Helm chart's default GPU share of every built-in stage."""
+    from pipelines.registry import RESERVED_CONFIG_KEYS, STAGES
+
+    values = yaml.safe_load((Path(__file__).resolve().parent.parent / "helm/svd-serve/values.yaml").read_text())
+    chart = {key: block["ray_actor_options"]["num_gpus"] for key, block in values["stages"].items()
+             if key not in RESERVED_CONFIG_KEYS}
+    assert {STAGES.get(name).config_key: share for name, share in lt_stages.CHART_GPU_SHARE.items()} == chart
+    assert capacity.plan(60, {"sampling": 1.0})["stages"][0]["gpu_share"] == chart[STAGES.get("sampling").config_key]
 
 
 # -- units, profiles, arrivals -------------------------------------------------------------------

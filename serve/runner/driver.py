@@ -80,7 +80,7 @@ class JobDriver:
                     calls.append(stream)
                     async for item in stream:
                         if isinstance(item, StepReport):
-                            await progress.step(item)
+                            progress.step(item)
                         else:
                             values[spec.output] = item
                     announce_next = True
@@ -88,14 +88,20 @@ class JobDriver:
                     response = handle.run.remote(ctx, *args, params=job.params)
                     calls.append(response)
                     values[spec.output] = response
-                    if announce_next:  # after submitting: the write is off the critical path
+                    if announce_next:
                         announce_next = False
-                        await progress.stage(spec.name)
+                        progress.stage(spec.name)
             final = values[FINAL_VALUE]
-            return await final if isinstance(final, DeploymentResponse) else final
+            output = await final if isinstance(final, DeploymentResponse) else final
+            await progress.flush()  # no progress write may land after the terminal one
+            return output
         except asyncio.CancelledError:
+            progress.cancel()
             for call in calls:
                 call.cancel()
+            raise
+        except BaseException:
+            progress.cancel()  # a late write cannot land anyway: the store refuses it once the job is settled
             raise
 
     def _settle_failure(self, job: Job, error: BaseException) -> bool:
@@ -116,30 +122,56 @@ class JobDriver:
 
 
 class ProgressReporter:
-    """Writes one job's progress to the store at a bounded rate and sends its progress webhooks."""
+    """Writes one job's progress to the store at a bounded rate and sends its progress webhooks.
+
+    Writes happen in a background task that always writes the newest report (older ones waiting
+    behind a write are dropped), so the driver never waits for the store between a stage's last
+    step and the next stage's call."""
 
     def __init__(self, driver: JobDriver, job: Job) -> None:
         self.driver, self.job = driver, job
         self.last_write = 0.0
+        self._pending: dict[str, Any] | None = None
+        self._writer: asyncio.Task | None = None
 
-    async def stage(self, name: str) -> None:
-        await self._write(stage=name)
+    def stage(self, name: str) -> None:
+        self._submit(stage=name)
 
-    async def step(self, report: StepReport) -> None:
+    def step(self, report: StepReport) -> None:
         now = time.monotonic()
         first_or_last = report.step <= 1 or report.step == report.total
         if not first_or_last and now - self.last_write < PROGRESS_WRITE_INTERVAL_S:
             return
         self.last_write = now
-        await self._write(stage=report.stage, step=report.step, total_steps=report.total, reported_at=report.at)
+        self._submit(stage=report.stage, step=report.step, total_steps=report.total, reported_at=report.at)
 
-    async def _write(self, **progress: Any) -> None:
+    def _submit(self, **progress: Any) -> None:
+        self._pending = progress
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_pending())
+
+    async def _write_pending(self) -> None:
         driver, job = self.driver, self.job
-        written = await asyncio.to_thread(driver.store.update_progress, job.id, owner=driver.owner, **progress)
-        if written and driver.lifecycle.wants_progress_event(job):
-            fresh = await asyncio.to_thread(driver.store.get, job.id, tenant=None)
-            if fresh is not None:
-                driver.lifecycle.progressed(fresh)
+        while self._pending is not None:
+            progress, self._pending = self._pending, None
+            try:
+                written = await asyncio.to_thread(driver.store.update_progress, job.id, owner=driver.owner,
+                                                  **progress)
+                if written and driver.lifecycle.wants_progress_event(job):
+                    fresh = await asyncio.to_thread(driver.store.get, job.id, tenant=None)
+                    if fresh is not None:
+                        driver.lifecycle.progressed(fresh)
+            except Exception:  # noqa: BLE001 - progress is advisory; the job goes on
+                logger.warning("could not record progress", exc_info=True, extra=log_extra(job.id))
+
+    async def flush(self) -> None:
+        """Wait for the last write (before the job's terminal write)."""
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+
+    def cancel(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
 
 
 def _job_output(job: Job, stored: StoredVideo) -> JobOutput:
