@@ -51,17 +51,36 @@ def stage_options(cpus: float) -> dict:
 
 
 def app_config(work: Path, model_dir: Path) -> dict:
-    """Stage CPU shares add up to 2.0: the same budget the monolithic deployment gets."""
+    """Stage CPU shares add up to 2.0, the same budget the monolithic deployment gets: one CPU for
+    the stage that steps (the sampler), the other one split between the rest."""
+    from pipelines.registry import STAGES
+
+    others = [spec for spec in STAGES.stages() if not spec.reports_steps]
+    stages = {spec.config_key: stage_options(1.0 if spec.reports_steps else round(1.0 / len(others), 3))
+              for spec in STAGES.stages()}
     return {
         "model": {"source": str(model_dir), "dtype": "fp32", "device": "cpu"},
         "storage": {"local_dir": str(work / "outputs")},
         "job_store": {"sqlite_path": str(work / "jobs.sqlite3")},
         "auth": {"tenants_file": str(work / "tenants.yaml")},
-        "stages": {"image_encoder": stage_options(0.25), "sampler": stage_options(1.0),
-                   "decoder": stage_options(0.5), "video_encoder": stage_options(0.25),
-                   "runner": {"ray_actor_options": {"num_cpus": 0}}, "ingress": {"ray_actor_options": {"num_cpus": 0}}},
+        "stages": {**stages, "runner": {"ray_actor_options": {"num_cpus": 0}},
+                   "ingress": {"ray_actor_options": {"num_cpus": 0}}},
         "max_inflight_jobs": 16,
     }
+
+
+def step_stage() -> str:
+    """The stage whose steps progress events count (the sampler)."""
+    from pipelines.registry import STAGES
+
+    return next(spec.name for spec in STAGES.stages() if spec.reports_steps)
+
+
+def past_first_step(progress: dict, step_stage: str, before: tuple[str, ...]) -> bool:
+    """Whether a job's progress shows a finished step of the stepping stage, or anything after it."""
+    if progress.get("stage") == step_stage:
+        return progress.get("step", 0) >= 1
+    return progress.get("stage") not in (None, *before)
 
 
 # -- the server: one tree's application in a child process ------------------------------------------
@@ -128,6 +147,7 @@ class RowWatcher(threading.Thread):
     def __init__(self, db_path: Path, job_id: str) -> None:
         super().__init__(daemon=True)
         self.db_path, self.job_id = db_path, job_id
+        self.step_stage = step_stage()
         self.first_step_at: float | None = None
         self.stop = threading.Event()
 
@@ -138,7 +158,7 @@ class RowWatcher(threading.Thread):
                 row = conn.execute("SELECT data FROM jobs WHERE id = ?", (self.job_id,)).fetchone()
                 if row is not None:
                     job = json.loads(row[0])
-                    if job["progress"].get("stage") == "sampling" and job["progress"].get("step", 0) >= 1:
+                    if job["progress"].get("stage") == self.step_stage and job["progress"].get("step", 0) >= 1:
                         self.first_step_at = time.time()
                         return
                     if job["status"] in TERMINAL:
@@ -152,6 +172,10 @@ def follow_events(base_url: str, headers: dict, job_id: str) -> dict:
     """The job's SSE stream to its end: the final view, and the arrival of the first step event."""
     import httpx
 
+    from pipelines.registry import STAGES
+
+    stepping = step_stage()
+    before = STAGES.names()[:STAGES.names().index(stepping)]
     out: dict = {}
     with httpx.stream("GET", f"{base_url}/v1/videos/{job_id}/events", headers=headers, timeout=300) as response:
         for line in response.iter_lines():
@@ -159,10 +183,7 @@ def follow_events(base_url: str, headers: dict, job_id: str) -> dict:
                 continue
             view, arrived = json.loads(line[6:]), time.time()
             progress = view["progress"]
-            # The first event that shows a finished sampling step, or anything after one.
-            past_step_one = (progress["stage"] == "sampling" and progress["step"] >= 1) or (
-                progress["stage"] not in (None, "image_encode", "sampling"))
-            if "first_step" not in out and past_step_one:
+            if "first_step" not in out and past_first_step(progress, stepping, before):
                 out["first_step"] = (arrived, progress)
             if view["status"] in TERMINAL:
                 out["final"] = view
@@ -208,7 +229,7 @@ def http_latencies(base_url: str, key: str, jobs: int, db_path: Path) -> dict[st
                 if watcher.first_step_at is not None:
                     out["first_progress_row"].append(arrived - watcher.first_step_at)
                 reported = progress.get("updated_at")
-                if reported and progress["stage"] == "sampling" and progress["step"] == 1:
+                if reported and progress["stage"] == step_stage() and progress["step"] == 1:
                     out["first_progress"].append(arrived - datetime.fromisoformat(reported).timestamp())
                 elif watcher.first_step_at is not None:
                     out["first_progress"].append(arrived - watcher.first_step_at)

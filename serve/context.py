@@ -10,6 +10,8 @@ from typing import Any
 class JobContext:
     job_id: str
     tenant: str
+    owner: str = ""
+    """The lease owner (the driving runner): the stages' progress notes are guarded by it."""
     trace: dict[str, str] = field(default_factory=dict)
     """W3C trace context (``traceparent``) of the driver's job span."""
     output_key: str = ""

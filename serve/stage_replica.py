@@ -4,10 +4,11 @@
 the stage's deployment name and options. A replica loads only the components its stage declares,
 once, and runs the stage in a worker thread so health checks and new requests stay responsive.
 
-Replicas do not write the job store: each returns a :class:`~serve.context.StageOutput` carrying
-its value and the timings so far, and the driver records them. A stage that reports steps is
-called as a stream and yields :class:`~serve.context.StepReport`s as the steps end, then its
-output. The source value (the conditioning image) arrives as a storage key and is read here; the
+Each replica returns a :class:`~serve.context.StageOutput` carrying its value and the timings so
+far, and the driver records them. A stage that reports steps is called as a stream and yields
+:class:`~serve.context.StepReport`s as the steps end, then its output; the driver writes those. The
+other stages note their start (and the last one its upload) in the job store from a background
+thread, so that write never delays the work. The source value (the conditioning image) arrives as a storage key and is read here; the
 final value (the clip) is written to output storage here, so the driver never handles payloads.
 """
 
@@ -17,6 +18,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -51,11 +53,13 @@ class StageReplica:
         self.storage = make_storage(self.config.storage) if needs_storage else None
         parts = load_components(self.config.model, self.spec.components) if self.spec.components else {}
         self.stage = self.spec.build(parts)
+        self._notes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress-notes")  # in order
 
     # -- calls from the driver ------------------------------------------------------------------
 
     async def run(self, ctx: JobContext, *inputs: Any, params: dict[str, Any]) -> StageOutput:
         """Run the stage on its inputs (earlier StageOutputs, or the stored image's key)."""
+        self._note_progress(ctx, self.spec.name)
         values, timings = self._unwrap(inputs)
         with self._span(ctx):
             return await asyncio.to_thread(self._run_timed, ctx, values, GenerationParams.model_validate(params),
@@ -114,6 +118,16 @@ class StageReplica:
 
     # -- inside -----------------------------------------------------------------------------------
 
+    def _note_progress(self, ctx: JobContext, stage: str) -> None:
+        """Record, without waiting, that the job reached ``stage`` (a progress hint for clients)."""
+        def write() -> None:
+            try:
+                self.store.update_progress(ctx.job_id, owner=ctx.owner, stage=stage)
+            except Exception:  # noqa: BLE001 - a missed hint is not worth failing the job for
+                logger.debug("could not note progress", exc_info=True, extra=log_extra(ctx.job_id))
+
+        self._notes.submit(write)
+
     def _span(self, ctx: JobContext):
         return span_from_carrier(self.spec.name, ctx.trace, **{"svd.job_id": ctx.job_id, "svd.tenant": ctx.tenant})
 
@@ -147,6 +161,7 @@ class StageReplica:
         return decode_image_bytes(self.storage.get(input_key), name="the stored input image")
 
     def _store(self, ctx: JobContext, video: EncodedVideo, timings: dict[str, float]) -> StoredVideo:
+        self._note_progress(ctx, "store")
         with span_from_carrier("store", ctx.trace, **{"svd.job_id": ctx.job_id}):
             start = time.perf_counter()
             stored = self.storage.put(ctx.output_key, video.data, content_type=video.content_type)

@@ -734,3 +734,15 @@ def test_token_buckets_survive_a_new_store_instance(make_store):
     assert first.take_token("b", rate_per_s=0.5, burst=1, now=t) == 0.0
     first.close()
     assert make_store().take_token("b", rate_per_s=0.5, burst=1, now=t + 1) == pytest.approx(1.0)
+
+
+def test_progress_never_moves_back_along_the_route(store):
+    job, _ = store.create(new_job(route=["image_encode", "sampling", "decode", "video_encode"]))
+    store.claim(job.id, owner="w1", lease_s=60)
+    assert store.update_progress(job.id, owner="w1", stage="sampling", step=1, total_steps=4)
+    assert not store.update_progress(job.id, owner="w1", stage="image_encode")  # a late note from an earlier stage
+    assert store.update_progress(job.id, owner="w1", stage="decode")
+    assert store.update_progress(job.id, owner="w1", stage="store")
+    assert not store.update_progress(job.id, owner="w1", stage="video_encode")
+    current = store.get(job.id, tenant=None)
+    assert (current.progress.stage, current.progress.step) == ("store", 1)

@@ -80,6 +80,13 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         raise ValueError("invalid cursor") from exc
 
 
+def _is_behind(job: Job, stage: str | None) -> bool:
+    """Whether ``stage`` comes before the job's current stage on its route (``store`` is last)."""
+    order = [*job.route, "store"]
+    current = job.progress.stage
+    return stage in order and current in order and order.index(stage) < order.index(current)
+
+
 def abandoned_error(attempts: int) -> JobError:
     return JobError(
         code="abandoned",
@@ -313,10 +320,12 @@ class JobStore(ABC):
     ) -> bool:
         """Set the stage (and the sampling steps, when given: stages after sampling leave them at
         n of n) and merge ``timings``. ``reported_at`` (epoch seconds, default now) is when the
-        stage observed this progress. False if ``owner`` lost the lease."""
+        stage observed this progress. Progress never moves back along the job's route (notes from
+        different replicas may arrive out of order). False if ``owner`` lost the lease, or the note
+        is older than the progress recorded."""
 
         def fn(job: Job) -> bool:
-            if not self._holds(job, owner):
+            if not self._holds(job, owner) or _is_behind(job, stage):
                 return False
             job.progress = JobProgress(
                 stage=stage,

@@ -4,6 +4,7 @@ Stage calls are chained as ``DeploymentResponse``s, so payloads go from replica 
 Ray's object store and never through here. A stage that reports steps (the Sampler) is called as a
 stream: its :class:`~serve.context.StepReport`s arrive as the steps end, and the driver writes them
 to the job store at a bounded rate (the first and last step at once) and sends progress webhooks.
+The other stages note their own start in the store without waiting for the write.
 The last stage's :class:`~serve.context.StageOutput` carries every stage's timing and the stored
 clip, which completes the job.
 """
@@ -45,7 +46,8 @@ class JobDriver:
         back for a retry. Raises only CancelledError (lease lost or shutdown)."""
         with span_from_carrier("job", job.trace_context, **{"svd.job_id": job.id, "svd.tenant": job.tenant,
                                                             "svd.attempt": job.attempts}):
-            ctx = JobContext(job_id=job.id, tenant=job.tenant, trace=current_carrier(), output_key=job.output_key)
+            ctx = JobContext(job_id=job.id, tenant=job.tenant, owner=self.owner, trace=current_carrier(),
+                             output_key=job.output_key)
             start = time.perf_counter()
             try:
                 final = await self._through_route(job, ctx)
@@ -70,7 +72,6 @@ class JobDriver:
         values: dict[str, Any] = {SOURCE_VALUE: job.input_key}
         calls: list[Any] = []
         progress = ProgressReporter(self, job)
-        announce_next = False
         try:
             for spec in self.route_of(job):
                 args = [values[name] for name in spec.inputs]
@@ -83,14 +84,10 @@ class JobDriver:
                             progress.step(item)
                         else:
                             values[spec.output] = item
-                    announce_next = True
                 else:
                     response = handle.run.remote(ctx, *args, params=job.params)
                     calls.append(response)
                     values[spec.output] = response
-                    if announce_next:
-                        announce_next = False
-                        progress.stage(spec.name)
             final = values[FINAL_VALUE]
             output = await final if isinstance(final, DeploymentResponse) else final
             await progress.flush()  # no progress write may land after the terminal one
@@ -133,9 +130,6 @@ class ProgressReporter:
         self.last_write = 0.0
         self._pending: dict[str, Any] | None = None
         self._writer: asyncio.Task | None = None
-
-    def stage(self, name: str) -> None:
-        self._submit(stage=name)
 
     def step(self, report: StepReport) -> None:
         now = time.monotonic()
