@@ -70,6 +70,7 @@ class StageReplica:
         """Like :meth:`run` for a stage that reports steps: yields a StepReport when it starts
         and after each step, then the StageOutput."""
         values, timings = self._unwrap(inputs)
+        resolved = GenerationParams.model_validate(params)
         loop = asyncio.get_running_loop()
         reports: asyncio.Queue[StepReport] = asyncio.Queue()
 
@@ -80,9 +81,8 @@ class StageReplica:
         hooks = {"on_step": on_step,
                  "should_cancel": lambda: stopped.is_set() or self.store.is_cancel_requested(ctx.job_id)}
         with self._span(ctx):
-            yield StepReport(self.spec.name, 0, GenerationParams.model_validate(params).num_inference_steps, time.time())
-            work = asyncio.ensure_future(asyncio.to_thread(self._run_timed, ctx, values,
-                                                           GenerationParams.model_validate(params), hooks, timings))
+            yield StepReport(self.spec.name, 0, resolved.num_inference_steps, time.time())
+            work = asyncio.ensure_future(asyncio.to_thread(self._run_timed, ctx, values, resolved, hooks, timings))
             try:
                 while not work.done() or not reports.empty():
                     getter = asyncio.ensure_future(reports.get())

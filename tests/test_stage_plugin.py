@@ -7,7 +7,7 @@ other module edited.
 from __future__ import annotations
 
 import base64
-import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from fixtures_redis import _free_port
 
 from pipelines import registry
 from pipelines.params import GenerationParams
@@ -32,7 +33,7 @@ def passthrough(monkeypatch):
     """The plugin registered for the test, and gone afterwards (the registry is process-wide)."""
     monkeypatch.syspath_prepend(str(PLUGINS))
     # Replicas find the module the same way: they inherit this environment from the local Ray.
-    monkeypatch.setenv("PYTHONPATH", f"{PLUGINS}:{__import__('os').environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])))
     registry.import_stage_modules([MODULE])
     yield registry.STAGES.get("passthrough")
     registry.STAGES.unregister("passthrough")
@@ -128,10 +129,3 @@ def test_the_extra_stage_runs_in_the_serve_application(passthrough, tmp_path, ti
         serve.shutdown()
         ray.shutdown()
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
