@@ -12,6 +12,7 @@
 2. The in-process staged pipeline on the same workload, and the bytes between stages.
 3. Throughput of N concurrent jobs: the staged application through its HTTP API versus one
    deployment holding the whole pipeline called directly, on the same CPU budget.
+4. The floor under the plumbing: one no-op Serve call, and four chained, on this machine.
 
     python benchmarks/bench_serving.py [--jobs 20] [--concurrent 12] [--baseline 5210605] [--json out.json]
 
@@ -307,6 +308,50 @@ def throughput_monolithic(model_dir: Path, concurrent: int, replicas: int, cpus:
         ray.shutdown()
 
 
+def serve_call_floor(rounds: int = 40) -> dict[str, float]:
+    """p50 ms of one no-op Serve call, and of four chained ones, each with a worker-thread hop like
+    a stage: the floor under the plumbing on this machine."""
+    import asyncio
+
+    import ray
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
+    class Noop:
+        async def run(self, value=None):
+            await asyncio.to_thread(lambda: None)
+            return value
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Chain:
+        def __init__(self, *hops) -> None:
+            self.hops = hops
+
+        async def once(self) -> tuple[float, float]:
+            start = time.perf_counter()
+            await self.hops[0].run.remote(1)
+            one = time.perf_counter() - start
+            start = time.perf_counter()
+            response = None
+            for hop in self.hops:
+                response = hop.run.remote(response)
+            await response
+            return one, time.perf_counter() - start
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        handle = serve.run(Chain.bind(*(Noop.options(name=f"Noop{i}").bind() for i in range(4))), name="floor",
+                           route_prefix=None)
+        for _ in range(5):
+            handle.once.remote().result()
+        samples = [handle.once.remote().result() for _ in range(rounds)]
+        return {"one_call_p50_ms": round(p50([a for a, _ in samples]) * 1000, 1),
+                "four_chained_p50_ms": round(p50([b for _, b in samples]) * 1000, 1)}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def in_process_baseline(model_dir: Path, jobs: int) -> tuple[list[float], dict[str, int], dict[str, list[float]]]:
     import torch
 
@@ -395,6 +440,8 @@ def main(argv=None) -> int:
     figures["staged_jobs_per_min"] = round(args.concurrent / staged_s * 60, 1)
     figures["monolithic_jobs_per_min"] = round(args.concurrent / mono_s * 60, 1)
     figures["staged_over_monolithic"] = round(figures["staged_jobs_per_min"] / figures["monolithic_jobs_per_min"], 2)
+    print("... the floor: no-op Serve calls ...", flush=True)
+    figures["serve_call_floor"] = serve_call_floor()
 
     print()
     print(f"workload: {WORKLOAD}, tiny model, CPU, {os.cpu_count()} cores, torch {torch.__version__}")
@@ -412,6 +459,8 @@ def main(argv=None) -> int:
     print(f"throughput staged (HTTP)   {figures['staged_jobs_per_min']:7.1f} jobs/min")
     print(f"throughput monolithic      {figures['monolithic_jobs_per_min']:7.1f} jobs/min")
     print(f"staged / monolithic        {figures['staged_over_monolithic']:7.2f}x")
+    floor = figures["serve_call_floor"]
+    print(f"floor: one no-op Serve call {floor['one_call_p50_ms']:.1f} ms, four chained {floor['four_chained_p50_ms']:.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0

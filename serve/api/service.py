@@ -43,7 +43,7 @@ from pipelines.params import GenerationParams
 from pipelines.registry import STAGES
 
 from ..config import AppConfig
-from ..jobstore import AdmissionPolicy, Job, JobStatus, JobStore, WebhookSubscription
+from ..jobstore import AdmissionPolicy, Job, JobStatus, JobStore, WebhookSubscription, utcnow
 from ..storage import Storage, job_key, job_prefix
 from ..telemetry import current_carrier, log_extra, tracer
 from ..tenants import Tenant, TenantPolicy
@@ -153,6 +153,9 @@ class VideoService:
             job.output_key = job_key(tenant.name, job.id, f"{job.id}.{resolved.output_format.value}")
             span.set_attribute("svd.job_id", job.id)
             self.storage.put(job.input_key, image, content_type="application/octet-stream")
+            # The job exists from the moment its record is written (queue order and queue wait
+            # count from here), not from when admission began storing its input.
+            job.created_at = job.updated_at = utcnow()
             stored, created = self.store.create(job)
             if not created:
                 self.storage.delete(job.input_key)
