@@ -16,7 +16,7 @@ from .jobstore import Job, JobStore
 from .metering import UsageLedger, gpu_share_from_config, usage_record_for
 from .telemetry import log_extra, metrics
 from .tenants import TenantRegistry
-from .webhooks import EVENT_PROGRESS, WebhookSender, event_type_for, job_recorder, wants_event
+from .webhooks import EVENT_PROGRESS, WebhookSender, event_type_for, job_recorder, new_event_id, wants_event
 
 logger = logging.getLogger("ray.serve.svd_serve")
 
@@ -74,9 +74,12 @@ class JobLifecycle:
             logger.warning("webhook skipped: the tenant has no webhook secret", extra=log_extra(job.id))
             return
         payload = job_view(job, self.base_url).model_dump(mode="json")
+        event_id, body = new_event_id(), None
+        if job.webhook.format != "native":
+            body = webhook_body_of(job.webhook.format)(job, event_type, event_id, self.base_url)
         task = asyncio.get_running_loop().create_task(self.sender.deliver(
             job.id, job.webhook_url, secret, event_type, payload,
-            job_recorder(self.store, job.id, keep=self.keep_attempts)))
+            job_recorder(self.store, job.id, keep=self.keep_attempts), event_id=event_id, body=body))
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
 
@@ -84,3 +87,11 @@ class JobLifecycle:
         """Give pending deliveries a chance to finish (shutdown)."""
         if self._deliveries:
             await asyncio.wait(list(self._deliveries), timeout=timeout_s)
+
+
+def webhook_body_of(format_name: str):
+    """The webhook renderer of an adapter: ``serve.api.compat.<format>.webhook_body(job, event_type,
+    event_id, base_url) -> bytes``."""
+    import importlib
+
+    return importlib.import_module(f"serve.api.compat.{format_name}").webhook_body

@@ -30,3 +30,4 @@ def tiny_model_dir(tmp_path_factory, tiny_pipeline):
 # The moto S3 server fixtures live in their own module (tests/ is on sys.path under pytest's
 # default import mode); importing them here makes them available to every test module.
 from fixtures_s3 import moto_s3_endpoint, s3_bucket, s3_env  # noqa: E402,F401
+from fixtures_local import local_service  # noqa: E402,F401

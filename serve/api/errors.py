@@ -8,10 +8,13 @@ an HTTP error. No exception type name or stack trace reaches a client.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -64,9 +67,31 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-def response_for(error: BaseException) -> JSONResponse:
+@dataclass(frozen=True)
+class Rejection:
+    """What a request's failure means for the client, before any API renders it in its own shape."""
+
+    status: int
+    code: str
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def rejection_for(error: BaseException) -> Rejection:
+    """The one mapping from domain errors to HTTP (the native API and every adapter use it)."""
     if isinstance(error, APIError):
-        return error_response(error.status, error.code, str(error), error.headers)
+        return Rejection(error.status, error.code, str(error), error.headers)
+    if isinstance(error, ValidationError):
+        return Rejection(422, "invalid_parameter", describe_validation_error(error))
+    if isinstance(error, RequestValidationError):
+        parts = []
+        for item in error.errors():
+            loc = ".".join(str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path", "header"))
+            parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
+        return Rejection(422, "invalid_parameter", "; ".join(parts) or "invalid request")
+    if isinstance(error, StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return Rejection(error.status_code, code, str(error.detail), dict(error.headers or {}))
     for kind in type(error).__mro__:
         if kind in ERROR_TABLE:
             status, code = ERROR_TABLE[kind]
@@ -74,12 +99,35 @@ def response_for(error: BaseException) -> JSONResponse:
             if status >= 500:
                 # Infrastructure detail stays in the logs.
                 logger.error("request rejected: %s", error)
-                return error_response(status, code, "a backing service is unavailable; retry shortly",
-                                      {"Retry-After": "5"})
-            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-            return error_response(status, code, str(error), headers)
+                return Rejection(status, code, "a backing service is unavailable; retry shortly", {"Retry-After": "5"})
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+            return Rejection(status, code, str(error), headers)
     logger.exception("unhandled error", exc_info=error)
-    return error_response(500, "internal_error", "internal error")
+    return Rejection(500, "internal_error", "internal error")
+
+
+def response_for(error: BaseException) -> JSONResponse:
+    r = rejection_for(error)
+    return error_response(r.status, r.code, r.message, r.headers or None)
+
+
+def adapter_route(render: Callable[[Rejection], Response]) -> type[APIRoute]:
+    """A route class for a compatibility adapter: every failure of its routes (request validation
+    included) is mapped by :func:`rejection_for` and rendered in that API's own error shape."""
+
+    class AdapterRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def handle(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except Exception as error:  # noqa: BLE001 - mapped, never leaked
+                    return render(rejection_for(error))
+
+            return handle
+
+    return AdapterRoute
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -97,20 +145,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ValidationError)
     async def _pydantic(_: Request, error: ValidationError):
-        return error_response(422, "invalid_parameter", describe_validation_error(error))
+        return response_for(error)
 
     @app.exception_handler(RequestValidationError)
     async def _request(_: Request, error: RequestValidationError):
-        parts = []
-        for item in error.errors():
-            loc = ".".join(str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path", "header"))
-            parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
-        return error_response(422, "invalid_parameter", "; ".join(parts) or "invalid request")
+        return response_for(error)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return error_response(error.status_code, code, str(error.detail))
+        return response_for(error)
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, error: Exception):

@@ -109,8 +109,10 @@ class VideoService:
         webhook_url: str | None = None,
         webhook_events: list[str] | None = None,
         idempotency_key: str | None = None,
+        webhook_format: str = "native",
     ) -> Admission:
-        """Validate, store the image, write the job. Raises for anything the client must fix."""
+        """Validate, store the image, write the job. Raises for anything the client must fix.
+        ``webhook_format`` names the adapter whose webhook shape the job's events take."""
         events = sorted(normalize_events(webhook_events)) if webhook_events else []
         if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255 and idempotency_key.isprintable()):
             raise InvalidInputError("Idempotency-Key must be 1-255 printable characters")
@@ -145,7 +147,8 @@ class VideoService:
                 fingerprint=fingerprint,
                 policy=AdmissionPolicy(weight=tenant.weight, max_running_jobs=policy.max_running_jobs,
                                        retention_s=policy.retention_s),
-                webhook=WebhookSubscription(url=webhook_url, events=events) if webhook_url else None,
+                webhook=WebhookSubscription(url=webhook_url, events=events, format=webhook_format)
+                if webhook_url else None,
                 idempotency_key=idempotency_key,
                 trace_context=current_carrier(),
             )

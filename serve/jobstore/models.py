@@ -105,6 +105,8 @@ class WebhookSubscription(BaseModel):
 
     url: str
     events: list[str] = Field(default_factory=list, description="Extra events (video.progress); terminal ones always.")
+    format: str = Field(default="native", description="Body shape: native, or the adapter the job came through "
+                        "(its module under serve.api.compat renders it).")
     deliveries: list[WebhookAttempt] = Field(default_factory=list, description="The newest attempts.")
 
 

@@ -20,6 +20,10 @@ from .tenant import Tenant
 logger = logging.getLogger("ray.serve.svd_serve")
 
 
+#: Authorization schemes that carry an API key: ours (and OpenAI's, Stability's), and fal's.
+AUTH_SCHEMES = frozenset({"bearer", "key"})
+
+
 class TenantRegistry:
     """Authenticates bearer keys against the tenants file, reloading it when it changes.
 
@@ -77,11 +81,12 @@ class TenantRegistry:
         return self.tenants().get(name)
 
     def authenticate(self, authorization: str | None) -> Tenant:
-        """``Authorization: Bearer <key>`` -> the tenant, or AuthenticationError."""
+        """``Authorization: Bearer <key>`` (or ``Key <key>``, as fal's clients send it) -> the
+        tenant, or AuthenticationError."""
         if not authorization:
             raise AuthenticationError("missing Authorization header: send 'Authorization: Bearer <API key>'")
         scheme, _, key = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        if scheme.lower() not in AUTH_SCHEMES or not key.strip():
             raise AuthenticationError("the Authorization header must be 'Bearer <API key>'")
         with self._lock:
             self._reload()

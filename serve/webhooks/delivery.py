@@ -171,6 +171,7 @@ class WebhookSender:
         *,
         event_id: str | None = None,
         created_at: datetime | None = None,
+        body: bytes | None = None,
     ) -> DeliveryResult:
         """POST one event to ``url``, retrying as configured; returns how it ended (never raises
         for delivery failures; ``ValueError`` for an unknown event type or an empty secret).
@@ -181,7 +182,9 @@ class WebhookSender:
         "next_retry_in_s"}`` (``next_retry_in_s`` is None when no retry follows). It runs in a
         worker thread, so it may block (e.g. write to the job store); it may also be a coroutine
         function. Its exceptions are logged and ignored. Pass ``event_id`` to keep the id stable
-        across a re-delivery of the same event (e.g. after a runner restart).
+        across a re-delivery of the same event (e.g. after a runner restart). ``body`` replaces
+        the standard envelope with bytes an adapter rendered in its API's webhook shape (signed
+        and retried the same way).
         """
         if event_type not in EVENT_TYPES:
             raise ValueError(f"unknown webhook event type {event_type!r}")
@@ -189,7 +192,8 @@ class WebhookSender:
             raise ValueError("a webhook secret is required to deliver")
         cfg = self.config
         event_id = event_id or new_event_id()
-        body = encode_body(event_id, event_type, payload, created_at or datetime.now(timezone.utc))
+        if body is None:
+            body = encode_body(event_id, event_type, payload, created_at or datetime.now(timezone.utc))
         if event_type in TERMINAL_EVENT_TYPES:
             self.forget(job_id)
             max_attempts = cfg.max_attempts
