@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Install the system (Debian/Ubuntu) packages the test suite needs beyond the Python venv:
 #   redis-server  - a real Redis for the Redis job-store tests (tests/fixtures_redis.py).
+#   chromium      - a real browser for the web playground test (driven by Playwright).
 # Idempotent: does nothing when every tool is already on PATH. Runs as root, or through sudo.
 set -euo pipefail
 
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 
 if [ "${#packages[@]}" -eq 0 ]; then
-    echo "install-system-deps: nothing to install (redis-server: $(command -v redis-server))"
+    echo "install-system-deps: nothing to install (redis-server: $(command -v redis-server), chromium: $(command -v chromium))"
     exit 0
 fi
 
@@ -30,5 +32,7 @@ echo "install-system-deps: installing ${packages[*]}"
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
-command -v redis-server >/dev/null 2>&1 || { echo "install-system-deps: redis-server still missing" >&2; exit 1; }
+for tool in redis-server chromium; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "install-system-deps: $tool still missing" >&2; exit 1; }
+done
 echo "install-system-deps: done ($(redis-server --version | head -n1))"

@@ -15,6 +15,7 @@ from pipelines.errors import InvalidInputError
 from ..jobstore import JobStatus
 from ..tenants import Tenant, TenantRegistry
 from .compat import compat_routers
+from .playground import playground_router
 from .errors import APIError, ErrorBody, install_error_handlers
 from .forms import multipart_schema, read_submit_form
 from .schemas import CreateVideoRequest, VideoJob, VideoJobList
@@ -88,7 +89,7 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
         description="Image-to-video generation with Stable Video Diffusion: submit a job, follow it, download the clip.",
     )
     install_error_handlers(app)
-    for router in [*routers, *compat_routers(service, tenants, on_ended=on_ended)]:
+    for router in [*routers, *compat_routers(service, tenants, on_ended=on_ended), playground_router()]:
         app.include_router(router)
     # base64 inflates by 4/3; multipart adds a little framing.
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.config.max_upload_bytes * 4 // 3 + MULTIPART_OVERHEAD)
