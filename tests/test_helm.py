@@ -137,6 +137,7 @@ def test_values_schema_matches_app_config():
     """The values that become serveConfigV2 args use exactly AppConfig's field names, both ways."""
     AppConfig = _app_config()
     from pipelines.loader import ModelSpec
+    from pipelines.registry import STAGES
     from serve import config
 
     schema = json.loads((hu.CHART_DIR / "values.schema.json").read_text())
@@ -148,7 +149,8 @@ def test_values_schema_matches_app_config():
     chart_owned = {"cache_dir"}  # set by the chart from modelCache.mountPath
     pairs = {
         "model": (names(props["model"]), set(ModelSpec.model_fields) - chart_owned),
-        "stages": (names(props["stages"]), set(config.StagesConfig.model_fields)),
+        "stages": (names(props["stages"]), set(config.StagesConfig.model_fields)
+                   | {spec.config_key for spec in STAGES.stages()}),
         "stage": (names(defs["stage"]), set(config.DeploymentConfig.model_fields)),
         "autoscaling": (names(defs["autoscaling"]), set(config.AutoscalingConfig.model_fields)),
         "ray_actor_options": (names(defs["actorOptions"]), set(config.ActorOptions.model_fields)),

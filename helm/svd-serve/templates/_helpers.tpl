@@ -262,6 +262,9 @@ the model cache directory, the tiny model path, the Redis URL and the tenants fi
 {{- if .Values.app.public_url }}
 {{- $_ := set $args "public_url" .Values.app.public_url }}
 {{- end }}
+{{- if .Values.app.stage_modules }}
+{{- $_ := set $args "stage_modules" .Values.app.stage_modules }}
+{{- end }}
 {{- toYaml $args }}
 {{- end }}
 
