@@ -48,7 +48,7 @@ __all__ = [
 def make_storage(config: StorageConfig) -> Storage:
     """The backend that ``config`` (a ``serve.config.StorageConfig``) selects."""
     if config.backend == "local":
-        return LocalStorage(config.local_dir, prefix=config.prefix)
+        return LocalStorage(config.local_dir, prefix=config.prefix, signing_key_env=config.url_signing_key_env)
     if config.backend == "s3":
         return S3Storage(config)
     raise ValueError(f"unknown storage backend {config.backend!r}")

@@ -258,6 +258,7 @@ the model cache directory, the tiny model path, the Redis URL and the tenants fi
   "max_upload_bytes" .Values.app.max_upload_bytes
   "url_allowlist" (.Values.app.url_allowlist | default list)
   "webhooks" (deepCopy .Values.app.webhooks)
+  "generations_wait_s" .Values.app.generations_wait_s
 }}
 {{- if .Values.app.public_url }}
 {{- $_ := set $args "public_url" .Values.app.public_url }}
