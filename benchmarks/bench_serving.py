@@ -77,6 +77,22 @@ def step_stage() -> str:
     return next(spec.name for spec in STAGES.stages() if spec.reports_steps)
 
 
+def view_progress(view: dict) -> dict:
+    """The stage/step progress of a job view: ``progress_detail`` in this tree (``progress`` is
+    OpenAI's whole percent there), the ``progress`` object in a baseline tree."""
+    detail = view.get("progress_detail")
+    return detail if isinstance(detail, dict) else view["progress"]
+
+
+def view_instants(view: dict) -> tuple[datetime, datetime, datetime]:
+    """(created, started, finished) to the microsecond: from ``timestamps`` in this tree (the
+    top-level instants are whole Unix seconds there), from the ISO top level in a baseline tree."""
+    precise = view.get("timestamps")
+    source = precise if isinstance(precise, dict) else view
+    return tuple(datetime.fromisoformat(source[k].replace("Z", "+00:00"))
+                 for k in ("created_at", "started_at", "finished_at"))
+
+
 def past_first_step(progress: dict, step_stage: str, before: tuple[str, ...]) -> bool:
     """Whether a job's progress shows a finished step of the stepping stage, or anything after it."""
     if progress.get("stage") == step_stage:
@@ -183,7 +199,7 @@ def follow_events(base_url: str, headers: dict, job_id: str) -> dict:
             if not line.startswith("data: "):
                 continue
             view, arrived = json.loads(line[6:]), time.time()
-            progress = view["progress"]
+            progress = view_progress(view)
             if "first_step" not in out and past_first_step(progress, stepping, before):
                 out["first_step"] = (arrived, progress)
             if view["status"] in TERMINAL:
@@ -217,8 +233,7 @@ def http_latencies(base_url: str, key: str, jobs: int, db_path: Path) -> dict[st
             elapsed = time.perf_counter() - start
             if i == 0:
                 continue  # warm-up
-            created, started, finished = (datetime.fromisoformat(view[k]) for k in ("created_at", "started_at",
-                                                                                     "finished_at"))
+            created, started, finished = view_instants(view)
             server = (finished - created).total_seconds()
             inside = sum(v for k, v in view["timings"].items() if k != "total")
             out["client"].append(elapsed)

@@ -72,14 +72,17 @@ class JobRecord:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def update_from_job(self, job: dict[str, Any], now: float) -> None:
-        """Fold a job body (GET /v1/videos/{id} or an SSE event) into the record."""
+        """Fold a job body (GET /v1/videos/{id} or an SSE event) into the record.
+
+        The precise instants come from ``timestamps`` (ISO 8601, microseconds; the top-level
+        ``created_at`` etc. are whole Unix seconds there); a service from before that object has
+        them as ISO strings at the top level."""
         self.job_id = job.get("id") or self.job_id
-        for name in ("created_at", "started_at", "finished_at"):
-            value = _epoch(job.get(name))
+        for name, value in job_instants(job).items():
             if value is not None:
                 setattr(self, name, value)
         status = job.get("status")
-        progress = job.get("progress") or {}
+        progress = job_progress(job)
         if self.first_progress_at is None and (status not in (None, "queued") or progress.get("stage")):
             self.first_progress_at = now
         if job.get("timings"):
@@ -92,6 +95,24 @@ class JobRecord:
             self.error_code = error.get("code")
         elif status:
             self.status = status
+
+
+def job_instants(job: dict[str, Any]) -> dict[str, float | None]:
+    """``created_at``, ``started_at`` and ``finished_at`` of a job body as epoch seconds, from
+    ``timestamps`` when present (to the microsecond), else the old ISO top level."""
+    precise = job.get("timestamps")
+    source = precise if isinstance(precise, dict) else job
+    return {name: _epoch(source.get(name)) for name in ("created_at", "started_at", "finished_at")}
+
+
+def job_progress(job: dict[str, Any]) -> dict[str, Any]:
+    """The stage/step progress object of a job body: ``progress_detail`` (``progress`` is then the
+    whole percent), or the old ``progress`` object."""
+    detail = job.get("progress_detail")
+    if isinstance(detail, dict):
+        return detail
+    progress = job.get("progress")
+    return progress if isinstance(progress, dict) else {}
 
 
 def _epoch(value: Any) -> float | None:

@@ -68,7 +68,8 @@ class GenerationParams(BaseModel):
         "Not the playback rate: see output_fps.",
     )
     output_fps: int | None = Field(
-        default=None, ge=1, le=60, description="Playback frame rate of the encoded clip. Defaults to fps."
+        default=None, ge=1, le=100, description="Playback frame rate of the encoded clip (up to 100, as the hosted "
+        "APIs allow). Defaults to fps."
     )
     motion_bucket_id: int = Field(default=127, ge=1, le=255, description="Amount of motion; higher moves more.")
     noise_aug_strength: float = Field(

@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_up)
     from .tenants.admin import register as register_tenants  # svd-serve tenants ...
     register_tenants(commands)
+    from .client.cli import register as register_client  # svd-serve client ...
+    register_client(commands)
 
     # Listed here for --help; main() hands its arguments to the load tester, which parses its own.
     commands.add_parser("loadtest", add_help=False, help="run a Locust load profile headless against a URL")

@@ -186,6 +186,12 @@ class StorageConfig(_Strict):
         default=None, description="S3 server-side encryption of stored objects."
     )
     kms_key_id: str | None = Field(default=None, description="KMS key for aws:kms encryption.")
+    url_signing_key_env: str = Field(
+        default="SVD_SERVE_URL_SIGNING_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the HMAC key (at least 32 bytes) that signs the local "
+        "backend's file URLs (the key itself is never in this config). Unset: a key file created once, mode 0600, in "
+        "local_dir; processes sharing local_dir share it. The s3 backend's URLs are presigned by S3 instead.",
+    )
 
     @model_validator(mode="after")
     def _check_backend(self) -> "StorageConfig":
@@ -332,6 +338,12 @@ class AppConfig(_Strict):
         "so queued work shows up as Sampler load and its autoscaler can react.",
     )
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="Largest accepted image upload.")
+    generations_wait_s: float = Field(
+        default=60.0, ge=0, le=600,
+        description="How long POST /v1/video/generations waits for its job to end before answering 202 with the job "
+        "id and a Location to poll (0: never waits). Each waiting request holds one of the ingress's "
+        "max_ongoing_requests.",
+    )
     url_allowlist: list[str] = Field(
         default_factory=list,
         description="Hosts or CIDRs the service may fetch from or call even though they are private "

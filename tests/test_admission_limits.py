@@ -252,3 +252,27 @@ def test_policy_changes_apply_without_restart(env):
     assert_error(submit(api, key, num_inference_steps=30), 429, "rate_limited", "150 requests per minute")
     env.clock.advance(0.4)
     assert submit(api, key, num_inference_steps=30).status_code == 202
+
+
+def openai_submit(client, key, **fields):
+    """A submit shaped as OpenAI's SDK sends it: multipart, the image as input_reference."""
+    data = {"prompt": "waves", "num_inference_steps": "2", **{k: str(v) for k, v in fields.items()}}
+    return client.post("/v1/videos", headers={"Authorization": f"Bearer {key}"}, data=data,
+                       files={"input_reference": ("ref.png", PNG, "image/png")})
+
+
+def test_limits_hold_for_openai_requests(env):
+    """OpenAI's fields map before the tenant's caps apply: a mapped size is checked like width and
+    height, seconds are capped at the tenant's max_num_frames, and the 429s are the same."""
+    key = env.add("alice", max_long_side=768, max_num_frames=16, rate_limit_per_minute=2, burst=2,
+                  max_queued_jobs=5)
+    other = env.add("bob", allowed_models=["someone/other-model"])
+    api = env.client()
+    assert_error(openai_submit(api, key, size="1280x720"), 422, "limit_exceeded",
+                 "1024x576: the long side 1024 exceeds this tenant's limit of 768 pixels")
+    capped = openai_submit(api, key, size="512x256", seconds="8")  # 56 frames asked, 16 allowed
+    assert capped.status_code == 202, capped.text
+    assert capped.json()["params"]["num_frames"] == 16 and capped.json()["seconds"] == "2.29"
+    assert openai_submit(api, key, size="256x128", seconds="1").status_code == 202
+    assert_error(openai_submit(api, key, size="256x128", seconds="1"), 429, "rate_limited", "2 requests per minute")
+    assert_error(openai_submit(api, other, size="256x128"), 403, "model_not_allowed")

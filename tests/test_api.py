@@ -12,22 +12,19 @@ import io
 import subprocess
 import sys
 import threading
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
+from fixtures_api import make_api
 from PIL import Image
 
 from pipelines.params import GenerationParams
 from pipelines.sample_image import SAMPLE_IMAGE_PATH
-from serve.api.app import create_api
 from serve.api.forms import MAX_FORM_FIELDS
-from serve.api.service import VideoService
-from serve.config import AppConfig
-from serve.jobstore import JobError, JobOutput, make_job_store
-from serve.storage import make_storage
-from serve.tenants import TenantRegistry, add_tenant
+from serve.jobstore import JobError, JobOutput
+from serve.tenants import add_tenant
 
 PNG = Path(SAMPLE_IMAGE_PATH).read_bytes()
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
@@ -36,23 +33,7 @@ SMALL = {"num_frames": 4, "num_inference_steps": 2, "width": 64, "height": 64}
 
 @pytest.fixture
 def api(tmp_path):
-    config = AppConfig.model_validate({
-        "storage": {"local_dir": str(tmp_path / "outputs")},
-        "job_store": {"sqlite_path": str(tmp_path / "jobs.sqlite3")},
-        "max_upload_bytes": 256 * 1024,
-        "url_allowlist": ["127.0.0.2"],
-    })
-    keys = {name: add_tenant(tmp_path / "tenants.yaml", name) for name in ("alice", "bob")}
-
-    async def model_info():
-        return {"num_frames": 14}
-
-    service = VideoService(config, store=make_job_store(config.job_store), storage=make_storage(config.storage),
-                           model_info=model_info)
-    client = TestClient(create_api(service, TenantRegistry(tmp_path / "tenants.yaml")))
-    client.keys = keys
-    client.service = service
-    return client
+    return make_api(tmp_path, url_allowlist=["127.0.0.2"])
 
 
 def h(api, tenant="alice", **extra):
@@ -160,7 +141,9 @@ def test_multipart_parameters_are_given_once(api):
 
 
 def test_multipart_field_count_is_capped_in_the_error_shape(api):
-    assert MAX_FORM_FIELDS == len(GenerationParams.model_fields) + 4  # + image, params, webhook_url, webhook_events
+    # + image, input_reference (file, [image_url], [file_id]), params, webhook_url, webhook_events,
+    # prompt, model, seconds, size
+    assert MAX_FORM_FIELDS == len(GenerationParams.model_fields) + 11
     at_cap = upload(api, {f"field{i}": "1" for i in range(MAX_FORM_FIELDS)})
     assert_error(at_cap, 422, "invalid_parameter", "field0: unknown parameter")  # parsed, then refused by name
     over = upload(api, {f"field{i}": "1" for i in range(MAX_FORM_FIELDS + 1)})
@@ -170,11 +153,14 @@ def test_multipart_field_count_is_capped_in_the_error_shape(api):
 def test_multipart_schema_lists_every_parameter(api):
     body = api.get("/openapi.json").json()["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
     form = body["multipart/form-data"]["schema"]
-    expected = set(GenerationParams.model_json_schema()["properties"]) | {"image", "params", "webhook_url",
-                                                                           "webhook_events"}
+    expected = set(GenerationParams.model_json_schema()["properties"]) | {
+        "image", "params", "webhook_url", "webhook_events",
+        "input_reference", "input_reference[image_url]", "prompt", "model", "seconds", "size"}
     assert set(form["properties"]) == expected and "cond_aug" in form["properties"]
     assert form["properties"]["output_format"]["enum"] == ["mp4", "webm", "gif"]
-    assert "$ref" not in str(form) and form["required"] == ["image"]
+    assert "$ref" not in str(form) and "required" not in form  # one of image, input_reference, its URL
+    as_json = body["application/json"]["schema"]["properties"]
+    assert {"image_url", "input_reference", "prompt", "model", "seconds", "size"} <= set(as_json)
 
 
 @pytest.mark.parametrize("headers, message", [
@@ -283,13 +269,15 @@ def test_job_lifecycle_cancel_delete_and_content(api):
     assert_error(api.delete(f"/v1/videos/{queued['id']}", headers=h(api)), 409, "job_running", "cancel it first")
     cancelled = api.post(f"/v1/videos/{queued['id']}/cancel", headers=h(api)).json()
     assert cancelled["status"] == "cancelled"
-    assert api.delete(f"/v1/videos/{queued['id']}", headers=h(api)).status_code == 204
+    deleted = api.delete(f"/v1/videos/{queued['id']}", headers=h(api))
+    assert deleted.status_code == 200 and deleted.json() == {"id": queued["id"], "object": "video.deleted",
+                                                             "deleted": True}
     assert_error(api.get(f"/v1/videos/{queued['id']}", headers=h(api)), 404, "not_found")
 
     done = submit(api).json()
     finish(api, done["id"], data=b"MP4 bytes" * 100)
     view = api.get(f"/v1/videos/{done['id']}", headers=h(api)).json()
-    assert view["status"] == "completed" and view["progress"]["percent"] == 100.0
+    assert view["status"] == "completed" and view["progress"] == 100 and view["progress_detail"]["percent"] == 100.0
     assert view["output"]["url"].endswith(f"/v1/videos/{done['id']}/content")
     assert view["output"]["file_size"] == 900
     content = api.get(f"/v1/videos/{done['id']}/content", headers=h(api))
@@ -297,7 +285,7 @@ def test_job_lifecycle_cancel_delete_and_content(api):
     assert content.headers["content-type"] == "video/mp4"
     assert f'filename="{done["id"]}.mp4"' in content.headers["content-disposition"]
     assert_error(api.post(f"/v1/videos/{done['id']}/cancel", headers=h(api)), 409, "already_finished")
-    assert api.delete(f"/v1/videos/{done['id']}", headers=h(api)).status_code == 204
+    assert api.delete(f"/v1/videos/{done['id']}", headers=h(api)).json()["deleted"] is True
     assert not any(Path(api.service.config.storage.local_dir).rglob(f"*{done['id']}*"))
 
 
@@ -355,3 +343,211 @@ def test_health_readiness_and_openapi(api):
 def test_api_layer_imports_no_ray():
     code = "import sys, serve.api.app, serve.api.service; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# -- OpenAI Videos on the same paths (docs/compatibility.md) ----------------------------------------
+
+
+def test_the_job_object_is_openai_video_plus_native_fields(api):
+    job = submit(api, prompt="a lighthouse at dusk").json()
+    openai_fields = {"id", "object", "status", "model", "prompt", "progress", "seconds", "size", "created_at",
+                     "completed_at", "expires_at", "error"}
+    native_fields = {"started_at", "finished_at", "timestamps", "params", "queue_position", "progress_detail",
+                     "timings", "output", "webhook_url", "webhook"}
+    assert set(job) == openai_fields | native_fields
+    assert job["object"] == "video" and job["status"] == "queued" and job["progress"] == 0
+    assert job["model"] == api.service.config.model.source and job["prompt"] == "a lighthouse at dusk"
+    assert job["seconds"] == "0.57" and job["size"] == "64x64"  # 4 frames at 7 fps, width x height
+    assert isinstance(job["created_at"], int) and job["completed_at"] is job["finished_at"] is job["started_at"] is None
+    precise = datetime.fromisoformat(job["timestamps"]["created_at"])
+    assert job["created_at"] == int(precise.timestamp()) and job["expires_at"] > job["created_at"]
+    assert job["progress_detail"] == {"stage": None, "step": 0, "total_steps": 0, "percent": 0.0, "updated_at": None}
+    assert submit(api, num_frames=None, width=None, height=None).json()["size"] == "1024x576"  # the 16:9 default
+
+
+def test_terminal_jobs_report_completed_at_and_cancelled_has_an_error_code(api):
+    queued = submit(api).json()
+    cancelled = api.post(f"/v1/videos/{queued['id']}/cancel", headers=h(api)).json()
+    assert cancelled["status"] == "cancelled" and cancelled["error"]["code"] == "cancelled"
+    assert cancelled["finished_at"] >= cancelled["created_at"] and cancelled["timestamps"]["finished_at"]
+    assert cancelled["completed_at"] is None  # OpenAI's completed_at: only for status completed
+    done = submit(api).json()
+    finish(api, done["id"])
+    view = api.get(f"/v1/videos/{done['id']}", headers=h(api)).json()
+    assert view["error"] is None and view["started_at"] <= view["completed_at"] == view["finished_at"]
+    assert view["output"]["thumbnail_url"].endswith(f"/v1/videos/{done['id']}/content?variant=thumbnail")
+
+
+def test_poll_after_header_while_the_job_has_not_ended(api):
+    created = submit(api)
+    assert created.headers["openai-poll-after-ms"] == "1000"
+    job_id = created.json()["id"]
+    assert api.get(f"/v1/videos/{job_id}", headers=h(api)).headers["openai-poll-after-ms"] == "1000"
+    api.service.store.claim(job_id, owner="r", lease_s=30)
+    assert api.get(f"/v1/videos/{job_id}", headers=h(api)).headers["openai-poll-after-ms"] == "500"
+    api.service.store.fail(job_id, owner="r", error=JobError(code="internal_error", message="boom"))
+    assert "openai-poll-after-ms" not in api.get(f"/v1/videos/{job_id}", headers=h(api)).headers
+
+
+def _form_body(fields: dict[str, str], boundary: str = "b") -> bytes:
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+             for name, value in fields.items()]
+    return ("".join(parts) + f"--{boundary}--\r\n").encode()
+
+
+def openai_form(api, data, files=None, tenant="alice"):
+    """A multipart submit shaped as the OpenAI SDK sends it (input_reference file, prompt, seconds, size)."""
+    return api.post("/v1/videos", headers=h(api, tenant), data={"prompt": "waves", **data},
+                    files=files or {"input_reference": ("ref.png", PNG, "image/png")})
+
+
+@pytest.mark.parametrize("size, expected", [
+    ("720x1280", (576, 1024)), ("1280x720", (1024, 576)), ("1024x1792", (576, 1024)), ("1792x1024", (1024, 576)),
+    ("256x128", (256, 128)), ("768x768", (768, 768)),
+])
+def test_size_maps_by_the_documented_table(api, size, expected):
+    response = openai_form(api, {"size": size, "num_frames": "4"})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert (job["params"]["width"], job["params"]["height"]) == expected and job["size"] == "%dx%d" % expected
+    as_json = submit(api, size=size, width=None, height=None)
+    assert as_json.status_code == 202 and as_json.json()["size"] == job["size"]
+
+
+def test_sizes_the_table_cannot_map_are_named(api):
+    for size in ("1000x1000", "1920x1080", "big", "0x64"):
+        assert_error(openai_form(api, {"size": size}), 422, "invalid_parameter", f"size: '{size}' cannot be mapped")
+    assert_error(openai_form(api, {"size": "1280x720", "width": "64", "height": "64"}), 422, "invalid_parameter",
+                 "size: give size or width and height, not both")
+    assert_error(submit(api, size="1280x720", aspect_ratio="1:1", width=None, height=None), 422,
+                 "invalid_parameter", "size: give size or aspect_ratio, not both")
+
+
+@pytest.mark.parametrize("seconds, extra, frames", [
+    ("4", {}, 28), ("8", {}, 56), ("12", {}, 64),           # 84 frames at 7 fps: the model's 64-frame cap
+    ("2", {"output_fps": "10"}, 20), ("1.5", {"fps": "6"}, 9), (4, {}, 28),
+])
+def test_seconds_become_frames_at_the_output_fps(api, seconds, extra, frames):
+    response = openai_form(api, {"seconds": str(seconds), "size": "256x128", **extra})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["params"]["num_frames"] == frames
+    fps = job["params"]["output_fps"] or job["params"]["fps"]
+    assert float(job["seconds"]) == pytest.approx(frames / fps, abs=0.005)
+    as_json = submit(api, seconds=seconds, num_frames=None, **{k: int(v) for k, v in extra.items()})
+    assert as_json.status_code == 202 and as_json.json()["params"]["num_frames"] == frames
+
+
+def test_seconds_are_capped_by_the_tenant_and_checked(api, tmp_path):
+    import time
+
+    api.keys["short"] = add_tenant(tmp_path / "tenants.yaml", "short", max_num_frames=16)
+    time.sleep(1.1)  # the registry re-checks the file at most once a second
+    capped = openai_form(api, {"seconds": "8", "size": "256x128"}, tenant="short")
+    assert capped.status_code == 202 and capped.json()["params"]["num_frames"] == 16
+    assert capped.json()["seconds"] == "2.29"
+    assert_error(openai_form(api, {"seconds": "4", "num_frames": "8"}), 422, "invalid_parameter",
+                 "seconds: give seconds or num_frames, not both")
+    assert_error(openai_form(api, {"seconds": "four"}), 422, "invalid_parameter", "seconds: 'four' is not a number")
+    assert_error(openai_form(api, {"seconds": "-1"}), 422, "invalid_parameter", "seconds")
+    assert_error(openai_form(api, {"seconds": "0.1"}), 422, "invalid_parameter", "at least 2 frames")
+
+
+def test_model_must_name_the_deployed_model(api):
+    source = api.service.config.model.source
+    for name in (source, source.rsplit("/", 1)[-1]):
+        assert openai_form(api, {"model": name, "num_frames": "4", "size": "256x128"}).status_code == 202
+    assert_error(openai_form(api, {"model": "sora-2"}), 422, "invalid_parameter", "model: 'sora-2' is not served")
+    assert_error(submit(api, model="sora-2"), 422, "invalid_parameter", "model: 'sora-2' is not served")
+
+
+def test_the_image_arrives_under_any_of_its_names_exactly_once(api):
+    # As the SDK flattens input_reference={"image_url": ...} into a form (multipart, no file).
+    by_url = api.post("/v1/videos", headers={**h(api), "Content-Type": "multipart/form-data; boundary=b"},
+                      content=_form_body({"prompt": "p", "input_reference[image_url]": DATA_URL, "num_frames": "4",
+                                          "size": "256x128"}))
+    assert by_url.status_code == 202, by_url.text
+    as_json = api.post("/v1/videos", headers=h(api), json={**SMALL, "input_reference": {"image_url": DATA_URL}})
+    assert as_json.status_code == 202, as_json.text
+    assert_error(api.post("/v1/videos", headers=h(api), json={**SMALL, "prompt": "a cat"}), 422,
+                 "invalid_parameter", "text-to-video is not available")
+    assert_error(api.post("/v1/videos", headers=h(api), json={**SMALL, "image_url": DATA_URL,
+                                                              "input_reference": {"image_url": DATA_URL}}),
+                 422, "invalid_parameter", "not both")
+    assert_error(api.post("/v1/videos", headers=h(api), json={**SMALL, "input_reference": {"file_id": "file_1"}}),
+                 422, "invalid_parameter", "file ids are not supported")
+    assert_error(openai_form(api, {"input_reference[image_url]": DATA_URL}), 422, "invalid_parameter",
+                 "not both")
+    assert_error(openai_form(api, {"input_reference[file_id]": "file_1"}), 422, "invalid_parameter",
+                 "file ids are not supported")
+    assert_error(api.post("/v1/videos", headers={**h(api), "Content-Type": "multipart/form-data; boundary=b"},
+                          content=_form_body({"prompt": "a cat"})), 422, "invalid_input",
+                 "text-to-video is not available")
+    assert_error(openai_form(api, {"prompt": "x" * 4001}), 422, "invalid_parameter", "prompt: at most")
+
+
+def test_the_prompt_is_part_of_an_idempotent_request(api):
+    first = api.post("/v1/videos", headers=h(api, **{"Idempotency-Key": "k"}),
+                     json={"image_url": DATA_URL, **SMALL, "prompt": "one"})
+    again = api.post("/v1/videos", headers=h(api, **{"Idempotency-Key": "k"}),
+                     json={"image_url": DATA_URL, **SMALL, "prompt": "one"})
+    assert again.headers["idempotent-replayed"] == "true" and again.json()["id"] == first.json()["id"]
+    other = api.post("/v1/videos", headers=h(api, **{"Idempotency-Key": "k"}),
+                     json={"image_url": DATA_URL, **SMALL, "prompt": "two"})
+    assert_error(other, 409, "idempotency_key_reused")
+
+
+def test_list_takes_openai_pagination_after_limit_order(api):
+    ids = [submit(api).json()["id"] for _ in range(5)]
+    submit(api, "bob")
+    first = api.get("/v1/videos?limit=2", headers=h(api)).json()
+    assert [j["id"] for j in first["data"]] == ids[::-1][:2]
+    assert first["first_id"] == ids[4] and first["last_id"] == ids[3] and first["has_more"] is True
+    seen, after = [], None
+    while True:
+        page = api.get("/v1/videos", params={"limit": 2, "order": "asc", **({"after": after} if after else {})},
+                       headers=h(api)).json()
+        seen += [j["id"] for j in page["data"]]
+        after = page["last_id"]
+        if not page["has_more"]:
+            break
+    assert seen == ids
+    by_cursor = api.get("/v1/videos", params={"limit": 3, "order": "asc"}, headers=h(api)).json()
+    rest = api.get("/v1/videos", params={"order": "asc", "cursor": by_cursor["next_cursor"]}, headers=h(api)).json()
+    assert [j["id"] for j in by_cursor["data"] + rest["data"]] == ids
+    assert rest["has_more"] is False and rest["next_cursor"] is None
+    newest_after = api.get("/v1/videos", params={"after": ids[2]}, headers=h(api)).json()
+    assert [j["id"] for j in newest_after["data"]] == ids[:2][::-1]
+    empty = api.get("/v1/videos", params={"after": ids[4], "order": "asc"}, headers=h(api)).json()
+    assert empty["data"] == [] and empty["first_id"] is None and empty["last_id"] is None and not empty["has_more"]
+    bobs = api.get("/v1/videos", headers=h(api, "bob")).json()["data"][0]["id"]
+    for unknown in (bobs, "vid_missing"):  # another tenant's id is a missing one
+        assert_error(api.get("/v1/videos", params={"after": unknown}, headers=h(api)), 404, "not_found",
+                     f"after: video '{unknown}' not found")
+    assert_error(api.get("/v1/videos", params={"after": ids[0], "cursor": first["next_cursor"]}, headers=h(api)),
+                 422, "invalid_input", "not both")
+    assert_error(api.get("/v1/videos?order=sideways", headers=h(api)), 422, "invalid_parameter", "order")
+
+
+def test_thumbnail_variant_serves_the_stored_first_frame(api):
+    from serve.jobstore import thumbnail_key_for
+
+    done = submit(api).json()
+    finish(api, done["id"])
+    assert_error(api.get(f"/v1/videos/{done['id']}/content?variant=thumbnail", headers=h(api)), 404, "not_found",
+                 "no thumbnail")
+    job = api.service.store.get(done["id"], tenant="alice")
+    assert job.output.thumbnail_key == thumbnail_key_for(job.output_key)
+    assert job.output.thumbnail_key.rsplit("/", 1)[0] == job.output_key.rsplit("/", 1)[0]  # beside the clip
+    api.service.storage.put(job.output.thumbnail_key, b"\xff\xd8\xff\xe0 jpeg", content_type="image/jpeg")
+    thumbnail = api.get(f"/v1/videos/{done['id']}/content?variant=thumbnail", headers=h(api))
+    assert thumbnail.status_code == 200 and thumbnail.content == b"\xff\xd8\xff\xe0 jpeg"
+    assert thumbnail.headers["content-type"] == "image/jpeg" and thumbnail.headers["content-length"] == "9"
+    video = api.get(f"/v1/videos/{done['id']}/content?variant=video", headers=h(api))
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    assert_error(api.get(f"/v1/videos/{done['id']}/content?variant=spritesheet", headers=h(api)), 422,
+                 "invalid_parameter", "variant: 'spritesheet' is not available")
+    assert_error(api.get(f"/v1/videos/{done['id']}/content?variant=thumbnail", headers=h(api, "bob")), 404,
+                 "not_found")
+    api.delete(f"/v1/videos/{done['id']}", headers=h(api))
+    assert not api.service.storage.exists(job.output.thumbnail_key)

@@ -97,9 +97,12 @@ def test_create_and_get_round_trip(store):
         route=["image_encode", "sampling", "decode", "video_encode"],
         output_key="acme/vid/out.mp4",
         fingerprint="f" * 64,
+        model="stabilityai/stable-video-diffusion-img2vid-xt",
+        prompt="a lighthouse at dusk",
     )
     stored, created = store.create(job)
     assert created
+    assert stored.model == job.model and stored.prompt == "a lighthouse at dusk"
     assert stored.id.startswith("vid_") and len(stored.id) == 28
     assert stored.version == 1 and stored.status is JobStatus.QUEUED and stored.attempts == 0
     assert stored.expires_at == stored.created_at + timedelta(seconds=store.retention_s)
@@ -223,6 +226,56 @@ def test_list_pagination_newest_first(store):
     assert all(j.status is JobStatus.QUEUED for j in queued)
     with pytest.raises(ValueError):
         store.list("acme", cursor="not a cursor!")
+
+
+def test_list_oldest_first_with_cursor_pages(store):
+    jobs = [store.create(new_job(created_at=T0 + timedelta(seconds=i)))[0] for i in range(5)]
+    same_instant = [store.create(new_job(created_at=T0 + timedelta(seconds=2)))[0] for _ in range(3)]
+    store.create(new_job("globex", created_at=T0 + timedelta(seconds=1)))
+    expected = sorted(jobs + same_instant, key=lambda j: (j.created_at, j.id))
+
+    seen, cursor = [], None
+    while True:
+        page, cursor = store.list("acme", limit=3, cursor=cursor, order="asc")
+        seen += page
+        if cursor is None:
+            break
+    assert [j.id for j in seen] == [j.id for j in expected]
+    # A job created later lands at the end of an oldest-first listing, after the pages already read.
+    first_page, cursor = store.list("acme", limit=3, order="asc")
+    late, _ = store.create(new_job(created_at=T0 + timedelta(seconds=100)))
+    rest, _ = store.list("acme", limit=50, cursor=cursor, order="asc")
+    assert [j.id for j in first_page + rest] == [j.id for j in expected] + [late.id]
+    queued, _ = store.list("acme", status=JobStatus.QUEUED, limit=2, order="asc")
+    assert [j.id for j in queued] == [j.id for j in expected[:2]]
+    with pytest.raises(ValueError):
+        store.list("acme", order="sideways")
+
+
+@pytest.mark.parametrize("order", ["desc", "asc"])
+def test_list_after_a_job_id(store, order):
+    jobs = [store.create(new_job(created_at=T0 + timedelta(seconds=i)))[0] for i in range(4)]
+    tied = [store.create(new_job(created_at=T0 + timedelta(seconds=1)))[0] for _ in range(2)]
+    other, _ = store.create(new_job("globex", created_at=T0 + timedelta(seconds=2)))
+    expected = sorted(jobs + tied, key=lambda j: (j.created_at, j.id), reverse=order == "desc")
+
+    seen, after = [], None
+    while True:  # OpenAI-style: the next page starts after the last id of this one
+        page, cursor = store.list("acme", limit=2, after=after, order=order)
+        seen += page
+        if cursor is None:
+            break
+        after = page[-1].id
+    assert [j.id for j in seen] == [j.id for j in expected]
+    for position, job in enumerate(expected):
+        page, _ = store.list("acme", limit=50, after=job.id, order=order)
+        assert [j.id for j in page] == [j.id for j in expected[position + 1:]]
+    for unknown in (other.id, "vid_missing"):  # another tenant's id is a missing one
+        with pytest.raises(ValueError):
+            store.list("acme", after=unknown, order=order)
+    _, cursor = store.list("acme", limit=1, order=order)
+    with pytest.raises(ValueError):
+        store.list("acme", after=jobs[0].id, cursor=cursor)
 
 
 # ---------------------------------------------------------------------------------------------- claiming

@@ -457,7 +457,29 @@ def test_arrival_queue_split_between_workers():
     assert sorted(t for p in parts for t in p) == single  # interleaved: together they are the one schedule
 
 
+def test_job_record_reads_the_precise_timestamps_of_the_current_job_object():
+    """Top-level instants are whole Unix seconds (OpenAI's Video); ``timestamps`` has microseconds."""
+    record = JobRecord(seq=1, tenant="a", scheduled_at=T0)
+    record.update_from_job({"id": "vid_1", "object": "video", "status": "queued", "progress": 0,
+                            "created_at": 1767225600, "timestamps": {"created_at": "2026-01-01T00:00:00.250000Z"},
+                            "progress_detail": {"stage": None, "step": 0}}, now=T0 + 1)
+    assert record.first_progress_at is None and record.status == "queued"
+    record.update_from_job({"id": "vid_1", "status": "in_progress", "progress": 40, "created_at": 1767225600,
+                            "started_at": 1767225600,
+                            "timestamps": {"created_at": "2026-01-01T00:00:00.250000+00:00",
+                                           "started_at": "2026-01-01T00:00:00.750000+00:00"},
+                            "progress_detail": {"stage": "sampling", "step": 1}}, now=T0 + 2)
+    assert record.first_progress_at == T0 + 2
+    assert record.started_at - record.created_at == pytest.approx(0.5)
+    record.update_from_job({"status": "cancelled", "progress": 40, "error": {"code": "cancelled"},
+                            "timestamps": {"created_at": "2026-01-01T00:00:00.250000+00:00",
+                                           "started_at": "2026-01-01T00:00:00.750000+00:00",
+                                           "finished_at": "2026-01-01T00:00:03.125000+00:00"}}, now=T0 + 3)
+    assert record.status == "cancelled" and record.finished_at - record.created_at == pytest.approx(2.875)
+
+
 def test_job_record_update_and_png():
+    """The job object of a service from before ``timestamps`` (ISO instants at the top level)."""
     record = JobRecord(seq=1, tenant="a", scheduled_at=T0)
     record.update_from_job({"id": "vid_1", "status": "queued", "created_at": "2026-01-01T00:00:00Z",
                             "progress": {"stage": None}}, now=T0 + 1)

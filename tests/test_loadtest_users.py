@@ -41,14 +41,21 @@ class StubAPI:
             status, stage = "in_progress", "sampling"
         iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat()  # noqa: E731
         done = status in ("completed", "cancelled")
-        return {"id": job["id"], "object": "video.job", "status": status, "created_at": iso(job["t"]),
-                "started_at": iso(job["t"] + QUEUED_S) if status != "queued" else None,
-                "finished_at": iso(job["t"] + QUEUED_S + RUN_S) if done else None, "params": job["params"],
+        created, started, ended = job["t"], job["t"] + QUEUED_S, job["t"] + QUEUED_S + RUN_S
+        return {"id": job["id"], "object": "video", "status": status, "model": "tiny", "prompt": None,
+                "progress": 100 if status == "completed" else 0, "seconds": "2", "size": "64x64",
+                "created_at": int(created), "started_at": int(started) if status != "queued" else None,
+                "completed_at": int(ended) if status == "completed" else None,
+                "finished_at": int(ended) if done else None, "expires_at": None,
+                "timestamps": {"created_at": iso(created), "started_at": iso(started) if status != "queued" else None,
+                               "finished_at": iso(ended) if done else None, "expires_at": None},
+                "params": job["params"],
                 "queue_position": 0 if status == "queued" else None,
-                "progress": {"stage": stage, "step": 0, "total_steps": 4, "percent": 0.0},
+                "progress_detail": {"stage": stage, "step": 0, "total_steps": 4, "percent": 0.0},
                 "timings": {"image_encode": 0.01, "sampling": 0.5, "decode": 0.05, "video_encode": 0.02,
                             "store": 0.001, "total": 0.6} if status == "completed" else {},
-                "error": None, "output": None}
+                "error": {"code": "cancelled", "message": "cancelled"} if status == "cancelled" else None,
+                "output": None}
 
 
 def make_handler(api: StubAPI):
@@ -110,7 +117,9 @@ def make_handler(api: StubAPI):
             parts = path.strip("/").split("/")
             if path == "/v1/videos":
                 data = [api.view(j) for j in list(api.jobs.values()) if j["tenant"] == tenant][:20]
-                return self._send(200, {"object": "list", "data": data, "next_cursor": None, "has_more": False})
+                return self._send(200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                                        "last_id": data[-1]["id"] if data else None, "has_more": False,
+                                        "next_cursor": None})
             job = self._job(parts[2], tenant) if len(parts) >= 3 else None
             if job is None:
                 return self._send(404, {"error": {"code": "not_found", "message": "no"}})

@@ -10,12 +10,15 @@ OTLP/HTTP receiver.
 from __future__ import annotations
 
 import base64
+import io
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from fixtures_redis import redis_server  # noqa: F401
 from otlp_collector import OTLPCollector
@@ -169,7 +172,7 @@ def test_http_job_end_to_end_matches_in_process_pipeline(deployment):
     done = wait_terminal(deployment, created["id"])
     assert done["status"] == "completed", done
     assert set(done["timings"]) >= {"image_encode", "sampling", "decode", "video_encode", "store"}
-    assert done["progress"]["step"] == done["progress"]["total_steps"] == 4
+    assert done["progress_detail"]["step"] == done["progress_detail"]["total_steps"] == 4 and done["progress"] == 100
 
     # Stored in S3: the content endpoint redirects to a presigned URL that serves the MP4.
     content = deployment["client"].get(f"/v1/videos/{created['id']}/content", headers=auth(deployment))
@@ -179,6 +182,15 @@ def test_http_job_end_to_end_matches_in_process_pipeline(deployment):
     info = probe_video(video.content)
     assert (info.frames, info.width, info.height, round(info.fps)) == (6, 64, 64, 10)
     assert info.codec == "h264"
+    # The final stage stored the first frame beside the clip: the thumbnail variant, presigned too.
+    thumbnail = deployment["client"].get(f"/v1/videos/{created['id']}/content?variant=thumbnail",
+                                         headers=auth(deployment))
+    assert thumbnail.status_code == 307
+    image = httpx.get(thumbnail.headers["location"], timeout=30)
+    assert image.status_code == 200 and image.content[:3] == b"\xff\xd8\xff"  # a JPEG
+    first = np.asarray(Image.open(io.BytesIO(image.content)).convert("RGB")).astype(np.int16)
+    assert first.shape == (64, 64, 3)
+    assert np.abs(first - decode_video_frames(video.content)[0].astype(np.int16)).mean() < 8
 
     # Same seed in process: the clips match up to codec noise (torch thread counts differ between
     # the replica and this process, which can flip a rounded pixel and nudge the encoder), while
@@ -204,13 +216,13 @@ def test_stage_replicas_hold_their_gpu_share_on_their_node_pool(deployment):
 
 def test_cancel_queued_and_running_jobs(deployment):
     running = submit(deployment, **SLOW)
-    _wait(lambda: job(deployment, running["id"])["progress"]["stage"] == "sampling", 60, "sampling to start")
+    _wait(lambda: job(deployment, running["id"])["progress_detail"]["stage"] == "sampling", 60, "sampling to start")
     response = deployment["client"].post(f"/v1/videos/{running['id']}/cancel", headers=auth(deployment))
     assert response.status_code == 200
     cancelled = wait_terminal(deployment, running["id"], timeout_s=30)
     assert cancelled["status"] == "cancelled"
     # It stopped within a step or so, well short of the 60 it asked for.
-    assert cancelled["progress"]["step"] < 60
+    assert cancelled["progress_detail"]["step"] < 60 and cancelled["error"]["code"] == "cancelled"
 
     # A job cancelled while queued never starts. Fill the runners first so it stays queued.
     blockers = [submit(deployment, **SLOW) for _ in range(8)]
@@ -238,7 +250,8 @@ def test_tenants_cannot_see_each_others_jobs_events_or_files(deployment):
     assert any(item["id"] == mine["id"] for item in client.get("/v1/videos", headers=auth(deployment)).json()["data"])
     assert client.get("/v1/videos", headers={"Authorization": "Bearer nope"}).status_code == 401
     # The owner still has it, and deleting it removes the stored clip.
-    assert client.delete(f"/v1/videos/{mine['id']}", headers=auth(deployment)).status_code == 204
+    assert client.delete(f"/v1/videos/{mine['id']}", headers=auth(deployment)).json() == {
+        "id": mine["id"], "object": "video.deleted", "deleted": True}
     assert client.get(f"/v1/videos/{mine['id']}", headers=auth(deployment)).status_code == 404
 
 
@@ -290,7 +303,8 @@ def test_burst_scales_the_sampler_alone_and_back_down(deployment):
 
 def test_killed_sampler_replica_loses_no_job(deployment):
     created = [submit(deployment, **SLOW) for _ in range(2)]
-    _wait(lambda: any(job(deployment, c["id"])["progress"]["stage"] == "sampling" for c in created), 60, "sampling")
+    _wait(lambda: any(job(deployment, c["id"])["progress_detail"]["stage"] == "sampling" for c in created), 60,
+          "sampling")
     victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Sampler" in a["name"]]
     assert victims
     for actor in victims:
@@ -385,7 +399,8 @@ def fair_deployment(deployment):
 def finished_order(deployment, jobs: dict[str, str]) -> list[str]:
     """Tenants of finished jobs, in the order they completed."""
     views = [job(deployment, job_id, tenant) for job_id, tenant in jobs.items()]
-    done = sorted((v for v in views if v["status"] == "completed"), key=lambda v: v["finished_at"])
+    done = sorted((v for v in views if v["status"] == "completed"),
+                  key=lambda v: datetime.fromisoformat(v["timestamps"]["finished_at"].replace("Z", "+00:00")))
     return [jobs[v["id"]] for v in done]
 
 

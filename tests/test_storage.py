@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from urllib.parse import parse_qs, urlsplit
+import time
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 import pytest
@@ -29,6 +30,7 @@ from serve.storage import (
     make_storage,
 )
 from serve.storage import s3 as s3_module
+from serve.storage.base import SignedURLError
 
 PREFIX = "svd-serve"
 BAD_KEYS = ["../x", "a/../../x", "/abs/x", "a//b", "a/./b", "a/b/", "", "a\x00b", "a\\b", "t/j/\n"]
@@ -380,3 +382,110 @@ def test_s3_unreachable_endpoint_is_a_storage_error(s3_env):
     assert not isinstance(info.value, ObjectNotFound)
     _assert_clean_message(info.value, "s3://bucket/svd-serve/acme/job1/clip.mp4")
     assert storage.ping() is False
+
+
+# ------------------------------------------------------------------------------- signed URLs
+def _signed_parts(url: str) -> tuple[str, dict[str, str]]:
+    parts = urlsplit(url)
+    return unquote(parts.path), {k: v[0] for k, v in parse_qs(parts.query).items()}
+
+
+def _verify(storage: Storage, url: str, **changes) -> None:
+    path, query = _signed_parts(url)
+    query.update(changes)
+    key = path.removeprefix("/files/")
+    storage.verify_signed_url(key, expires=int(query["expires"]), signature=query["signature"],
+                              filename=query.get("filename"), content_type=query.get("content_type"))
+
+
+def test_local_signed_url_verifies_and_expires(tmp_path, monkeypatch):
+    monkeypatch.delenv("SVD_SERVE_URL_SIGNING_KEY", raising=False)
+    storage = LocalStorage(tmp_path / "root", prefix=PREFIX)
+    key = job_key("acme", "job1", "my clip.mp4")
+    url = storage.signed_url(key, base_url="https://svd.example.com/", expires_s=300, filename="my clip.mp4",
+                             content_type="video/mp4")
+    path, query = _signed_parts(url)
+    assert url.startswith("https://svd.example.com/files/acme/job1/my%20clip.mp4?")
+    assert path == "/files/acme/job1/my clip.mp4" and query["filename"] == "my clip.mp4"
+    assert 299 <= int(query["expires"]) - time.time() <= 301
+    _verify(storage, url)
+    for changes in ({"signature": query["signature"][::-1]}, {"expires": str(int(query["expires"]) + 1)},
+                    {"filename": "x.mp4"}, {"content_type": "text/html"}, {"signature": ""}):
+        with pytest.raises(SignedURLError) as info:
+            _verify(storage, url, **changes)
+        assert info.value.reason == "invalid", changes
+    with pytest.raises(SignedURLError):
+        storage.verify_signed_url(job_key("acme", "job2", "my clip.mp4"), expires=int(query["expires"]),
+                                  signature=query["signature"], filename="my clip.mp4", content_type="video/mp4")
+    old = storage.signed_url(key, base_url="http://x", expires_s=10, now=time.time() - 11)
+    with pytest.raises(SignedURLError) as info:
+        _verify(storage, old)
+    assert info.value.reason == "expired"
+    for bad in BAD_KEYS:
+        with pytest.raises(ValueError):
+            storage.signed_url(bad, base_url="http://x", expires_s=10)
+    with pytest.raises(ValueError):
+        storage.signed_url(key, base_url="http://x", expires_s=0)
+
+
+def test_local_signing_key_file_is_created_once_private_and_shared(tmp_path, monkeypatch):
+    monkeypatch.delenv("SVD_SERVE_URL_SIGNING_KEY", raising=False)
+    root = tmp_path / "root"
+    first = LocalStorage(root, prefix=PREFIX)
+    key = job_key("acme", "job1", "clip.mp4")
+    first.put(key, b"x", content_type="video/mp4")
+    assert not (root / ".url-signing-key").exists()  # only a process that signs needs it
+    url = first.signed_url(key, base_url="http://a", expires_s=60)
+    key_file = root / ".url-signing-key"
+    assert key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_bytes()) >= 32
+    assert sorted(p.name for p in root.iterdir()) == [".url-signing-key", PREFIX]  # outside the objects
+    # Another process (a second ingress replica) on the same directory verifies it.
+    _verify(LocalStorage(root, prefix=PREFIX), url)
+    assert pickle.loads(pickle.dumps(first))._signing_key is None  # the key never travels
+    # Another directory, another key.
+    with pytest.raises(SignedURLError):
+        _verify(LocalStorage(tmp_path / "elsewhere", prefix=PREFIX), url)
+
+
+def test_local_signing_key_from_the_configured_environment_variable(tmp_path, monkeypatch, caplog):
+    secret = "s" * 40
+    monkeypatch.setenv("MY_URL_KEY", secret)
+    storage = LocalStorage(tmp_path / "a", signing_key_env="MY_URL_KEY")
+    url = storage.signed_url(job_key("acme", "job1", "clip.mp4"), base_url="http://a", expires_s=60)
+    _verify(LocalStorage(tmp_path / "b", signing_key_env="MY_URL_KEY"), url)  # any directory, same key
+    assert not (tmp_path / "a" / ".url-signing-key").exists()
+    with pytest.raises(SignedURLError):
+        _verify(LocalStorage(tmp_path / "a"), url)  # the default variable is not set: the key file's key
+
+    monkeypatch.setenv("MY_URL_KEY", "short")
+    with caplog.at_level(logging.DEBUG), pytest.raises(StorageError) as info:
+        LocalStorage(tmp_path / "c", signing_key_env="MY_URL_KEY").signed_url(
+            job_key("acme", "job1", "clip.mp4"), base_url="http://a", expires_s=60)
+    assert "MY_URL_KEY" in str(info.value) and "short" not in str(info.value).replace("shorter", "")
+    assert secret not in caplog.text
+
+    assert StorageConfig().url_signing_key_env == "SVD_SERVE_URL_SIGNING_KEY"
+    with pytest.raises(ValueError):
+        StorageConfig(url_signing_key_env="not a name")
+
+
+def test_local_signing_key_file_readable_by_others_is_warned_about(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("SVD_SERVE_URL_SIGNING_KEY", raising=False)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / ".url-signing-key").write_text("k" * 64)
+    os.chmod(root / ".url-signing-key", 0o644)
+    with caplog.at_level(logging.WARNING, logger="serve.storage"):
+        LocalStorage(root).signed_url(job_key("acme", "job1", "clip.mp4"), base_url="http://a", expires_s=60)
+    assert "chmod 600" in caplog.text and "k" * 64 not in caplog.text
+
+
+def test_s3_signed_url_is_its_presigned_url(s3):
+    storage, _, _ = s3
+    key = job_key("acme", "job1", "clip.mp4")
+    storage.put(key, b"data", content_type="video/mp4")
+    url = storage.signed_url(key, base_url="http://ignored", expires_s=60, filename="clip.mp4")
+    assert httpx.get(url).content == b"data"
+    assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == [str(storage.config.presign_expiry_s)]
+    with pytest.raises(SignedURLError):
+        storage.verify_signed_url(key, expires=int(time.time()) + 60, signature="x")

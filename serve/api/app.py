@@ -4,27 +4,28 @@ be tested without Ray); ``serve.ingress_deployment.Ingress`` mounts it as the Se
 
 import asyncio
 import json
-import time
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from pipelines.errors import InvalidInputError
 
-from ..jobstore import JobStatus
+from ..jobstore import Job, JobStatus
 from ..tenants import Tenant, TenantRegistry
 from .compat import compat_routers
 from .playground import playground_router
 from .errors import APIError, ErrorBody, install_error_handlers
-from .forms import multipart_schema, read_submit_form
-from .schemas import CreateVideoRequest, VideoJob, VideoJobList
-from .service import VideoService
+from .follow import KEEPALIVE, follow_job
+from .forms import SubmitForm, multipart_schema, read_submit_form
+from .schemas import CreateVideoRequest, VideoDeleted, VideoJob, VideoJobList, parse_seconds
+from .service import CONTENT_VARIANTS, VideoService
 
-EVENTS_WAKE_S = 1.0  # disconnect checks and keep-alives, between change notices
-EVENTS_RECHECK_S = 5.0  # re-read even without a notice (notices are hints, the store is the truth)
-EVENTS_HEARTBEAT_S = 15.0
 MULTIPART_OVERHEAD = 64 * 1024
+
+#: ``openai-poll-after-ms`` on a job that has not ended: how long a polling client (the OpenAI
+#: SDK's ``poll`` / ``create_and_poll``) waits before asking again.
+POLL_AFTER_MS = {JobStatus.QUEUED: 1000, JobStatus.IN_PROGRESS: 500}
 
 REJECTIONS = {
     401: {"model": ErrorBody, "description": "Missing or invalid API key."},
@@ -105,10 +106,21 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
     async def call(fn, *args, **kwargs):
         return await asyncio.to_thread(fn, *args, **kwargs)
 
+    def job_headers(job: Job) -> dict[str, str]:
+        wait = POLL_AFTER_MS.get(job.status)
+        return {"openai-poll-after-ms": str(wait)} if wait is not None else {}
+
+    def job_response(job: Job, request: Request, status_code: int = 200, headers: dict[str, str] | None = None):
+        view = service.view(job, base_url(request))
+        return JSONResponse(view.model_dump(mode="json"), status_code=status_code,
+                            headers={**job_headers(job), **(headers or {})})
+
     @app.post("/v1/videos", status_code=202, response_model=VideoJob, responses=REJECTIONS,
               summary="Submit an image-to-video job",
+              description="Native fields, or OpenAI's (prompt, input_reference, model, seconds, size): "
+                          "docs/compatibility.md.",
               openapi_extra={"requestBody": {"content": {
-                  "application/json": {"schema": CreateVideoRequest.model_json_schema()},
+                  "application/json": {"schema": CreateVideoRequest.model_json_schema(by_alias=True)},
                   "multipart/form-data": {"schema": multipart_schema()}},
                   "required": True}})
     async def create_video(
@@ -119,7 +131,6 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
             form = await read_submit_form(request, max_image_bytes=service.config.max_upload_bytes)
-            image, params, webhook_url, webhook_events = form.image, form.params, form.webhook_url, form.webhook_events
         elif content_type.startswith("application/json") or not content_type:
             raw = await request.body()
             try:
@@ -129,62 +140,80 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
             if not isinstance(body, dict):
                 raise InvalidInputError("the body must be a JSON object with image_url and generation parameters")
             create = CreateVideoRequest.model_validate(body)
-            image = await call(service.image_from_url, create.image_url)
-            params, webhook_url, webhook_events = create.generation_params(), create.webhook_url, create.webhook_events
+            form = SubmitForm(image=None, image_url=create.image_source(), params=create.generation_params(),
+                              webhook_url=create.webhook_url, webhook_events=create.webhook_events,
+                              prompt=create.prompt, model=create.model,
+                              seconds=parse_seconds(create.seconds) if create.seconds is not None else None)
         else:
             raise APIError(415, "unsupported_media_type", "send application/json or multipart/form-data")
-        admission = await service.admit(tenant, image=image, params=params, webhook_url=webhook_url,
-                                        webhook_events=webhook_events, idempotency_key=idempotency_key)
-        view = service.view(admission.job, base_url(request))
-        headers = {"Location": f"/v1/videos/{view.id}"}
+        image = form.image if form.image is not None else await call(service.image_from_url, form.image_url)
+        admission = await service.admit(tenant, image=image, params=form.params, webhook_url=form.webhook_url,
+                                        webhook_events=form.webhook_events, idempotency_key=idempotency_key,
+                                        prompt=form.prompt, model=form.model, seconds=form.seconds)
+        headers = {"Location": f"/v1/videos/{admission.job.id}"}
         if not admission.created:
             headers["Idempotent-Replayed"] = "true"
-        return JSONResponse(view.model_dump(mode="json"), status_code=202, headers=headers)
+        return job_response(admission.job, request, 202, headers)
 
-    @app.get("/v1/videos", response_model=VideoJobList, responses=REJECTIONS, summary="List jobs, newest first")
+    @app.get("/v1/videos", response_model=VideoJobList, responses=REJECTIONS,
+             summary="List jobs, newest first (order=asc: oldest first)")
     async def list_videos(
         request: Request,
         tenant: TenantDep,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        cursor: str | None = None,
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+        after: Annotated[str | None, Query(description="The last_id of the previous page (OpenAI's)")] = None,
+        order: Annotated[Literal["desc", "asc"], Query(description="By creation time")] = "desc",
         status: JobStatus | None = None,
     ):
+        if cursor is not None and after is not None:
+            raise InvalidInputError("give cursor or after, not both")
         try:
-            jobs, next_cursor = await call(service.store.list, tenant.name, limit=limit, cursor=cursor, status=status)
+            jobs, next_cursor = await call(service.store.list, tenant.name, limit=limit, cursor=cursor, after=after,
+                                           order=order, status=status)
         except ValueError:
+            if after is not None:  # a missing id, or another tenant's: this API's 404
+                raise APIError(404, "not_found", f"after: video {after!r} not found") from None
             raise InvalidInputError("cursor: not a cursor returned by this API") from None
-        return VideoJobList(data=[service.view(job, base_url(request)) for job in jobs],
-                            next_cursor=next_cursor, has_more=next_cursor is not None)
+        data = [service.view(job, base_url(request)) for job in jobs]
+        return VideoJobList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                            has_more=next_cursor is not None, next_cursor=next_cursor)
 
-    @app.get("/v1/videos/{job_id}", response_model=VideoJob, responses=REJECTIONS, summary="A job's status")
+    @app.get("/v1/videos/{job_id}", response_model=VideoJob, responses=REJECTIONS, summary="A job's status",
+             description="While the job has not ended, the openai-poll-after-ms header says when to ask again.")
     async def get_video(request: Request, job_id: str, tenant: TenantDep):
-        return service.view(await call(service.get, tenant, job_id), base_url(request))
+        return job_response(await call(service.get, tenant, job_id), request)
 
     @app.post("/v1/videos/{job_id}/cancel", response_model=VideoJob, responses=REJECTIONS, summary="Cancel a job")
     async def cancel_video(request: Request, job_id: str, tenant: TenantDep):
         job, ended_now = await call(service.cancel, tenant, job_id)
         if ended_now and on_ended is not None:
             await on_ended(job.id)
-        return service.view(job, base_url(request))
+        return job_response(job, request)
 
-    @app.delete("/v1/videos/{job_id}", status_code=204, responses=REJECTIONS,
+    @app.delete("/v1/videos/{job_id}", response_model=VideoDeleted, responses=REJECTIONS,
                 summary="Delete a finished job and its stored files")
     async def delete_video(job_id: str, tenant: TenantDep):
-        await call(service.delete, tenant, job_id)
-        return Response(status_code=204)
+        job = await call(service.delete, tenant, job_id)
+        return VideoDeleted(id=job.id)
 
-    @app.get("/v1/videos/{job_id}/content", responses={**REJECTIONS, 200: {"content": {"video/mp4": {}}},
-                                                        307: {"description": "Redirect to a presigned URL"}},
-             summary="Download the clip")
-    async def get_content(job_id: str, tenant: TenantDep):
-        job, presigned = await call(service.content, tenant, job_id)
-        if presigned:
-            return RedirectResponse(presigned, status_code=307)
-        chunks = service.storage.iter_chunks(job.output.key)
+    @app.get("/v1/videos/{job_id}/content",
+             responses={**REJECTIONS, 200: {"content": {"video/mp4": {}, "image/jpeg": {}}},
+                        307: {"description": "Redirect to a presigned URL"}},
+             summary="Download the clip (variant=thumbnail: its first frame, a JPEG)")
+    async def get_content(
+        job_id: str,
+        tenant: TenantDep,
+        variant: Annotated[str, Query(description=f"{' or '.join(CONTENT_VARIANTS)}")] = "video",
+    ):
+        content = await call(service.content, tenant, job_id, variant)
+        if content.presigned_url:
+            return RedirectResponse(content.presigned_url, status_code=307)
+        chunks = await call(service.storage.iter_chunks, content.key)
         return StreamingResponse(
-            _iterate_in_thread(chunks), media_type=job.output.content_type,
-            headers={"Content-Disposition": f'attachment; filename="{job.output.file_name}"',
-                     "Content-Length": str(job.output.file_size)},
+            _iterate_in_thread(chunks), media_type=content.content_type,
+            headers={"Content-Disposition": f'attachment; filename="{content.file_name}"',
+                     "Content-Length": str(content.size)},
         )
 
     @app.get("/v1/videos/{job_id}/events", responses={**REJECTIONS, 200: {"content": {"text/event-stream": {}}}},
@@ -194,31 +223,17 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
         url = base_url(request)
 
         async def stream():
-            # The store announces every change of the job: wake on it, re-read, and send an event
-            # when the rendered view changed (lease renewals change the record, not the view).
-            # The disconnect check and the keep-alive run on a short timer; no store reads then.
-            last, status, beat = None, None, time.monotonic()
-            with service.store.changes.watch(job_id) as watch:
-                job = first
-                while job is not None:
-                    payload = service.view(job, url).model_dump_json()
-                    if payload != last:
-                        event = "status" if job.status != status else "progress"
-                        last, status = payload, job.status
-                        yield f"event: {event}\nid: {job.version}\ndata: {payload}\n\n"
-                        if job.status.is_terminal:
-                            return
-                    changed = False
-                    waited = time.monotonic()
-                    while not changed:
-                        if await request.is_disconnected():
-                            return
-                        if time.monotonic() - beat >= EVENTS_HEARTBEAT_S:
-                            beat = time.monotonic()
-                            yield ": keep-alive\n\n"
-                        # A lost notice costs at most EVENTS_RECHECK_S, never a stuck stream.
-                        changed = await watch.changed(EVENTS_WAKE_S) or time.monotonic() - waited >= EVENTS_RECHECK_S
-                    job = await call(service.store.get, job_id, tenant=tenant.name)
+            # An event when the rendered view changed (lease renewals change the record, not the view).
+            last, status = None, None
+            async for job in follow_job(service.store, first, tenant=tenant.name, request=request):
+                if job is KEEPALIVE:
+                    yield ": keep-alive\n\n"
+                    continue
+                payload = service.view(job, url).model_dump_json()
+                if payload != last:
+                    event = "status" if job.status != status else "progress"
+                    last, status = payload, job.status
+                    yield f"event: {event}\nid: {job.version}\ndata: {payload}\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

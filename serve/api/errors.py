@@ -106,9 +106,14 @@ def rejection_for(error: BaseException) -> Rejection:
     return Rejection(500, "internal_error", "internal error")
 
 
+#: A conflict about the job's state is final: clients that retry 409s by default (the openai SDK)
+#: are told not to (``x-should-retry`` is the header that SDK honours).
+NO_RETRY_HEADERS = {409: {"x-should-retry": "false"}}
+
+
 def response_for(error: BaseException) -> JSONResponse:
     r = rejection_for(error)
-    return error_response(r.status, r.code, r.message, r.headers or None)
+    return error_response(r.status, r.code, r.message, {**NO_RETRY_HEADERS.get(r.status, {}), **r.headers} or None)
 
 
 def adapter_route(render: Callable[[Rejection], Response]) -> type[APIRoute]:

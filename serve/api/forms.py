@@ -1,10 +1,13 @@
 """Multipart submits of ``POST /v1/videos``: the form read into the same model as a JSON body.
 
-The image is the file field ``image``. Every generation parameter may be its own text field
-(``-F seed=5 -F cond_aug=0.1 -F output_format=webm``), sit in the ``params`` field as a JSON
-object, or both; ``webhook_url`` and ``webhook_events`` (comma-separated) complete the form.
-Nothing is dropped: an unknown field, a repeated field, or a parameter given twice (flat and in
-``params``, or by name and by alias) is a 422 naming it.
+The image is the file field ``image`` (or ``input_reference``, as OpenAI's SDK sends it), or its
+URL in the text field ``input_reference[image_url]``. Every generation parameter may be its own
+text field (``-F seed=5 -F cond_aug=0.1 -F output_format=webm``), sit in the ``params`` field as a
+JSON object, or both; ``webhook_url`` and ``webhook_events`` (comma-separated) and OpenAI's
+``prompt``, ``model``, ``seconds`` and ``size`` complete the form (``size`` becomes width and
+height here; ``seconds`` becomes num_frames at admission, see docs/compatibility.md). Nothing is
+dropped: an unknown field, a repeated field, or a parameter given twice (flat and in ``params``,
+by name and by alias, or as ``size``/``seconds`` and as width/height/num_frames) is a 422 naming it.
 
 Form values are strings. Pydantic first coerces them to each field's type with a model that
 has GenerationParams' fields and aliases but none of its constraints; GenerationParams then
@@ -27,9 +30,16 @@ from pipelines.errors import InvalidInputError
 from pipelines.params import GenerationParams
 
 from .errors import APIError
+from .schemas import MAX_PROMPT_CHARS, CreateVideoRequest, apply_size, check_seconds_alone, invalid, parse_seconds
 
 IMAGE_FIELD, PARAMS_FIELD, WEBHOOK_URL_FIELD, WEBHOOK_EVENTS_FIELD = "image", "params", "webhook_url", "webhook_events"
-ROUTE_FIELDS = (IMAGE_FIELD, PARAMS_FIELD, WEBHOOK_URL_FIELD, WEBHOOK_EVENTS_FIELD)
+#: OpenAI's names: the image file, or its URL / file id as the SDK flattens {"image_url": ...}.
+REFERENCE_FIELD, REFERENCE_URL_FIELD, REFERENCE_FILE_FIELD = (
+    "input_reference", "input_reference[image_url]", "input_reference[file_id]")
+PROMPT_FIELD, MODEL_FIELD, SECONDS_FIELD, SIZE_FIELD = "prompt", "model", "seconds", "size"
+IMAGE_FIELDS = (IMAGE_FIELD, REFERENCE_FIELD)
+ROUTE_FIELDS = (IMAGE_FIELD, REFERENCE_FIELD, REFERENCE_URL_FIELD, REFERENCE_FILE_FIELD, PARAMS_FIELD,
+                WEBHOOK_URL_FIELD, WEBHOOK_EVENTS_FIELD, PROMPT_FIELD, MODEL_FIELD, SECONDS_FIELD, SIZE_FIELD)
 #: The most fields a form can need: one per generation parameter plus the route's own.
 MAX_FORM_FIELDS = len(GenerationParams.model_fields) + len(ROUTE_FIELDS)
 
@@ -50,32 +60,62 @@ _FormValues = create_model(
 
 @dataclass(frozen=True)
 class SubmitForm:
-    image: bytes
+    """A submit, from a form or a JSON body: the image (bytes, or a URL to fetch), the validated
+    parameters (``size`` applied), the webhook settings and OpenAI's other fields."""
+
+    image: bytes | None
     params: GenerationParams
     webhook_url: str | None
     webhook_events: list[str]
+    image_url: str | None = None
+    prompt: str | None = None
+    model: str | None = None
+    seconds: float | None = None
 
 
 async def read_submit_form(request: Request, *, max_image_bytes: int) -> SubmitForm:
-    """The image (at most ``max_image_bytes`` + 1 bytes read, so the caller sees it is too large),
-    the validated parameters and the webhook settings of a multipart submit."""
+    """The image (at most ``max_image_bytes`` + 1 bytes read, so the caller sees it is too large)
+    or its URL, the validated parameters, the webhook settings and OpenAI's fields of a multipart
+    submit."""
     fields = _single_values(await _parse_form(request))
-    upload = fields.pop(IMAGE_FIELD, None)
-    if not isinstance(upload, UploadFile):
-        raise InvalidInputError("multipart upload: send the image as a file field named 'image'")
+    uploads = {name: fields.pop(name) for name in IMAGE_FIELDS if name in fields}
+    if isinstance(fields.get(REFERENCE_FILE_FIELD), str) and fields[REFERENCE_FILE_FIELD]:
+        raise invalid(REFERENCE_FILE_FIELD, "file ids are not supported; upload the image or give "
+                                            f"{REFERENCE_URL_FIELD}")
+    image_url = fields.get(REFERENCE_URL_FIELD) if isinstance(fields.get(REFERENCE_URL_FIELD), str) else None
+    image_url = image_url or None
+    for name, upload in uploads.items():
+        if not isinstance(upload, UploadFile):
+            raise InvalidInputError(f"multipart upload: {name}: send the image as a file")
+    if len(uploads) + (image_url is not None) != 1:
+        if image_url is not None:
+            raise invalid(REFERENCE_URL_FIELD, "give the image once: a file or its URL, not both")
+        raise InvalidInputError("multipart upload: send the image as a file field named 'image' (or "
+                                f"'{REFERENCE_FIELD}'), or its URL as '{REFERENCE_URL_FIELD}'; this service "
+                                "generates video from an image (text-to-video is not available)")
     texts: dict[str, str] = {}
     for name, value in fields.items():
         if not isinstance(value, str):
             raise InvalidInputError(f"multipart upload: {name}: send a text field, not a file")
         texts[name] = value
+    prompt = texts.get(PROMPT_FIELD)
+    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+        raise invalid(PROMPT_FIELD, f"at most {MAX_PROMPT_CHARS} characters")
+    seconds = parse_seconds(texts[SECONDS_FIELD]) if texts.get(SECONDS_FIELD) else None
     flat = {name: value for name, value in texts.items() if name not in ROUTE_FIELDS}
-    params = _form_params(flat, parse_params_field(texts.get(PARAMS_FIELD)))
+    params = _form_params(flat, parse_params_field(texts.get(PARAMS_FIELD)), size=texts.get(SIZE_FIELD) or None,
+                          seconds=seconds)
     events = texts.get(WEBHOOK_EVENTS_FIELD) or ""
+    upload = next(iter(uploads.values()), None)
     return SubmitForm(
-        image=await upload.read(max_image_bytes + 1),
+        image=await upload.read(max_image_bytes + 1) if upload is not None else None,
+        image_url=image_url,
         params=params,
         webhook_url=texts.get(WEBHOOK_URL_FIELD) or None,
         webhook_events=[event.strip() for event in events.split(",") if event.strip()],
+        prompt=prompt,
+        model=texts.get(MODEL_FIELD) or None,
+        seconds=seconds,
     )
 
 
@@ -88,9 +128,11 @@ async def _parse_form(request: Request) -> FormData:
         if detail.startswith("Too many fields"):
             raise APIError(422, "too_many_fields",
                            f"multipart upload: more than {MAX_FORM_FIELDS} form fields (the image, params, "
-                           "webhook_url, webhook_events and one per generation parameter)") from None
+                           "webhook_url, webhook_events, OpenAI's prompt, model, seconds and size, and one per "
+                           "generation parameter)") from None
         if detail.startswith("Too many files"):
-            raise InvalidInputError("multipart upload: send one file, the image") from None
+            raise InvalidInputError("multipart upload: send one file, the image (field 'image' or "
+                                    "'input_reference')") from None
         raise InvalidInputError(f"multipart upload: {detail}") from None
 
 
@@ -116,13 +158,17 @@ def parse_params_field(raw: str | None) -> dict[str, Any]:
     return value
 
 
-def _form_params(flat: dict[str, str], nested: dict[str, Any]) -> GenerationParams:
-    """Flat form fields plus the ``params`` object, each parameter given once, validated as JSON is.
-    A pydantic ValidationError is left to the API's handler (one line naming each field)."""
+def _form_params(flat: dict[str, str], nested: dict[str, Any], *, size: str | None = None,
+                 seconds: float | None = None) -> GenerationParams:
+    """Flat form fields plus the ``params`` object, each parameter given once, validated as JSON is
+    (``size`` as width and height). A pydantic ValidationError is left to the API's handler (one
+    line naming each field)."""
     _reject_given_twice(flat, nested)
     typed = _FormValues.model_validate(flat)
     coerced = {name: getattr(typed, _PARAMETER_NAMES[name]) for name in flat}  # keyed as the client spelled them
-    return GenerationParams.model_validate({**nested, **coerced})
+    values = {**nested, **coerced}
+    check_seconds_alone(values, seconds)
+    return GenerationParams.model_validate(apply_size(values, size))
 
 
 def _reject_given_twice(flat: dict[str, str], nested: dict[str, Any]) -> None:
@@ -139,16 +185,24 @@ def _reject_given_twice(flat: dict[str, str], nested: dict[str, Any]) -> None:
 
 def multipart_schema() -> dict[str, Any]:
     """The multipart request body as /docs shows it: the image, every generation parameter as its
-    own field (from GenerationParams' JSON schema, references inlined), params and the webhook fields."""
+    own field (from GenerationParams' JSON schema, references inlined), params, the webhook fields
+    and OpenAI's fields."""
     schema = GenerationParams.model_json_schema()
     defs = schema.get("$defs", {})
-    return {"type": "object", "required": [IMAGE_FIELD], "additionalProperties": False, "properties": {
-        IMAGE_FIELD: {"type": "string", "format": "binary", "description": "The conditioning image."},
+    request = CreateVideoRequest.model_json_schema(by_alias=True)["properties"]
+    return {"type": "object", "additionalProperties": False, "properties": {
+        IMAGE_FIELD: {"type": "string", "format": "binary",
+                      "description": f"The conditioning image (or send it as {REFERENCE_FIELD}, or its URL as "
+                                     f"{REFERENCE_URL_FIELD}: exactly one of the three)."},
+        REFERENCE_FIELD: {"type": "string", "format": "binary", "description": "The image, under OpenAI's name."},
+        REFERENCE_URL_FIELD: {"type": "string", "description": "The image's http(s) or base64 data URL."},
         **{name: _inline_refs(prop, defs) for name, prop in schema["properties"].items()},
         PARAMS_FIELD: {"type": "string", "description": "JSON object of generation parameters, instead of or "
                                                          "besides the fields above (each parameter once)"},
         WEBHOOK_URL_FIELD: {"type": "string", "description": "Called with the job when it ends (docs/webhooks.md)."},
         WEBHOOK_EVENTS_FIELD: {"type": "string", "description": "comma-separated, e.g. progress"},
+        **{name: {"type": "string", "description": request[name]["description"]}
+           for name in (PROMPT_FIELD, MODEL_FIELD, SECONDS_FIELD, SIZE_FIELD)},
     }}
 
 

@@ -1,31 +1,175 @@
-"""Request and response bodies of the HTTP API (what /docs shows)."""
+"""Request and response bodies of the HTTP API (what /docs shows), and the request fields of the
+OpenAI Videos API mapped onto the generation parameters.
+
+The native API and OpenAI's Videos API share the ``/v1/videos`` paths, so the job object is one
+object: OpenAI's ``Video`` (``id``, ``object: "video"``, Unix-second ``created_at`` /
+``completed_at`` / ``expires_at``, integer ``progress``, ``model``, ``prompt``, ``seconds``, ``size``,
+``error``) plus this service's own fields under names that do not clash (``progress_detail``,
+``timestamps``, ``params``, ``timings``, ``output``, ...). docs/compatibility.md has every mapping.
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.params import GenerationParams
+from pipelines.params import ASPECT_PRESETS, MAX_LONG_SIDE, SIZE_MULTIPLE, GenerationParams
+
+from .errors import APIError
+
+#: Longest ``prompt`` stored with a job.
+MAX_PROMPT_CHARS = 4000
+
+#: OpenAI's ``size`` values -> the size generated: the SVD aspect preset nearest in aspect ratio
+#: (SVD-XT is trained at 1024x576; other sizes cost more and look worse). Any other ``WxH`` that
+#: SVD supports as it is (both sides multiples of 64, 64 to 1536) is generated at that size.
+OPENAI_SIZES: dict[str, tuple[int, int]] = {
+    "720x1280": ASPECT_PRESETS["9:16"],   # 9:16 portrait -> 576x1024
+    "1280x720": ASPECT_PRESETS["16:9"],   # 16:9 landscape -> 1024x576
+    "1024x1792": ASPECT_PRESETS["9:16"],  # 4:7 portrait (nearest: 9:16) -> 576x1024
+    "1792x1024": ASPECT_PRESETS["16:9"],  # 7:4 landscape (nearest: 16:9) -> 1024x576
+}
+
+#: The fields a request may carry besides the generation parameters (OpenAI's names).
+SIZE_FIELDS = ("width", "height", "aspect_ratio")
+_SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+
+
+def invalid(field: str, message: str) -> APIError:
+    return APIError(422, "invalid_parameter", f"{field}: {message}")
+
+
+def size_to_dimensions(size: str) -> tuple[int, int]:
+    """``(width, height)`` generated for an OpenAI ``size``: :data:`OPENAI_SIZES`, else a ``WxH``
+    SVD supports as it is; anything else is a 422 naming it."""
+    if size in OPENAI_SIZES:
+        return OPENAI_SIZES[size]
+    match = _SIZE_RE.match(size)
+    if match:
+        width, height = int(match[1]), int(match[2])
+        if all(SIZE_MULTIPLE <= side <= MAX_LONG_SIDE and side % SIZE_MULTIPLE == 0 for side in (width, height)):
+            return width, height
+    raise invalid("size", f"{size!r} cannot be mapped to a size this service generates; use one of "
+                          f"{', '.join(OPENAI_SIZES)} (mapped to the nearest SVD preset) or WxH with both "
+                          f"sides multiples of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {MAX_LONG_SIDE}")
+
+
+def parse_seconds(value: Any) -> float:
+    """OpenAI's ``seconds`` ("4", "8", "12", or any positive number of seconds)."""
+    try:
+        seconds = float(str(value).strip())
+    except ValueError:
+        raise invalid("seconds", f"{value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise invalid("seconds", f"{value!r} must be a positive number of seconds")
+    return seconds
+
+
+#: The most frames the model generates in one clip (GenerationParams' own bound on num_frames).
+MODEL_MAX_FRAMES = next(meta.le for meta in GenerationParams.model_fields["num_frames"].metadata
+                        if hasattr(meta, "le"))
+
+
+def frames_for_seconds(seconds: float, fps: int, *, cap: int) -> int:
+    """``round(seconds x fps)`` frames (``fps`` the clip's playback rate), at most ``cap``
+    (the model's and the tenant's limits); fewer than 2 frames is a 422."""
+    frames = math.floor(seconds * fps + 0.5)
+    if frames < 2:
+        raise invalid("seconds", f"{seconds:g} s at {fps} fps is {frames} frame(s); a clip has at least 2 frames "
+                                 f"({2 / fps:.2g} s at {fps} fps)")
+    return min(frames, cap)
+
+
+def apply_size(values: dict[str, Any], size: str | None) -> dict[str, Any]:
+    """Generation parameters (a dict, before validation) with ``size`` as width and height."""
+    if size is None:
+        return values
+    given = [name for name in SIZE_FIELDS if values.get(name) is not None]
+    if given:
+        raise invalid("size", f"give size or {' and '.join(given)}, not both")
+    width, height = size_to_dimensions(size)
+    return {**values, "width": width, "height": height}
+
+
+def check_seconds_alone(values: dict[str, Any], seconds: Any) -> None:
+    if seconds is not None and values.get("num_frames") is not None:
+        raise invalid("seconds", "give seconds or num_frames, not both")
+
+
+def format_seconds(seconds: float) -> str:
+    """A clip length as OpenAI's ``seconds`` string: ``"4"``, ``"3.57"``."""
+    return f"{seconds:.2f}".rstrip("0").rstrip(".") or "0"
+
+
+class InputReference(BaseModel):
+    """OpenAI's reference object (``input_reference`` in a JSON body)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_url: str | None = Field(default=None, description="An http(s) URL or a base64 data URL.")
+    file_id: str | None = Field(default=None, description="Not supported here (there is no Files API): a 422.")
 
 
 class CreateVideoRequest(GenerationParams):
-    """JSON body of ``POST /v1/videos``: the image plus any generation parameter."""
+    """JSON body of ``POST /v1/videos``: the image plus any generation parameter, and OpenAI's
+    fields (``prompt``, ``input_reference``, ``model``, ``seconds``, ``size``)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    image_url: str = Field(
+    image_url: str | None = Field(
+        default=None,
         description="The conditioning image: an http(s) URL the service downloads, or a base64 data URL "
-        "(data:image/png;base64,...). For a file upload use multipart/form-data instead."
+        "(data:image/png;base64,...). Or give input_reference.image_url; for a file upload use "
+        "multipart/form-data instead.",
     )
+    input_reference: InputReference | None = Field(
+        default=None, description="OpenAI's form of the image: {\"image_url\": ...} (instead of image_url).")
+    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS,
+                               description="Stored with the job and shown back (this service is image-to-video: "
+                               "the image drives the clip).")
+    model: str | None = Field(default=None, description="The model to use: must name the model this service runs "
+                              "(its source, or the source's last path component); omit it for that model.")
+    seconds: str | float | None = Field(
+        default=None, description="Clip length instead of num_frames: frames = round(seconds x output fps), "
+        "at most the model's and the tenant's frame limits (docs/compatibility.md).")
+    # ``size`` is GenerationParams' resolved (width, height): the request field is ``size_``, spelled size.
+    size_: str | None = Field(
+        default=None, alias="size", description="WxH instead of width/height/aspect_ratio: OpenAI's 720x1280, "
+        "1280x720, 1024x1792, 1792x1024 map to the nearest SVD preset (docs/compatibility.md).")
     webhook_url: str | None = Field(default=None, description="Called with the job when it ends (docs/webhooks.md).")
     webhook_events: list[str] = Field(
         default_factory=list, description='Extra webhook events: ["progress"]. Terminal events are always sent.'
     )
 
+    #: Fields that are not generation parameters.
+    REQUEST_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"image_url", "input_reference", "prompt", "model", "seconds", "size_", "webhook_url", "webhook_events"})
+
+    def image_source(self) -> str:
+        """The image's URL (``image_url`` or ``input_reference.image_url``; exactly one)."""
+        reference = self.input_reference
+        if reference is not None and reference.file_id is not None:
+            raise invalid("input_reference.file_id", "file ids are not supported; give input_reference.image_url "
+                                                      "or upload the image (multipart)")
+        urls = [url for url in (self.image_url, reference.image_url if reference else None) if url is not None]
+        if len(urls) > 1:
+            raise invalid("image_url", "give image_url or input_reference, not both")
+        if not urls:
+            raise invalid("image_url", "required: this service generates video from an image (text-to-video is "
+                                       "not available; a prompt is stored with the job); give image_url or "
+                                       "input_reference.image_url")
+        return urls[0]
+
     def generation_params(self) -> GenerationParams:
-        return GenerationParams.model_validate(self.model_dump(exclude={"image_url", "webhook_url", "webhook_events"}))
+        """The generation parameters, with ``size`` as width and height (``seconds`` becomes
+        num_frames at admission, where the tenant's limits are known)."""
+        values = self.model_dump(exclude=set(self.REQUEST_FIELDS), exclude_none=True)
+        check_seconds_alone(values, self.seconds)
+        return GenerationParams.model_validate(apply_size(values, self.size_))
 
 
 class Progress(BaseModel):
@@ -42,6 +186,7 @@ class Output(BaseModel):
     content_type: str
     file_name: str
     file_size: int = Field(description="Bytes.")
+    thumbnail_url: str = Field(description="The clip's first frame as a JPEG: /content?variant=thumbnail.")
 
 
 class ErrorInfo(BaseModel):
@@ -56,21 +201,40 @@ class WebhookInfo(BaseModel):
         description="Delivery attempts: event id and type, attempt number, time, HTTP status or error, next retry.")
 
 
-class VideoJob(BaseModel):
-    """A video generation job as clients see it."""
+class Timestamps(BaseModel):
+    """The job's instants to the microsecond (ISO 8601, UTC); the top-level fields are whole seconds."""
 
-    id: str
-    object: Literal["video.job"] = "video.job"
-    status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
     created_at: datetime
     started_at: datetime | None = None
-    finished_at: datetime | None = None
+    finished_at: datetime | None = Field(default=None, description="When the job ended (any terminal status).")
     expires_at: datetime | None = None
+
+
+class VideoJob(BaseModel):
+    """A video generation job as clients see it: OpenAI's Video object plus this service's fields."""
+
+    id: str
+    object: Literal["video"] = "video"
+    status: Literal["queued", "in_progress", "completed", "failed", "cancelled"] = Field(
+        description="OpenAI's four statuses, and cancelled (POST /v1/videos/{id}/cancel; error.code is "
+        "then 'cancelled' too).")
+    model: str = Field(description="The model serving the job (its source, as configured).")
+    prompt: str | None = Field(default=None, description="The prompt given at creation, if any.")
+    progress: int = Field(description="Approximate completion, 0-100 (whole percent; progress_detail has more).")
+    seconds: str = Field(description="Clip length in seconds: num_frames / output fps, e.g. \"4\" or \"3.57\".")
+    size: str = Field(description="The size generated, WxH (e.g. 1024x576).")
+    created_at: int = Field(description="Unix seconds (timestamps.created_at has microseconds).")
+    started_at: int | None = Field(default=None, description="Unix seconds the job first started running.")
+    completed_at: int | None = Field(default=None, description="Unix seconds the job completed (status completed).")
+    finished_at: int | None = Field(default=None, description="Unix seconds the job ended (completed, failed or "
+                                    "cancelled).")
+    expires_at: int | None = Field(default=None, description="Unix seconds the job and its files are deleted.")
+    error: ErrorInfo | None = Field(default=None, description="Why the job failed (or code 'cancelled').")
+    timestamps: Timestamps
     params: dict[str, Any] = Field(description="The generation parameters, seed resolved.")
     queue_position: int | None = Field(default=None, description="Jobs ahead of this one while queued.")
-    progress: Progress
+    progress_detail: Progress
     timings: dict[str, float] = Field(description="Seconds per stage.")
-    error: ErrorInfo | None = Field(default=None, description="Why the job failed (status failed).")
     output: Output | None = Field(default=None, description="The clip (status completed).")
     webhook_url: str | None = None
     webhook: WebhookInfo | None = Field(default=None, description="Webhook settings and delivery attempts.")
@@ -79,5 +243,13 @@ class VideoJob(BaseModel):
 class VideoJobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[VideoJob]
-    next_cursor: str | None = Field(description="Pass as ?cursor= for the next (older) page.")
+    first_id: str | None = Field(description="Id of the first job in data (null when empty).")
+    last_id: str | None = Field(description="Id of the last job in data: pass as ?after= for the next page.")
     has_more: bool
+    next_cursor: str | None = Field(description="Or pass this as ?cursor= for the next page (same order).")
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True

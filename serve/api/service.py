@@ -7,13 +7,16 @@ another tenant's job id behaves exactly like a missing one.
 Admission applies the tenant's policy (``serve.tenants.TenantPolicy``, see docs/tenants.md) before
 anything is stored, in this order:
 
-1. the deployed model is not in ``allowed_models``: 403 ``model_not_allowed``;
+1. the deployed model is not in ``allowed_models``: 403 ``model_not_allowed``; a request that
+   names a ``model`` must name the deployed one (422 ``invalid_parameter``);
 2. a known ``Idempotency-Key``: the existing job is returned (or 409 if the request differs). A
    replay is looked up *before* the quota checks, so a retried submit never spends a rate-limit
    token and is never refused for a quota (a race with a concurrent first submit can still
    spend one token, once);
-3. caps on frames, resolution and steps: 422 ``limit_exceeded`` naming each limit; a
-   ``webhook_url`` needs a tenant webhook secret and must pass the SSRF checks (422);
+3. OpenAI's ``seconds`` becomes ``num_frames`` (round(seconds x output fps), at most the model's
+   and the tenant's frame limits); caps on frames, resolution and steps: 422 ``limit_exceeded``
+   naming each limit; a ``webhook_url`` needs a tenant webhook secret and must pass the SSRF
+   checks (422);
 4. ``max_queued_jobs`` reached: 429 ``queue_full`` with Retry-After. A full queue is this
    tenant's quota, not a service outage, hence 429 and not 503. The count is read, not
    reserved, so concurrent submits can overshoot it by the number of in-flight admissions;
@@ -43,14 +46,22 @@ from pipelines.params import GenerationParams
 from pipelines.registry import STAGES
 
 from ..config import AppConfig
-from ..jobstore import AdmissionPolicy, Job, JobStatus, JobStore, WebhookSubscription, utcnow
-from ..storage import Storage, job_key, job_prefix
+from ..jobstore import (
+    THUMBNAIL_CONTENT_TYPE,
+    AdmissionPolicy,
+    Job,
+    JobStatus,
+    JobStore,
+    WebhookSubscription,
+    utcnow,
+)
+from ..storage import ObjectNotFound, Storage, job_key, job_prefix
 from ..telemetry import current_carrier, log_extra, tracer
 from ..tenants import Tenant, TenantPolicy
 from ..urlguard import URLPolicy, guarded_client
 from ..webhooks import check_webhook_url, normalize_events
 from .errors import APIError, NotFoundError
-from .schemas import VideoJob
+from .schemas import MAX_PROMPT_CHARS, MODEL_MAX_FRAMES, VideoJob, frames_for_seconds, invalid
 from .views import job_view
 
 logger = logging.getLogger("ray.serve.svd_serve")
@@ -66,6 +77,21 @@ SUBMIT_BUCKET = "submit:{tenant}"
 class Admission:
     job: Job
     created: bool
+
+
+@dataclass(frozen=True)
+class Content:
+    """What ``GET /v1/videos/{id}/content`` serves: an object in storage, or a presigned URL to it."""
+
+    key: str
+    content_type: str
+    file_name: str
+    size: int
+    presigned_url: str | None
+
+
+#: ``variant`` of the content endpoint (OpenAI's names; no spritesheet here).
+CONTENT_VARIANTS = ("video", "thumbnail")
 
 
 class VideoService:
@@ -110,21 +136,36 @@ class VideoService:
         webhook_events: list[str] | None = None,
         idempotency_key: str | None = None,
         webhook_format: str = "native",
+        prompt: str | None = None,
+        model: str | None = None,
+        seconds: float | None = None,
     ) -> Admission:
         """Validate, store the image, write the job. Raises for anything the client must fix.
-        ``webhook_format`` names the adapter whose webhook shape the job's events take."""
+        ``webhook_format`` names the adapter whose webhook shape the job's events take; ``prompt``
+        is stored with the job; ``model``, if given, must name the deployed model; ``seconds``
+        (instead of ``params.num_frames``) sets the clip's length."""
         events = sorted(normalize_events(webhook_events)) if webhook_events else []
         if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255 and idempotency_key.isprintable()):
             raise InvalidInputError("Idempotency-Key must be 1-255 printable characters")
+        if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+            raise invalid("prompt", f"at most {MAX_PROMPT_CHARS} characters")
         policy = tenant.policy
         with tracer().start_as_current_span("admission", attributes={"svd.tenant": tenant.name}) as span:
             if not policy.allows_model(self.config.model.source):
                 raise APIError(403, "model_not_allowed",
                                "this tenant may not use the model this service runs "
                                f"(allowed_models: {', '.join(policy.allowed_models)})")
+            if model is not None and not self.serves_model(model):
+                raise invalid("model", f"{model!r} is not served here; this service runs "
+                                       f"{self.config.model.source!r}: name it, or omit model")
+            if seconds is not None:
+                if params.num_frames is not None:
+                    raise invalid("seconds", "give seconds or num_frames, not both")
+                params = self.params_for_seconds(policy, params, seconds)
             fingerprint = hashlib.sha256(
                 hashlib.sha256(image).digest() + params.model_dump_json().encode()
                 + json.dumps([webhook_url, events]).encode()
+                + (b"" if prompt is None else json.dumps({"prompt": prompt}).encode())
             ).hexdigest()
             if idempotency_key is not None:
                 existing = self.store.find_by_idempotency_key(tenant.name, idempotency_key)
@@ -143,6 +184,8 @@ class VideoService:
             job = Job(
                 tenant=tenant.name,
                 params=resolved.model_dump(mode="json"),
+                model=self.config.model.source,
+                prompt=prompt,
                 route=[spec.name for spec in STAGES.route(resolved)],
                 fingerprint=fingerprint,
                 policy=AdmissionPolicy(weight=tenant.weight, max_running_jobs=policy.max_running_jobs,
@@ -174,6 +217,20 @@ class VideoService:
                            "this Idempotency-Key was already used with a different request")
         logger.info("idempotent replay", extra=log_extra(existing.id, tenant=tenant.name))
         return Admission(job=existing, created=False)
+
+    def serves_model(self, name: str) -> bool:
+        """Whether ``name`` names the deployed model: its source, or the source's last path
+        component (``stable-video-diffusion-img2vid-xt`` for ``stabilityai/stable-video-diffusion-img2vid-xt``)."""
+        source = self.config.model.source.rstrip("/")
+        return name.rstrip("/") in (source, source.rsplit("/", 1)[-1])
+
+    @staticmethod
+    def params_for_seconds(policy: TenantPolicy, params: GenerationParams, seconds: float) -> GenerationParams:
+        """``params`` with num_frames = round(seconds x the clip's playback fps), capped by the
+        model's frame limit and the tenant's ``max_num_frames`` (docs/compatibility.md)."""
+        cap = min(MODEL_MAX_FRAMES, policy.max_num_frames or MODEL_MAX_FRAMES)
+        frames = frames_for_seconds(seconds, params.resolved_output_fps, cap=cap)
+        return GenerationParams.model_validate({**params.model_dump(), "num_frames": frames})
 
     @staticmethod
     def check_limits(policy: TenantPolicy, resolved: GenerationParams) -> None:
@@ -228,19 +285,36 @@ class VideoService:
         ended_now = before is not None and before.status is JobStatus.QUEUED and job.status is JobStatus.CANCELLED
         return job, ended_now
 
-    def delete(self, tenant: Tenant, job_id: str) -> None:
+    def delete(self, tenant: Tenant, job_id: str) -> Job:
+        """Remove a finished job's files and record; returns the job as it was."""
         job = self.get(tenant, job_id)
         if not job.status.is_terminal:
             raise APIError(409, "job_running", f"the job is {job.status.value}: cancel it first, then delete it")
         self.storage.delete_prefix(job_prefix(tenant.name, job.id))
         self.store.delete(job_id, tenant=tenant.name)
+        return job
 
-    def content(self, tenant: Tenant, job_id: str) -> tuple[Job, str | None]:
-        """The completed job and a presigned URL (None: stream the bytes from storage)."""
+    def content(self, tenant: Tenant, job_id: str, variant: str = "video") -> Content:
+        """The completed job's clip (``video``) or its first frame (``thumbnail``, a JPEG), with a
+        presigned URL where the storage has them (None: stream the bytes from storage)."""
+        if variant not in CONTENT_VARIANTS:
+            raise invalid("variant", f"{variant!r} is not available; use {' or '.join(CONTENT_VARIANTS)}")
         job = self.get(tenant, job_id)
         if job.status is not JobStatus.COMPLETED or job.output is None:
             raise APIError(409, "not_ready", f"the job is {job.status.value}; content exists once it is completed")
-        return job, self.storage.presigned_url(job.output.key, filename=job.output.file_name)
+        output = job.output
+        if variant == "video":
+            key, content_type, file_name, size = output.key, output.content_type, output.file_name, output.file_size
+        else:
+            key, content_type = output.thumbnail_key, THUMBNAIL_CONTENT_TYPE
+            file_name = f"{job.id}.thumbnail.jpg"
+            try:
+                size = self.storage.size(key)
+            except ObjectNotFound:
+                raise APIError(404, "not_found", "this clip has no thumbnail (it was stored before thumbnails "
+                               "existed, or its first frame could not be extracted)") from None
+        return Content(key=key, content_type=content_type, file_name=file_name, size=size,
+                       presigned_url=self.storage.presigned_url(key, filename=file_name))
 
     # -- views ----------------------------------------------------------------------------------
 

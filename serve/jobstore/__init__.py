@@ -9,10 +9,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from serve.jobstore.changes import QUEUE_CHANNEL, JobChanges, JobWatch
-from serve.jobstore.base import JobStore, JobStoreError, abandoned_error, decode_cursor, encode_cursor
+from serve.jobstore.base import (
+    LIST_ORDERS,
+    JobStore,
+    JobStoreError,
+    ListOrder,
+    abandoned_error,
+    decode_cursor,
+    encode_cursor,
+)
 from serve.jobstore.models import (
     JOB_ID_PREFIX,
     TERMINAL_STATUSES,
+    THUMBNAIL_CONTENT_TYPE,
     Job,
     JobError,
     JobOutput,
@@ -22,6 +31,7 @@ from serve.jobstore.models import (
     WebhookAttempt,
     WebhookSubscription,
     new_job_id,
+    thumbnail_key_for,
     utcnow,
 )
 from serve.jobstore.redis import RedisJobStore
@@ -38,7 +48,10 @@ __all__ = [
     "WebhookAttempt",
     "WebhookSubscription",
     "JOB_ID_PREFIX",
+    "LIST_ORDERS",
+    "ListOrder",
     "TERMINAL_STATUSES",
+    "THUMBNAIL_CONTENT_TYPE",
     "Job",
     "JobError",
     "JobOutput",
@@ -53,6 +66,7 @@ __all__ = [
     "encode_cursor",
     "make_job_store",
     "new_job_id",
+    "thumbnail_key_for",
     "utcnow",
 ]
 

@@ -36,7 +36,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from serve.jobstore.changes import QUEUE_CHANNEL, JobChanges
 from serve.jobstore.models import (
@@ -55,6 +55,10 @@ from serve.jobstore.models import (
 Mutation = Callable[[Job], bool]
 
 DEFAULT_RETENTION_S = 24 * 3600.0
+
+#: Listing order by ``(created_at, id)``: newest first (``desc``, the default) or oldest first.
+ListOrder = Literal["desc", "asc"]
+LIST_ORDERS = ("desc", "asc")
 
 _TOKEN_EPSILON = 1e-9
 
@@ -123,9 +127,23 @@ class JobStore(ABC):
 
     @abstractmethod
     def list(
-        self, tenant: str, *, limit: int = 20, cursor: str | None = None, status: JobStatus | None = None
+        self,
+        tenant: str,
+        *,
+        limit: int = 20,
+        cursor: str | None = None,
+        status: JobStatus | None = None,
+        order: ListOrder = "desc",
+        after: str | None = None,
     ) -> tuple[list[Job], str | None]:
-        """The tenant's jobs, newest first, and the cursor of the next page (None on the last)."""
+        """The tenant's jobs ordered by ``(created_at, id)``, newest first (``order="desc"``) or
+        oldest first (``"asc"``), and the cursor of the next page (None on the last).
+
+        The page starts after a position: ``cursor`` (returned by an earlier call with the same
+        ``order``) or ``after``, the id of one of the tenant's jobs (OpenAI-style pagination).
+        Raises ``ValueError`` for a malformed cursor, both given, an unknown order, or an
+        ``after`` id that is not one of the tenant's jobs (another tenant's id is a missing one).
+        """
 
     @abstractmethod
     def queued_heads(self) -> list[Job]:
@@ -204,6 +222,25 @@ class JobStore(ABC):
 
     def _now(self) -> float:
         return self._clock()
+
+    def _list_start(self, tenant: str, *, limit: int, cursor: str | None, after: str | None,
+                    order: str) -> tuple[int, str] | None:
+        """Checks a listing's arguments; the ``(created_at in epoch microseconds, id)`` the page
+        starts after, or None to start at the first job."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        if order not in LIST_ORDERS:
+            raise ValueError(f"order must be one of {', '.join(LIST_ORDERS)}")
+        if cursor is not None and after is not None:
+            raise ValueError("give cursor or after, not both")
+        if cursor is not None:
+            return decode_cursor(cursor)
+        if after is not None:
+            job = self.get(after, tenant=tenant)
+            if job is None:
+                raise ValueError(f"after: no job {after!r}")
+            return dt_to_us(job.created_at), job.id
+        return None
 
     def _announce(self, job: Job) -> None:
         """Publish a committed change (and, for a queued job, that the queue changed)."""

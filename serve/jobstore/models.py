@@ -71,6 +71,19 @@ class JobProgress(BaseModel):
     updated_at: datetime | None = Field(default=None, description="When the stage reported this progress.")
 
 
+#: Suffix of the thumbnail (the clip's first frame, JPEG) stored beside the clip.
+THUMBNAIL_SUFFIX = ".thumbnail.jpg"
+THUMBNAIL_CONTENT_TYPE = "image/jpeg"
+
+
+def thumbnail_key_for(output_key: str) -> str:
+    """Where the final stage stores the clip's first frame: beside the clip, same name, its
+    extension replaced (``acme/vid_x/vid_x.mp4`` -> ``acme/vid_x/vid_x.thumbnail.jpg``)."""
+    folder, _, name = output_key.rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return f"{folder}/{stem}{THUMBNAIL_SUFFIX}" if folder else f"{stem}{THUMBNAIL_SUFFIX}"
+
+
 class JobOutput(BaseModel):
     """The stored clip, as the final stage wrote it."""
 
@@ -83,6 +96,13 @@ class JobOutput(BaseModel):
     width: int = Field(default=0, ge=0)
     height: int = Field(default=0, ge=0)
     duration_s: float = Field(default=0.0, ge=0, description="Playback length, num_frames / fps (metered).")
+
+    @property
+    def thumbnail_key(self) -> str:
+        """Storage key of the clip's first frame (JPEG), stored beside the clip by the final stage.
+        Derived from ``key``, so every writer of a JobOutput agrees on it; a clip stored before
+        thumbnails existed (or whose frame could not be extracted) has none there."""
+        return thumbnail_key_for(self.key)
 
 
 class WebhookAttempt(BaseModel):
@@ -140,6 +160,8 @@ class Job(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     params: dict[str, Any] = Field(default_factory=dict, description="The resolved generation parameters.")
+    model: str = Field(default="", description="The model that serves the job (its source, as configured).")
+    prompt: str | None = Field(default=None, description="The client's text prompt, stored (no text-to-video yet).")
     input_key: str = Field(default="", description="Storage key of the conditioning image.")
     progress: JobProgress = Field(default_factory=JobProgress)
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds spent per stage.")

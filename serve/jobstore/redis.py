@@ -64,8 +64,8 @@ from serve.jobstore.base import (
     DEFAULT_RETENTION_S,
     JobStore,
     JobStoreError,
+    ListOrder,
     Mutation,
-    decode_cursor,
     encode_cursor,
 )
 from serve.jobstore.changes import RedisChanges
@@ -375,28 +375,44 @@ class RedisJobStore(JobStore):
 
     @_translate
     def list(
-        self, tenant: str, *, limit: int = 20, cursor: str | None = None, status: JobStatus | None = None
+        self,
+        tenant: str,
+        *,
+        limit: int = 20,
+        cursor: str | None = None,
+        status: JobStatus | None = None,
+        order: ListOrder = "desc",
+        after: str | None = None,
     ) -> tuple[list[Job], str | None]:
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
+        start: tuple[int, str] | None = self._list_start(tenant, limit=limit, cursor=cursor, after=after, order=order)
         status = JobStatus(status) if status is not None else None
+        descending = order == "desc"
         # A status-filtered listing of queued jobs has its own index; others filter while scanning.
         key = self._k("queued", tenant) if status is JobStatus.QUEUED else self._k("jobs", tenant)
-        after: tuple[int, str] | None = decode_cursor(cursor) if cursor is not None else None
-        max_score: Any = "+inf" if after is None else after[0]
+        # From the start position's score (inclusive: equal scores order by id) to the end.
+        if descending:
+            low, high = "-inf", ("+inf" if start is None else start[0])
+        else:
+            low, high = ("-inf" if start is None else start[0]), "+inf"
+
+        def beyond(member: str, score: float) -> bool:
+            if start is None:
+                return True
+            position = (int(score), member)
+            return position < start if descending else position > start
+
         batch = max(limit + 1, 50)
         offset = 0
         found: list[Job] = []
         while len(found) <= limit:
-            entries = self._r.zrevrangebyscore(key, max_score, "-inf", start=offset, num=batch, withscores=True)
+            if descending:
+                entries = self._r.zrevrangebyscore(key, high, low, start=offset, num=batch, withscores=True)
+            else:
+                entries = self._r.zrangebyscore(key, low, high, start=offset, num=batch, withscores=True)
             if not entries:
                 break
             offset += len(entries)
-            ids = [
-                member
-                for member, score in entries
-                if after is None or int(score) < after[0] or (int(score) == after[0] and member < after[1])
-            ]
+            ids = [member for member, score in entries if beyond(member, score)]
             for job in self._load_many(ids):
                 if job.tenant == tenant and (status is None or job.status is status):
                     found.append(job)

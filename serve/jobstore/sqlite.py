@@ -22,8 +22,8 @@ from serve.db.sqlite import SqliteDatabase, sqlite_errors
 from serve.jobstore.base import (
     DEFAULT_RETENTION_S,
     JobStore,
+    ListOrder,
     Mutation,
-    decode_cursor,
     encode_cursor,
 )
 from serve.jobstore.changes import SocketChanges
@@ -222,20 +222,26 @@ class SqliteJobStore(JobStore):
 
     @_translate
     def list(
-        self, tenant: str, *, limit: int = 20, cursor: str | None = None, status: JobStatus | None = None
+        self,
+        tenant: str,
+        *,
+        limit: int = 20,
+        cursor: str | None = None,
+        status: JobStatus | None = None,
+        order: ListOrder = "desc",
+        after: str | None = None,
     ) -> tuple[list[Job], str | None]:
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
+        start = self._list_start(tenant, limit=limit, cursor=cursor, after=after, order=order)
         sql = "SELECT data FROM jobs WHERE tenant = ?"
         args: list[object] = [tenant]
         if status is not None:
             sql += " AND status = ?"
             args.append(JobStatus(status).value)
-        if cursor is not None:
-            us, last_id = decode_cursor(cursor)
-            sql += " AND (created_us, id) < (?, ?)"
-            args += [us, last_id]
-        sql += " ORDER BY created_us DESC, id DESC LIMIT ?"
+        descending = order == "desc"
+        if start is not None:
+            sql += " AND (created_us, id) < (?, ?)" if descending else " AND (created_us, id) > (?, ?)"
+            args += list(start)
+        sql += " ORDER BY created_us DESC, id DESC LIMIT ?" if descending else " ORDER BY created_us, id LIMIT ?"
         args.append(limit + 1)
         jobs = [Job.model_validate_json(r[0]) for r in self._db.conn().execute(sql, args).fetchall()]
         if len(jobs) > limit:

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "SIGNED_URL_PATH",
     "ObjectNotFound",
+    "SignedURLError",
     "Storage",
     "StorageError",
     "StoredObject",
@@ -28,6 +30,10 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 1 << 20
+
+#: The service's public route that serves a signed URL of a backend with no presigned URLs of its
+#: own (local): ``GET {base_url}/files/{key}?expires=...&signature=...``, no API key.
+SIGNED_URL_PATH = "/files"
 
 #: Tenant and job ids: a letter or digit, then up to 127 letters, digits, ``_``, ``.`` or ``-``.
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -49,6 +55,15 @@ class ObjectNotFound(StorageError, LookupError):
     def __init__(self, key: str) -> None:
         super().__init__(f"object not found: {key}")
         self.key = key
+
+
+class SignedURLError(Exception):
+    """A signed URL that does not verify: ``reason`` is ``invalid`` (wrong or missing signature,
+    or another backend's URL) or ``expired`` (a valid signature past its expiry)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -171,6 +186,29 @@ class Storage(ABC):
         ``content_type`` overrides the response's ``Content-Type``. Whether the object exists
         is not checked.
         """
+
+    def signed_url(self, key: str, *, base_url: str, expires_s: int, filename: str | None = None,
+                   content_type: str | None = None) -> str:
+        """A URL from which anyone holding it can GET the object, without an API key, until it
+        expires (a client's drop-in download link).
+
+        This default returns the backend's :meth:`presigned_url` (S3: signed by the store itself,
+        valid for the backend's configured ``presign_expiry_s``). A backend with none (local)
+        overrides it with a URL of this service's :data:`SIGNED_URL_PATH` route under
+        ``base_url``, signed for ``expires_s`` seconds and checked by :meth:`verify_signed_url`.
+        """
+        url = self.presigned_url(key, filename=filename, content_type=content_type)
+        if url is None:
+            raise StorageError(f"{type(self).__name__} has no presigned URLs and signs none of its own")
+        return url
+
+    def verify_signed_url(self, key: str, *, expires: int, signature: str, filename: str | None = None,
+                          content_type: str | None = None, now: float | None = None) -> None:
+        """Return if ``signature`` is this backend's signature of the other arguments, made by
+        :meth:`signed_url`, and ``expires`` (epoch seconds) has not passed; raise
+        :class:`SignedURLError` otherwise. A backend whose signed URLs point at the store itself
+        (S3) signed none of the service's file URLs: every one is invalid."""
+        raise SignedURLError("invalid", "this storage backend serves its signed URLs itself")
 
     @abstractmethod
     def ping(self) -> bool:

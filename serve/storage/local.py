@@ -2,20 +2,39 @@
 
 Writes are atomic (a temporary file in the same directory, then ``os.replace``) and every key is
 resolved and checked to stay inside the backend's directory, symlinks included.
+
+Signed URLs: a directory has no presigned URLs, so :meth:`LocalStorage.signed_url` signs a URL of
+the service's own public file route (``/files/{key}?expires=...&signature=...``) with HMAC-SHA256.
+The key comes from the environment variable ``signing_key_env`` (config
+``storage.url_signing_key_env``); without it, from a key file created once, mode 0600, in the
+storage root (outside the object prefix). Every process that uses the same directory (several
+ingress replicas of one node, or of several nodes sharing the volume) reads the same file, so each
+verifies the others' URLs; a per-process random key could not. Deleting the file (and restarting)
+rotates the key and invalidates every URL signed so far. The key is never logged.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
+import hashlib
+import hmac
+import json
 import logging
 import os
+import secrets
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 from serve.storage.base import (
     DEFAULT_CHUNK_SIZE,
+    SIGNED_URL_PATH,
     ObjectNotFound,
+    SignedURLError,
     Storage,
     StorageError,
     StoredObject,
@@ -25,7 +44,15 @@ from serve.storage.base import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LocalStorage"]
+__all__ = ["DEFAULT_SIGNING_KEY_ENV", "SIGNING_KEY_FILE", "LocalStorage"]
+
+#: The environment variable the URL signing key is read from unless configured otherwise.
+DEFAULT_SIGNING_KEY_ENV = "SVD_SERVE_URL_SIGNING_KEY"
+#: The generated key's file in the storage root (used when that variable is not set).
+SIGNING_KEY_FILE = ".url-signing-key"
+MIN_SIGNING_KEY_BYTES = 32
+_SIGNATURE_VERSION = "svd-serve-file-url/v1"
+_KEY_LOCK = threading.Lock()
 
 
 def _normalize_prefix(prefix: str) -> str:
@@ -45,12 +72,20 @@ def _rmdir_quiet(path: str | Path) -> None:
 
 
 class LocalStorage(Storage):
-    """Objects stored as files under ``root/prefix``. ``presigned_url`` is always ``None``."""
+    """Objects stored as files under ``root/prefix``. ``presigned_url`` is always ``None`` (the API
+    streams the bytes); :meth:`signed_url` signs URLs of the service's public file route."""
 
-    def __init__(self, root: str | os.PathLike[str], prefix: str = "") -> None:
+    def __init__(self, root: str | os.PathLike[str], prefix: str = "", *,
+                 signing_key_env: str = DEFAULT_SIGNING_KEY_ENV) -> None:
         self.root = Path(root).expanduser().absolute()
         self.prefix = _normalize_prefix(prefix)
         self.base = self.root / self.prefix if self.prefix else self.root
+        self.signing_key_env = signing_key_env
+        self.signing_key_file = self.root / SIGNING_KEY_FILE
+        self._signing_key: bytes | None = None  # read on first use: most processes never sign
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_signing_key": None}  # the key never travels in a pickle
 
     def __repr__(self) -> str:
         return f"LocalStorage(root={str(self.root)!r}, prefix={self.prefix!r})"
@@ -181,6 +216,59 @@ class LocalStorage(Storage):
         check_key(key)
         return None
 
+    # ---------------------------------------------------------------------------- signed URLs
+    def signed_url(self, key: str, *, base_url: str, expires_s: int, filename: str | None = None,
+                   content_type: str | None = None, now: float | None = None) -> str:
+        check_key(key)
+        if expires_s <= 0:
+            raise ValueError("expires_s must be positive")
+        expires = int(now if now is not None else time.time()) + int(expires_s)
+        query: dict[str, str | int] = {"expires": expires}
+        if filename:
+            query["filename"] = filename
+        if content_type:
+            query["content_type"] = content_type
+        query["signature"] = self._signature(key, expires, filename, content_type)
+        return f"{base_url.rstrip('/')}{SIGNED_URL_PATH}/{quote(key, safe='/')}?{urlencode(query)}"
+
+    def verify_signed_url(self, key: str, *, expires: int, signature: str, filename: str | None = None,
+                          content_type: str | None = None, now: float | None = None) -> None:
+        check_key(key)
+        expected = self._signature(key, expires, filename or None, content_type or None)
+        if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
+            raise SignedURLError("invalid", "the URL's signature does not match")
+        if (now if now is not None else time.time()) >= expires:
+            raise SignedURLError("expired", "the URL has expired")
+
+    def _signature(self, key: str, expires: int, filename: str | None, content_type: str | None) -> str:
+        # JSON, not joined text: no choice of file name can make two different URLs sign alike.
+        message = json.dumps([_SIGNATURE_VERSION, key, int(expires), filename, content_type], separators=(",", ":"))
+        digest = hmac.new(self._key(), message.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def _key(self) -> bytes:
+        with _KEY_LOCK:
+            if self._signing_key is None:
+                self._signing_key = self._load_key()
+            return self._signing_key
+
+    def _load_key(self) -> bytes:
+        value = os.environ.get(self.signing_key_env)
+        if value:
+            return _checked_key(value.encode(), f"the environment variable {self.signing_key_env}")
+        path = self.signing_key_file
+        try:
+            if not path.exists():
+                _create_key_file(path)
+            mode = path.stat().st_mode
+            if mode & 0o077:
+                logger.warning("the URL signing key file %s is readable by other users (mode %o); chmod 600 it",
+                               path, mode & 0o777)
+            return _checked_key(path.read_bytes().strip(), f"the key file {path}")
+        except OSError as exc:
+            raise StorageError(f"local storage: cannot read or create the URL signing key file {path}: "
+                               f"{exc.strerror or exc}") from exc
+
     def ping(self) -> bool:
         try:
             self.base.mkdir(parents=True, exist_ok=True)
@@ -188,3 +276,27 @@ class LocalStorage(Storage):
         except OSError as exc:
             logger.warning("local storage %s is not usable: %s", self.base, exc.strerror or exc)
             return False
+
+
+def _checked_key(key: bytes, where: str) -> bytes:
+    if len(key) < MIN_SIGNING_KEY_BYTES:
+        raise StorageError(f"the URL signing key in {where} is shorter than {MIN_SIGNING_KEY_BYTES} bytes")
+    return key
+
+
+def _create_key_file(path: Path) -> None:
+    """A fresh random key at ``path`` (mode 0600), published whole with a hard link so that of
+    several processes starting at once one wins and every one reads that one's complete key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+    finally:
+        os.unlink(tmp)

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 #: Adapter modules under this package; each adds itself here with one line.
 ADAPTERS: list[str] = [
+    "files",
+    "generations",
+    "fal",
+    "stability",
 ]
 
 

@@ -1,0 +1,196 @@
+"""OpenAI-style synchronous generations: ``POST /v1/video/generations`` answers with the clip.
+
+The request (JSON) takes ``model``, ``prompt``, ``image`` (base64 or a data URL) or ``image_url``
+(http(s), SSRF-guarded, or a data URL), ``response_format`` (``url``, the default, or
+``b64_json``), ``n`` (1 only) and the native generation parameters (``num_frames``, ``fps``,
+``width``, ``height``, ``seed``, ``num_inference_steps``, ...). It is admitted through
+``VideoService.admit`` like every other job, then the request waits for the job to end, woken by
+the job store's change notices (with a slow re-read in case one is lost), for at most
+``generations_wait_s``:
+
+* ended in time: ``200 {"id", "created", "data": [{"url", "b64_json"?}]}``; ``url`` is a signed,
+  expiring URL that works without the API key (``storage.presign_expiry_s``);
+* still running: ``202 {"id", "created", "status"}`` with ``Location: /v1/video/generations/{id}``,
+  which answers the same way without waiting.
+
+Failures use OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipelines.errors import InvalidImageError, InvalidInputError
+from pipelines.params import GenerationParams
+
+from ...jobstore import Job, JobStatus
+from ...metering.models import CLIENT_ERROR_CODES
+from ..errors import APIError, Rejection, adapter_route
+from ..follow import follow_job
+
+if TYPE_CHECKING:
+    from ...tenants import Tenant, TenantRegistry
+    from ..service import VideoService
+
+PATH = "/v1/video/generations"
+#: Retry-After of a 202: polling sooner rarely finds the job done.
+POLL_AFTER_S = 2
+MAX_PROMPT_CHARS = 4000
+
+#: This service's rejection codes -> the codes OpenAI's clients know for the same thing.
+OPENAI_CODES = {"unauthorized": "invalid_api_key", "rate_limited": "rate_limit_exceeded"}
+
+
+class GenerationRequest(BaseModel):
+    """The adapter's own fields; every other field is a generation parameter (``GenerationParams``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(default=None, description="The served model (its source or last path part); "
+                              "omit for the one this service runs.")
+    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS,
+                               description="Stored with the job (image-to-video does not use it yet).")
+    image: str | None = Field(default=None, description="The conditioning image: base64 or a data URL.")
+    image_url: str | None = Field(default=None, description="The conditioning image: an http(s) or data URL.")
+    response_format: Literal["url", "b64_json"] = Field(default="url", description="b64_json adds the clip inline.")
+    n: Literal[1] = Field(default=1, description="Clips per request: only 1.")
+
+
+ADAPTER_FIELDS = frozenset(GenerationRequest.model_fields)
+KNOWN_PARAMS = ADAPTER_FIELDS | set(GenerationParams.model_fields) | {"cond_aug"}
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):")  # "seed: ...", "foo: unknown parameter"
+_LEADING_WORD = re.compile(r"^([a-z_]+)\s")  # "num_frames 30 exceeds this tenant's limit ..."
+
+
+def param_of(message: str) -> str | None:
+    """The request field a rejection's message is about (each message starts with it), if any."""
+    if match := _FIELD_PREFIX.match(message):
+        return match.group(1)
+    match = _LEADING_WORD.match(message)
+    return match.group(1) if match and match.group(1) in KNOWN_PARAMS else None
+
+
+def render(rejection: Rejection) -> JSONResponse:
+    """A rejection in OpenAI's error shape (read by the openai SDK's ``APIStatusError``)."""
+    param = param_of(rejection.message)
+    body = {"error": {"message": rejection.message, "type": error_type(rejection.status), "param": param,
+                      "code": OPENAI_CODES.get(rejection.code, rejection.code)}}
+    return JSONResponse(body, status_code=rejection.status, headers=rejection.headers or None)
+
+
+def error_type(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error")
+
+
+def parse_request(body: Any) -> tuple[GenerationRequest, GenerationParams]:
+    if not isinstance(body, dict):
+        raise InvalidInputError("the body must be a JSON object with image or image_url and the generation parameters")
+    request = GenerationRequest.model_validate({k: v for k, v in body.items() if k in ADAPTER_FIELDS})
+    params = GenerationParams.model_validate({k: v for k, v in body.items() if k not in ADAPTER_FIELDS})
+    if (request.image is None) == (request.image_url is None):
+        raise InvalidInputError("image: give exactly one of image (base64 or a data URL) and image_url")
+    return request, params
+
+
+def image_bytes(service: "VideoService", request: GenerationRequest) -> bytes:
+    """The conditioning image (blocking: run it in a thread); errors name the field it came from."""
+    field, value = ("image_url", request.image_url) if request.image_url is not None else ("image", request.image)
+    if field == "image":
+        if value.startswith(("http://", "https://")):
+            raise InvalidImageError("image: takes base64 or a data URL; send an http(s) URL as image_url")
+        if not value.startswith("data:"):
+            value = f"data:application/octet-stream;base64,{value}"  # decoded in place, never fetched
+    try:
+        return service.image_from_url(value)
+    except InvalidInputError as error:
+        raise type(error)(f"{field}: {str(error).removeprefix('image_url: ')}") from None
+
+
+async def wait_for_end(service: "VideoService", tenant: "Tenant", job: Job, timeout_s: float,
+                       request: Request | None = None) -> Job:
+    """The job once it ended, or as it stands after ``timeout_s`` (or when the client left)."""
+    if job.status.is_terminal or timeout_s <= 0:
+        return job
+    async for current in follow_job(service.store, job, tenant=tenant.name, request=request,
+                                    deadline=time.monotonic() + timeout_s, heartbeat_s=None):
+        job = current  # the newest read: terminal, or as it stands at the deadline
+    return job
+
+
+def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None) -> APIRouter:
+    api = APIRouter(route_class=adapter_route(render), tags=["OpenAI-style generations"])
+    config = service.config
+
+    def base_url(request: Request) -> str:
+        return (config.public_url or str(request.base_url)).rstrip("/")
+
+    async def answer(job: Job, response_format: str, request: Request) -> JSONResponse:
+        created = int(job.created_at.timestamp())
+        if job.status is JobStatus.COMPLETED and job.output is not None:
+            output = job.output
+            url = await asyncio.to_thread(
+                service.storage.signed_url, output.key, base_url=base_url(request),
+                expires_s=config.storage.presign_expiry_s, filename=output.file_name,
+                content_type=output.content_type)
+            item = {"url": url}
+            if response_format == "b64_json":
+                item["b64_json"] = base64.b64encode(await asyncio.to_thread(service.storage.get, output.key)).decode()
+            return JSONResponse({"id": job.id, "created": created, "data": [item]})
+        if job.status is JobStatus.FAILED:
+            error = job.error
+            code, message = (error.code, error.message) if error else ("internal_error", "the generation failed")
+            raise APIError(422 if code in CLIENT_ERROR_CODES else 500, code, f"{message} (job {job.id})")
+        if job.status is JobStatus.CANCELLED:
+            raise APIError(409, "cancelled", f"the job {job.id} was cancelled")
+        return JSONResponse({"id": job.id, "created": created, "status": job.status.value}, status_code=202,
+                            headers={"Location": f"{PATH}/{job.id}", "Retry-After": str(POLL_AFTER_S)})
+
+    @api.post(PATH, summary="Generate a clip and wait for it (OpenAI-style)", responses={
+        200: {"description": "The clip: a signed URL that needs no API key (and base64 with b64_json)."},
+        202: {"description": "Still running after generations_wait_s: poll the Location."},
+        401: {"description": "Missing or invalid API key."},
+        422: {"description": "Invalid image or parameter (param names it), or over a tenant cap."},
+        429: {"description": "Over the tenant's rate limit or queue size (see Retry-After)."}})
+    async def create_generation(
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ):
+        tenant = tenants.authenticate(authorization)
+        content_type = request.headers.get("content-type", "")
+        if content_type and not content_type.startswith("application/json"):
+            raise APIError(415, "unsupported_media_type", "send the request as application/json")
+        try:
+            body = json.loads(await request.body() or b"null")
+        except json.JSONDecodeError as error:
+            raise InvalidInputError(f"the body is not valid JSON ({error.msg} at position {error.pos})") from None
+        generation, params = parse_request(body)
+        image = await asyncio.to_thread(image_bytes, service, generation)
+        admission = await service.admit(tenant, image=image, params=params, idempotency_key=idempotency_key,
+                                        prompt=generation.prompt, model=generation.model)
+        job = await wait_for_end(service, tenant, admission.job, config.generations_wait_s, request)
+        return await answer(job, generation.response_format, request)
+
+    @api.get(f"{PATH}/{{job_id}}", summary="A generation: the clip once done, else 202 (no waiting)")
+    async def get_generation(
+        request: Request,
+        job_id: str,
+        authorization: Annotated[str | None, Header()] = None,
+        response_format: Annotated[Literal["url", "b64_json"], Query()] = "url",
+    ):
+        tenant = tenants.authenticate(authorization)
+        return await answer(await asyncio.to_thread(service.get, tenant, job_id), response_format, request)
+
+    return api
