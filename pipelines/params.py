@@ -165,12 +165,18 @@ def _allowed_range(field_name: str) -> str | None:
     return text
 
 
+def _bounded(value: Any, limit: int = 80) -> str:
+    """A field name as it may appear in an error: a client's unknown key can be megabytes long."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """One line per problem, naming the field and what it allows, e.g.
     ``motion_bucket_id: 300 is out of range (allowed: 1 to 255)``."""
     lines = []
     for item in error.errors(include_url=False):
-        loc = ".".join(str(part) for part in item.get("loc", ()) if part != "__root__")
+        loc = ".".join(_bounded(part) for part in item.get("loc", ()) if part != "__root__")
         field = str(item["loc"][-1]) if item.get("loc") else ""
         if field == "cond_aug":
             field = "noise_aug_strength"
@@ -179,7 +185,7 @@ def describe_validation_error(error: ValidationError) -> str:
         if kind == "extra_forbidden":
             lines.append(f"{loc}: unknown parameter")
         elif allowed and kind in {"greater_than_equal", "less_than_equal", "multiple_of"}:
-            lines.append(f"{loc}: {item.get('input')!r} is out of range (allowed: {allowed})")
+            lines.append(f"{loc}: {_bounded(repr(item.get('input')))} is out of range (allowed: {allowed})")
         elif loc:
             lines.append(f"{loc}: {item['msg']}")
         else:

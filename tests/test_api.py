@@ -92,6 +92,12 @@ def test_multipart_upload_with_params_field(api):
                  422, "invalid_input", "named 'image'")
 
 
+def test_webhook_events_without_a_webhook_url_are_refused_not_dropped(api):
+    assert_error(upload(api, {"webhook_events": "progress"}), 422, "invalid_input", "without a webhook_url")
+    assert_error(api.post("/v1/videos", headers=h(api), json={"image_url": DATA_URL, "webhook_events": ["progress"]}),
+                 422, "invalid_input", "without a webhook_url")
+
+
 def upload(api, data=None, files=None):
     """A multipart submit with the sample image, as ``curl -F image=@x.png -F seed=5`` sends it."""
     return api.post("/v1/videos", headers=h(api), files=files or {"image": ("x.png", PNG, "image/png")}, data=data)
@@ -100,7 +106,7 @@ def upload(api, data=None, files=None):
 def test_multipart_flat_fields_are_the_generation_parameters(api):
     response = upload(api, {"seed": "5", "motion_bucket_id": "40", "num_frames": "4", "fps": "6",
                             "cond_aug": "0.1", "min_guidance_scale": "1.5", "output_format": "webm",
-                            "width": "64", "height": "64", "webhook_events": "progress"})
+                            "width": "64", "height": "64"})
     assert response.status_code == 202, response.text
     params = response.json()["params"]
     assert params["seed"] == 5 and params["motion_bucket_id"] == 40 and params["num_frames"] == 4
@@ -551,3 +557,27 @@ def test_thumbnail_variant_serves_the_stored_first_frame(api):
                  "not_found")
     api.delete(f"/v1/videos/{done['id']}", headers=h(api))
     assert not api.service.storage.exists(job.output.thumbnail_key)
+
+
+def test_hostile_values_found_in_review_are_4xx(api):
+    import base64 as b64
+
+    assert_error(api.post("/v1/videos", headers=h(api), json={"image_url": DATA_URL, "seconds": 1e308}),
+                 422, "invalid_parameter", "seconds")
+    huge_cursor = b64.urlsafe_b64encode(b"99999999999999999999999999|x").decode()
+    assert api.get(f"/v1/videos?cursor={huge_cursor}", headers=h(api)).status_code == 422
+    long_key = "k" * 100_000
+    response = api.post("/v1/videos", headers=h(api), json={"image_url": DATA_URL, long_key: 1})
+    assert response.status_code == 422 and len(response.content) < 2_000
+
+
+def test_an_oversized_chunked_body_is_413_on_every_api(api):
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 65536  # no Content-Length: the limit is enforced while it streams in
+
+    for path, kind in (("/v1/videos", "application/json"), ("/v1/video/generations", "application/json"),
+                       ("/fal-ai/stable-video", "application/json"),
+                       ("/v2beta/image-to-video", "multipart/form-data; boundary=x")):
+        response = api.post(path, headers={**h(api), "Content-Type": kind}, content=chunks())
+        assert response.status_code == 413, (path, response.status_code, response.text[:200])

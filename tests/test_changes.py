@@ -100,3 +100,32 @@ def test_a_dead_listener_socket_is_removed_by_the_next_publisher(tmp_path):
     changes.publish("vid_x")
     assert not stale.exists()
     changes.close()
+
+
+def test_a_directory_others_can_write_is_not_used(tmp_path):
+    shared = tmp_path / "notices"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    changes = SocketChanges(shared)
+    assert not changes.usable
+    changes.publish("vid_x")  # a no-op, never an error
+    changes.close()
+
+
+def test_closing_a_store_ends_its_listener(tmp_path):
+    import threading
+
+    changes = SocketChanges(tmp_path / "notices")
+    others = set(threading.enumerate())
+
+    async def listen_once() -> None:
+        with changes.watch("vid_x"):
+            pass
+
+    asyncio.run(listen_once())
+    mine = {t for t in threading.enumerate() if t.name == "job-changes"} - others
+    assert len(mine) == 1
+    changes.close()
+    for thread in mine:
+        thread.join(timeout=5)
+        assert not thread.is_alive()

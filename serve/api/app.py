@@ -15,7 +15,7 @@ from ..jobstore import Job, JobStatus
 from ..tenants import Tenant, TenantRegistry
 from .compat import compat_routers
 from .playground import playground_router
-from .errors import APIError, ErrorBody, install_error_handlers
+from .errors import APIError, ErrorBody, RequestTooLarge, install_error_handlers
 from .follow import KEEPALIVE, follow_job
 from .forms import SubmitForm, multipart_schema, read_submit_form
 from .schemas import CreateVideoRequest, VideoDeleted, VideoJob, VideoJobList, parse_seconds
@@ -60,17 +60,13 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge()
+                    raise RequestTooLarge()
             return message
 
         try:
             await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
+        except RequestTooLarge:
             await _too_large(send, self.max_bytes)
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 async def _too_large(send, limit: int) -> None:

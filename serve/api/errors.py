@@ -116,6 +116,10 @@ def response_for(error: BaseException) -> JSONResponse:
     return error_response(r.status, r.code, r.message, {**NO_RETRY_HEADERS.get(r.status, {}), **r.headers} or None)
 
 
+class RequestTooLarge(Exception):
+    """Raised by the body-size middleware while a body streams in; it answers the 413 itself."""
+
+
 def adapter_route(render: Callable[[Rejection], Response]) -> type[APIRoute]:
     """A route class for a compatibility adapter: every failure of its routes (request validation
     included) is mapped by :func:`rejection_for` and rendered in that API's own error shape."""
@@ -127,6 +131,8 @@ def adapter_route(render: Callable[[Rejection], Response]) -> type[APIRoute]:
             async def handle(request: Request) -> Response:
                 try:
                     return await handler(request)
+                except RequestTooLarge:
+                    raise  # the middleware's own 413, not the route's failure
                 except Exception as error:  # noqa: BLE001 - mapped, never leaked
                     return render(rejection_for(error))
 

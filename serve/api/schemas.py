@@ -58,6 +58,10 @@ def size_to_dimensions(size: str) -> tuple[int, int]:
                           f"sides multiples of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {MAX_LONG_SIDE}")
 
 
+#: Longer than any clip (frames are capped anyway); keeps ``seconds x fps`` a finite number.
+MAX_SECONDS = 3600
+
+
 def parse_seconds(value: Any) -> float:
     """OpenAI's ``seconds`` ("4", "8", "12", or any positive number of seconds)."""
     try:
@@ -65,7 +69,9 @@ def parse_seconds(value: Any) -> float:
     except ValueError:
         raise invalid("seconds", f"{value!r} is not a number of seconds") from None
     if not math.isfinite(seconds) or seconds <= 0:
-        raise invalid("seconds", f"{value!r} must be a positive number of seconds")
+        raise invalid("seconds", f"{str(value)[:40]!r} must be a positive number of seconds")
+    if seconds > MAX_SECONDS:
+        raise invalid("seconds", f"{seconds:g} is over {MAX_SECONDS} seconds")
     return seconds
 
 

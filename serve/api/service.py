@@ -145,6 +145,8 @@ class VideoService:
         is stored with the job; ``model``, if given, must name the deployed model; ``seconds``
         (instead of ``params.num_frames``) sets the clip's length."""
         events = sorted(normalize_events(webhook_events)) if webhook_events else []
+        if events and not webhook_url:
+            raise InvalidInputError("webhook_events: given without a webhook_url to send them to")
         if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255 and idempotency_key.isprintable()):
             raise InvalidInputError("Idempotency-Key must be 1-255 printable characters")
         if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:

@@ -79,6 +79,8 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         us, job_id = raw.split("|", 1)
+        if not 0 <= int(us) < 2**63:  # an index column holds 64-bit integers
+            raise ValueError("out of range")
         return int(us), job_id
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise ValueError("invalid cursor") from exc

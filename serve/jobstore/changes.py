@@ -34,6 +34,7 @@ from typing import Any
 logger = logging.getLogger("ray.serve.svd_serve")
 
 _MAX_NOTICE = 256
+_STOP = b"\x00stop"  # sent by a closing store to its own listener (no job id starts with NUL)
 
 #: The notice name that means "a job became queued" (the dispatchers watch it).
 QUEUE_CHANNEL = "queue"
@@ -82,8 +83,11 @@ class JobChanges:
         watch = JobWatch(job_id)
         with self._lock:
             if not self._listening:
-                self._start_listener()
                 self._listening = True
+                try:
+                    self._start_listener()
+                except OSError:  # waiters still wake on their timeouts
+                    logger.warning("job change notices unavailable in this process", exc_info=True)
             self._watches.setdefault(job_id, set()).add(watch)
         try:
             yield watch
@@ -99,7 +103,10 @@ class JobChanges:
         with self._lock:
             watches = list(self._watches.get(job_id, ()))
         for watch in watches:
-            watch._notify()
+            try:
+                watch._notify()
+            except RuntimeError:  # its event loop is closed: that waiter is gone
+                pass
 
     def _send(self, job_id: str) -> None:
         raise NotImplementedError
@@ -118,6 +125,11 @@ class SocketChanges(JobChanges):
         super().__init__()
         self.directory = Path(directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The directory has a predictable name in a shared /tmp: use it only if it is ours alone.
+        info = os.stat(self.directory)
+        self.usable = info.st_uid == os.getuid() and not info.st_mode & 0o077
+        if not self.usable:
+            logger.warning("job change notices off: %s is not private to this user", self.directory)
         self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._out.setblocking(False)
         self._out_lock = threading.Lock()
@@ -132,6 +144,8 @@ class SocketChanges(JobChanges):
         return cls(Path(tempfile.gettempdir()) / f"svd-serve-changes-{digest}")
 
     def _send(self, job_id: str) -> None:
+        if not self.usable:
+            return
         payload = job_id.encode()[:_MAX_NOTICE]
         try:
             peers = [entry.path for entry in os.scandir(self.directory) if entry.name.endswith(".sock")]
@@ -148,6 +162,8 @@ class SocketChanges(JobChanges):
                     pass  # a busy receiver drops this notice and wakes on its timeout
 
     def _start_listener(self) -> None:
+        if not self.usable:
+            return
         self._path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.sock"
         self._in = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._in.bind(str(self._path))
@@ -159,10 +175,14 @@ class SocketChanges(JobChanges):
                 data = sock.recv(_MAX_NOTICE)
             except OSError:
                 return  # closed
+            if data == _STOP:
+                return
             self._deliver(data.decode(errors="replace"))
 
     def close(self) -> None:
         if self._in is not None:
+            with contextlib.suppress(OSError):
+                self._out.sendto(_STOP, str(self._path))  # wakes the listener blocked in recv
             with contextlib.suppress(OSError):
                 self._in.close()
             with contextlib.suppress(OSError):

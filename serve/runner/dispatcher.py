@@ -90,6 +90,11 @@ class JobRunner:
                     await asyncio.sleep(1.0)
 
     def _start(self, job: Job) -> None:
+        stale = self.inflight.get(job.id)
+        if stale is not None:
+            # Claimed again while an older copy still runs here (its lease ran out during a store
+            # outage and the job was re-queued): only the newest claim may go on.
+            stale.cancel()
         task = asyncio.get_running_loop().create_task(self._run(job))
         self.inflight[job.id] = task
 
@@ -101,7 +106,8 @@ class JobRunner:
         except Exception:  # noqa: BLE001 - the driver settles jobs itself; this is a bug
             logger.exception("job driver error", extra=log_extra(job.id))
         finally:
-            self.inflight.pop(job.id, None)
+            if self.inflight.get(job.id) is asyncio.current_task():
+                del self.inflight[job.id]
             self._slot_freed.set()
 
     def _claim_next(self) -> Job | None:
@@ -126,7 +132,8 @@ class JobRunner:
         return None
 
     async def _renew_loop(self) -> None:
-        while not self.stopping.is_set():
+        # Renewal outlives the stop of claiming: jobs finishing within the grace period keep their leases.
+        while not self.stopping.is_set() or self.inflight:
             await asyncio.sleep(self.lease_s / 3)
             try:
                 await asyncio.to_thread(self._renew_leases)
@@ -136,6 +143,9 @@ class JobRunner:
     def _renew_leases(self) -> None:
         for job_id, task in list(self.inflight.items()):
             if not self.store.renew(job_id, owner=self.owner, lease_s=self.lease_s):
+                current = self.store.get(job_id, tenant=None)
+                if current is not None and current.is_terminal:
+                    continue  # it just ended: the driver is finishing its bookkeeping
                 # The lease is gone (recovered after a stall): stop our copy.
                 logger.warning("lost the lease; stopping this copy", extra=log_extra(job_id))
                 task.get_loop().call_soon_threadsafe(task.cancel)

@@ -58,8 +58,12 @@ class JobDriver:
                     await self.lifecycle.ended(job.id)
                 return
             seconds = time.perf_counter() - start
-            await asyncio.to_thread(self.store.complete, job.id, owner=self.owner, output=_job_output(job, final.value),
-                                    timings={**final.timings, "total": seconds})
+            completed = await asyncio.to_thread(self.store.complete, job.id, owner=self.owner,
+                                                output=_job_output(job, final.value),
+                                                timings={**final.timings, "total": seconds})
+        if not completed:  # settled elsewhere meanwhile (recovered, cancelled): announced there
+            logger.warning("the job was settled elsewhere; this copy's result is dropped", extra=log_extra(job.id))
+            return
         await self.lifecycle.ended(job.id)
         logger.info("job completed in %.2fs", seconds, extra=log_extra(job.id, tenant=job.tenant))
 

@@ -153,6 +153,11 @@ def public_base_url(request: Request) -> str:
     return f"{proto}://{host}{request.scope.get('root_path', '')}".rstrip("/")
 
 
+def base_url_of(service: "VideoService", request: Request) -> str:
+    """The configured public URL, else where the client reached us (forwarded headers)."""
+    return (service.config.public_url or public_base_url(request)).rstrip("/")
+
+
 def request_urls(base_url: str, app_id: str, request_id: str) -> dict[str, str]:
     response_url = f"{base_url}/{app_id}/requests/{request_id}"
     return {"request_id": request_id, "response_url": response_url, "status_url": f"{response_url}/status",
@@ -345,13 +350,13 @@ def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, 
         admission = await service.admit(tenant, image=image, params=params, webhook_url=webhook_url,
                                         idempotency_key=idempotency_key, webhook_format="fal")
         job = admission.job
-        urls = request_urls(public_base_url(request), app_id, job.id)
+        urls = request_urls(base_url_of(service, request), app_id, job.id)
         return JSONResponse(status_body(job, urls, with_logs=False, queue_position=await position_of(job)))
 
     @api.get(request_path + "/status", summary=f"fal queue: status of a {app_id} request")
     async def status(request: Request, request_id: str, tenant: TenantDep):
         job = await job_of(tenant, request_id)
-        urls = request_urls(public_base_url(request), app_id, job.id)
+        urls = request_urls(base_url_of(service, request), app_id, job.id)
         return JSONResponse(status_body(job, urls, with_logs=_flag(request.query_params.get("logs")),
                                         queue_position=await position_of(job)))
 
@@ -359,7 +364,7 @@ def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, 
              "events until it completes", responses={200: {"content": {"text/event-stream": {}}}})
     async def status_stream(request: Request, request_id: str, tenant: TenantDep):
         first = await job_of(tenant, request_id)  # 404 before the stream starts
-        urls = request_urls(public_base_url(request), app_id, first.id)
+        urls = request_urls(base_url_of(service, request), app_id, first.id)
         with_logs = _flag(request.query_params.get("logs"))
 
         async def stream():
@@ -382,7 +387,7 @@ def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, 
     async def result(request: Request, request_id: str, tenant: TenantDep):
         job = await job_of(tenant, request_id)
         if job.status is JobStatus.COMPLETED and job.output is not None:
-            base_url = public_base_url(request)
+            base_url = base_url_of(service, request)
             return JSONResponse(result_body(job, base_url, await download_url(service, job, base_url)))
         if not job.status.is_terminal:
             raise APIError(400, "request_in_progress", "Request is still in progress")

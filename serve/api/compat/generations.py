@@ -34,7 +34,7 @@ from pipelines.params import GenerationParams
 
 from ...jobstore import Job, JobStatus
 from ...metering.models import CLIENT_ERROR_CODES
-from ..errors import APIError, Rejection, adapter_route
+from ..errors import NO_RETRY_HEADERS, APIError, Rejection, adapter_route
 from ..follow import follow_job
 
 if TYPE_CHECKING:
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from ..service import VideoService
 
 PATH = "/v1/video/generations"
+#: The job ended this way; resubmitting would run a new one (the openai SDK retries 409 and 5xx
+#: unless told not to).
+FINAL = {"x-should-retry": "false"}
 #: Retry-After of a 202: polling sooner rarely finds the job done.
 POLL_AFTER_S = 2
 MAX_PROMPT_CHARS = 4000
@@ -84,7 +87,8 @@ def render(rejection: Rejection) -> JSONResponse:
     param = param_of(rejection.message)
     body = {"error": {"message": rejection.message, "type": error_type(rejection.status), "param": param,
                       "code": OPENAI_CODES.get(rejection.code, rejection.code)}}
-    return JSONResponse(body, status_code=rejection.status, headers=rejection.headers or None)
+    headers = {**NO_RETRY_HEADERS.get(rejection.status, {}), **rejection.headers}
+    return JSONResponse(body, status_code=rejection.status, headers=headers or None)
 
 
 def error_type(status: int) -> str:
@@ -151,9 +155,9 @@ def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None)
         if job.status is JobStatus.FAILED:
             error = job.error
             code, message = (error.code, error.message) if error else ("internal_error", "the generation failed")
-            raise APIError(422 if code in CLIENT_ERROR_CODES else 500, code, f"{message} (job {job.id})")
+            raise APIError(422 if code in CLIENT_ERROR_CODES else 500, code, f"{message} (job {job.id})", FINAL)
         if job.status is JobStatus.CANCELLED:
-            raise APIError(409, "cancelled", f"the job {job.id} was cancelled")
+            raise APIError(409, "cancelled", f"the job {job.id} was cancelled", FINAL)
         return JSONResponse({"id": job.id, "created": created, "status": job.status.value}, status_code=202,
                             headers={"Location": f"{PATH}/{job.id}", "Retry-After": str(POLL_AFTER_S)})
 

@@ -140,7 +140,7 @@ def wants_json(accept: str | None) -> bool:
         if kind in VIDEO_TYPES:
             return False
     if types:
-        raise InvalidInputError(f"accept: {accept!r} is not supported; ask for video/* or application/json")
+        raise InvalidInputError(f"accept: {accept[:80]!r} is not supported; ask for video/* or application/json")
     return False
 
 
