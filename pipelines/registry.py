@@ -149,12 +149,6 @@ class StageRegistry:
     def get(self, name: str) -> StageSpec:
         return self._specs[self._index(name)]
 
-    def by_config_key(self, key: str) -> StageSpec | None:
-        return next((spec for spec in self._specs if spec.config_key == key), None)
-
-    def by_deployment(self, deployment: str) -> StageSpec | None:
-        return next((spec for spec in self._specs if spec.deployment == deployment), None)
-
     def route(self, params: Any) -> tuple[StageSpec, ...]:
         """The stages one job with these parameters passes through, in order."""
         route = tuple(spec for spec in self._specs if spec.runs_for(params))

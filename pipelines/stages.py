@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -99,6 +100,8 @@ class EncodedVideo:
     width: int
     height: int
     fps: int
+    poster: bytes = b""
+    """The first frame as a JPEG (the clip's thumbnail), made from the frames, not from the lossy clip."""
 
 
 def to_host(payload):
@@ -333,7 +336,14 @@ class VideoEncodeStage:
             width=width,
             height=height,
             fps=fps,
+            poster=_jpeg(decoded.frames[0]),
         )
+
+
+def _jpeg(frame: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(frame).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 class SVDComponents(Protocol):

@@ -51,9 +51,6 @@ class StoredVideo:
     fps: float
     width: int
     height: int
-    thumbnail_key: str | None = None
-    """Where the clip's first frame (JPEG) was stored (``thumbnail_key_for(key)``); None when it
-    could not be extracted (the clip is still delivered)."""
 
     @property
     def duration_s(self) -> float:

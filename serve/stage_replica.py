@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -33,7 +30,6 @@ from pipelines.params import GenerationParams
 from pipelines import registry
 from pipelines.registry import FINAL_VALUE, SOURCE_VALUE
 from pipelines.stages import EncodedVideo, to_host
-from pipelines.video import ffmpeg_exe
 
 from .config import AppConfig
 from .context import JobContext, StageOutput, StepReport, StoredVideo
@@ -166,37 +162,18 @@ class StageReplica:
         return decode_image_bytes(self.storage.get(input_key), name="the stored input image")
 
     def _store(self, ctx: JobContext, video: EncodedVideo, timings: dict[str, float]) -> StoredVideo:
-        """Upload the clip, then its first frame as a JPEG beside it (the ``thumbnail`` variant of
-        ``GET /v1/videos/{id}/content``). A frame that cannot be extracted costs the thumbnail,
-        never the job."""
+        """Upload the clip, then its poster (first frame, JPEG) beside it: the ``thumbnail`` variant
+        of ``GET /v1/videos/{id}/content``. A failed poster upload costs the thumbnail, never the job."""
         self._note_progress(ctx, "store")
         with span_from_carrier("store", ctx.trace, **{"svd.job_id": ctx.job_id}):
             start = time.perf_counter()
             stored = self.storage.put(ctx.output_key, video.data, content_type=video.content_type)
-            thumbnail = None
-            try:
-                image = first_frame_jpeg(video.data)
-                thumbnail = self.storage.put(thumbnail_key_for(stored.key), image,
-                                             content_type=THUMBNAIL_CONTENT_TYPE).key
+            try:  # beside the clip, where JobOutput.thumbnail_key finds it
+                if video.poster:
+                    self.storage.put(thumbnail_key_for(stored.key), video.poster, content_type=THUMBNAIL_CONTENT_TYPE)
             except Exception:  # noqa: BLE001 - the clip is what was asked for
                 logger.warning("could not store the thumbnail", exc_info=True, extra=log_extra(ctx.job_id))
             timings["store"] = time.perf_counter() - start
         return StoredVideo(key=stored.key, content_type=video.content_type, file_size=stored.size,
-                           num_frames=video.num_frames, fps=video.fps, width=video.width, height=video.height,
-                           thumbnail_key=thumbnail)
+                           num_frames=video.num_frames, fps=video.fps, width=video.width, height=video.height)
 
-
-def first_frame_jpeg(clip: bytes) -> bytes:
-    """The clip's first frame as a JPEG, decoded by ffmpeg (full-range BT.601, as JPEG expects)."""
-    with tempfile.TemporaryDirectory(prefix="svd-thumbnail-") as tmp:
-        path = Path(tmp) / "clip"  # a file, not a pipe: an MP4 may need to seek to its index
-        path.write_bytes(clip)
-        result = subprocess.run(
-            [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-threads", "1", "-i", str(path),
-             "-frames:v", "1", "-vf", "scale=out_color_matrix=bt601:out_range=pc", "-pix_fmt", "yuvj420p",
-             "-c:v", "mjpeg", "-q:v", "2", "-f", "image2pipe", "pipe:1"],
-            capture_output=True, timeout=60,
-        )
-    if result.returncode != 0 or not result.stdout.startswith(b"\xff\xd8"):
-        raise RuntimeError(f"ffmpeg could not extract the first frame: {result.stderr.decode(errors='replace')[-500:]}")
-    return result.stdout

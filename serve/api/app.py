@@ -16,6 +16,7 @@ from ..tenants import Tenant, TenantRegistry
 from .compat import compat_routers
 from .playground import playground_router
 from .errors import APIError, ErrorBody, RequestTooLarge, install_error_handlers
+from .base_url import public_base_url
 from .follow import KEEPALIVE, follow_job
 from .forms import SubmitForm, multipart_schema, read_submit_form
 from .schemas import CreateVideoRequest, VideoDeleted, VideoJob, VideoJobList, parse_seconds
@@ -97,7 +98,7 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
     TenantDep = Annotated[Tenant, Depends(tenant_of)]
 
     def base_url(request: Request) -> str:
-        return str(request.base_url).rstrip("/")
+        return public_base_url(request, service.config.public_url)
 
     async def call(fn, *args, **kwargs):
         return await asyncio.to_thread(fn, *args, **kwargs)

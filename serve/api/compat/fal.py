@@ -55,6 +55,7 @@ from ...jobstore import Job, JobStatus
 from ...metering.models import CLIENT_ERROR_CODES
 from ...tenants import Tenant
 from ..errors import APIError, NotFoundError, Rejection, adapter_route
+from ..base_url import public_base_url
 from ..follow import KEEPALIVE, follow_job
 
 if TYPE_CHECKING:
@@ -73,7 +74,6 @@ EXTENSION_FIELDS = ("num_frames", "num_inference_steps", "width", "height", "asp
 STREAM_RECHECK_S = 2.0  # re-read without a notice (the queue position moves when other jobs start)
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-_HOST = re.compile(r"[A-Za-z0-9.\-:\[\]]+")
 
 
 class _FalInput(BaseModel):
@@ -137,25 +137,6 @@ def render(rejection: Rejection) -> Response:
     """A rejection in fal's shape: ``{"detail": message}``, the code in ``X-Fal-Error-Type``."""
     headers = {**rejection.headers, "X-Fal-Error-Type": rejection.code}
     return JSONResponse({"detail": rejection.message}, status_code=rejection.status, headers=headers)
-
-
-def public_base_url(request: Request) -> str:
-    """Where the client reached us: ``X-Forwarded-Proto`` / ``X-Forwarded-Host`` (set by a proxy or
-    TLS terminator in front) over the request's own scheme and ``Host``."""
-    proto = (request.headers.get("x-forwarded-proto") or "").split(",")[0].strip().lower()
-    if proto not in ("http", "https"):
-        proto = request.url.scheme
-    host = (request.headers.get("x-forwarded-host") or "").split(",")[0].strip()
-    if not host or not _HOST.fullmatch(host):
-        host = request.headers.get("host") or request.url.netloc
-        if not _HOST.fullmatch(host):
-            host = request.url.netloc
-    return f"{proto}://{host}{request.scope.get('root_path', '')}".rstrip("/")
-
-
-def base_url_of(service: "VideoService", request: Request) -> str:
-    """The configured public URL, else where the client reached us (forwarded headers)."""
-    return (service.config.public_url or public_base_url(request)).rstrip("/")
 
 
 def request_urls(base_url: str, app_id: str, request_id: str) -> dict[str, str]:
@@ -350,13 +331,13 @@ def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, 
         admission = await service.admit(tenant, image=image, params=params, webhook_url=webhook_url,
                                         idempotency_key=idempotency_key, webhook_format="fal")
         job = admission.job
-        urls = request_urls(base_url_of(service, request), app_id, job.id)
+        urls = request_urls(public_base_url(request, service.config.public_url), app_id, job.id)
         return JSONResponse(status_body(job, urls, with_logs=False, queue_position=await position_of(job)))
 
     @api.get(request_path + "/status", summary=f"fal queue: status of a {app_id} request")
     async def status(request: Request, request_id: str, tenant: TenantDep):
         job = await job_of(tenant, request_id)
-        urls = request_urls(base_url_of(service, request), app_id, job.id)
+        urls = request_urls(public_base_url(request, service.config.public_url), app_id, job.id)
         return JSONResponse(status_body(job, urls, with_logs=_flag(request.query_params.get("logs")),
                                         queue_position=await position_of(job)))
 
@@ -364,7 +345,7 @@ def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, 
              "events until it completes", responses={200: {"content": {"text/event-stream": {}}}})
     async def status_stream(request: Request, request_id: str, tenant: TenantDep):
         first = await job_of(tenant, request_id)  # 404 before the stream starts
-        urls = request_urls(base_url_of(service, request), app_id, first.id)
+        urls = request_urls(public_base_url(request, service.config.public_url), app_id, first.id)
         with_logs = _flag(request.query_params.get("logs"))
 
         async def stream():
@@ -387,7 +368,7 @@ def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, 
     async def result(request: Request, request_id: str, tenant: TenantDep):
         job = await job_of(tenant, request_id)
         if job.status is JobStatus.COMPLETED and job.output is not None:
-            base_url = base_url_of(service, request)
+            base_url = public_base_url(request, service.config.public_url)
             return JSONResponse(result_body(job, base_url, await download_url(service, job, base_url)))
         if not job.status.is_terminal:
             raise APIError(400, "request_in_progress", "Request is still in progress")

@@ -35,6 +35,7 @@ from pipelines.params import GenerationParams
 from ...jobstore import Job, JobStatus
 from ...metering.models import CLIENT_ERROR_CODES
 from ..errors import NO_RETRY_HEADERS, APIError, Rejection, adapter_route
+from ..base_url import public_base_url
 from ..follow import follow_job
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None)
     config = service.config
 
     def base_url(request: Request) -> str:
-        return (config.public_url or str(request.base_url)).rstrip("/")
+        return public_base_url(request, config.public_url)
 
     async def answer(job: Job, response_format: str, request: Request) -> JSONResponse:
         created = int(job.created_at.timestamp())
