@@ -54,13 +54,17 @@ def stage_options(cpus: float) -> dict:
 def app_config(work: Path, model_dir: Path) -> dict:
     """Stage CPU shares add up to 2.0, the same budget the monolithic deployment gets: one CPU for
     the stage that steps (the sampler), the other one split between the rest."""
+    from pipelines.params import GenerationParams
     from pipelines.registry import STAGES
 
-    others = [spec for spec in STAGES.stages() if not spec.reports_steps]
-    stages = {spec.config_key: stage_options(1.0 if spec.reports_steps else round(1.0 / len(others), 3))
-              for spec in STAGES.stages()}
+    route = STAGES.route(GenerationParams())  # image-to-video: the benchmark's route
+    stepping = STAGES.model_stage()
+    others = [spec for spec in route if spec is not stepping]
+    stages = {spec.config_key: stage_options(1.0 if spec is stepping else round(1.0 / len(others), 3))
+              for spec in route}
     return {
         "model": {"source": str(model_dir), "dtype": "fp32", "device": "cpu"},
+        "text_to_image_model": None,
         "storage": {"local_dir": str(work / "outputs")},
         "job_store": {"sqlite_path": str(work / "jobs.sqlite3")},
         "auth": {"tenants_file": str(work / "tenants.yaml")},
@@ -74,7 +78,7 @@ def step_stage() -> str:
     """The stage whose steps progress events count (the sampler)."""
     from pipelines.registry import STAGES
 
-    return next(spec.name for spec in STAGES.stages() if spec.reports_steps)
+    return STAGES.model_stage().name
 
 
 def view_progress(view: dict) -> dict:
@@ -189,10 +193,12 @@ def follow_events(base_url: str, headers: dict, job_id: str) -> dict:
     """The job's SSE stream to its end: the final view, and the arrival of the first step event."""
     import httpx
 
+    from pipelines.params import GenerationParams
     from pipelines.registry import STAGES
 
     stepping = step_stage()
-    before = STAGES.names()[:STAGES.names().index(stepping)]
+    route = [spec.name for spec in STAGES.route(GenerationParams())]
+    before = route[:route.index(stepping)]
     out: dict = {}
     with httpx.stream("GET", f"{base_url}/v1/videos/{job_id}/events", headers=headers, timeout=300) as response:
         for line in response.iter_lines():

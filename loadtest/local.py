@@ -53,6 +53,7 @@ def local_serve_config(data_dir: Path, model_dir: Path) -> dict:
         "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 1}}
     return {
         "model": {"source": str(model_dir), "dtype": "fp32", "device": "cpu"},
+        "text_to_image_model": None,
         "storage": {"backend": "local", "local_dir": str(data_dir / "outputs")},
         "job_store": {"backend": "sqlite", "sqlite_path": str(data_dir / "jobs.sqlite3")},
         "auth": {"tenants_file": str(data_dir / "tenants.yaml")},

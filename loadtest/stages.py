@@ -20,7 +20,7 @@ NON_STAGE_DEPLOYMENTS = ("Ingress", "JobRunner")
 #: (helm/svd-serve/values.yaml, ``stages.<config_key>.ray_actor_options.num_gpus``): the
 #: production figures, where the registry's own defaults suit one machine. Mirrors the chart;
 #: tests/test_loadtest_report.py checks that it still does. Other stages: their registry default.
-CHART_GPU_SHARE = {"image_encode": 0.25, "sampling": 1.0, "decode": 0.5, "video_encode": 0.0}
+CHART_GPU_SHARE = {"text_to_image": 1.0, "image_encode": 0.25, "sampling": 1.0, "decode": 0.5, "video_encode": 0.0}
 
 
 def stage_names() -> tuple[str, ...]:
@@ -34,8 +34,9 @@ def timing_names() -> tuple[str, ...]:
 
 
 def gpu_stages() -> tuple[str, ...]:
-    """The stages that load model components (and so use the GPU)."""
-    return tuple(spec.name for spec in STAGES.stages() if spec.components)
+    """The stages that load model components (and so use the GPU): those that name their components,
+    and those whose ``component_loader`` decides them from the model (text-to-image)."""
+    return tuple(spec.name for spec in STAGES.stages() if spec.components or spec.component_loader)
 
 
 def final_stage() -> StageSpec:

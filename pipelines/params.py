@@ -2,8 +2,12 @@
 
 ``GenerationParams`` mirrors the keyword arguments of ``diffusers.StableVideoDiffusionPipeline``
 with the same defaults, adds the serving-only fields (``seed``, ``output_fps``, ``output_format``,
-``aspect_ratio``) and validates every range. :func:`describe_validation_error` turns a pydantic
-error into one line that names the field and its allowed range.
+``aspect_ratio``), text-to-video (``prompt`` and the text-to-image stage's own fields), long clips
+(``duration_s``, ``overlap_frames``) and frame interpolation (``interpolation``), and validates every
+range and combination. :func:`describe_validation_error` turns a pydantic error into one line that
+names the field and its allowed range.
+
+The frame-count rules (docs/pipeline.md) are in :mod:`pipelines.segments`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 MAX_SEED = 2**32 - 2
 MAX_LONG_SIDE = 1536
-SIZE_MULTIPLE = 64
+#: Sides are multiples of the VAE's downsampling factor (8 for SVD and the SD family); the U-Nets
+#: pad odd latent sizes themselves (``forward_upsample_size``).
+SIZE_MULTIPLE = 8
+MIN_SIDE = 64
+#: Largest frame: 1536x864 (16:9 at 1.5x SVD-XT's training size) or any shape with as many pixels.
+MAX_PIXELS = 1536 * 864
+#: Longest clip any request may ask for; a deployment's own maximum (``max_duration_s``) is lower.
+MAX_DURATION_S = 60.0
+MAX_PROMPT_CHARS = 4000
+#: Output frame rates that interpolation may reach (ffmpeg's minterpolate beyond this is pointless).
+MAX_INTERPOLATED_FPS = 60
+#: The text-to-image stage's defaults (SDXL base's usual settings).
+DEFAULT_T2I_GUIDANCE_SCALE = 5.0
+DEFAULT_T2I_STEPS = 30
 
 #: Aspect presets, (width, height) in pixels. 16:9 is SVD-XT's training resolution.
 ASPECT_PRESETS: dict[str, tuple[int, int]] = {
@@ -28,6 +45,10 @@ ASPECT_PRESETS: dict[str, tuple[int, int]] = {
     "3:4": (768, 1024),
 }
 DEFAULT_ASPECT = "16:9"
+#: Named sizes beyond the presets (1.5x 16:9 and its portrait).
+LARGE_SIZES: dict[str, tuple[int, int]] = {"1536x864": (1536, 864), "864x1536": (864, 1536)}
+
+Interpolation = Literal["none", "blend", "mci"]
 
 
 class OutputFormat(str, Enum):
@@ -91,18 +112,55 @@ class GenerationParams(BaseModel):
         "Give either a preset or width and height; with neither, 16:9.",
     )
     width: int | None = Field(
-        default=None, ge=64, le=MAX_LONG_SIDE, multiple_of=SIZE_MULTIPLE, description="Width in pixels (multiple of 64)."
+        default=None, ge=MIN_SIDE, le=MAX_LONG_SIDE, multiple_of=SIZE_MULTIPLE,
+        description="Width in pixels (multiple of 8; width x height at most 1536x864).",
     )
     height: int | None = Field(
-        default=None, ge=64, le=MAX_LONG_SIDE, multiple_of=SIZE_MULTIPLE, description="Height in pixels (multiple of 64)."
+        default=None, ge=MIN_SIDE, le=MAX_LONG_SIDE, multiple_of=SIZE_MULTIPLE,
+        description="Height in pixels (multiple of 8; width x height at most 1536x864).",
     )
-    decode_chunk_size: int = Field(
-        default=8,
+    decode_chunk_size: int | None = Field(
+        default=None,
         ge=1,
         le=64,
-        description="Frames the VAE decodes at once. Lower uses less GPU memory; higher is faster.",
+        description="Frames the VAE decodes at once. Lower uses less GPU memory; higher is faster. Absent: chosen "
+        "from the GPU memory free when the decoder runs (8 on a CPU).",
     )
     output_format: OutputFormat = Field(default=OutputFormat.mp4, description="mp4 (H.264), webm (VP9) or gif.")
+    prompt: str | None = Field(
+        default=None, min_length=1, max_length=MAX_PROMPT_CHARS,
+        description="Text-to-video: with no conditioning image, the text-to-image stage makes the first frame from "
+        "this prompt at the clip's size, and the video stages animate it.",
+    )
+    negative_prompt: str | None = Field(
+        default=None, max_length=MAX_PROMPT_CHARS, description="Text-to-video: what the first frame should not show.")
+    t2i_guidance_scale: float | None = Field(
+        default=None, ge=0.0, le=30.0,
+        description=f"Text-to-video: classifier-free guidance of the first frame ({DEFAULT_T2I_GUIDANCE_SCALE:g} "
+        "when absent; 0 for SDXL-Turbo and FLUX.1-schnell).",
+    )
+    t2i_num_inference_steps: int | None = Field(
+        default=None, ge=1, le=150,
+        description=f"Text-to-video: denoising steps of the first frame ({DEFAULT_T2I_STEPS} when absent; 1-4 for "
+        "SDXL-Turbo and FLUX.1-schnell).",
+    )
+    duration_s: float | None = Field(
+        default=None, gt=0.0, le=MAX_DURATION_S,
+        description="Clip length in seconds (up to the deployment's max_duration_s, 8 by default). Longer than one "
+        "pass of the model, the clip is made of segments, each conditioned on a frame of the one before; the "
+        "frames are then retimed to span exactly this duration at output_fps (docs/pipeline.md).",
+    )
+    overlap_frames: int = Field(
+        default=0, ge=0, le=16,
+        description="Long clips: frames two consecutive segments share and cross-fade, besides the seam frame "
+        "(0: the next segment starts from the last frame of the one before).",
+    )
+    interpolation: Interpolation | None = Field(
+        default=None,
+        description="How the clip reaches output_fps: none plays the generated frames as they are (output_fps is "
+        "then only the playback rate), blend cross-fades neighbours, mci makes motion-compensated frames (ffmpeg "
+        "minterpolate). Default: mci with duration_s, else none.",
+    )
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> "GenerationParams":
@@ -115,6 +173,22 @@ class GenerationParams(BaseModel):
             raise ValueError("width and height must be given together (or use aspect_ratio)")
         if self.width is not None and self.aspect_ratio is not None:
             raise ValueError("give either aspect_ratio or width and height, not both")
+        width, height = self.size
+        if width * height > MAX_PIXELS:
+            raise ValueError(f"{width}x{height} is {width * height} pixels; at most {MAX_PIXELS} (1536x864) are allowed")
+        if self.prompt is None:
+            given = [name for name in ("negative_prompt", "t2i_guidance_scale", "t2i_num_inference_steps")
+                     if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to text-to-video: give a prompt (and no image)")
+        if self.overlap_frames and self.duration_s is None:
+            raise ValueError("overlap_frames only applies to long clips: give duration_s")
+        if self.interpolation == "none" and self.duration_s is not None:
+            raise ValueError("duration_s retimes the generated frames to span it: use interpolation blend or mci, "
+                             "or omit duration_s and give num_frames")
+        if self.interpolates and self.output_fps is not None and self.output_fps > MAX_INTERPOLATED_FPS:
+            raise ValueError(f"output_fps: at most {MAX_INTERPOLATED_FPS} with interpolation "
+                             f"{self.resolved_interpolation}")
         return self
 
     # -- resolved values -------------------------------------------------------------------
@@ -130,6 +204,39 @@ class GenerationParams(BaseModel):
     def resolved_output_fps(self) -> int:
         return self.output_fps if self.output_fps is not None else self.fps
 
+    @property
+    def resolved_interpolation(self) -> Interpolation:
+        if self.interpolation is not None:
+            return self.interpolation
+        return "mci" if self.duration_s is not None else "none"
+
+    @property
+    def interpolates(self) -> bool:
+        """Whether the generated frames are retimed (by blend or mci) rather than played as they are."""
+        return self.resolved_interpolation != "none"
+
+    @property
+    def text_to_video(self) -> bool:
+        """The first frame comes from the text-to-image stage (a prompt and no image)."""
+        return self.prompt is not None
+
+    @property
+    def keeps_conditioning_frame(self) -> bool:
+        """Whether each pass's first frame is the image it was conditioned on, exactly: so that a
+        text-to-video clip opens on its text-to-image frame and segments meet without a jump.
+        (A plain image-to-video clip keeps the model's own first frame: diffusers' output.)"""
+        return self.text_to_video or self.duration_s is not None
+
+    def for_segment(self, index: int) -> "GenerationParams":
+        """The parameters of segment ``index`` of a long clip: segment k draws its noise from
+        ``seed + k`` (wrapping), so segments do not repeat one noise pattern and a resumed clip
+        is the clip that would have been made without the interruption."""
+        if index == 0:
+            return self
+        if self.seed is None:
+            raise ValueError("resolve the seed before splitting a clip into segments")
+        return self.model_copy(update={"seed": (self.seed + index) % (MAX_SEED + 1)})
+
     def with_seed(self) -> "GenerationParams":
         """A copy whose seed is set: the given one, or a fresh random one."""
         if self.seed is not None:
@@ -139,9 +246,15 @@ class GenerationParams(BaseModel):
     def resolved(self, default_num_frames: int) -> "GenerationParams":
         """A copy with seed, num_frames, width and height filled in, as reported back to clients."""
         width, height = self.size
-        update: dict[str, Any] = {"num_frames": self.num_frames or default_num_frames}
+        update: dict[str, Any] = {"num_frames": self.num_frames or default_num_frames,
+                                  "interpolation": self.resolved_interpolation}
         if self.aspect_ratio is None:
             update.update(width=width, height=height)
+        if self.text_to_video:
+            update.update(
+                t2i_guidance_scale=DEFAULT_T2I_GUIDANCE_SCALE if self.t2i_guidance_scale is None
+                else self.t2i_guidance_scale,
+                t2i_num_inference_steps=self.t2i_num_inference_steps or DEFAULT_T2I_STEPS)
         return self.with_seed().model_copy(update=update)
 
 

@@ -13,6 +13,12 @@ The route is data: stages are kept in order, each reads named values that the so
 or an earlier stage produced, and the route of one job is the registered stages whose ``when``
 accepts its parameters. Registration checks that every route still ends in ``video``.
 
+Two refinements make text-to-video and long clips data too. A stage may take its components from
+another model than the video model (``model``: the text-to-image stage loads SDXL, not SVD). And
+the stages marked ``per_segment`` run once per segment of a long clip (the conditioning image of
+segment k+1 is a frame of segment k's output): :func:`split_route` cuts a route into the stages
+before the segments, the segment stages, and the stages after them.
+
 This module imports neither torch nor Ray: stage classes are named by import path and imported
 only when a stage is built, so light processes (the load-test report, the config validator) can
 read the registry cheaply.
@@ -31,6 +37,10 @@ FINAL_VALUE = "video"
 
 #: Config keys of the two deployments that are not pipeline stages.
 RESERVED_CONFIG_KEYS = frozenset({"ingress", "runner"})
+
+#: The models a stage can take its components from (``StageSpec.model``).
+VIDEO_MODEL = "video"
+TEXT_TO_IMAGE_MODEL = "text_to_image"
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,14 @@ class StageSpec:
     """The value it produces."""
     components: tuple[str, ...] = ()
     """Model components it needs (``unet``, ``vae``, ...); a replica loads only these."""
+    model: str = VIDEO_MODEL
+    """Which model its components come from: the video model or the text-to-image model."""
+    component_loader: str | None = None
+    """``"module:function"`` taking a ``ModelSpec`` and returning the stage's keyword arguments,
+    for a stage whose components depend on the model (any diffusers text-to-image pipeline);
+    None: load ``components`` by name."""
+    per_segment: bool = False
+    """Runs once per segment of a long clip (encode, sample, decode); the others run once per job."""
     resources: StageResources = field(default_factory=StageResources)
     """Default replica resources."""
     progress_share: float = 1.0
@@ -79,11 +97,25 @@ class StageSpec:
         return getattr(importlib.import_module(module), attr)
 
     def build(self, components: dict[str, Any]) -> Any:
-        """The stage object, given at least the components it declares."""
+        """The stage object, given at least the components it declares (everything its
+        ``component_loader`` returned, for a stage that has one)."""
+        if self.component_loader is not None:
+            return self.stage_class()(**components)
         missing = [name for name in self.components if name not in components]
         if missing:
             raise ValueError(f"stage {self.name!r} needs components {missing}")
         return self.stage_class()(**{name: components[name] for name in self.components})
+
+    def load_components(self, model_spec: Any) -> dict[str, Any]:
+        """Load what this stage needs from ``model_spec`` (a :class:`pipelines.loader.ModelSpec`)."""
+        if self.component_loader is not None:
+            module, _, attr = self.component_loader.partition(":")
+            return getattr(importlib.import_module(module), attr)(model_spec)
+        if not self.components:
+            return {}
+        from pipelines.loader import load_components
+
+        return load_components(model_spec, self.components)
 
     def runs_for(self, params: Any) -> bool:
         return self.when is None or bool(self.when(params))
@@ -175,6 +207,21 @@ def _check_chain(specs: Iterable[StageSpec], *, require_final: bool = True) -> N
         raise ValueError(f"the stages do not produce {FINAL_VALUE!r}")
 
 
+def split_route(route: Iterable[StageSpec]) -> tuple[tuple[StageSpec, ...], tuple[StageSpec, ...],
+                                                     tuple[StageSpec, ...]]:
+    """``(before, per_segment, after)``: the stages run once before the segments, the contiguous
+    run of per-segment stages, and those run once after them. A route without per-segment stages
+    is all ``before``."""
+    route = tuple(route)
+    marked = [index for index, spec in enumerate(route) if spec.per_segment]
+    if not marked:
+        return route, (), ()
+    first, last = marked[0], marked[-1]
+    if last - first + 1 != len(marked):
+        raise ValueError("the per-segment stages of a route must be contiguous")
+    return route[:first], route[first:last + 1], route[last + 1:]
+
+
 def progress_spans(route: Iterable[StageSpec], *, end: float = 99.0) -> dict[str, tuple[float, float]]:
     """``{stage: (low, high)}`` percent bands over ``[0, end]``, in proportion to each stage's share."""
     route = tuple(route)
@@ -187,37 +234,46 @@ def progress_spans(route: Iterable[StageSpec], *, end: float = 99.0) -> dict[str
     return spans
 
 
-# -- the built-in stages: SVD image-to-video as four stages --------------------------------------
+# -- the built-in stages: text-to-image, then SVD image-to-video as four stages ------------------
 
+TEXT_TO_IMAGE = StageSpec(
+    name="text_to_image", config_key="text_to_image", deployment="TextToImage",
+    factory="pipelines.text_to_image:TextToImageStage", inputs=(), output="image",
+    model=TEXT_TO_IMAGE_MODEL, component_loader="pipelines.text_to_image:load_text_to_image",
+    resources=StageResources(max_ongoing_requests=1), progress_share=10, reports_steps=True,
+    when=lambda params: getattr(params, "text_to_video", False),
+    description="Text-to-video's first frame: a diffusers text-to-image pipeline (SDXL by default) at the "
+    "clip's size. Runs only for a prompt without an image.",
+)
 IMAGE_ENCODE = StageSpec(
     name="image_encode", config_key="image_encoder", deployment="ImageEncoder",
     factory="pipelines.stages:ImageEncodeStage", inputs=("image",), output="encoded",
     components=("image_encoder", "feature_extractor", "vae"),
-    resources=StageResources(max_ongoing_requests=4), progress_share=3,
+    resources=StageResources(max_ongoing_requests=4), progress_share=3, per_segment=True,
     description="CLIP image embedding + VAE latent of the conditioning image.",
 )
 SAMPLING = StageSpec(
     name="sampling", config_key="sampler", deployment="Sampler",
     factory="pipelines.stages:SamplingStage", inputs=("encoded",), output="latents",
     components=("unet", "scheduler"), resources=StageResources(max_ongoing_requests=1),
-    progress_share=85, reports_steps=True, describes_model=True,
+    progress_share=85, reports_steps=True, describes_model=True, per_segment=True,
     description="U-Net Euler sampling: the expensive stage. One job at a time per replica by default.",
 )
 DECODE = StageSpec(
     name="decode", config_key="decoder", deployment="Decoder",
     factory="pipelines.stages:DecodeStage", inputs=("latents",), output="frames",
-    components=("vae",), resources=StageResources(max_ongoing_requests=2), progress_share=8,
+    components=("vae",), resources=StageResources(max_ongoing_requests=2), progress_share=8, per_segment=True,
     description="VAE temporal decoder: latents in, uint8 frames out.",
 )
 VIDEO_ENCODE = StageSpec(
     name="video_encode", config_key="video_encoder", deployment="VideoEncoder",
     factory="pipelines.stages:VideoEncodeStage", inputs=("frames",), output="video",
     resources=StageResources(max_ongoing_requests=4), progress_share=3,
-    description="ffmpeg MP4/WebM/GIF encode (CPU).",
+    description="Segments joined, frames retimed (interpolation), ffmpeg MP4/WebM/GIF encode (CPU).",
 )
 
 #: The registry every process reads. Extra stages join it through :func:`register_stage`.
-STAGES = StageRegistry((IMAGE_ENCODE, SAMPLING, DECODE, VIDEO_ENCODE))
+STAGES = StageRegistry((TEXT_TO_IMAGE, IMAGE_ENCODE, SAMPLING, DECODE, VIDEO_ENCODE))
 
 
 def register_stage(spec: StageSpec, *, after: str | None = None, before: str | None = None) -> StageSpec:

@@ -41,7 +41,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
 from .errors import InvalidInputError, JobCancelledError
+from .interpolate import retime
 from .params import GenerationParams
+from .segments import stitch_segments
 from .video import encode_video
 
 ProgressCallback = Callable[[int, int], None]
@@ -64,9 +66,14 @@ class EncodedImage:
     """VAE latent (distribution mode) of the noise-augmented conditioning image, [1, 4, H/8, W/8]."""
     generator_state: torch.Tensor
     """CPU generator state after the image-noise draw; the sampler continues from it."""
+    first_frame: np.ndarray | None = None
+    """The conditioning image as uint8 [H, W, 3] at the clip's size, when the pass must open on it
+    exactly (``params.keeps_conditioning_frame``); the decoder puts it in place of frame 0."""
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.image_embeddings, self.image_latents, self.generator_state))
+        extra = 0 if self.first_frame is None else int(self.first_frame.nbytes)
+        return extra + sum(t.numel() * t.element_size()
+                           for t in (self.image_embeddings, self.image_latents, self.generator_state))
 
 
 @dataclass
@@ -74,9 +81,12 @@ class SampledLatents:
     """Output of the sampler, input of the decoder: the denoised latents, [1, F, 4, H/8, W/8]."""
 
     latents: torch.Tensor
+    first_frame: np.ndarray | None = None
+    """Passed through from :class:`EncodedImage` for the decoder."""
 
     def nbytes(self) -> int:
-        return self.latents.numel() * self.latents.element_size()
+        extra = 0 if self.first_frame is None else int(self.first_frame.nbytes)
+        return extra + self.latents.numel() * self.latents.element_size()
 
 
 @dataclass
@@ -165,6 +175,10 @@ class ImageEncodeStage:
         # 2. Noise augmentation: the first random draw of the job.
         generator = torch.Generator("cpu").manual_seed(params.seed)
         conditioning = self.video_processor.preprocess(image, height=height, width=width).to(vae_device)
+        first_frame = None
+        if params.keeps_conditioning_frame:  # the image as the clip will show it (exact for same-size input)
+            first_frame = ((conditioning[0].float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            first_frame = first_frame.permute(1, 2, 0).numpy()
         noise = randn_tensor(conditioning.shape, generator=generator, device=vae_device, dtype=conditioning.dtype)
         conditioning = conditioning + params.noise_aug_strength * noise
 
@@ -178,6 +192,7 @@ class ImageEncodeStage:
             image_embeddings=image_embeddings,
             image_latents=image_latents.to(image_embeddings.dtype),
             generator_state=generator.get_state(),
+            first_frame=first_frame,
         )
 
 
@@ -275,7 +290,10 @@ class SamplingStage:
             latents = scheduler.step(noise_pred, timestep, latents).prev_sample
             if on_step is not None:
                 on_step(index + 1, total)
-        return SampledLatents(latents=latents)
+        return SampledLatents(latents=latents, first_frame=encoded.first_frame)
+
+    def total_steps(self, params: GenerationParams) -> int:
+        return params.num_inference_steps
 
     def _added_time_ids(self, params: GenerationParams, dtype: torch.dtype, *, batch: int) -> torch.Tensor:
         values = [params.fps - 1, params.motion_bucket_id, params.noise_aug_strength]
@@ -292,11 +310,23 @@ class SamplingStage:
 
 
 class DecodeStage:
-    """VAE temporal decoder, ``decode_chunk_size`` frames at a time. Output: uint8 frames."""
+    """VAE temporal decoder, ``decode_chunk_size`` frames at a time. Output: uint8 frames, the
+    first replaced by the conditioning image when the pass must open on it exactly."""
 
     def __init__(self, *, vae) -> None:
         self.vae = vae
         self._accepts_num_frames = "num_frames" in inspect.signature(vae.forward).parameters
+
+    def chunk_size(self, params: GenerationParams, *, height: int, width: int) -> int:
+        """The request's ``decode_chunk_size``, else one chosen from the free GPU memory."""
+        if params.decode_chunk_size is not None:
+            return params.decode_chunk_size
+        device, dtype = _module_device_dtype(self.vae)
+        if device.type != "cuda":
+            return DEFAULT_DECODE_CHUNK
+        free, _ = torch.cuda.mem_get_info(device)
+        return auto_decode_chunk_size(free_bytes=free, height=height, width=width,
+                                      bytes_per_element=torch.finfo(dtype).bits // 8)
 
     @torch.inference_mode()
     def decode_float(self, sampled: SampledLatents, params: GenerationParams) -> np.ndarray:
@@ -304,9 +334,11 @@ class DecodeStage:
         _require_resolved(params)
         device, dtype = _module_device_dtype(self.vae)
         latents = sampled.latents.to(device, dtype).flatten(0, 1) / self.vae.config.scaling_factor
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        chunk_size = self.chunk_size(params, height=latents.shape[-2] * factor, width=latents.shape[-1] * factor)
         chunks = []
-        for start in range(0, latents.shape[0], params.decode_chunk_size):
-            chunk = latents[start : start + params.decode_chunk_size]
+        for start in range(0, latents.shape[0], chunk_size):
+            chunk = latents[start : start + chunk_size]
             kwargs = {"num_frames": chunk.shape[0]} if self._accepts_num_frames else {}
             chunks.append(self.vae.decode(chunk, **kwargs).sample)
         frames = torch.cat(chunks).float()  # [F, 3, H, W]
@@ -314,30 +346,73 @@ class DecodeStage:
         return frames.permute(0, 2, 3, 1).cpu().numpy()
 
     def __call__(self, sampled: SampledLatents, params: GenerationParams) -> DecodedFrames:
-        frames = self.decode_float(sampled, params)
-        return DecodedFrames(frames=(frames * 255).round().astype(np.uint8))
+        frames = (self.decode_float(sampled, params) * 255).round().astype(np.uint8)
+        if sampled.first_frame is not None:
+            frames[0] = sampled.first_frame
+        return DecodedFrames(frames=frames)
+
+
+#: Frames decoded at once when no GPU memory figure applies (diffusers' own example value).
+DEFAULT_DECODE_CHUNK = 8
+#: Peak decoder activation memory per output pixel and frame, in elements (measured for SVD's
+#: temporal decoder: about 1.2 GB per 1024x576 frame in fp16), and the share of free memory used.
+DECODE_ELEMENTS_PER_PIXEL = 1024
+DECODE_MEMORY_SHARE = 0.8
+
+
+def auto_decode_chunk_size(*, free_bytes: int, height: int, width: int, bytes_per_element: int = 2,
+                           most: int = 64) -> int:
+    """Frames per decoder call that fit in ``DECODE_MEMORY_SHARE`` of ``free_bytes``: at least 1."""
+    per_frame = height * width * DECODE_ELEMENTS_PER_PIXEL * bytes_per_element
+    return max(1, min(most, int(free_bytes * DECODE_MEMORY_SHARE // per_frame)))
 
 
 # -- stage 4: video encode --------------------------------------------------------------------
 
 
 class VideoEncodeStage:
-    """uint8 frames -> MP4 (H.264), WebM (VP9) or GIF at the output frame rate. CPU only."""
+    """uint8 frames -> MP4 (H.264), WebM (VP9) or GIF at the output frame rate. CPU only.
 
-    def __call__(self, decoded: DecodedFrames, params: GenerationParams) -> EncodedVideo:
+    A long clip arrives as one :class:`DecodedFrames` per segment: they are joined first
+    (:func:`~pipelines.segments.stitch_segments`). With interpolation (``blend``/``mci``) the
+    generated frames are then retimed to span the clip's duration at ``output_fps``
+    (:func:`~pipelines.interpolate.retime`); without, they play as they are at ``output_fps``.
+    """
+
+    def __call__(self, decoded: DecodedFrames | list[DecodedFrames], params: GenerationParams) -> EncodedVideo:
+        frames = join_segments(decoded, params)
         fps = params.resolved_output_fps
-        data = encode_video(decoded.frames, fps=fps, output_format=params.output_format)
-        frames, height, width, _ = decoded.frames.shape
+        if params.interpolates:
+            frames = retime(frames, duration_s=clip_duration_s(params, generated_frames=len(frames)),
+                            output_fps=fps, mode=params.resolved_interpolation)
+        data = encode_video(frames, fps=fps, output_format=params.output_format)
+        count, height, width, _ = frames.shape
         return EncodedVideo(
             data=data,
             content_type=params.output_format.content_type,
             file_extension=params.output_format.value,
-            num_frames=frames,
+            num_frames=count,
             width=width,
             height=height,
             fps=fps,
-            poster=_jpeg(decoded.frames[0]),
+            poster=_jpeg(frames[0]),
         )
+
+
+def join_segments(decoded: DecodedFrames | list[DecodedFrames], params: GenerationParams) -> np.ndarray:
+    """One clip's generated frames: a single pass as it is, segments stitched at their seams."""
+    if isinstance(decoded, DecodedFrames):
+        return decoded.frames
+    if len(decoded) == 1:
+        return decoded[0].frames
+    return stitch_segments([segment.frames for segment in decoded], overlap_frames=params.overlap_frames)
+
+
+def clip_duration_s(params: GenerationParams, *, generated_frames: int) -> float:
+    """What the generated frames span: ``duration_s``, else one frame interval per ``fps``."""
+    if params.duration_s is not None:
+        return float(params.duration_s)
+    return (generated_frames - 1) / params.fps
 
 
 def _jpeg(frame: np.ndarray) -> bytes:

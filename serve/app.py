@@ -31,16 +31,22 @@ def _absolute(path: str | None) -> str | None:
 
 def localize_paths(config: AppConfig) -> AppConfig:
     """Make relative paths absolute here, in the driver: replicas run in other working directories."""
-    update_model = {}
-    source = config.model.source
-    if source.startswith((".", "~")) or Path(source).expanduser().is_dir():
-        update_model["source"] = _absolute(source)
     return config.model_copy(update={
-        "model": config.model.model_copy(update=update_model),
+        "model": _localized_model(config.model),
+        "text_to_image_model": _localized_model(config.text_to_image_model),
         "storage": config.storage.model_copy(update={"local_dir": _absolute(config.storage.local_dir)}),
         "job_store": config.job_store.model_copy(update={"sqlite_path": _absolute(config.job_store.sqlite_path)}),
         "auth": config.auth.model_copy(update={"tenants_file": _absolute(config.auth.resolved_tenants_file())}),
     })
+
+
+def _localized_model(spec):
+    if spec is None:
+        return None
+    source = spec.source
+    if source.startswith((".", "~")) or Path(source).expanduser().is_dir():
+        return spec.model_copy(update={"source": _absolute(source)})
+    return spec
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
@@ -51,7 +57,7 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     stages = {
         spec.name: StageReplica.options(name=spec.deployment, **config.stages.for_stage(spec).to_serve_options())
         .bind(raw, spec.name)
-        for spec in STAGES.stages()
+        for spec in config.built_stages()
     }
     runner = JobRunner.options(**config.stages.runner.to_serve_options()).bind(raw, stages)
     model_stage = stages[STAGES.model_stage().name]

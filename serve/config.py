@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.loader import ModelSpec
+from pipelines.loader import DEFAULT_TEXT_TO_IMAGE_MODEL_ID, ModelSpec
 from pipelines.registry import STAGES as STAGE_REGISTRY
-from pipelines.registry import StageSpec, import_stage_modules
+from pipelines.params import MAX_DURATION_S
+from pipelines.registry import TEXT_TO_IMAGE_MODEL, StageSpec, import_stage_modules
 
 
 class _Strict(BaseModel):
@@ -319,7 +320,21 @@ class AppConfig(_Strict):
         description="Python modules imported before the rest of the config is validated, each registering extra "
         "pipeline stages with pipelines.registry.register_stage (docs/architecture.md). Every process imports them.",
     )
-    model: ModelSpec = Field(default_factory=ModelSpec, description="Which weights every model stage loads.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Which weights the video stages load.")
+    text_to_image_model: ModelSpec | None = Field(
+        default_factory=lambda: ModelSpec(source=DEFAULT_TEXT_TO_IMAGE_MODEL_ID),
+        description="The text-to-image pipeline that makes text-to-video's first frame (any diffusers text-to-image "
+        "pipeline: SDXL, SDXL-Turbo, SD 3.5, FLUX.1-schnell; HF id, directory or s3://). null: no text-to-video "
+        "(the TextToImage deployment is not built and prompt-only requests are refused).",
+    )
+    max_duration_s: float = Field(
+        default=8.0, gt=0, le=MAX_DURATION_S,
+        description="Longest clip a request may ask for with duration_s (long clips are made of segments).",
+    )
+    max_segments: int = Field(
+        default=8, ge=1, le=64,
+        description="Most segments one long clip may take (duration_s x fps / frames per segment, rounded).",
+    )
     stages: StagesConfig = Field(default_factory=StagesConfig, description="Per-deployment options.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Output storage.")
     job_store: JobStoreConfig = Field(default_factory=JobStoreConfig, description="Durable job store.")
@@ -357,6 +372,14 @@ class AppConfig(_Strict):
         if isinstance(data, dict) and data.get("stage_modules"):
             import_stage_modules(data["stage_modules"])
         return data
+
+    def model_for(self, spec: StageSpec) -> ModelSpec | None:
+        """The weights a stage loads: the text-to-image model for that stage, else the video model."""
+        return self.text_to_image_model if spec.model == TEXT_TO_IMAGE_MODEL else self.model
+
+    def built_stages(self) -> tuple[StageSpec, ...]:
+        """The registered stages this application deploys (all but those whose model is off)."""
+        return tuple(spec for spec in STAGE_REGISTRY.stages() if self.model_for(spec) is not None)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "AppConfig":

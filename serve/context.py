@@ -16,6 +16,15 @@ class JobContext:
     """W3C trace context (``traceparent``) of the driver's job span."""
     output_key: str = ""
     """Where the stage that produces the final value stores the clip."""
+    segment: int = 0
+    """Which segment of a long clip a per-segment stage works on (0 for the first, and for a clip
+    made in one pass)."""
+    segment_key: str = ""
+    """Long clips only: where the last per-segment stage stores its frames (a retry resumes from
+    stored segments), returning a :class:`StoredSegment` instead of the frames."""
+    note_progress: bool = True
+    """Whether the stage records its start as the job's progress (off for the encode and decode
+    of later segments: the progress bar does not step back between segments)."""
 
 
 @dataclass
@@ -38,6 +47,22 @@ class StepReport:
     total: int
     at: float = 0.0
     """Epoch seconds when the step ended (when the stage started, for step 0)."""
+
+
+@dataclass(frozen=True)
+class StoredSegment:
+    """One segment's decoded frames, stored in output storage under the job (uint8 ``.npy``)."""
+
+    index: int
+    key: str
+    num_frames: int
+
+
+@dataclass(frozen=True)
+class SegmentSet:
+    """Every segment of a long clip, in order: the video-encode stage joins them."""
+
+    segments: tuple[StoredSegment, ...]
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,18 @@ Each replica returns a :class:`~serve.context.StageOutput` carrying its value an
 far, and the driver records them. A stage that reports steps is called as a stream and yields
 :class:`~serve.context.StepReport`s as the steps end, then its output; the driver writes those. The
 other stages note their start (and the last one its upload) in the job store from a background
-thread, so that write never delays the work. The source value (the conditioning image) arrives as a storage key and is read here; the
-final value (the clip) is written to output storage here, its first frame beside it as a JPEG (the
-``thumbnail`` content variant), so the driver never handles payloads.
+thread, so that write never delays the work. The source value (the conditioning image) arrives as a
+storage key and is read here, or as the previous segment of a long clip (whose seam frame it is);
+the last per-segment stage of a long clip stores its frames and returns a
+:class:`~serve.context.StoredSegment`; the final value (the clip) is written to output storage
+here, its first frame beside it as a JPEG (the ``thumbnail`` content variant), so the driver never
+handles payloads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import threading
 import time
@@ -24,15 +28,18 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+import numpy as np
+import PIL.Image
+
 from pipelines.images import decode_image_bytes
-from pipelines.loader import load_components
 from pipelines.params import GenerationParams
 from pipelines import registry
 from pipelines.registry import FINAL_VALUE, SOURCE_VALUE
-from pipelines.stages import EncodedVideo, to_host
+from pipelines.segments import plan_segments, seam_frame
+from pipelines.stages import DecodedFrames, EncodedVideo, to_host
 
 from .config import AppConfig
-from .context import JobContext, StageOutput, StepReport, StoredVideo
+from .context import JobContext, SegmentSet, StageOutput, StepReport, StoredSegment, StoredVideo
 from .jobstore import THUMBNAIL_CONTENT_TYPE, make_job_store, thumbnail_key_for
 from .storage import make_storage
 from .telemetry import log_extra, metrics, set_torch_threads, setup_tracing, span_from_carrier
@@ -50,17 +57,20 @@ class StageReplica:
         set_torch_threads(self.config.stages.for_stage(self.spec).resolved_torch_threads())
         setup_tracing(self.config.tracing)
         self.store = make_job_store(self.config.job_store)  # cancel checks and health
-        needs_storage = SOURCE_VALUE in self.spec.inputs or self.spec.output == FINAL_VALUE
+        needs_storage = SOURCE_VALUE in self.spec.inputs or self.spec.output == FINAL_VALUE or self.spec.per_segment
         self.storage = make_storage(self.config.storage) if needs_storage else None
-        parts = load_components(self.config.model, self.spec.components) if self.spec.components else {}
-        self.stage = self.spec.build(parts)
+        model = self.config.model_for(self.spec)
+        if model is None:
+            raise ValueError(f"stage {self.spec.name!r} has no model configured")
+        self.stage = self.spec.build(self.spec.load_components(model))
         self._notes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress-notes")  # in order
 
     # -- calls from the driver ------------------------------------------------------------------
 
     async def run(self, ctx: JobContext, *inputs: Any, params: dict[str, Any]) -> StageOutput:
         """Run the stage on its inputs (earlier StageOutputs, or the stored image's key)."""
-        self._note_progress(ctx, self.spec.name)
+        if ctx.note_progress:
+            self._note_progress(ctx, self.spec.name)
         values, timings = self._unwrap(inputs)
         with self._span(ctx):
             return await asyncio.to_thread(self._run_timed, ctx, values, GenerationParams.model_validate(params),
@@ -82,7 +92,7 @@ class StageReplica:
         hooks = {"on_step": on_step,
                  "should_cancel": lambda: stopped.is_set() or self.store.is_cancel_requested(ctx.job_id)}
         with self._span(ctx):
-            yield StepReport(self.spec.name, 0, resolved.num_inference_steps, time.time())
+            yield StepReport(self.spec.name, 0, int(self.stage.total_steps(resolved)), time.time())
             work = asyncio.ensure_future(asyncio.to_thread(self._run_timed, ctx, values, resolved, hooks, timings))
             try:
                 while not work.done() or not reports.empty():
@@ -146,10 +156,12 @@ class StageReplica:
                    timings: dict[str, float]) -> StageOutput:
         """In a worker thread: the stage itself (timed), then the clip's upload if it is the last."""
         start = time.perf_counter()
-        values = [self._read_source(v) if name == SOURCE_VALUE else v for name, v in zip(self.spec.inputs, values)]
+        values = [self._resolve(v, params) for v in values]
         value = to_host(self.stage(*values, params, **hooks))
+        if ctx.segment_key and isinstance(value, DecodedFrames):
+            value = self._store_segment(ctx, value)
         seconds = time.perf_counter() - start
-        timings = {**timings, self.spec.name: seconds}
+        timings = {**timings, self.spec.name: timings.get(self.spec.name, 0.0) + seconds}
         recorder = metrics()
         if recorder is not None:
             recorder.stage_seconds.observe(seconds, tags={"stage": self.spec.name})
@@ -158,8 +170,28 @@ class StageReplica:
             value = self._store(ctx, value, timings)
         return StageOutput(value=value, timings=timings)
 
-    def _read_source(self, input_key: str):
-        return decode_image_bytes(self.storage.get(input_key), name="the stored input image")
+    def _resolve(self, value: Any, params: GenerationParams) -> Any:
+        """An input as the stage takes it: the stored input image for its key, the seam frame of
+        the previous segment (as an image) for a StoredSegment, every segment's frames for a SegmentSet."""
+        if isinstance(value, str):
+            return decode_image_bytes(self.storage.get(value), name="the stored input image")
+        if isinstance(value, StoredSegment):
+            plan = plan_segments(duration_s=None, fps=params.fps, frames_per_segment=value.num_frames,
+                                 overlap_frames=params.overlap_frames)
+            return PIL.Image.fromarray(seam_frame(self._load_frames(value), plan))
+        if isinstance(value, SegmentSet):
+            return [DecodedFrames(frames=self._load_frames(segment)) for segment in value.segments]
+        return value
+
+    def _load_frames(self, segment: StoredSegment) -> np.ndarray:
+        return np.load(io.BytesIO(self.storage.get(segment.key)), allow_pickle=False)
+
+    def _store_segment(self, ctx: JobContext, decoded: DecodedFrames) -> StoredSegment:
+        """A long clip's segment goes to storage (kept for a resume) instead of the object store."""
+        buffer = io.BytesIO()
+        np.save(buffer, decoded.frames, allow_pickle=False)
+        self.storage.put(ctx.segment_key, buffer.getvalue(), content_type="application/octet-stream")
+        return StoredSegment(index=ctx.segment, key=ctx.segment_key, num_frames=int(decoded.frames.shape[0]))
 
     def _store(self, ctx: JobContext, video: EncodedVideo, timings: dict[str, float]) -> StoredVideo:
         """Upload the clip, then its poster (first frame, JPEG) beside it: the ``thumbnail`` variant

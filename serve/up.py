@@ -1,6 +1,7 @@
 """``svd-serve up``: a local single-node deployment, ready to take requests.
 
-With no model given it builds the tiny offline model (CPU, no network); with ``--model`` it
+With no model given it builds the tiny offline models (SVD and a text-to-image model, CPU, no
+network), so text-to-video works out of the box too; with ``--model`` it
 loads real weights from a Hugging Face id, a directory or ``s3://``. Storage is a local
 directory and the job store an embedded SQLite file under ``--data-dir`` unless ``--config``
 says otherwise.
@@ -42,6 +43,14 @@ def local_config(*, model: str | None, data_dir: Path, config_file: str | None) 
             print(f"building the tiny offline model in {tiny} ...", flush=True)
             write_tiny_model(tiny)
         update["model"] = config.model.model_copy(update={"source": str(tiny), "dtype": "fp32", "device": "cpu"})
+        tiny_t2i = Path("models/tiny-t2i")
+        if not (tiny_t2i / "model_index.json").exists():
+            from pipelines.tiny_t2i import write_tiny_text_to_image_model
+
+            print(f"building the tiny offline text-to-image model in {tiny_t2i} ...", flush=True)
+            write_tiny_text_to_image_model(tiny_t2i)
+        update["text_to_image_model"] = config.model.model_copy(
+            update={"source": str(tiny_t2i), "dtype": "fp32", "device": "cpu"})
     elif model is not None:
         update["model"] = config.model.model_copy(update={"source": model})
     if not config_file:
@@ -93,10 +102,14 @@ def up(*, model: str | None, config_file: str | None, host: str, port: int, data
     sample = Path("pipelines/assets/sample.png")
     print(
         f"\nsvd-serve is ready at {url}  (API docs: {url}/docs)\n"
-        f"model: {config.model.source}\n"
+        f"model: {config.model.source}"
+        f"{'' if config.text_to_image_model is None else ', text-to-image: ' + config.text_to_image_model.source}\n"
         f"demo API key (tenant '{DEMO_TENANT}', shown once): {key}\n\n"
         f"  curl -s -H 'Authorization: Bearer {key}' -F image=@{sample} "
         f"-F num_frames=14 -F num_inference_steps=8 -F width=256 -F height=128 {url}/v1/videos\n"
+        f"  curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+        f"-d '{{\"prompt\": \"a lighthouse at dusk\", \"width\": 256, \"height\": 128, \"num_inference_steps\": 8}}' "
+        f"{url}/v1/videos\n"
         f"  curl -s -H 'Authorization: Bearer {key}' {url}/v1/videos/<id>\n"
         f"  curl -s -L -H 'Authorization: Bearer {key}' -o clip.mp4 {url}/v1/videos/<id>/content\n\n"
         "Ctrl-C stops it.",

@@ -27,6 +27,14 @@ def tiny_model_dir(tmp_path_factory, tiny_pipeline):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_t2i_model_dir(tmp_path_factory):
+    """The tiny random-weight SDXL-shaped text-to-image model, written once per session."""
+    from pipelines.tiny_t2i import write_tiny_text_to_image_model
+
+    return write_tiny_text_to_image_model(tmp_path_factory.mktemp("tiny-t2i"))
+
+
 # The moto S3 server fixtures live in their own module (tests/ is on sys.path under pytest's
 # default import mode); importing them here makes them available to every test module.
 from fixtures_s3 import moto_s3_endpoint, s3_bucket, s3_env  # noqa: E402,F401

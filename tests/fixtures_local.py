@@ -24,7 +24,7 @@ class LocalDeployment:
 
 
 @pytest.fixture(scope="session")
-def local_service(tmp_path_factory, tiny_model_dir):
+def local_service(tmp_path_factory, tiny_model_dir, tiny_t2i_model_dir):
     from loadtest.local import LocalService
     from serve.tenants import add_tenant, rotate_webhook_secret
 
@@ -36,6 +36,7 @@ def local_service(tmp_path_factory, tiny_model_dir):
     config = data / "config.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"source": str(tiny_model_dir), "dtype": "fp32", "device": "cpu"},
+        "text_to_image_model": {"source": str(tiny_t2i_model_dir), "dtype": "fp32", "device": "cpu"},
         "storage": {"local_dir": str(data / "outputs")},
         "job_store": {"sqlite_path": str(data / "jobs.sqlite3")},
         "auth": {"tenants_file": str(tenants)},

@@ -155,8 +155,8 @@ def test_a_job_that_did_not_complete_is_an_openai_error(api, outcome, status, co
 
 
 @pytest.mark.parametrize("body,param,contains", [
-    ({"image_url": DATA_URL}, "image", "exactly one of image"),
-    ({"image": None}, "image", "exactly one of image"),
+    ({"image_url": DATA_URL}, "image", "not both"),
+    ({"image": None}, "image", "or a prompt alone for text-to-video"),
     ({"image": "https://example.com/x.png"}, "image", "as image_url"),
     ({"image": "not base64!"}, "image", "not valid base64"),
     ({"image_url": "file:///etc/passwd", "image": None}, "image_url", ""),

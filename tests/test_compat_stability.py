@@ -120,7 +120,8 @@ def test_any_other_size_is_400_naming_the_sizes(stability, size):
     ("seed", MAX_SEED + 1, "seed: 4294967295 is out of range"),
     ("seed", 1.5, "seed: Input should be a valid integer"),
     ("num_frames", 4, "num_frames: unknown parameter"),
-    ("prompt", "a cat", "prompt: unknown parameter"),
+    ("prompt", "a cat", "prompt: Stability's image-to-video takes no prompt"),
+    ("negative_prompt", "blur", "fal-ai/fast-svd/text-to-video"),
 ])
 def test_invalid_fields_are_400_bad_request_naming_them(stability, field, value, contains):
     assert_stability_error(start(stability, data={field: value}), 400, "bad_request", contains)

@@ -9,7 +9,8 @@ No helm binary and no cluster: rendering and linting use Helm's Go SDK through `
 * the RayService validates against KubeRay v1.7's CRD (../shared/kuberay-crds), with no field the
   CRD does not declare, and passes KubeRay's own admission rules;
 * serveConfigV2 parses with Ray Serve's ServeDeploySchema, its args with serve.config.AppConfig,
-  and every stage is schedulable on some worker group.
+  every stage the application builds is configured by the chart, each is schedulable on some worker
+  group, and the worker groups can hold the stages' maximum replica counts.
 
 Plus: typos in values are rejected, long release names stay within KubeRay's 47 characters,
 secrets never appear in plain text outside Secrets, and k8s/manifests/svd-serve.yaml is current.
@@ -149,6 +150,8 @@ def test_values_schema_matches_app_config():
     chart_owned = {"cache_dir"}  # set by the chart from modelCache.mountPath
     pairs = {
         "model": (names(props["model"]), set(ModelSpec.model_fields) - chart_owned),
+        # text_to_image_model: the same ModelSpec, plus the chart's own switch (enabled: false -> null).
+        "textToImageModel": (names(props["textToImageModel"]) - {"enabled"}, set(ModelSpec.model_fields) - chart_owned),
         "stages": (names(props["stages"]), set(config.StagesConfig.model_fields)
                    | {spec.config_key for spec in STAGES.stages()}),
         "stage": (names(defs["stage"]), set(config.DeploymentConfig.model_fields)),
@@ -158,7 +161,7 @@ def test_values_schema_matches_app_config():
         "jobStore": (names(props["jobStore"]), set(config.JobStoreConfig.model_fields)),
         "tracing": (names(props["tracing"]), set(config.TracingConfig.model_fields)),
     }
-    sections = {"model", "stages", "storage", "job_store", "tracing", "auth"}
+    sections = {"model", "text_to_image_model", "stages", "storage", "job_store", "tracing", "auth"}
     pairs["app"] = (names(props["app"]), set(AppConfig.model_fields) - sections)
     mismatches = {
         section: {"only in the chart": sorted(chart - app), "missing from the chart": sorted(app - chart)}
@@ -260,12 +263,63 @@ def test_serve_config(rendered):
     app_config = AppConfig.model_validate(application["args"])
     for stage in ("sampler", "image_encoder", "decoder", "video_encoder", "runner"):
         assert getattr(app_config.stages, stage).graceful_shutdown_timeout_s >= 600, stage
+    # Every stage the application builds is configured by the chart (a stage left out would get its
+    # registry defaults: no GPU and no pinning resource), and none the application does not build.
+    built = {spec.config_key for spec in app_config.built_stages()}
+    assert set(application["args"]["stages"]) - {"ingress", "runner"} == built
+    if application["args"]["text_to_image_model"] is not None:
+        assert app_config.text_to_image_model.cache_dir == application["args"]["model"]["cache_dir"]
+        assert "text_to_image" in built
     assert hu.placement_errors(rendered.rayservice, application["args"]) == []
+
+
+def _max_replicas(cfg):
+    autoscaling = cfg.get("autoscaling")
+    return autoscaling["max_replicas"] if autoscaling else cfg.get("num_replicas") or 1
+
+
+def capacity_errors(rayservice, args):
+    """Each stage whose pinning resources only one worker group offers must fit there at its maximum
+    replica count, together with the other stages pinned there: GPUs and CPUs per pod x maxReplicas."""
+    groups = hu.worker_groups(rayservice)
+    spec = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    demand = {name: {"gpus": 0.0, "cpus": 0.0, "stages": []} for name in groups}
+    for stage, cfg in args["stages"].items():
+        options = cfg.get("ray_actor_options", {})
+        wanted = options.get("resources", {})
+        hosts = [name for name, group in groups.items() if all(group["resources"].get(r, 0) >= n for r, n in wanted.items())]
+        if len(hosts) != 1:
+            continue
+        (host,) = hosts
+        count = _max_replicas(cfg)
+        demand[host]["gpus"] += count * options.get("num_gpus", 0)
+        demand[host]["cpus"] += count * options.get("num_cpus", 1)
+        demand[host]["stages"].append(f"{stage} x{count}")
+    errors = []
+    for name, want in demand.items():
+        pods = spec[name]["maxReplicas"]
+        for kind in ("gpus", "cpus"):
+            have = pods * groups[name][kind]
+            if want[kind] > have + 1e-9:
+                errors.append(f"{name}: {', '.join(want['stages'])} need {want[kind]:g} {kind}, "
+                              f"{pods} pods offer {have:g}")
+    return errors
+
+
+def test_worker_groups_hold_the_stages_at_their_maximum(rendered):
+    """The Sampler and TextToImage both take whole GPUs of gpu-large: its maxReplicas must cover both."""
+    assert capacity_errors(rendered.rayservice, rendered.app_args) == []
+
+
+def test_capacity_check_is_not_vacuous():
+    rendered = hu.render({"workerGroups": {"gpu-large": {"maxReplicas": 4}}})
+    (error,) = capacity_errors(rendered.rayservice, rendered.app_args)
+    assert error.startswith("gpu-large:") and "text_to_image x2" in error and "sampler x4" in error
 
 
 def test_import_path_builds_the_same_application_as_make_serve(rendered):
     """The chart's serveConfigV2 builds, through serve.app:build_app, the application `make serve`
-    runs: the same six deployments, each with the options the values asked for."""
+    runs: the same seven deployments, each with the options the values asked for."""
     from ray.serve._private.build_app import build_app as build_deployments  # pinned ray==2.60.0
 
     (application,) = rendered.serve_config["applications"]
@@ -278,9 +332,10 @@ def test_import_path_builds_the_same_application_as_make_serve(rendered):
 
     chart = deployments(builder(application["args"]))
     local = deployments(builder(local_config(model="models/tiny", data_dir=Path("data"), config_file=None)))
-    assert set(chart) == set(local) == {"Ingress", "JobRunner", "ImageEncoder", "Sampler", "Decoder", "VideoEncoder"}
-    for name, key in (("ImageEncoder", "image_encoder"), ("Sampler", "sampler"), ("Decoder", "decoder"),
-                      ("VideoEncoder", "video_encoder")):
+    assert set(chart) == set(local) == {"Ingress", "JobRunner", "TextToImage", "ImageEncoder", "Sampler", "Decoder",
+                                        "VideoEncoder"}
+    for name, key in (("TextToImage", "text_to_image"), ("ImageEncoder", "image_encoder"), ("Sampler", "sampler"),
+                      ("Decoder", "decoder"), ("VideoEncoder", "video_encoder")):
         wanted = application["args"]["stages"][key]["ray_actor_options"]
         options = chart[name].ray_actor_options
         assert options.get("num_gpus", 0) == wanted.get("num_gpus", 0), name
@@ -300,7 +355,8 @@ def test_worker_groups_from_one_map(default):
     groups = {g["groupName"]: g for g in default.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     assert set(groups) == {"gpu-large", "gpu-small", "cpu"}
     offered = {name: json.loads(g["rayStartParams"]["resources"]) for name, g in groups.items()}
-    assert offered == {"gpu-large": {"svd_sampler": 1000}, "gpu-small": {"svd_codec": 1000}, "cpu": {"svd_cpu": 1000}}
+    assert offered == {"gpu-large": {"svd_sampler": 1000, "svd_text_to_image": 1000}, "gpu-small": {"svd_codec": 1000},
+                       "cpu": {"svd_cpu": 1000}}
     for name, group in groups.items():
         spec = group["template"]["spec"]
         limits = spec["containers"][0]["resources"]["limits"]
@@ -324,6 +380,105 @@ def test_disabled_group_is_dropped_and_unplaceable_stage_is_caught():
     assert {e.split()[1] for e in errors} == {"decoder", "image_encoder"}
 
 
+# -- text-to-video and long clips -------------------------------------------------------------------
+
+
+def test_text_to_image_stage_gets_its_gpu_and_pinning_resource(default):
+    """TextToImage: a whole GPU per replica, pinned by `svd_text_to_image` to gpu-large, autoscaled."""
+    from pipelines.registry import TEXT_TO_IMAGE
+
+    args = default.app_args
+    stage = args["stages"][TEXT_TO_IMAGE.config_key]
+    assert stage["ray_actor_options"]["num_gpus"] == 1
+    assert stage["ray_actor_options"]["resources"] == {"svd_text_to_image": 1}
+    assert stage["max_ongoing_requests"] == 1
+    assert stage["autoscaling"]["min_replicas"] <= stage["autoscaling"]["max_replicas"]
+    assert stage["autoscaling"]["target_ongoing_requests"] == 1
+    groups = hu.worker_groups(default.rayservice)
+    hosts = [name for name, group in groups.items() if group["resources"].get("svd_text_to_image", 0) >= 1]
+    assert hosts == ["gpu-large"] and groups["gpu-large"]["gpus"] >= 1
+    model = args["text_to_image_model"]
+    assert model["source"] == "stabilityai/stable-diffusion-xl-base-1.0" and model["dtype"] == "fp16"
+    assert model["cache_dir"] == args["model"]["cache_dir"] == "/models"
+
+    AppConfig = _app_config()
+    config = AppConfig.model_validate(args)
+    assert config.stages.for_stage(TEXT_TO_IMAGE).ray_actor_options.to_ray() == {
+        "num_cpus": 2, "num_gpus": 1, "resources": {"svd_text_to_image": 1}}
+    assert config.model_for(TEXT_TO_IMAGE) == config.text_to_image_model
+    assert TEXT_TO_IMAGE in config.built_stages()
+
+
+@pytest.mark.parametrize("off", [{"enabled": False}, None], ids=["enabled-false", "null"])
+def test_disabling_text_to_image_renders_null(off):
+    from pipelines.registry import TEXT_TO_IMAGE
+
+    rendered = hu.render({"textToImageModel": off})
+    args = rendered.app_args
+    assert "text_to_image_model" in args and args["text_to_image_model"] is None
+    assert "text_to_image_model: null" in rendered.rayservice["spec"]["serveConfigV2"]
+    assert TEXT_TO_IMAGE.config_key not in args["stages"]  # nothing builds it: no stale options
+    assert hu.placement_errors(rendered.rayservice, args) == []
+    AppConfig = _app_config()
+    config = AppConfig.model_validate(args)
+    assert config.text_to_image_model is None
+    assert TEXT_TO_IMAGE not in config.built_stages() and len(config.built_stages()) == 4
+    # The tiny model's initContainer then writes only the tiny SVD.
+    tiny = hu.render({"textToImageModel": off, "tinyModel": {"enabled": True}})
+    assert tiny.app_args["text_to_image_model"] is None
+    for _, template in hu.pod_templates(tiny.rayservice):
+        (init,) = template["spec"]["initContainers"]
+        assert "tiny-t2i" not in init["command"][-1]
+
+
+def test_disabled_text_to_image_builds_no_deployment():
+    from ray.serve._private.build_app import build_app as build_deployments  # pinned ray==2.60.0
+
+    from serve.app import build_app
+
+    args = hu.render({"textToImageModel": {"enabled": False}}).app_args
+    names = {d.name for d in build_deployments(build_app(args), name="svd").deployments}
+    assert names == {"Ingress", "JobRunner", "ImageEncoder", "Sampler", "Decoder", "VideoEncoder"}
+
+
+def test_text_to_image_model_sections_map_to_app_config():
+    values = {"textToImageModel": {"source": "s3://weights/sdxl-turbo", "dtype": "bf16",
+                                   "variant": "none", "s3_endpoint_url": "http://minio.minio:9000",
+                                   "s3_region": "eu-west-1"},
+              "aws": {"existingSecret": "s3-creds"},
+              "app": {"max_duration_s": 30, "max_segments": 16}}
+    rendered = hu.render(values)
+    args = rendered.app_args
+    assert args["text_to_image_model"] == {"source": "s3://weights/sdxl-turbo", "dtype": "bf16", "device": "auto",
+                                           "variant": "none", "s3_endpoint_url": "http://minio.minio:9000",
+                                           "s3_region": "eu-west-1", "cache_dir": "/models"}
+    assert (args["max_duration_s"], args["max_segments"]) == (30, 16)
+    config = _app_config().model_validate(args)
+    assert config.text_to_image_model.source == "s3://weights/sdxl-turbo" and config.max_segments == 16
+    # The s3:// text-to-image weights use the same credentials as the video model's.
+    for _, template in hu.pod_templates(rendered.rayservice):
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    defaults = hu.render().app_args
+    assert (defaults["max_duration_s"], defaults["max_segments"]) == (8, 8)
+
+
+def test_text_to_image_on_its_own_worker_group():
+    """The documented alternative: take `svd_text_to_image` off gpu-large and give it a group of its own."""
+    own_group = copy.deepcopy(hu.load_values(hu.CHART_DIR / "values.yaml")["workerGroups"]["gpu-small"])
+    own_group.update(rayResources={"svd_text_to_image": 1000}, minReplicas=1, maxReplicas=2,
+                     nodeSelector={"svd-serve/node-pool": "gpu-t2i"})
+    values = {"workerGroups": {"gpu-large": {"rayResources": {"svd_text_to_image": None}, "maxReplicas": 4},
+                               "gpu-t2i": own_group}}
+    rendered = hu.render(values)
+    groups = hu.worker_groups(rendered.rayservice)
+    assert groups["gpu-large"]["resources"] == {"svd_sampler": 1000}
+    assert [n for n, g in groups.items() if "svd_text_to_image" in g["resources"]] == ["gpu-t2i"]
+    assert hu.placement_errors(rendered.rayservice, rendered.app_args) == []
+    assert capacity_errors(rendered.rayservice, rendered.app_args) == []
+    assert hu.kuberay_errors(rendered.rayservice) == []
+
+
 # -- typos, names, secrets --------------------------------------------------------------------------
 
 
@@ -336,7 +491,15 @@ def test_disabled_group_is_dropped_and_unplaceable_stage_is_caught():
     ({"storage": {"bakend": "s3"}}, "'bakend' not allowed"),
     ({"jobStore": {"redis_url": "redis://:hunter2@redis:6379/1"}}, "redis_url"),
     ({"model": {"dtype": "float16"}}, "dtype"),
-], ids=["workerGroup", "numReplicas", "stage-name", "group-key", "type", "storage-key", "redis-url-password", "enum"])
+    ({"textToImageModel": {"sorce": "stabilityai/sdxl-turbo"}}, "'sorce' not allowed"),
+    ({"textToImageModel": {"dtype": "float16"}}, "/textToImageModel/dtype"),
+    ({"textToImageModel": {"s3_endpoint_url": "minio:9000"}}, "/textToImageModel/s3_endpoint_url"),
+    ({"textToImageModel": {"enabled": "no"}}, "/textToImageModel/enabled"),
+    ({"stages": {"text_to_image": {"ray_actor_options": {"num_gpu": 1}}}}, "'num_gpu' not allowed"),
+    ({"app": {"max_duration_s": 120}}, "/app/max_duration_s"),
+    ({"app": {"max_segments": 0}}, "/app/max_segments"),
+], ids=["workerGroup", "numReplicas", "stage-name", "group-key", "type", "storage-key", "redis-url-password", "enum",
+        "t2i-key", "t2i-dtype", "t2i-endpoint", "t2i-enabled", "t2i-stage-key", "max-duration", "max-segments"])
 def test_values_typos_are_rejected(values, needle):
     with pytest.raises(helm_python.HelmValuesError, match=re.escape(needle)):
         hu.render(values)
@@ -526,10 +689,15 @@ def test_cpu_smoke_runs_the_tiny_model_without_gpus():
     rendered = hu.render_file(hu.CI_VALUES_DIR / "cpu-smoke-values.yaml")
     args = rendered.app_args
     assert args["model"]["device"] == "cpu" and args["model"]["source"] == "/models/tiny-svd"
+    # Text-to-video on CPU too, with the tiny text-to-image model the initContainer writes.
+    t2i = args["text_to_image_model"]
+    assert (t2i["device"], t2i["dtype"], t2i["source"]) == ("cpu", "fp32", "/models/tiny-t2i")
+    assert "text_to_image" in args["stages"]
     assert all(s["ray_actor_options"].get("num_gpus", 0) == 0 for s in args["stages"].values())
     for group, template in hu.pod_templates(rendered.rayservice):
         (init,) = template["spec"]["initContainers"]
         assert "svd-serve tiny-model /models/tiny-svd" in init["command"][-1]
+        assert "write_tiny_text_to_image_model as w; w('/models/tiny-t2i')" in init["command"][-1]
         for container in _containers(template):
             assert "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {}), group
 

@@ -62,8 +62,8 @@ def test_cond_aug_alias_and_output_fps():
         ({"seed": -1}, "seed: -1 is out of range (allowed: 0 to 4294967294)"),
         ({"seed": 2**32 - 1}, "seed: 4294967295 is out of range (allowed: 0 to 4294967294)"),
         ({"cond_aug": 11}, "cond_aug: 11 is out of range (allowed: 0.0 to 10.0)"),
-        ({"width": 1000, "height": 576}, "width: 1000 is out of range (allowed: 64 to 1536, a multiple of 64)"),
-        ({"width": 2048, "height": 576}, "width: 2048 is out of range (allowed: 64 to 1536, a multiple of 64)"),
+        ({"width": 1004, "height": 576}, "width: 1004 is out of range (allowed: 64 to 1536, a multiple of 8)"),
+        ({"width": 2048, "height": 576}, "width: 2048 is out of range (allowed: 64 to 1536, a multiple of 8)"),
         ({"num_inference_steps": 0}, "num_inference_steps: 0 is out of range (allowed: 1 to 150)"),
         ({"fps": 0}, "fps: 0 is out of range (allowed: 1 to 60)"),
     ],
@@ -88,3 +88,43 @@ def test_serialises_with_resolved_seed_for_clients():
     dumped = GenerationParams(seed=9, cond_aug=0.1).model_dump(mode="json")
     assert dumped["seed"] == 9 and dumped["noise_aug_strength"] == 0.1 and dumped["output_format"] == "mp4"
     assert GenerationParams.model_validate(dumped) == GenerationParams(seed=9, cond_aug=0.1)
+
+
+def test_large_sizes_up_to_1536x864():
+    assert GenerationParams(width=1536, height=864).size == (1536, 864)
+    assert GenerationParams(width=864, height=1536).size == (864, 1536)
+    assert GenerationParams(width=1000, height=560).size == (1000, 560)  # multiples of 8
+    assert "at most 1327104" in error_text(width=1536, height=1536)
+
+
+def test_text_to_video_fields_need_a_prompt():
+    text = error_text(negative_prompt="blurry", t2i_num_inference_steps=4)
+    assert text == "negative_prompt, t2i_num_inference_steps only apply to text-to-video: give a prompt (and no image)"
+    resolved = GenerationParams(prompt="a lighthouse").resolved(default_num_frames=25)
+    assert resolved.text_to_video and resolved.keeps_conditioning_frame
+    assert (resolved.t2i_guidance_scale, resolved.t2i_num_inference_steps) == (5.0, 30)
+    assert GenerationParams(prompt="x", t2i_guidance_scale=0.0).resolved(14).t2i_guidance_scale == 0.0
+    assert not GenerationParams().resolved(14).text_to_video
+    assert error_text(prompt="").startswith("prompt:")
+
+
+def test_long_clip_and_interpolation_rules():
+    params = GenerationParams(duration_s=8, output_fps=24)
+    assert params.resolved_interpolation == "mci" and params.interpolates
+    assert GenerationParams(output_fps=24).resolved_interpolation == "none"
+    assert GenerationParams(output_fps=24, interpolation="blend").interpolates
+    assert "use interpolation blend or mci" in error_text(duration_s=8, interpolation="none")
+    assert "overlap_frames only applies to long clips" in error_text(overlap_frames=2)
+    assert "output_fps: at most 60 with interpolation mci" in error_text(duration_s=4, output_fps=90)
+    assert GenerationParams(output_fps=90).resolved_output_fps == 90  # playback rate only: no cap at 60
+    assert error_text(duration_s=0).startswith("duration_s:")
+    resolved = params.resolved(default_num_frames=25)
+    assert resolved.interpolation == "mci"
+    assert GenerationParams.model_validate(resolved.model_dump(mode="json")) == resolved
+
+
+def test_segments_draw_their_own_noise():
+    params = GenerationParams(seed=7, duration_s=8).resolved(25)
+    assert params.for_segment(0) is params
+    assert [params.for_segment(i).seed for i in range(3)] == [7, 8, 9]
+    assert GenerationParams(seed=MAX_SEED).for_segment(1).seed == 0

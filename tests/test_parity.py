@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipelines.errors import JobCancelledError
+from pipelines.stages import DEFAULT_DECODE_CHUNK
 from pipelines.params import GenerationParams
 from pipelines.staged import StagedPipeline
 from pipelines.stages import DecodeStage, ImageEncodeStage, SamplingStage
@@ -53,7 +54,8 @@ def run_reference(pipe, image, params: GenerationParams) -> np.ndarray:
         fps=params.fps,
         motion_bucket_id=params.motion_bucket_id,
         noise_aug_strength=params.noise_aug_strength,
-        decode_chunk_size=params.decode_chunk_size,
+        # Absent, ours picks one from free GPU memory (8 on a CPU); diffusers decodes every frame at once.
+        decode_chunk_size=params.decode_chunk_size or DEFAULT_DECODE_CHUNK,
         generator=generator,
         output_type="np",
     )

@@ -54,6 +54,7 @@ def app_config(tmp: Path, model_dir: Path, redis_url: str, s3_endpoint: str, otl
 
     return AppConfig.model_validate({
         "model": {"source": str(model_dir), "dtype": "fp32", "device": "cpu"},
+        "text_to_image_model": None,
         "stages": {
             "image_encoder": stage(0.25, "svd_encode_decode", num_replicas=1, max_ongoing_requests=8),
             "sampler": stage(0.5, "svd_sampler", max_ongoing_requests=1, autoscaling={

@@ -42,8 +42,9 @@ def passthrough(monkeypatch):
 
 def test_the_route_is_registry_data(passthrough):
     names = registry.STAGES.names()
-    assert names == ("image_encode", "sampling", "decode", "passthrough", "video_encode")
-    assert [s.name for s in registry.STAGES.route(GenerationParams())] == list(names)
+    assert names == ("text_to_image", "image_encode", "sampling", "decode", "passthrough", "video_encode")
+    assert [s.name for s in registry.STAGES.route(GenerationParams())] == list(names[1:])  # image-to-video
+    assert [s.name for s in registry.STAGES.route(GenerationParams(prompt="x"))] == list(names)
     spans = registry.progress_spans(registry.STAGES.route(GenerationParams()))
     assert spans["passthrough"][0] == spans["decode"][1] and spans["video_encode"][1] == pytest.approx(99.0)
 
@@ -93,6 +94,7 @@ def test_the_extra_stage_runs_in_the_serve_application(passthrough, tmp_path, ti
     config = AppConfig.model_validate({
         "stage_modules": [MODULE],
         "model": {"source": str(tiny_model_dir), "dtype": "fp32", "device": "cpu"},
+        "text_to_image_model": None,
         "stages": {name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}, "torch_threads": 1}
                    for name in ("image_encoder", "sampler", "decoder", "video_encoder", "passthrough", "ingress",
                                 "runner")},

@@ -27,7 +27,7 @@ _WEIGHT_INDEX = re.compile(
     r"^(?:diffusion_pytorch_model|model|pytorch_model)\.(?P<ext>safetensors|bin)\.index"
     r"(?:\.(?P<variant>[A-Za-z0-9_]+))?\.json$"
 )
-_CONFIG_SUFFIXES = (".json", ".txt")
+_CONFIG_SUFFIXES = (".json", ".txt", ".model")  # .model: sentencepiece tokenizers (SD 3.5, FLUX T5)
 
 
 def _check_local_dir(path: Path) -> Path:

@@ -22,6 +22,8 @@ from pipelines.errors import ModelLoadError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"
+#: Text-to-video's first frame comes from this text-to-image pipeline unless configured otherwise.
+DEFAULT_TEXT_TO_IMAGE_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
 #: Environment variable overriding the default cache root (``~/.cache/svd-serve/models``).
 CACHE_DIR_ENV = "SVD_SERVE_CACHE_DIR"

@@ -113,7 +113,7 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
                             headers={**job_headers(job), **(headers or {})})
 
     @app.post("/v1/videos", status_code=202, response_model=VideoJob, responses=REJECTIONS,
-              summary="Submit an image-to-video job",
+              summary="Submit an image-to-video or text-to-video job",
               description="Native fields, or OpenAI's (prompt, input_reference, model, seconds, size): "
                           "docs/compatibility.md.",
               openapi_extra={"requestBody": {"content": {
@@ -143,7 +143,9 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
                               seconds=parse_seconds(create.seconds) if create.seconds is not None else None)
         else:
             raise APIError(415, "unsupported_media_type", "send application/json or multipart/form-data")
-        image = form.image if form.image is not None else await call(service.image_from_url, form.image_url)
+        image = form.image
+        if image is None and form.image_url is not None:
+            image = await call(service.image_from_url, form.image_url)
         admission = await service.admit(tenant, image=image, params=form.params, webhook_url=form.webhook_url,
                                         webhook_events=form.webhook_events, idempotency_key=idempotency_key,
                                         prompt=form.prompt, model=form.model, seconds=form.seconds)

@@ -30,7 +30,8 @@ from pipelines.errors import InvalidInputError
 from pipelines.params import GenerationParams
 
 from .errors import APIError
-from .schemas import MAX_PROMPT_CHARS, CreateVideoRequest, apply_size, check_seconds_alone, invalid, parse_seconds
+from .schemas import (MAX_PROMPT_CHARS, CreateVideoRequest, apply_size, check_seconds_alone, invalid, parse_seconds,
+                      text_to_video_params)
 
 IMAGE_FIELD, PARAMS_FIELD, WEBHOOK_URL_FIELD, WEBHOOK_EVENTS_FIELD = "image", "params", "webhook_url", "webhook_events"
 #: OpenAI's names: the image file, or its URL / file id as the SDK flattens {"image_url": ...}.
@@ -87,12 +88,13 @@ async def read_submit_form(request: Request, *, max_image_bytes: int) -> SubmitF
     for name, upload in uploads.items():
         if not isinstance(upload, UploadFile):
             raise InvalidInputError(f"multipart upload: {name}: send the image as a file")
-    if len(uploads) + (image_url is not None) != 1:
-        if image_url is not None:
-            raise invalid(REFERENCE_URL_FIELD, "give the image once: a file or its URL, not both")
+    if len(uploads) + (image_url is not None) > 1:
+        raise invalid(REFERENCE_URL_FIELD if image_url is not None else IMAGE_FIELD,
+                      "give the image once: a file or its URL, not both")
+    if not uploads and image_url is None and not isinstance(fields.get(PROMPT_FIELD), str):
         raise InvalidInputError("multipart upload: send the image as a file field named 'image' (or "
-                                f"'{REFERENCE_FIELD}'), or its URL as '{REFERENCE_URL_FIELD}'; this service "
-                                "generates video from an image (text-to-video is not available)")
+                                f"'{REFERENCE_FIELD}'), or its URL as '{REFERENCE_URL_FIELD}', or a prompt "
+                                "alone for text-to-video")
     texts: dict[str, str] = {}
     for name, value in fields.items():
         if not isinstance(value, str):
@@ -104,7 +106,7 @@ async def read_submit_form(request: Request, *, max_image_bytes: int) -> SubmitF
     seconds = parse_seconds(texts[SECONDS_FIELD]) if texts.get(SECONDS_FIELD) else None
     flat = {name: value for name, value in texts.items() if name not in ROUTE_FIELDS}
     params = _form_params(flat, parse_params_field(texts.get(PARAMS_FIELD)), size=texts.get(SIZE_FIELD) or None,
-                          seconds=seconds)
+                          seconds=seconds, prompt=prompt, has_image=bool(uploads) or image_url is not None)
     events = texts.get(WEBHOOK_EVENTS_FIELD) or ""
     upload = next(iter(uploads.values()), None)
     return SubmitForm(
@@ -159,7 +161,7 @@ def parse_params_field(raw: str | None) -> dict[str, Any]:
 
 
 def _form_params(flat: dict[str, str], nested: dict[str, Any], *, size: str | None = None,
-                 seconds: float | None = None) -> GenerationParams:
+                 seconds: float | None = None, prompt: str | None = None, has_image: bool = True) -> GenerationParams:
     """Flat form fields plus the ``params`` object, each parameter given once, validated as JSON is
     (``size`` as width and height). A pydantic ValidationError is left to the API's handler (one
     line naming each field)."""
@@ -168,7 +170,7 @@ def _form_params(flat: dict[str, str], nested: dict[str, Any], *, size: str | No
     coerced = {name: getattr(typed, _PARAMETER_NAMES[name]) for name in flat}  # keyed as the client spelled them
     values = {**nested, **coerced}
     check_seconds_alone(values, seconds)
-    return GenerationParams.model_validate(apply_size(values, size))
+    return text_to_video_params(apply_size(values, size), prompt=prompt, has_image=has_image)
 
 
 def _reject_given_twice(flat: dict[str, str], nested: dict[str, Any]) -> None:

@@ -17,7 +17,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.params import ASPECT_PRESETS, MAX_LONG_SIDE, SIZE_MULTIPLE, GenerationParams
+from pipelines.params import (ASPECT_PRESETS, MAX_LONG_SIDE, MAX_PIXELS, MIN_SIDE, SIZE_MULTIPLE,
+                              GenerationParams)
 
 from .errors import APIError
 
@@ -26,7 +27,8 @@ MAX_PROMPT_CHARS = 4000
 
 #: OpenAI's ``size`` values -> the size generated: the SVD aspect preset nearest in aspect ratio
 #: (SVD-XT is trained at 1024x576; other sizes cost more and look worse). Any other ``WxH`` that
-#: SVD supports as it is (both sides multiples of 64, 64 to 1536) is generated at that size.
+#: SVD supports as it is (both sides multiples of 8, 64 to 1536, at most 1536x864 pixels) is
+#: generated at that size.
 OPENAI_SIZES: dict[str, tuple[int, int]] = {
     "720x1280": ASPECT_PRESETS["9:16"],   # 9:16 portrait -> 576x1024
     "1280x720": ASPECT_PRESETS["16:9"],   # 16:9 landscape -> 1024x576
@@ -51,11 +53,13 @@ def size_to_dimensions(size: str) -> tuple[int, int]:
     match = _SIZE_RE.match(size)
     if match:
         width, height = int(match[1]), int(match[2])
-        if all(SIZE_MULTIPLE <= side <= MAX_LONG_SIDE and side % SIZE_MULTIPLE == 0 for side in (width, height)):
+        if (all(MIN_SIDE <= side <= MAX_LONG_SIDE and side % SIZE_MULTIPLE == 0 for side in (width, height))
+                and width * height <= MAX_PIXELS):
             return width, height
     raise invalid("size", f"{size!r} cannot be mapped to a size this service generates; use one of "
                           f"{', '.join(OPENAI_SIZES)} (mapped to the nearest SVD preset) or WxH with both "
-                          f"sides multiples of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {MAX_LONG_SIDE}")
+                          f"sides multiples of {SIZE_MULTIPLE} from {MIN_SIDE} to {MAX_LONG_SIDE} and at most "
+                          f"{MAX_PIXELS} pixels (1536x864)")
 
 
 #: Longer than any clip (frames are capped anyway); keeps ``seconds x fps`` a finite number.
@@ -101,6 +105,14 @@ def apply_size(values: dict[str, Any], size: str | None) -> dict[str, Any]:
     return {**values, "width": width, "height": height}
 
 
+def text_to_video_params(values: dict[str, Any], *, prompt: str | None, has_image: bool) -> GenerationParams:
+    """Generation parameters (a dict, before validation) with the request's prompt as
+    text-to-video's when there is no image (with an image the prompt is only stored)."""
+    if not has_image and prompt is not None:
+        values = {**values, "prompt": prompt}
+    return GenerationParams.model_validate(values)
+
+
 def check_seconds_alone(values: dict[str, Any], seconds: Any) -> None:
     if seconds is not None and values.get("num_frames") is not None:
         raise invalid("seconds", "give seconds or num_frames, not both")
@@ -135,8 +147,9 @@ class CreateVideoRequest(GenerationParams):
     input_reference: InputReference | None = Field(
         default=None, description="OpenAI's form of the image: {\"image_url\": ...} (instead of image_url).")
     prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS,
-                               description="Stored with the job and shown back (this service is image-to-video: "
-                               "the image drives the clip).")
+                               description="Without an image: text-to-video (the text-to-image stage makes the first "
+                               "frame from it). With an image it is stored with the job and shown back (SVD "
+                               "animates the image; it takes no text).")
     model: str | None = Field(default=None, description="The model to use: must name the model this service runs "
                               "(its source, or the source's last path component); omit it for that model.")
     seconds: str | float | None = Field(
@@ -155,8 +168,9 @@ class CreateVideoRequest(GenerationParams):
     REQUEST_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"image_url", "input_reference", "prompt", "model", "seconds", "size_", "webhook_url", "webhook_events"})
 
-    def image_source(self) -> str:
-        """The image's URL (``image_url`` or ``input_reference.image_url``; exactly one)."""
+    def image_source(self) -> str | None:
+        """The image's URL (``image_url`` or ``input_reference.image_url``; at most one); None for
+        text-to-video (a prompt and no image)."""
         reference = self.input_reference
         if reference is not None and reference.file_id is not None:
             raise invalid("input_reference.file_id", "file ids are not supported; give input_reference.image_url "
@@ -165,26 +179,33 @@ class CreateVideoRequest(GenerationParams):
         if len(urls) > 1:
             raise invalid("image_url", "give image_url or input_reference, not both")
         if not urls:
-            raise invalid("image_url", "required: this service generates video from an image (text-to-video is "
-                                       "not available; a prompt is stored with the job); give image_url or "
-                                       "input_reference.image_url")
+            if self.prompt is None:
+                raise invalid("image_url", "required: give image_url or input_reference.image_url for "
+                                           "image-to-video, or a prompt alone for text-to-video")
+            return None
         return urls[0]
 
     def generation_params(self) -> GenerationParams:
         """The generation parameters, with ``size`` as width and height (``seconds`` becomes
-        num_frames at admission, where the tenant's limits are known)."""
+        num_frames at admission, where the tenant's limits are known) and, without an image, the
+        prompt as text-to-video's."""
         values = self.model_dump(exclude=set(self.REQUEST_FIELDS), exclude_none=True)
         check_seconds_alone(values, self.seconds)
-        return GenerationParams.model_validate(apply_size(values, self.size_))
+        return text_to_video_params(apply_size(values, self.size_), prompt=self.prompt,
+                                    has_image=self.image_source() is not None)
 
 
 class Progress(BaseModel):
     stage: str | None = Field(description="The stage running now (image_encode, sampling, decode, ...: the "
                               "job's route); null when queued.")
-    step: int = Field(description="Sampling steps done.")
-    total_steps: int = Field(description="Sampling steps in all.")
+    step: int = Field(description="Steps done by the stage that reports steps (text_to_image or sampling; "
+                      "sampling counts across every segment of a long clip).")
+    total_steps: int = Field(description="Steps of that stage in all.")
     percent: float = Field(description="Rough overall completion, 0-100.")
     updated_at: datetime | None = Field(default=None, description="When the running stage reported this progress.")
+    segments_done: int | None = Field(default=None, description="Long clips: segments finished (kept with the job; "
+                                      "a retry resumes after them). Null for a clip made in one pass.")
+    segments: int | None = Field(default=None, description="Long clips: segments in all. Null for one pass.")
 
 
 class Output(BaseModel):

@@ -24,6 +24,10 @@ anything is stored, in this order:
    ``rate_limited`` with Retry-After (seconds until the next token);
 6. then the image is decoded (its errors are 422/413), stored, and the job written.
 
+Text-to-video is a request with a prompt and no image: ``params.prompt`` is set, no input is
+stored, and the route starts with the text-to-image stage. A long clip (``duration_s``) must fit
+``max_duration_s`` and ``max_segments``; both are checked before any quota is spent.
+
 ``max_running_jobs`` never rejects: it is stamped on the job (``job.policy``) and
 the dispatcher (:func:`serve.scheduler.pick_next`) skips a tenant at its cap.
 """
@@ -44,6 +48,7 @@ from pipelines.errors import ImageTooLargeError, InvalidImageError, InvalidInput
 from pipelines.images import decode_image_bytes, fetch_image_url
 from pipelines.params import GenerationParams
 from pipelines.registry import STAGES
+from pipelines.segments import plan_segments
 
 from ..config import AppConfig
 from ..jobstore import (
@@ -130,7 +135,7 @@ class VideoService:
         self,
         tenant: Tenant,
         *,
-        image: bytes,
+        image: bytes | None,
         params: GenerationParams,
         webhook_url: str | None = None,
         webhook_events: list[str] | None = None,
@@ -140,7 +145,8 @@ class VideoService:
         model: str | None = None,
         seconds: float | None = None,
     ) -> Admission:
-        """Validate, store the image, write the job. Raises for anything the client must fix.
+        """Validate, store the image (none for text-to-video: ``params.prompt`` instead), write
+        the job. Raises for anything the client must fix.
         ``webhook_format`` names the adapter whose webhook shape the job's events take; ``prompt``
         is stored with the job; ``model``, if given, must name the deployed model; ``seconds``
         (instead of ``params.num_frames``) sets the clip's length."""
@@ -164,8 +170,9 @@ class VideoService:
                 if params.num_frames is not None:
                     raise invalid("seconds", "give seconds or num_frames, not both")
                 params = self.params_for_seconds(policy, params, seconds)
+            self.check_source(image, params)
             fingerprint = hashlib.sha256(
-                hashlib.sha256(image).digest() + params.model_dump_json().encode()
+                hashlib.sha256(image or b"").digest() + params.model_dump_json().encode()
                 + json.dumps([webhook_url, events]).encode()
                 + (b"" if prompt is None else json.dumps({"prompt": prompt}).encode())
             ).hexdigest()
@@ -176,13 +183,15 @@ class VideoService:
             info = await self.model_info()
             resolved = params.resolved(default_num_frames=info["num_frames"])
             self.check_limits(policy, resolved)
+            self.check_length(resolved)
             if webhook_url is not None:
                 if not tenant.webhook_secret:
                     raise APIError(422, "webhook_unavailable", "this tenant has no webhook secret to sign "
                                    "webhooks with; ask the operator to run 'svd-serve tenants rotate --webhook-secret'")
                 await asyncio.to_thread(check_webhook_url, webhook_url, self.config.url_allowlist)
             self.check_quota(tenant)
-            decode_image_bytes(image, max_bytes=self.config.max_upload_bytes, name="image")
+            if image is not None:
+                decode_image_bytes(image, max_bytes=self.config.max_upload_bytes, name="image")
             job = Job(
                 tenant=tenant.name,
                 params=resolved.model_dump(mode="json"),
@@ -197,16 +206,18 @@ class VideoService:
                 idempotency_key=idempotency_key,
                 trace_context=current_carrier(),
             )
-            job.input_key = job_key(tenant.name, job.id, "input")
             job.output_key = job_key(tenant.name, job.id, f"{job.id}.{resolved.output_format.value}")
             span.set_attribute("svd.job_id", job.id)
-            self.storage.put(job.input_key, image, content_type="application/octet-stream")
+            if image is not None:
+                job.input_key = job_key(tenant.name, job.id, "input")
+                self.storage.put(job.input_key, image, content_type="application/octet-stream")
             # The job exists from the moment its record is written (queue order and queue wait
             # count from here), not from when admission began storing its input.
             job.created_at = job.updated_at = utcnow()
             stored, created = self.store.create(job)
             if not created:
-                self.storage.delete(job.input_key)
+                if job.input_key:
+                    self.storage.delete(job.input_key)
                 return self._replay(tenant, stored, fingerprint)
             logger.info("job admitted", extra=log_extra(stored.id, tenant=tenant.name))
             return Admission(job=stored, created=True)
@@ -233,6 +244,30 @@ class VideoService:
         cap = min(MODEL_MAX_FRAMES, policy.max_num_frames or MODEL_MAX_FRAMES)
         frames = frames_for_seconds(seconds, params.resolved_output_fps, cap=cap)
         return GenerationParams.model_validate({**params.model_dump(), "num_frames": frames})
+
+    def check_source(self, image: bytes | None, params: GenerationParams) -> None:
+        """An image (image-to-video) or a prompt alone (text-to-video), and text-to-video only
+        where the text-to-image stage is deployed."""
+        if image is None and not params.text_to_video:
+            raise invalid("image", "required, or give a prompt and no image for text-to-video")
+        if image is not None and params.text_to_video:
+            raise InvalidInputError("give an image (image-to-video) or a prompt alone (text-to-video), not both")
+        if params.text_to_video and self.config.text_to_image_model is None:
+            raise APIError(422, "text_to_video_unavailable", "this deployment has no text-to-image model "
+                           "(text_to_image_model is off): send an image")
+
+    def check_length(self, resolved: GenerationParams) -> None:
+        """422 for a clip longer than ``max_duration_s`` or needing more than ``max_segments``."""
+        if resolved.duration_s is None:
+            return
+        if resolved.duration_s > self.config.max_duration_s:
+            raise invalid("duration_s", f"{resolved.duration_s:g} s is over this deployment's maximum of "
+                                        f"{self.config.max_duration_s:g} s (max_duration_s)")
+        try:
+            plan_segments(duration_s=resolved.duration_s, fps=resolved.fps, frames_per_segment=resolved.num_frames,
+                          overlap_frames=resolved.overlap_frames, max_segments=self.config.max_segments)
+        except ValueError as error:
+            raise invalid("duration_s", str(error)) from None
 
     @staticmethod
     def check_limits(policy: TenantPolicy, resolved: GenerationParams) -> None:

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from pipelines.params import ASPECT_PRESETS, DEFAULT_ASPECT
 from pipelines.registry import STAGES, progress_spans
+from pipelines.segments import output_frame_count, plan_segments
 
 from ..jobstore import Job, JobStatus
 from .schemas import ErrorInfo, Output, Progress, Timestamps, VideoJob, WebhookInfo, format_seconds
@@ -53,9 +54,32 @@ def clip_size(params: dict) -> tuple[int, int]:
 
 
 def clip_seconds(params: dict) -> float:
-    """Playback length: num_frames / output fps (``fps`` when no ``output_fps``)."""
+    """Playback length. Frames played as generated: num_frames / output fps (``fps`` when no
+    ``output_fps``). Retimed (``duration_s``, or interpolation blend/mci): the output frame count
+    of :func:`pipelines.segments.output_frame_count` / output fps."""
     fps = params.get("output_fps") or params.get("fps") or 0
-    return (params.get("num_frames") or 0) / fps if fps else 0.0
+    if not fps:
+        return 0.0
+    duration = params.get("duration_s")
+    if duration or (params.get("interpolation") or "none") != "none":
+        conditioning_fps = params.get("fps") or fps
+        span = duration or max(1, (params.get("num_frames") or 2) - 1) / conditioning_fps
+        return output_frame_count(generated_frames=2, duration_s=span, output_fps=fps) / fps
+    return (params.get("num_frames") or 0) / fps
+
+
+def segment_progress(job: Job) -> tuple[int | None, int | None]:
+    """(segments finished, segments in all) of a long clip; (None, None) for a one-pass clip."""
+    duration = job.params.get("duration_s")
+    if not duration:
+        return None, None
+    try:
+        total = plan_segments(duration_s=duration, fps=job.params.get("fps") or 7,
+                              frames_per_segment=job.params.get("num_frames") or 14,
+                              overlap_frames=job.params.get("overlap_frames") or 0, max_segments=1 << 16).num_segments
+    except ValueError:
+        return None, None
+    return (total if job.status is JobStatus.COMPLETED else len(job.segments)), total
 
 
 def job_view(job: Job, base_url: str, *, queue_position: int | None = None) -> VideoJob:
@@ -74,6 +98,7 @@ def job_view(job: Job, base_url: str, *, queue_position: int | None = None) -> V
     if error is None and job.status is JobStatus.CANCELLED:
         error = CANCELLED_ERROR
     width, height = clip_size(job.params)
+    segments_done, segments = segment_progress(job)
     ended = job.finished_at if job.status.is_terminal else None
     completed = ended if job.status is JobStatus.COMPLETED else None
     return VideoJob(
@@ -95,7 +120,8 @@ def job_view(job: Job, base_url: str, *, queue_position: int | None = None) -> V
         params=job.params,
         queue_position=queue_position if job.status is JobStatus.QUEUED else None,
         progress_detail=Progress(stage=progress.stage, step=progress.step, total_steps=progress.total_steps,
-                                 percent=round(percent, 1), updated_at=progress.updated_at),
+                                 percent=round(percent, 1), updated_at=progress.updated_at,
+                                 segments_done=segments_done, segments=segments),
         timings=job.timings,
         output=output,
         webhook_url=job.webhook_url,

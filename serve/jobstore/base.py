@@ -45,6 +45,7 @@ from serve.jobstore.models import (
     JobOutput,
     JobProgress,
     JobStatus,
+    SegmentRecord,
     WebhookAttempt,
     dt_to_us,
     epoch_to_dt,
@@ -486,6 +487,19 @@ class JobStore(ABC):
             if job.webhook is None:
                 return False
             job.webhook.deliveries = [*job.webhook.deliveries, entry][-keep:]
+            return True
+
+        return self._changed(self._mutate(job_id, fn))
+
+    def record_segment(self, job_id: str, segment: SegmentRecord, *, owner: str) -> bool:
+        """Keep a finished segment of a long clip with the job (replacing an earlier record of the
+        same index), so that a retry resumes after it. False if ``owner`` lost the lease."""
+
+        def fn(job: Job) -> bool:
+            if not self._holds(job, owner):
+                return False
+            job.segments = sorted([*(s for s in job.segments if s.index != segment.index), segment],
+                                  key=lambda s: s.index)
             return True
 
         return self._changed(self._mutate(job_id, fn))

@@ -139,6 +139,17 @@ class AdmissionPolicy(BaseModel):
     retention_s: float | None = Field(default=None, gt=0, description="The tenant's own retention.")
 
 
+class SegmentRecord(BaseModel):
+    """One finished segment of a long clip, kept with the job so that a retry resumes after it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    index: int = Field(ge=0, description="0 for the first segment.")
+    key: str = Field(description="Storage key of its decoded frames (uint8 .npy), deleted when the job ends.")
+    num_frames: int = Field(ge=1)
+    seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per stage spent on it.")
+
+
 _LEGACY_KEYS = frozenset({"metadata", "weight", "webhook_url"})
 
 
@@ -161,8 +172,9 @@ class Job(BaseModel):
     finished_at: datetime | None = None
     params: dict[str, Any] = Field(default_factory=dict, description="The resolved generation parameters.")
     model: str = Field(default="", description="The model that serves the job (its source, as configured).")
-    prompt: str | None = Field(default=None, description="The client's text prompt, stored (no text-to-video yet).")
-    input_key: str = Field(default="", description="Storage key of the conditioning image.")
+    prompt: str | None = Field(default=None, description="The client's text prompt (text-to-video's, or stored "
+                               "with an image-to-video job).")
+    input_key: str = Field(default="", description="Storage key of the conditioning image (empty: text-to-video).")
     progress: JobProgress = Field(default_factory=JobProgress)
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds spent per stage.")
     error: JobError | None = None
@@ -178,6 +190,8 @@ class Job(BaseModel):
     fingerprint: str | None = Field(default=None, description="Hash of the request (Idempotency-Key replays).")
     policy: AdmissionPolicy = Field(default_factory=AdmissionPolicy, description="The tenant's terms at admission.")
     webhook: WebhookSubscription | None = None
+    segments: list[SegmentRecord] = Field(default_factory=list,
+                                          description="Finished segments of a long clip (a retry resumes after them).")
     version: int = 0
     expires_at: datetime | None = Field(default=None, description="Set by the store on create.")
 

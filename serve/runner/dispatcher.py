@@ -48,9 +48,10 @@ class JobRunner:
                                       tenants=TenantRegistry(self.config.auth.resolved_tenants_file()))
         self.owner = f"runner-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lease_s = self.config.job_store.lease_s
+        storage = make_storage(self.config.storage)
         self.driver = JobDriver(self.config, store=self.store, lifecycle=self.lifecycle, stages=stages,
-                                owner=self.owner)
-        self.janitor = Janitor(self.config, store=self.store, storage=make_storage(self.config.storage),
+                                owner=self.owner, storage=storage)
+        self.janitor = Janitor(self.config, store=self.store, storage=storage,
                                ledger=ledger, lifecycle=self.lifecycle, owner=self.owner)
         self.inflight: dict[str, asyncio.Task] = {}
         self.stopping = asyncio.Event()

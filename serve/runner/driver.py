@@ -12,20 +12,24 @@ clip, which completes the job.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from pipelines.errors import JobCancelledError
 from pipelines.params import GenerationParams
 from pipelines.registry import FINAL_VALUE, SOURCE_VALUE
 from pipelines.registry import STAGES as STAGE_REGISTRY
-from pipelines.registry import StageSpec
+from pipelines.registry import StageSpec, split_route
+from pipelines.segments import plan_segments
 
 from ..config import AppConfig
-from ..context import JobContext, StageOutput, StepReport, StoredVideo
-from ..jobstore import Job, JobOutput, JobStore
+from ..context import JobContext, SegmentSet, StageOutput, StepReport, StoredSegment, StoredVideo
+from ..jobstore import Job, JobOutput, JobStore, SegmentRecord
+from ..storage import Storage, job_key
 from ..lifecycle import JobLifecycle
 from ..telemetry import current_carrier, log_extra, span_from_carrier
 from .failures import cause_of, classify
@@ -38,8 +42,9 @@ PROGRESS_WRITE_INTERVAL_S = 0.25
 
 class JobDriver:
     def __init__(self, config: AppConfig, *, store: JobStore, lifecycle: JobLifecycle,
-                 stages: dict[str, DeploymentHandle], owner: str) -> None:
+                 stages: dict[str, DeploymentHandle], owner: str, storage: Storage | None = None) -> None:
         self.config, self.store, self.lifecycle, self.stages, self.owner = config, store, lifecycle, stages, owner
+        self.storage = storage
 
     async def run(self, job: Job) -> None:
         """Drive ``job`` (claimed by ``owner``) until it completes, fails, is cancelled or is handed
@@ -55,6 +60,7 @@ class JobDriver:
                 raise
             except BaseException as error:  # noqa: BLE001 - classified
                 if await asyncio.to_thread(self._settle_failure, job, error):
+                    await asyncio.to_thread(self._drop_segments, job)
                     await self.lifecycle.ended(job.id)
                 return
             seconds = time.perf_counter() - start
@@ -64,6 +70,7 @@ class JobDriver:
         if not completed:  # settled elsewhere meanwhile (recovered, cancelled): announced there
             logger.warning("the job was settled elsewhere; this copy's result is dropped", extra=log_extra(job.id))
             return
+        await asyncio.to_thread(self._drop_segments, job)
         await self.lifecycle.ended(job.id)
         logger.info("job completed in %.2fs", seconds, extra=log_extra(job.id, tenant=job.tenant))
 
@@ -73,37 +80,80 @@ class JobDriver:
         return STAGE_REGISTRY.route(GenerationParams.model_validate(job.params))
 
     async def _through_route(self, job: Job, ctx: JobContext) -> StageOutput:
-        values: dict[str, Any] = {SOURCE_VALUE: job.input_key}
-        calls: list[Any] = []
-        progress = ProgressReporter(self, job)
+        """The stages before the segments, each segment's stages, the stages after them. A clip
+        made in one pass is one segment whose payloads never leave the object store; the segments
+        of a long clip are stored as they finish, so that a retry resumes after the last one."""
+        params = GenerationParams.model_validate(job.params)
+        before, per_segment, after = split_route(self.route_of(job))
+        plan = plan_segments(duration_s=params.duration_s, fps=params.fps, frames_per_segment=params.num_frames,
+                             overlap_frames=params.overlap_frames, max_segments=self.config.max_segments)
+        call = _Calls(self, job, plan.num_segments)
         try:
-            for spec in self.route_of(job):
-                args = [values[name] for name in spec.inputs]
-                handle = self.stages[spec.name]
-                if spec.reports_steps:
-                    stream = handle.options(stream=True).run_streaming.remote(ctx, *args, params=job.params)
-                    calls.append(stream)
-                    async for item in stream:
-                        if isinstance(item, StepReport):
-                            progress.step(item)
-                        else:
-                            values[spec.output] = item
-                else:
-                    response = handle.run.remote(ctx, *args, params=job.params)
-                    calls.append(response)
-                    values[spec.output] = response
+            # 1. Before the segments (text-to-image), unless a finished segment already follows them.
+            finished = [StoredSegment(index=s.index, key=s.key, num_frames=s.num_frames)
+                        for s in job.segments] if plan.num_segments > 1 else []
+            values: dict[str, Any] = {SOURCE_VALUE: job.input_key}
+            if finished:
+                logger.info("resuming after segment %d of %d", len(finished), plan.num_segments,
+                            extra=log_extra(job.id))
+                values = {SOURCE_VALUE: StageOutput(value=finished[-1], timings=dict(job.segments[-1].seconds))}
+            else:
+                for spec in before:
+                    await call.stage(spec, ctx, values, params)
+
+            # 2. The segments.
+            for index in range(len(finished), plan.num_segments):
+                if index and await asyncio.to_thread(self.store.is_cancel_requested, job.id):
+                    raise JobCancelledError(f"cancelled before segment {index + 1} of {plan.num_segments}")
+                for spec in per_segment:
+                    stage_ctx = ctx
+                    if plan.num_segments > 1:  # the progress bar does not step back between segments
+                        stage_ctx = dataclasses.replace(
+                            ctx, segment=index, segment_key=job_key(job.tenant, job.id, f"segments/{index}.npy"),
+                            note_progress=index == 0 and spec is per_segment[0])
+                    await call.stage(spec, stage_ctx, values, params.for_segment(index), segment=index)
+                if plan.num_segments > 1:
+                    stored = await values[per_segment[-1].output]
+                    await asyncio.to_thread(self._keep_segment, job, stored)
+                    finished.append(stored.value)
+                    values = {SOURCE_VALUE: stored}
+            if plan.num_segments > 1:
+                values[per_segment[-1].output] = StageOutput(value=SegmentSet(tuple(finished)),
+                                                             timings=values[SOURCE_VALUE].timings)
+
+            # 3. After the segments (join, retime, encode, store).
+            for spec in after:
+                await call.stage(spec, ctx, values, params)
             final = values[FINAL_VALUE]
             output = await final if isinstance(final, DeploymentResponse) else final
-            await progress.flush()  # no progress write may land after the terminal one
+            await call.progress.flush()  # no progress write may land after the terminal one
             return output
         except asyncio.CancelledError:
-            progress.cancel()
-            for call in calls:
-                call.cancel()
+            call.cancel()
             raise
         except BaseException:
-            progress.cancel()  # a late write cannot land anyway: the store refuses it once the job is settled
+            call.progress.cancel()  # a late write cannot land anyway: the store refuses it once the job is settled
             raise
+
+    def _keep_segment(self, job: Job, stored: StageOutput) -> None:
+        segment: StoredSegment = stored.value
+        if not self.store.record_segment(job.id, SegmentRecord(index=segment.index, key=segment.key,
+                                                               num_frames=segment.num_frames,
+                                                               seconds=stored.timings), owner=self.owner):
+            raise asyncio.CancelledError()  # the lease is gone: the job runs elsewhere now
+
+    def _drop_segments(self, job: Job) -> None:
+        """Delete a long clip's stored segments once the job has ended (they exist for a resume)."""
+        if self.storage is None:
+            return
+        params = GenerationParams.model_validate(job.params)
+        if params.duration_s is None:
+            return
+        for index in range(self.config.max_segments):  # every key a plan could have used
+            try:
+                self.storage.delete(job_key(job.tenant, job.id, f"segments/{index}.npy"))
+            except Exception:  # noqa: BLE001 - the janitor removes the job's files at expiry anyway
+                logger.debug("could not delete a segment", exc_info=True, extra=log_extra(job.id))
 
     def _settle_failure(self, job: Job, error: BaseException) -> bool:
         """Record how a job that raised ends; True if it reached a terminal state."""
@@ -120,6 +170,42 @@ class JobDriver:
         if verdict.internal:
             logger.error("job failed: %r", cause_of(error), extra=log_extra(job.id), exc_info=cause_of(error))
         return self.store.fail(job.id, owner=self.owner, error=verdict.error)
+
+
+class _Calls:
+    """The stage calls of one job: started as chained DeploymentResponses (a stage that reports
+    steps as a stream, read here), all cancelled together."""
+
+    def __init__(self, driver: JobDriver, job: Job, segments: int) -> None:
+        self.driver, self.segments = driver, segments
+        self.progress = ProgressReporter(driver, job)
+        self.calls: list[Any] = []
+
+    async def stage(self, spec: StageSpec, ctx: JobContext, values: dict[str, Any], params: GenerationParams,
+                    *, segment: int = 0) -> None:
+        args = [values[name] for name in spec.inputs]
+        handle = self.driver.stages[spec.name]
+        dumped = params.model_dump(mode="json")
+        if not spec.reports_steps:
+            response = handle.run.remote(ctx, *args, params=dumped)
+            self.calls.append(response)
+            values[spec.output] = response
+            return
+        stream = handle.options(stream=True).run_streaming.remote(ctx, *args, params=dumped)
+        self.calls.append(stream)
+        async for item in stream:
+            if isinstance(item, StepReport):
+                if spec.per_segment and self.segments > 1:  # steps count across the segments
+                    item = dataclasses.replace(item, step=segment * item.total + item.step,
+                                               total=self.segments * item.total)
+                self.progress.step(item)
+            else:
+                values[spec.output] = item
+
+    def cancel(self) -> None:
+        self.progress.cancel()
+        for call in self.calls:
+            call.cancel()
 
 
 class ProgressReporter:

@@ -3,7 +3,10 @@
 The request (JSON) takes ``model``, ``prompt``, ``image`` (base64 or a data URL) or ``image_url``
 (http(s), SSRF-guarded, or a data URL), ``response_format`` (``url``, the default, or
 ``b64_json``), ``n`` (1 only) and the native generation parameters (``num_frames``, ``fps``,
-``width``, ``height``, ``seed``, ``num_inference_steps``, ...). It is admitted through
+``width``, ``height``, ``seed``, ``num_inference_steps``, ``duration_s``, ``negative_prompt``, ...).
+A ``prompt`` with neither ``image`` nor ``image_url`` is text-to-video (the text-to-image stage
+makes the first frame from it); with an image the prompt is only stored with the job (SVD takes
+no text). It is admitted through
 ``VideoService.admit`` like every other job, then the request waits for the job to end, woken by
 the job store's change notices (with a slow re-read in case one is lost), for at most
 ``generations_wait_s``:
@@ -37,6 +40,7 @@ from ...metering.models import CLIENT_ERROR_CODES
 from ..errors import NO_RETRY_HEADERS, APIError, Rejection, adapter_route
 from ..base_url import public_base_url
 from ..follow import follow_job
+from ..schemas import text_to_video_params
 
 if TYPE_CHECKING:
     from ...tenants import Tenant, TenantRegistry
@@ -62,9 +66,14 @@ class GenerationRequest(BaseModel):
     model: str | None = Field(default=None, description="The served model (its source or last path part); "
                               "omit for the one this service runs.")
     prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS,
-                               description="Stored with the job (image-to-video does not use it yet).")
-    image: str | None = Field(default=None, description="The conditioning image: base64 or a data URL.")
-    image_url: str | None = Field(default=None, description="The conditioning image: an http(s) or data URL.")
+                               description="Without image and image_url: text-to-video (the text-to-image stage "
+                               "makes the first frame from it; negative_prompt and the t2i_* parameters apply). "
+                               "With an image it is only stored with the job (SVD animates the image; it takes "
+                               "no text).")
+    image: str | None = Field(default=None, description="The conditioning image (image-to-video): base64 or a data "
+                              "URL. Give it, image_url, or neither with a prompt (text-to-video).")
+    image_url: str | None = Field(default=None, description="The conditioning image (image-to-video): an http(s) or "
+                                  "data URL. Give it, image, or neither with a prompt (text-to-video).")
     response_format: Literal["url", "b64_json"] = Field(default="url", description="b64_json adds the clip inline.")
     n: Literal[1] = Field(default=1, description="Clips per request: only 1.")
 
@@ -100,17 +109,28 @@ def error_type(status: int) -> str:
 
 
 def parse_request(body: Any) -> tuple[GenerationRequest, GenerationParams]:
+    """The adapter's fields and the generation parameters: image-to-video with ``image`` or
+    ``image_url`` (a prompt is then only stored), text-to-video with a ``prompt`` and neither."""
     if not isinstance(body, dict):
-        raise InvalidInputError("the body must be a JSON object with image or image_url and the generation parameters")
+        raise InvalidInputError("the body must be a JSON object with image, image_url or a prompt and the "
+                                "generation parameters")
     request = GenerationRequest.model_validate({k: v for k, v in body.items() if k in ADAPTER_FIELDS})
-    params = GenerationParams.model_validate({k: v for k, v in body.items() if k not in ADAPTER_FIELDS})
-    if (request.image is None) == (request.image_url is None):
-        raise InvalidInputError("image: give exactly one of image (base64 or a data URL) and image_url")
+    if request.image is not None and request.image_url is not None:
+        raise InvalidInputError("image: give one of image (base64 or a data URL) and image_url, not both")
+    has_image = request.image is not None or request.image_url is not None
+    if not has_image and request.prompt is None:
+        raise InvalidInputError("image: give image (base64 or a data URL) or image_url for image-to-video, "
+                                "or a prompt alone for text-to-video")
+    params = text_to_video_params({k: v for k, v in body.items() if k not in ADAPTER_FIELDS},
+                                  prompt=request.prompt, has_image=has_image)
     return request, params
 
 
-def image_bytes(service: "VideoService", request: GenerationRequest) -> bytes:
-    """The conditioning image (blocking: run it in a thread); errors name the field it came from."""
+def image_bytes(service: "VideoService", request: GenerationRequest) -> bytes | None:
+    """The conditioning image (blocking: run it in a thread), None for text-to-video; errors name
+    the field it came from."""
+    if request.image is None and request.image_url is None:
+        return None
     field, value = ("image_url", request.image_url) if request.image_url is not None else ("image", request.image)
     if field == "image":
         if value.startswith(("http://", "https://")):

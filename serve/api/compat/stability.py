@@ -5,6 +5,9 @@ Submit (``multipart/form-data``): ``image`` (a file of exactly 1024x576, 576x102
 pixels: the clip's width and height), ``seed`` (0 to 4294967294; 0, the default, draws one),
 ``cfg_scale`` (0 to 10, default 1.8) and ``motion_bucket_id`` (1 to 255, default 127). Answer:
 ``200 {"id"}``. Any other field, a repeated one or a value out of range is a 400 naming it.
+Stability's image-to-video takes no prompt, and its v2beta API has no text-to-video endpoint, so
+there is nothing to map text-to-video onto: a ``prompt`` (or ``negative_prompt``) field is a 400
+that says where this service takes text-to-video (:data:`NO_PROMPT`).
 
 Result: ``202 {"id", "status": "in-progress"}`` while the job is queued or running; once it
 completed, ``200`` with the MP4 (``Accept: video/*``, the default; headers ``finish-reason:
@@ -65,6 +68,11 @@ MIN_GUIDANCE = 1.0
 #: Text fields a form may carry before the parser stops reading (the unknown ones are then named).
 MAX_FORM_FIELDS = 16
 VIDEO_TYPES = frozenset({"video/*", "video/mp4", "*/*"})
+#: Text fields a client may send hoping for text-to-video: refused, saying where it is served.
+PROMPT_FIELDS = ("prompt", "negative_prompt")
+NO_PROMPT = ("{field}: Stability's image-to-video takes no prompt (it animates the image) and Stability's v2beta API "
+             "has no text-to-video endpoint; for text-to-video send a prompt and no image to POST /v1/videos, "
+             "POST /v1/video/generations or fal's fal-ai/fast-svd/text-to-video")
 JSON_TYPE = "application/json"
 SUCCESS = "SUCCESS"
 
@@ -127,6 +135,9 @@ async def read_form(request: Request, *, max_image_bytes: int) -> tuple[bytes, S
     for name, value in fields.items():
         if not isinstance(value, str):
             raise InvalidInputError(f"{name}: send a text field, not a file")
+    for name in PROMPT_FIELDS:
+        if name in fields:
+            raise InvalidInputError(NO_PROMPT.format(field=name))
     typed = _FormTypes.model_validate(fields).model_dump(exclude_unset=True)
     return await upload.read(max_image_bytes + 1), StabilityForm.model_validate(typed)
 
