@@ -91,8 +91,8 @@ class ClipSpec(_Strict):
     weight: float = Field(default=1.0, gt=0, description="Relative frequency of this clip among the tenant's clips.")
     num_frames: int = Field(default=14, ge=2, le=64, description="Frames per clip.")
     num_inference_steps: int = Field(default=8, ge=1, le=150, description="Sampling steps (U-Net cost is linear in it).")
-    width: int = Field(default=64, ge=64, le=1536, multiple_of=64, description="Width in pixels (multiple of 64).")
-    height: int = Field(default=64, ge=64, le=1536, multiple_of=64, description="Height in pixels (multiple of 64).")
+    width: int = Field(default=64, ge=64, le=1536, multiple_of=8, description="Width in pixels (multiple of 8).")
+    height: int = Field(default=64, ge=64, le=1536, multiple_of=8, description="Height in pixels (multiple of 8).")
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="Any other generation parameter passed through as is (seed, fps, motion_bucket_id, "

@@ -106,16 +106,12 @@ class StageSpec:
             raise ValueError(f"stage {self.name!r} needs components {missing}")
         return self.stage_class()(**{name: components[name] for name in self.components})
 
-    def load_components(self, model_spec: Any) -> dict[str, Any]:
-        """Load what this stage needs from ``model_spec`` (a :class:`pipelines.loader.ModelSpec`)."""
-        if self.component_loader is not None:
-            module, _, attr = self.component_loader.partition(":")
-            return getattr(importlib.import_module(module), attr)(model_spec)
-        if not self.components:
-            return {}
-        from pipelines.loader import load_components
-
-        return load_components(model_spec, self.components)
+    def component_loader_function(self) -> Callable[[Any], dict[str, Any]] | None:
+        """The ``component_loader`` callable, imported now (None if the stage has none)."""
+        if self.component_loader is None:
+            return None
+        module, _, attr = self.component_loader.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
     def runs_for(self, params: Any) -> bool:
         return self.when is None or bool(self.when(params))

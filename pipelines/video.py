@@ -13,7 +13,7 @@ Formats (:class:`~pipelines.params.OutputFormat`):
       frame delays in 1/100 s, so playback rates are rounded to that (7 fps plays at ~7.14 fps).
 
 yuv420p stores colour at half resolution, so H.264 and VP9 need an even width and height:
-odd sizes are rejected rather than padded (SVD's sizes are multiples of 64; padding would
+odd sizes are rejected rather than padded (SVD's sizes are multiples of 8; padding would
 silently change the clip's size).
 
 ``fps`` here is the *playback* rate of the file, not the model's fps conditioning.

@@ -15,7 +15,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from pipelines.registry import STAGES
+from pipelines.registry import STAGES, TEXT_TO_IMAGE
 
 from .config import AppConfig
 from .ingress import Ingress
@@ -61,4 +61,5 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     }
     runner = JobRunner.options(**config.stages.runner.to_serve_options()).bind(raw, stages)
     model_stage = stages[STAGES.model_stage().name]
-    return Ingress.options(**config.stages.ingress.to_serve_options()).bind(raw, runner, model_stage)
+    return Ingress.options(**config.stages.ingress.to_serve_options()).bind(
+        raw, runner, model_stage, stages.get(TEXT_TO_IMAGE.name))

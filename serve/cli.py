@@ -71,6 +71,13 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     from pipelines.tiny import write_tiny_model
 
     start = time.perf_counter()
+    if args.text_to_image:
+        from pipelines.tiny_t2i import write_tiny_text_to_image_model
+
+        path = write_tiny_text_to_image_model(args.directory, seed=args.seed)
+        print(f"wrote tiny random-weight SDXL-shaped text-to-image model to {path} in "
+              f"{time.perf_counter() - start:.1f}s")
+        return 0
     path = write_tiny_model(args.directory, seed=args.seed)
     print(f"wrote tiny random-weight SVD to {path} in {time.perf_counter() - start:.1f}s")
     return 0
@@ -102,14 +109,14 @@ def _default_dtype(device: str) -> str:
     return "fp16"
 
 
-def _model_spec(args: argparse.Namespace):
+def _model_spec(args: argparse.Namespace, *, source: str | None = None):
     from pydantic import ValidationError
 
     from pipelines.loader import ModelSpec  # light: torch and diffusers are imported only when loading
 
     try:
         dtype = args.dtype or _default_dtype(args.device)
-        return ModelSpec(source=args.model, dtype=dtype, device=args.device)
+        return ModelSpec(source=source or args.model, dtype=dtype, device=args.device)
     except ValidationError as error:
         problems = []
         for item in error.errors(include_url=False):
@@ -132,16 +139,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _params_from_args(args, output_format=fmt)
     if fmt is not None and params.output_format.value != fmt:
         raise CLIError(f"--out {out} does not match --output-format {params.output_format.value}")
-    image = load_image_source(args.image)  # fails fast, before the model loads
+    if (args.image is None) == (params.prompt is None):
+        raise CLIError("give --image (image-to-video) or --prompt (text-to-video), exactly one")
+    image = load_image_source(args.image) if args.image is not None else None  # fails fast, before loading
     spec = _model_spec(args)
+    text_spec = _model_spec(args, source=args.text_to_image_model) if params.prompt is not None else None
     _prepare_out(out)
 
     # Heavy imports (torch, diffusers, transformers) only once the inputs are known to be good.
     from pipelines.loader import load_pipeline
     from pipelines.staged import StagedPipeline
+    from pipelines.text_to_image import load_text_to_image
 
     start = time.perf_counter()
-    pipeline = StagedPipeline(load_pipeline(spec))
+    text_to_image = load_text_to_image(text_spec) if text_spec is not None else None
+    pipeline = StagedPipeline(load_pipeline(spec), text_to_image=text_to_image)
     load_seconds = time.perf_counter() - start
 
     progress = _progress_bar(enabled=not args.quiet)
@@ -193,13 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight SVD for offline tests and demos")
     tiny.add_argument("directory", help="output directory (diffusers save_pretrained layout)")
     tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
+    tiny.add_argument("--text-to-image", action="store_true",
+                      help="write the tiny SDXL-shaped text-to-image model instead (text-to-video's first frame)")
     tiny.set_defaults(handler=cmd_tiny_model)
 
     generate = commands.add_parser("generate", help="generate one clip in this process (no Ray)")
     generate.add_argument("--model", default=None,
                           help="Hugging Face repo id, local directory or s3://bucket/prefix "
                                "(default: stabilityai/stable-video-diffusion-img2vid-xt-1-1)")
-    generate.add_argument("--image", required=True, help="conditioning image: a file path or an http(s) URL")
+    generate.add_argument("--image", default=None, help="conditioning image: a file path or an http(s) URL "
+                          "(or --prompt without an image: text-to-video)")
+    generate.add_argument("--text-to-image-model", default="stabilityai/stable-diffusion-xl-base-1.0",
+                          help="text-to-video's first frame: a diffusers text-to-image pipeline, as --model "
+                               "(default: stabilityai/stable-diffusion-xl-base-1.0)")
     generate.add_argument("--out", required=True, help="output file: .mp4, .webm or .gif")
     generate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                           help="model dtype (default: fp16 on a GPU, fp32 on CPU)")

@@ -24,11 +24,13 @@ MODEL_INFO_TIMEOUT_S = 10.0
 @serve.deployment(name="Ingress", logging_config={"encoding": "JSON"})
 @serve.ingress()
 class Ingress:
-    def __init__(self, config: dict[str, Any], runner, model_stage) -> None:
+    def __init__(self, config: dict[str, Any], runner, model_stage, text_to_image=None) -> None:
         self.config = AppConfig.model_validate(config)
         setup_tracing(self.config.tracing)
         self.runner = runner
         self.model_stage = model_stage  # the stage whose replicas know the loaded model
+        self.text_to_image = text_to_image  # None: text-to-video is off
+        self._text_to_image_info: dict[str, Any] | None = None
         self._model_info: dict[str, Any] | None = None
         self.tenants = TenantRegistry(self.config.auth.resolved_tenants_file())
         store = make_job_store(self.config.job_store)
@@ -39,6 +41,7 @@ class Ingress:
             store=store,
             storage=make_storage(self.config.storage),
             model_info=self.model_info,
+            text_to_image_info=self.text_to_image_info if text_to_image is not None else None,
         )
 
     async def model_info(self) -> dict[str, Any]:
@@ -46,6 +49,12 @@ class Ingress:
         if self._model_info is None:
             self._model_info = await asyncio.wait_for(self.model_stage.info.remote(), MODEL_INFO_TIMEOUT_S)
         return self._model_info
+
+    async def text_to_image_info(self) -> dict[str, Any]:
+        """What the text-to-image model can make (its size multiple), asked of a replica once."""
+        if self._text_to_image_info is None:
+            self._text_to_image_info = await asyncio.wait_for(self.text_to_image.info.remote(), MODEL_INFO_TIMEOUT_S)
+        return self._text_to_image_info
 
     async def _ready(self) -> None:
         await self.model_info()

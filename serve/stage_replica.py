@@ -32,6 +32,7 @@ import numpy as np
 import PIL.Image
 
 from pipelines.images import decode_image_bytes
+from pipelines.loader import load_stage_components
 from pipelines.params import GenerationParams
 from pipelines import registry
 from pipelines.registry import FINAL_VALUE, SOURCE_VALUE
@@ -62,7 +63,7 @@ class StageReplica:
         model = self.config.model_for(self.spec)
         if model is None:
             raise ValueError(f"stage {self.spec.name!r} has no model configured")
-        self.stage = self.spec.build(self.spec.load_components(model))
+        self.stage = self.spec.build(load_stage_components(self.spec, model))
         self._notes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress-notes")  # in order
 
     # -- calls from the driver ------------------------------------------------------------------
@@ -109,8 +110,9 @@ class StageReplica:
 
     async def info(self) -> dict[str, Any]:
         """The loaded model's defaults (on the stage that describes the model)."""
-        return {"stage": self.spec.name, "model": self.config.model.source,
-                "num_frames": int(getattr(self.stage, "default_num_frames", 0))}
+        return {"stage": self.spec.name, "model": self.config.model_for(self.spec).source,
+                "num_frames": int(getattr(self.stage, "default_num_frames", 0)),
+                "size_multiple": int(getattr(self.stage, "size_multiple", 0)) or None}
 
     async def replica_info(self) -> dict[str, Any]:
         """Where this replica runs and what it holds (for operators and placement tests)."""

@@ -186,7 +186,7 @@ def test_every_v1_endpoint_requires_a_valid_key(api, headers, message):
 def test_parameter_errors_name_the_field_and_range(api):
     assert_error(submit(api, motion_bucket_id=300), 422, "invalid_parameter",
                  "motion_bucket_id: 300 is out of range (allowed: 1 to 255)")
-    assert_error(submit(api, width=100, height=64), 422, "invalid_parameter", "a multiple of 64")
+    assert_error(submit(api, width=100, height=64), 422, "invalid_parameter", "a multiple of 8")
     assert_error(submit(api, frames=3), 422, "invalid_parameter", "frames: unknown parameter")
     assert_error(api.post("/v1/videos", headers=h(api), json={**SMALL}), 422, "invalid_parameter", "image_url")
     assert_error(api.post("/v1/videos", headers={**h(api), "Content-Type": "application/json"}, content=b"{nope"),
@@ -367,7 +367,8 @@ def test_the_job_object_is_openai_video_plus_native_fields(api):
     assert isinstance(job["created_at"], int) and job["completed_at"] is job["finished_at"] is job["started_at"] is None
     precise = datetime.fromisoformat(job["timestamps"]["created_at"])
     assert job["created_at"] == int(precise.timestamp()) and job["expires_at"] > job["created_at"]
-    assert job["progress_detail"] == {"stage": None, "step": 0, "total_steps": 0, "percent": 0.0, "updated_at": None}
+    assert job["progress_detail"] == {"stage": None, "step": 0, "total_steps": 0, "percent": 0.0, "updated_at": None,
+                                      "segments_done": None, "segments": None}
     assert submit(api, num_frames=None, width=None, height=None).json()["size"] == "1024x576"  # the 16:9 default
 
 
@@ -421,7 +422,7 @@ def test_size_maps_by_the_documented_table(api, size, expected):
 
 
 def test_sizes_the_table_cannot_map_are_named(api):
-    for size in ("1000x1000", "1920x1080", "big", "0x64"):
+    for size in ("1004x1000", "1920x1080", "1536x1536", "big", "0x64"):
         assert_error(openai_form(api, {"size": size}), 422, "invalid_parameter", f"size: '{size}' cannot be mapped")
     assert_error(openai_form(api, {"size": "1280x720", "width": "64", "height": "64"}), 422, "invalid_parameter",
                  "size: give size or width and height, not both")
@@ -475,8 +476,8 @@ def test_the_image_arrives_under_any_of_its_names_exactly_once(api):
     assert by_url.status_code == 202, by_url.text
     as_json = api.post("/v1/videos", headers=h(api), json={**SMALL, "input_reference": {"image_url": DATA_URL}})
     assert as_json.status_code == 202, as_json.text
-    assert_error(api.post("/v1/videos", headers=h(api), json={**SMALL, "prompt": "a cat"}), 422,
-                 "invalid_parameter", "text-to-video is not available")
+    text_to_video = api.post("/v1/videos", headers=h(api), json={**SMALL, "prompt": "a cat"})  # no image
+    assert text_to_video.status_code == 202 and text_to_video.json()["params"]["prompt"] == "a cat"
     assert_error(api.post("/v1/videos", headers=h(api), json={**SMALL, "image_url": DATA_URL,
                                                               "input_reference": {"image_url": DATA_URL}}),
                  422, "invalid_parameter", "not both")
@@ -486,9 +487,11 @@ def test_the_image_arrives_under_any_of_its_names_exactly_once(api):
                  "not both")
     assert_error(openai_form(api, {"input_reference[file_id]": "file_1"}), 422, "invalid_parameter",
                  "file ids are not supported")
+    as_form = api.post("/v1/videos", headers={**h(api), "Content-Type": "multipart/form-data; boundary=b"},
+                       content=_form_body({"prompt": "a cat", **{k: str(v) for k, v in SMALL.items()}}))
+    assert as_form.status_code == 202 and as_form.json()["params"]["prompt"] == "a cat"
     assert_error(api.post("/v1/videos", headers={**h(api), "Content-Type": "multipart/form-data; boundary=b"},
-                          content=_form_body({"prompt": "a cat"})), 422, "invalid_input",
-                 "text-to-video is not available")
+                          content=_form_body({"seed": "1"})), 422, "invalid_input", "or a prompt alone")
     assert_error(openai_form(api, {"prompt": "x" * 4001}), 422, "invalid_parameter", "prompt: at most")
 
 

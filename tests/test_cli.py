@@ -193,7 +193,7 @@ def test_image_url_to_closed_port(tiny_model_dir, tmp_path):
         ("clip.mp4", ["--output-format", "gif"], "does not match --output-format gif"),
         ("clip.mp4", ["--motion-bucket-id", "300"], "motion_bucket_id: 300 is out of range (allowed: 1 to 255)"),
         ("clip.mp4", ["--num-inference-steps", "0"], "num_inference_steps: 0 is out of range (allowed: 1 to 150)"),
-        ("clip.mp4", ["--width", "100"], "width: 100 is out of range (allowed: 64 to 1536, a multiple of 64)"),
+        ("clip.mp4", ["--width", "100"], "width: 100 is out of range (allowed: 64 to 1536, a multiple of 8)"),
         ("clip.mp4", ["--min-guidance-scale", "5", "--max-guidance-scale", "2"],
          "min_guidance_scale (5.0) must not exceed max_guidance_scale (2.0)"),
         ("clip.mp4", ["--device", "tpu"], "--device tpu: use auto, cpu, cuda or cuda:N"),

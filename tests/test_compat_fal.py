@@ -2,7 +2,9 @@
 
 In process: the FastAPI app over a real SQLite job store and local storage, jobs moved through
 their states with the job store's own API (what the runner does), so every route is exercised in
-every state: URLs, the input schema, auth, tenant isolation, limits, cancel, result, webhooks.
+every state: URLs, the input schema, auth, tenant isolation, limits, cancel, result, webhooks;
+the same for the text-to-video apps (fal-ai/fast-svd/text-to-video), and the pinned ``fal-client``
+against them through the TLS terminator with the app served by uvicorn and a stand-in runner (no Ray).
 
 End to end: the pinned ``fal-client``, exactly as a user runs it (``FAL_KEY``,
 ``FAL_QUEUE_RUN_HOST``, ``SSL_CERT_FILE``, in its own process since it reads the host at import),
@@ -13,8 +15,10 @@ starts (tests/tls_proxy.py): fal's client only builds ``https://`` URLs.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +32,8 @@ from fixtures_api import make_api
 
 from pipelines.sample_image import SAMPLE_IMAGE_PATH
 from serve.api.compat import ADAPTERS
-from serve.api.compat.fal import FAL_APP_ID, app_ids, webhook_body
+from serve.api.compat.fal import (FAL_APP_ID, FAL_NEGATIVE_PROMPT, FAL_T2V_APP_ID, FAL_T2V_APP_IDS, VIDEO_SIZES,
+                                  app_ids, queue_app, webhook_body)
 from serve.jobstore import JobError, JobOutput, JobStatus
 from serve.storage import Storage
 from serve.tenants import rotate_webhook_secret
@@ -424,6 +429,253 @@ def test_webhook_bodies_in_fals_shape(api):
     assert (body["status"], body["payload"]["error_type"]) == ("ERROR", "request_cancelled")
 
 
+# -- text-to-video: fal-ai/fast-svd/text-to-video ---------------------------------------------------
+
+T2V = f"/{FAL_T2V_APP_ID}"
+T2V_QUEUE = f"/{queue_app(FAL_T2V_APP_ID)}"  # fal's queue names requests by owner/alias: fal-ai/fast-svd
+
+
+def t2v(api, tenant="alice", path=T2V, **body):
+    return api.post(path, headers=h(api, tenant), json={"prompt": "a rocket taking off", **body})
+
+
+def t2v_submitted(api, tenant="alice", **body) -> str:
+    response = t2v(api, tenant, **body)
+    assert response.status_code == 200, response.text
+    return response.json()["request_id"]
+
+
+def test_text_to_video_apps_admit_a_prompt_with_fals_defaults(api):
+    assert queue_app(FAL_T2V_APP_ID) == "fal-ai/fast-svd" and queue_app(FAL_APP_ID) == FAL_APP_ID
+    for app_id in FAL_T2V_APP_IDS:
+        response = t2v(api, path=f"/{app_id}")
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        base = f"http://testserver/{queue_app(app_id)}/requests/{answer['request_id']}"
+        assert (answer["status"], answer["response_url"], answer["status_url"]) == ("IN_QUEUE", base, base + "/status")
+        job = api.service.store.get(answer["request_id"], tenant="alice")
+        assert job.route[0] == "text_to_image" and not job.input_key  # no image stored
+        assert job.prompt == "a rocket taking off" and job.params["prompt"] == "a rocket taking off"
+        params = job.params
+        # fal's defaults of fast-svd's text-to-video, where ours differ.
+        assert params["negative_prompt"] == FAL_NEGATIVE_PROMPT
+        assert (params["num_inference_steps"], params["output_fps"], params["fps"]) == (20, 10, 7)
+        assert (params["width"], params["height"]) == (1024, 576)  # landscape_16_9
+        assert (params["motion_bucket_id"], params["noise_aug_strength"]) == (127, 0.02)
+        assert params["output_format"] == "mp4" and params["num_frames"] == 14
+    # The native view of the job is the same text-to-video job.
+    listed = api.get("/v1/videos", headers=h(api)).json()["data"]
+    assert len(listed) == 2 and all(video["prompt"] == "a rocket taking off" for video in listed)
+
+
+def test_text_to_video_input_maps_onto_generation_params(api):
+    request_id = t2v_submitted(api, prompt="a lighthouse", negative_prompt="blurry", seed=7, motion_bucket_id=40,
+                               cond_aug=0.1, steps=12, fps=24, deep_cache="none", num_frames=8,
+                               t2i_num_inference_steps=4, t2i_guidance_scale=0.0, min_guidance_scale=1.5,
+                               max_guidance_scale=2.5)
+    params = api.service.store.get(request_id, tenant="alice").params
+    assert (params["prompt"], params["negative_prompt"], params["seed"]) == ("a lighthouse", "blurry", 7)
+    assert (params["motion_bucket_id"], params["noise_aug_strength"], params["num_inference_steps"]) == (40, 0.1, 12)
+    assert (params["output_fps"], params["num_frames"]) == (24, 8)
+    assert (params["t2i_num_inference_steps"], params["t2i_guidance_scale"]) == (4, 0.0)
+    assert (params["min_guidance_scale"], params["max_guidance_scale"]) == (1.5, 2.5)
+    # Long clips and interpolation are ours, accepted by every app.
+    long_clip = t2v_submitted(api, duration_s=4, interpolation="blend", fps=24)
+    params = api.service.store.get(long_clip, tenant="alice").params
+    assert (params["duration_s"], params["interpolation"]) == (4, "blend")
+    image_long = submitted(api, duration_s=2, interpolation="mci")
+    assert api.service.store.get(image_long, tenant="alice").params["duration_s"] == 2
+
+
+@pytest.mark.parametrize("video_size, size", [
+    *((name, f"{w}x{h}") for name, (w, h) in VIDEO_SIZES.items()),
+    ({"width": 640, "height": 360}, "640x360"),
+    ({"width": 1024, "height": 1024}, "1024x1024"),  # fal's own square_hd, when asked for by size
+    ({"width": 1536, "height": 864}, "1536x864"),
+])
+def test_fal_video_sizes_map_onto_ours(api, video_size, size):
+    params = api.service.store.get(t2v_submitted(api, video_size=video_size), tenant="alice").params
+    assert f"{params['width']}x{params['height']}" == size
+
+
+def test_fal_video_size_names_are_the_svd_presets():
+    assert VIDEO_SIZES == {"square_hd": (768, 768), "square": (768, 768), "portrait_4_3": (768, 1024),
+                           "portrait_16_9": (576, 1024), "landscape_4_3": (1024, 768),
+                           "landscape_16_9": (1024, 576)}
+
+
+@pytest.mark.parametrize("body, loc, kind, contains", [
+    ({"deep_cache": "high"}, ["deep_cache"], "unsupported_value", "DeepCache is not implemented"),
+    ({"deep_cache": "minimum"}, ["deep_cache"], "unsupported_value", "'minimum' is refused"),
+    ({"deep_cache": "medium"}, ["deep_cache"], "unsupported_value", "deep_cache 'none'"),
+    ({"deep_cache": "turbo"}, ["deep_cache"], "literal_error", "'high'"),
+    ({"video_size": "huge"}, ["video_size"], "literal_error", "landscape_16_9"),
+    ({"video_size": {"width": 100, "height": 64}}, ["video_size", "width"], "multiple_of", "multiple of 8"),
+    ({"video_size": {"width": 1600, "height": 512}}, ["video_size", "width"], "less_than_equal", "1536"),
+    ({"video_size": {"width": 1536, "height": 1024}}, [], "value_error", "at most 1327104"),
+    ({"video_size": {"width": 512, "depth": 3}}, ["video_size", "depth"], "extra_forbidden", ""),
+    ({"steps": 0}, ["steps"], "greater_than_equal", ""),
+    ({"fps": 101}, ["fps"], "less_than_equal", ""),
+    ({"cond_aug": 11}, ["cond_aug"], "less_than_equal", ""),
+    ({"prompt": ""}, ["prompt"], "string_too_short", ""),
+    ({"image_url": DATA_URL}, ["image_url"], "extra_forbidden", "submit to fal-ai/stable-video"),
+    ({"num_inference_steps": 5}, ["num_inference_steps"], "extra_forbidden", "as steps"),
+    ({"width": 512, "height": 512}, ["width"], "extra_forbidden", "video_size"),
+    ({"duration_s": 4, "interpolation": "none"}, [], "value_error", "duration_s retimes"),
+])
+def test_text_to_video_input_errors_are_422_in_fals_shape(api, body, loc, kind, contains):
+    response = t2v(api, **body)
+    assert_detail(response, 422, contains, error_type="invalid_parameter")
+    detail = response.json()["detail"]
+    assert {"loc": ["body", *loc], "type": kind} in [{k: item[k] for k in ("loc", "type")} for item in detail], detail
+    assert api.service.store.queue_depth("alice") == 0
+
+
+def test_prompt_is_required_and_deep_cache_none_is_accepted(api):
+    response = api.post(T2V, headers=h(api), json={"deep_cache": "none"})
+    assert_detail(response, 422)
+    assert response.json()["detail"] == [{"loc": ["body", "prompt"], "msg": "Field required", "type": "missing"}]
+    assert t2v(api, deep_cache="none").status_code == 200
+    assert t2v(api, deep_cache=None).status_code == 200
+
+
+def test_the_image_app_refuses_a_prompt_naming_the_text_to_video_app(api):
+    response = submit(api, prompt="a cat", negative_prompt="blur", t2i_num_inference_steps=4)
+    assert_detail(response, 422, FAL_T2V_APP_ID)
+    kinds = {tuple(item["loc"]): item["type"] for item in response.json()["detail"]}
+    assert kinds == {("body", "prompt"): "extra_forbidden", ("body", "negative_prompt"): "extra_forbidden",
+                     ("body", "t2i_num_inference_steps"): "extra_forbidden"}
+    assert api.service.store.queue_depth("alice") == 0
+
+
+def test_text_to_video_unavailable_without_a_text_to_image_model(tmp_path):
+    api = make_api(tmp_path, text_to_image_model=None)
+    response = t2v(api)
+    assert_detail(response, 422, "no text-to-image model", error_type="text_to_video_unavailable")
+    assert api.service.store.queue_depth() == 0
+    assert submit(api).status_code == 200  # image-to-video is unaffected
+
+
+def test_text_to_video_requests_follow_the_queue_protocol(api):
+    request_id = t2v_submitted(api, seed=5)
+    for prefix in (T2V_QUEUE, T2V):  # fal_client's URLs (owner/alias), and the full app id
+        path = f"{prefix}/requests/{request_id}"
+        queued = api.get(path + "/status", headers=h(api)).json()
+        assert queued["status"] == "IN_QUEUE" and queued["status_url"].endswith(f"{T2V_QUEUE}/requests/{request_id}"
+                                                                                "/status")
+        assert_detail(api.get(path, headers=h(api)), 400, "still in progress")
+    claim(api, request_id)
+    running = api.get(f"{T2V_QUEUE}/requests/{request_id}/status", params={"logs": 1}, headers=h(api)).json()
+    assert running["status"] == "IN_PROGRESS"
+    assert running["logs"][0]["message"].startswith("Started: text-to-video: 14 frames at 1024x576, 20 steps, seed 5")
+    api.service.store.update_progress(request_id, owner="test-runner", stage="text_to_image", step=3,
+                                      total_steps=30)
+    logs = api.get(f"{T2V_QUEUE}/requests/{request_id}/status", params={"logs": 1}, headers=h(api)).json()["logs"]
+    assert [line["message"] for line in logs[1:]] == ["text_to_image: running", "text_to_image: step 3/30"]
+    store, storage = api.service.store, api.service.storage
+    job = store.get(request_id, tenant="alice")
+    stored = storage.put(job.output_key, FAKE_MP4, content_type="video/mp4")
+    store.complete(request_id, owner="test-runner", timings={"text_to_image": 2.0, "sampling": 1.5},
+                   output=JobOutput(key=job.output_key, content_type="video/mp4", file_name=f"{request_id}.mp4",
+                                    file_size=stored.size, num_frames=14, fps=10.0, width=1024, height=576))
+    for prefix in (T2V_QUEUE, T2V):
+        result = api.get(f"{prefix}/requests/{request_id}", headers=h(api))
+        assert result.status_code == 200, result.text
+        assert set(result.json()) == {"video", "seed"} and result.json()["seed"] == 5
+        assert result.json()["video"]["file_size"] == len(FAKE_MP4)
+    done = api.get(f"{T2V_QUEUE}/requests/{request_id}/status", params={"logs": 1}, headers=h(api)).json()
+    assert done["status"] == "COMPLETED" and done["metrics"]["inference_time"] == 3.5
+    assert any(line["message"] == "text_to_image: done in 2.00 s" for line in done["logs"])
+    cancel = api.put(f"{T2V_QUEUE}/requests/{request_id}/cancel", headers=h(api))
+    assert cancel.status_code == 400 and cancel.json()["status"] == "ALREADY_COMPLETED"
+    # Another tenant's request is a 404 under the text-to-video app too.
+    assert_detail(api.get(f"{T2V_QUEUE}/requests/{request_id}/status", headers=h(api, "bob")), 404)
+    # Cancelling a queued text-to-video request.
+    queued = t2v_submitted(api)
+    assert api.put(f"{T2V}/requests/{queued}/cancel", headers=h(api)).status_code == 202
+    assert api.ended == [queued]
+
+
+def test_text_to_video_tenant_caps_and_idempotency(api):
+    assert_detail(t2v(api, "capped", num_frames=9), 422, "num_frames 9 exceeds", error_type="limit_exceeded")
+    assert_detail(t2v(api, "capped", steps=11), 422, "num_inference_steps 11", error_type="limit_exceeded")
+    headers = h(api, **{"Idempotency-Key": "t2v-1"})
+    first = api.post(T2V, headers=headers, json={"prompt": "a boat"})
+    again = api.post(T2V, headers=headers, json={"prompt": "a boat"})
+    assert first.json()["request_id"] == again.json()["request_id"]
+    assert_detail(api.post(T2V, headers=headers, json={"prompt": "a car"}), 409, error_type="idempotency_key_reused")
+
+
+
+# -- fal-client against text-to-video, in process (no Ray): uvicorn, the TLS terminator, a stand-in runner
+
+
+@contextlib.contextmanager
+def served_in_process(api, workdir: Path):
+    """``api``'s app on a loopback port behind the TLS terminator, with a thread that finishes
+    every queued job the way the runner does (``finish``)."""
+    import uvicorn
+    from tls_proxy import TLSProxy
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(api.app, log_level="critical", log_config=None,
+                                           timeout_graceful_shutdown=1))
+    serving = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    serving.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    stop = threading.Event()
+
+    def run_jobs():
+        while not stop.wait(0.05):
+            for job in api.service.store.queued_heads():
+                finish(api, job.id)
+
+    runner = threading.Thread(target=run_jobs, daemon=True)
+    runner.start()
+    try:
+        with TLSProxy(f"http://127.0.0.1:{sock.getsockname()[1]}", workdir) as proxy:
+            yield proxy
+    finally:
+        stop.set()
+        runner.join(5)
+        server.should_exit = True
+        serving.join(5)
+        sock.close()
+
+
+def test_fal_client_text_to_video_in_process(tmp_path):
+    """fal_client's submit/status/result/cancel and subscribe against fal-ai/fast-svd/text-to-video:
+    its app-id-built URLs (fal_client.status / result / cancel use owner/alias, fal-ai/fast-svd)
+    reach the requests, and the prompt reaches text-to-video."""
+    api = make_api(tmp_path, max_upload_bytes=10 * 1024 * 1024)
+    with served_in_process(api, tmp_path / "tls") as proxy:
+        out = run_fal_client((api, proxy), "flow", {"prompt": "a rocket", "seed": 11, "steps": 2,
+                                                    "video_size": "portrait_16_9"}, tmp_path, app=FAL_T2V_APP_ID)
+        subscribed = run_fal_client((api, proxy), "subscribe", {"prompt": "a boat", "deep_cache": "none"}, tmp_path,
+                                    app=FAL_T2V_APP_ID)
+        refused = run_fal_client((api, proxy), "refused", {"prompt": "a boat", "deep_cache": "high"}, tmp_path,
+                                 app=FAL_T2V_APP_ID)
+    request_id = out["handle"]["request_id"]
+    base = f"https://{proxy.host}/fal-ai/fast-svd/requests/{request_id}"
+    assert (out["handle"]["response_url"], out["handle"]["status_url"]) == (base, base + "/status")
+    assert out["events"][-1]["type"] == "Completed" and out["status"]["type"] == "Completed"
+    assert out["result"] == out["result_again"] and out["result"]["seed"] == 11
+    assert out["cancel"]["status_code"] == 400 and out["cancel"]["body"]["status"] == "ALREADY_COMPLETED"
+    assert (tmp_path / "flow.mp4").read_bytes() == FAKE_MP4
+    job = api.service.store.get(request_id, tenant="alice")
+    assert job.route[0] == "text_to_image" and job.params["prompt"] == "a rocket"
+    assert (job.params["width"], job.params["height"], job.params["num_inference_steps"]) == (576, 1024, 2)
+
+    assert subscribed["updates"][-1]["type"] == "Completed" and len(subscribed["enqueued"]) == 1
+    assert api.service.store.get(subscribed["enqueued"][0], tenant="alice").params["prompt"] == "a boat"
+    assert refused["error"]["status_code"] == 422 and refused["error"]["error_type"] == "invalid_parameter"
+    assert refused["error"]["body"]["detail"][0]["loc"] == ["body", "deep_cache"]
+
+
 # -- end to end: fal-client through TLS against the local deployment -------------------------------
 
 #: Runs in its own process: fal_client reads FAL_QUEUE_RUN_HOST when it is imported.
@@ -470,6 +722,12 @@ elif scenario == "subscribe":
     video = httpx.get(out["result"]["video"]["url"], headers=key_headers(out["result"]["video"]["url"]))
     video.raise_for_status()
     open(os.environ["VIDEO_PATH"], "wb").write(video.content)
+elif scenario == "refused":
+    try:
+        fal_client.submit(app, arguments=args)
+        out["error"] = None
+    except fal_client.FalClientHTTPError as error:
+        out["error"] = http_error(error)
 elif scenario == "cancel":
     handle = fal_client.submit(app, arguments=args)
     out["request_id"] = handle.request_id
@@ -525,12 +783,13 @@ def fal_deployment(local_service, tmp_path_factory):
         yield local_service, proxy
 
 
-def run_fal_client(deployment, scenario: str, arguments: dict, tmp_path: Path, tenant="alice", **env) -> dict:
+def run_fal_client(deployment, scenario: str, arguments: dict, tmp_path: Path, tenant="alice", app=FAL_APP_ID,
+                   **env) -> dict:
     service, proxy = deployment
     environment = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     environment.update(FAL_KEY=service.keys[tenant], FAL_QUEUE_RUN_HOST=proxy.host, SSL_CERT_FILE=str(proxy.ca_file),
                        NO_PROXY="127.0.0.1,localhost", VIDEO_PATH=str(tmp_path / f"{scenario}.mp4"), **env)
-    done = subprocess.run([sys.executable, "-c", FAL_CLIENT_SCRIPT, FAL_APP_ID, scenario, json.dumps(arguments)],
+    done = subprocess.run([sys.executable, "-c", FAL_CLIENT_SCRIPT, app, scenario, json.dumps(arguments)],
                           env=environment, capture_output=True, text=True, timeout=240)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, f"fal-client failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"

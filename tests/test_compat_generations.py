@@ -124,6 +124,69 @@ def test_image_url_and_data_urls_are_accepted(api):
         assert api.post(PATH, headers=h(api), json={"image_url": DATA_URL, **SMALL}).status_code == 200
 
 
+
+def text_to_video(api, tenant="alice", **body):
+    return api.post(PATH, headers=h(api, tenant), json={**SMALL, **body})
+
+
+def test_a_prompt_without_an_image_is_text_to_video(api):
+    with runner(api):
+        response = text_to_video(api, prompt="a lighthouse at dusk", negative_prompt="blurry", seed=9,
+                                 t2i_num_inference_steps=4, t2i_guidance_scale=0.0)
+    assert response.status_code == 200, response.text
+    job = api.service.store.get(response.json()["id"], tenant="alice")
+    assert job.status is JobStatus.COMPLETED and not job.input_key  # no image stored
+    assert job.route[0] == "text_to_image" and job.prompt == "a lighthouse at dusk"
+    params = job.params
+    assert (params["prompt"], params["negative_prompt"], params["seed"]) == ("a lighthouse at dusk", "blurry", 9)
+    assert (params["t2i_num_inference_steps"], params["t2i_guidance_scale"]) == (4, 0.0)
+    assert api.get(response.json()["data"][0]["url"]).content == CLIP
+
+
+def test_native_long_clip_and_text_to_video_fields_flow_through(api):
+    api.service.config.generations_wait_s = 0
+    response = text_to_video(api, prompt="waves", duration_s=2, overlap_frames=1, interpolation="blend",
+                             output_fps=12)
+    assert response.status_code == 202, response.text
+    params = api.service.store.get(response.json()["id"], tenant="alice").params
+    assert (params["duration_s"], params["overlap_frames"], params["interpolation"]) == (2, 1, "blend")
+    assert params["t2i_num_inference_steps"] == 30  # the resolved default of the text-to-image stage
+    image = generate(api, duration_s=2, interpolation="mci")
+    assert api.service.store.get(image.json()["id"], tenant="alice").params["duration_s"] == 2
+
+
+def test_a_prompt_with_an_image_is_only_stored(api):
+    api.service.config.generations_wait_s = 0
+    for image in ({"image": base64.b64encode(PNG).decode()}, {"image_url": DATA_URL}):
+        response = text_to_video(api, prompt="a cat", **image)
+        assert response.status_code == 202, response.text
+        job = api.service.store.get(response.json()["id"], tenant="alice")
+        assert job.prompt == "a cat" and job.params.get("prompt") is None
+        assert job.route[0] == "image_encode" and job.input_key
+    # The text-to-image stage's own fields need text-to-video: a prompt and no image.
+    assert_openai_error(generate(api, prompt="a cat", negative_prompt="blurry"), 422, "invalid_parameter",
+                        "negative_prompt", "only apply to text-to-video")
+
+
+@pytest.mark.parametrize("body, param, contains", [
+    ({"prompt": ""}, "prompt", "at least 1 character"),
+    ({"negative_prompt": "blurry"}, "image", "or a prompt alone for text-to-video"),
+    ({"prompt": "x", "duration_s": 30}, "duration_s", "max_duration_s"),
+])
+def test_text_to_video_input_errors_use_the_openai_shape(api, body, param, contains):
+    assert_openai_error(text_to_video(api, **body), 422, "invalid_parameter" if param != "image" else "invalid_input",
+                        param, contains)
+    assert api.service.store.queue_depth() == 0
+
+
+def test_text_to_video_unavailable_is_an_openai_error(tmp_path):
+    api = make_api(tmp_path, text_to_image_model=None)
+    error = assert_openai_error(text_to_video(api, prompt="a lake"), 422, "text_to_video_unavailable", None,
+                                "no text-to-image model")
+    assert error["type"] == "invalid_request_error"
+    assert api.service.store.queue_depth() == 0
+
+
 def test_past_the_wait_it_answers_202_and_the_location_polls(api):
     api.service.config.generations_wait_s = 0.3
     response = generate(api)

@@ -128,6 +128,19 @@ def test_invalid_fields_are_400_bad_request_naming_them(stability, field, value,
     assert stability.service.store.queue_depth("alice") == 0
 
 
+
+def test_a_prompt_is_refused_naming_where_text_to_video_is(stability):
+    """Stability's image-to-video takes no prompt and v2beta has no text-to-video endpoint: nothing
+    maps onto text-to-video here, with or without an image (this deployment has a text-to-image model)."""
+    assert stability.service.config.text_to_image_model is not None
+    prompt_only = stability.post(PATH, headers=auth(stability), files={"prompt": (None, "a rocket")})
+    assert_stability_error(prompt_only, 400, "bad_request", "prompt: Stability's image-to-video takes no prompt")
+    assert "POST /v1/videos" in prompt_only.json()["errors"][0]
+    with_image = start(stability, data={"prompt": "a rocket", "seed": 3})
+    assert_stability_error(with_image, 400, "bad_request", "v2beta API has no text-to-video endpoint")
+    assert stability.service.store.queue_depth("alice") == 0
+
+
 def test_malformed_starts_are_400(stability):
     assert_stability_error(stability.post(PATH, headers=auth(stability), data={"seed": 1}), 400, "bad_request",
                            "multipart/form-data")

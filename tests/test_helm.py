@@ -479,6 +479,15 @@ def test_text_to_image_on_its_own_worker_group():
     assert hu.kuberay_errors(rendered.rayservice) == []
 
 
+def test_notes_warn_about_a_pinning_resource_no_group_offers(rendered):
+    assert "WARNING: stages." not in rendered.notes  # every shipped value set places every stage
+    lost = hu.render({"workerGroups": {"gpu-large": {"rayResources": {"svd_text_to_image": None}}}})
+    assert "stages.text_to_image requests the Ray resource svd_text_to_image" in lost.notes
+    off = hu.render({"workerGroups": {"gpu-large": {"rayResources": {"svd_text_to_image": None}}},
+                     "textToImageModel": {"enabled": False}})
+    assert "WARNING: stages." not in off.notes  # a disabled stage needs no group
+
+
 # -- typos, names, secrets --------------------------------------------------------------------------
 
 
@@ -697,7 +706,7 @@ def test_cpu_smoke_runs_the_tiny_model_without_gpus():
     for group, template in hu.pod_templates(rendered.rayservice):
         (init,) = template["spec"]["initContainers"]
         assert "svd-serve tiny-model /models/tiny-svd" in init["command"][-1]
-        assert "write_tiny_text_to_image_model as w; w('/models/tiny-t2i')" in init["command"][-1]
+        assert "svd-serve tiny-model --text-to-image /models/tiny-t2i" in init["command"][-1]
         for container in _containers(template):
             assert "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {}), group
 

@@ -34,6 +34,7 @@ BACKENDS = ["sqlite", "redis"]
 T0 = datetime(2030, 3, 10, 12, 0, tzinfo=timezone.utc)
 
 STAGES = StagesConfig.model_validate({
+    "text_to_image": {"ray_actor_options": {"num_gpus": 1.0}},
     "image_encoder": {"ray_actor_options": {"num_gpus": 0.25}},
     "sampler": {"ray_actor_options": {"num_gpus": 1.0}},
     "decoder": {"ray_actor_options": {"num_gpus": 0.5}},
@@ -66,7 +67,7 @@ def record_of(*args, **kwargs) -> UsageRecord:
 
 
 def test_gpu_share_comes_from_each_stage_num_gpus():
-    assert SHARE == {"image_encoder": 0.25, "sampler": 1.0, "decoder": 0.5, "video_encoder": 0.0}
+    assert SHARE == {"text_to_image": 1.0, "image_encoder": 0.25, "sampler": 1.0, "decoder": 0.5, "video_encoder": 0.0}
     assert gpu_share_from_config(StagesConfig()) == dict.fromkeys(SHARE, 0.0)
 
 
@@ -74,13 +75,23 @@ def test_completed_job_record():
     rec = record_of()
     assert rec.outcome.value == "completed" and rec.charged and rec.error_code is None
     assert rec.finished_at == T0 and rec.tenant == "alice"
-    assert rec.busy_seconds == {"image_encode": 0.3, "sampling": 12.7, "decode": 2.9, "video_encode": 0.4}
-    assert rec.gpu_seconds == {"image_encode": 0.3 * 0.25, "sampling": 12.7, "decode": 2.9 * 0.5, "video_encode": 0.0}
+    assert rec.busy_seconds == {"text_to_image": 0.0, "image_encode": 0.3, "sampling": 12.7, "decode": 2.9, "video_encode": 0.4}
+    assert rec.gpu_seconds == {"text_to_image": 0.0, "image_encode": 0.3 * 0.25, "sampling": 12.7, "decode": 2.9 * 0.5, "video_encode": 0.0}
     assert rec.video_seconds == 2.0  # 14 frames at fps 7
     assert record_of(num_frames=25, output_fps=10).video_seconds == 2.5  # output_fps is the playback rate
     # The share may be keyed by stage name too; a stage missing from it uses no GPU.
     rec = usage_record_for(make_job(), {"sampling": 0.5})
-    assert rec.gpu_seconds == {"image_encode": 0.0, "sampling": 12.7 * 0.5, "decode": 0.0, "video_encode": 0.0}
+    assert rec.gpu_seconds == {"text_to_image": 0.0, "image_encode": 0.0, "sampling": 12.7 * 0.5, "decode": 0.0, "video_encode": 0.0}
+
+
+def test_text_to_video_is_charged_its_text_to_image_gpu_seconds_and_the_final_clip():
+    timings = {"text_to_image": 3.5, **TIMINGS}
+    # An 8 s long clip retimed to 24 fps: the final stage reports its 193 frames at 24 fps.
+    job = make_job(timings=timings, num_frames=25, output_fps=24, duration_s=8)
+    job.output = job.output.model_copy(update={"num_frames": 193, "fps": 24, "duration_s": 193 / 24})
+    rec = usage_record_for(job, SHARE)
+    assert rec.gpu_seconds["text_to_image"] == 3.5 and rec.busy_seconds["text_to_image"] == 3.5
+    assert rec.video_seconds == 193 / 24  # the seconds of the clip delivered, not of one pass
 
 
 @pytest.mark.parametrize("status, code, charged", [
@@ -101,7 +112,7 @@ def test_charging_rules(status, code, charged):
     assert rec.error_code == code
     assert rec.video_seconds == 0.0  # no clip delivered
     # What was used is recorded either way (so operators see the cost of uncharged failures).
-    assert rec.gpu_seconds == {"image_encode": 0.3 * 0.25, "sampling": 5.0, "decode": 0.0, "video_encode": 0.0}
+    assert rec.gpu_seconds == {"text_to_image": 0.0, "image_encode": 0.3 * 0.25, "sampling": 5.0, "decode": 0.0, "video_encode": 0.0}
 
 
 def test_unfinished_jobs_are_not_metered():
@@ -201,8 +212,8 @@ def test_summary_totals_are_the_exact_sums_of_the_charged_records(ledger):
     s = summary(ledger)
     assert (s.completed, s.failed, s.cancelled, s.charged, s.uncharged_failures) == (4, 3, 0, 4, 3)
     assert s.video_seconds == math.fsum((14 + 2 * i) / (6 + i) for i in range(4))
-    config_key = {"image_encode": "image_encoder", "sampling": "sampler", "decode": "decoder",
-                  "video_encode": "video_encoder"}
+    config_key = {"text_to_image": "text_to_image", "image_encode": "image_encoder", "sampling": "sampler",
+                  "decode": "decoder", "video_encode": "video_encoder"}
     for stage in metered_stages():
         # Independently of the records: busy time x share, over the completed jobs only.
         expected = math.fsum(t.get(stage, 0.0) * SHARE[config_key[stage]] for t in timings)
@@ -221,7 +232,7 @@ def test_cancelled_and_client_error_failures_are_charged_for_what_they_used(ledg
     s = summary(ledger)
     assert (s.completed, s.failed, s.cancelled, s.charged, s.uncharged_failures) == (0, 2, 2, 3, 1)
     assert s.video_seconds == 0.0
-    assert s.gpu_seconds == {"image_encode": 0.25, "sampling": 4.0, "decode": 0.0, "video_encode": 0.0}
+    assert s.gpu_seconds == {"text_to_image": 0.0, "image_encode": 0.25, "sampling": 4.0, "decode": 0.0, "video_encode": 0.0}
     assert s.gpu_seconds_total == 4.25
 
 
@@ -377,7 +388,7 @@ def test_usage_reports_the_callers_usage_only(usage_api):
 
     response = usage_api.get("/v1/usage", headers=auth(usage_api))  # default: this month so far
     assert response.status_code == 200, response.text
-    gpu = {"image_encode": 0.3 * 0.25, "sampling": 12.7, "decode": 2.9 * 0.5, "video_encode": 0.0}
+    gpu = {"text_to_image": 0.0, "image_encode": 0.3 * 0.25, "sampling": 12.7, "decode": 2.9 * 0.5, "video_encode": 0.0}
     gpu2 = {stage: math.fsum([v, v]) for stage, v in gpu.items()}
     assert response.json() == {
         "object": "usage",

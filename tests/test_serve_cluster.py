@@ -440,3 +440,65 @@ def test_weights_split_completed_work_under_saturation(fair_deployment):
         assert 1.6 <= ratio <= 2.4, order
     finally:
         cancel_all(d, jobs)
+
+
+#: A long clip of two segments (1.5 s x fps 7 / 5 new frames a pass = 2.1 -> 2), 100 steps each.
+SEGMENTED = {"num_frames": 6, "num_inference_steps": 100, "width": 64, "height": 64, "duration_s": 1.5,
+             "output_fps": 8}
+
+
+def _in_second_segment(deployment, job_id) -> bool:
+    detail = job(deployment, job_id)["progress_detail"]
+    return detail["stage"] == "sampling" and detail["step"] > SEGMENTED["num_inference_steps"]
+
+
+def test_cancel_during_the_second_segment_stops_within_a_step(deployment):
+    created = submit(deployment, **SEGMENTED)
+    assert created["progress_detail"]["segments"] == 2
+    _wait(lambda: _in_second_segment(deployment, created["id"]), 90, "segment 2 to start sampling")
+    response = deployment["client"].post(f"/v1/videos/{created['id']}/cancel", headers=auth(deployment))
+    assert response.status_code == 200
+    cancelled = wait_terminal(deployment, created["id"], timeout_s=30)
+    assert cancelled["status"] == "cancelled", cancelled
+    detail = cancelled["progress_detail"]
+    # Inside segment 2 (steps 101-200 of 200), and well short of its end.
+    assert SEGMENTED["num_inference_steps"] < detail["step"] < 2 * SEGMENTED["num_inference_steps"]
+    assert detail["segments_done"] == 1 and "video_encode" not in cancelled["timings"]
+
+
+def test_killed_sampler_during_the_second_segment_resumes_from_it(deployment):
+    from serve.jobstore import make_job_store
+
+    store = make_job_store(deployment["config"].job_store)
+    created = submit(deployment, seed=77, **SEGMENTED)
+    _wait(lambda: _in_second_segment(deployment, created["id"]), 90, "segment 2 to start sampling")
+    first_segment = store.get(created["id"], tenant=None).segments
+    assert [s.index for s in first_segment] == [0]
+    for actor in [a for a in ray.util.list_named_actors(all_namespaces=True) if "Sampler" in a["name"]]:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    steps_after_kill = []
+
+    def ended() -> bool:
+        current = job(deployment, created["id"])
+        if current["progress_detail"]["stage"] == "sampling":
+            steps_after_kill.append(current["progress_detail"]["step"])
+        return current["status"] in TERMINAL
+
+    _wait(ended, 180, "the job to end after the kill", interval=0.05)
+    final = job(deployment, created["id"])
+    assert final["status"] == "completed", final
+    record = store.get(created["id"], tenant=None)
+    # It ran twice, and the second run started at segment 2: segment 1's record (its timings
+    # included) is the one written before the kill, and sampling never went back to segment 1.
+    assert record.attempts == 2 and record.segments[0] == first_segment[0] and len(record.segments) == 2
+    assert min(steps_after_kill) >= SEGMENTED["num_inference_steps"], steps_after_kill
+    # The same clip an uninterrupted run makes (segment k draws from seed + k, so a resume is exact
+    # up to codec noise).
+    again = wait_terminal(deployment, submit(deployment, seed=77, **SEGMENTED)["id"], timeout_s=180)
+    clips = []
+    for item in (final, again):
+        response = deployment["client"].get(f"/v1/videos/{item['id']}/content", headers=auth(deployment))
+        clips.append(decode_video_frames(httpx.get(response.headers["location"], timeout=30).content).astype(np.int16))
+    assert clips[0].shape == clips[1].shape == (13, 64, 64, 3)  # 1.5 s x 8 fps + 1
+    assert np.abs(clips[0] - clips[1]).mean() < 2.0
+    store.close()

@@ -60,6 +60,7 @@ __all__ = [
     "ModelSpec",
     "S3SyncResult",
     "load_components",
+    "load_stage_components",
     "load_pipeline",
     "resolve_model_dir",
     "sync_s3",
@@ -105,6 +106,15 @@ def load_components(
     return {
         name: _load_component(model_dir, index, name, spec=spec, device=device, dtype=dtype) for name in names
     }
+
+
+def load_stage_components(stage, spec: ModelSpec) -> dict[str, Any]:
+    """What one registered stage (a :class:`pipelines.registry.StageSpec`) needs from ``spec``:
+    its ``component_loader``'s result, or its declared components by name (none: ``{}``)."""
+    loader = stage.component_loader_function()
+    if loader is not None:
+        return loader(spec)
+    return load_components(spec, stage.components) if stage.components else {}
 
 
 def load_pipeline(spec: ModelSpec, *, token: str | None = None):

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from pipelines.errors import InvalidInputError
 
+from .models import router as models_router
 from ..jobstore import Job, JobStatus
 from ..tenants import Tenant, TenantRegistry
 from .compat import compat_routers
@@ -89,6 +90,7 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
     install_error_handlers(app)
     for router in [*routers, *compat_routers(service, tenants, on_ended=on_ended), playground_router()]:
         app.include_router(router)
+    app.include_router(models_router(service, tenants))
     # base64 inflates by 4/3; multipart adds a little framing.
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.config.max_upload_bytes * 4 // 3 + MULTIPART_OVERHEAD)
 

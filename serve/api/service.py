@@ -107,11 +107,13 @@ class VideoService:
         store: JobStore,
         storage: Storage,
         model_info: Callable[[], Awaitable[dict[str, Any]]],
+        text_to_image_info: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.storage = storage
         self.model_info = model_info
+        self.text_to_image_info = text_to_image_info
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -163,6 +165,11 @@ class VideoService:
                 raise APIError(403, "model_not_allowed",
                                "this tenant may not use the model this service runs "
                                f"(allowed_models: {', '.join(policy.allowed_models)})")
+            if (params.text_to_video and self.config.text_to_image_model is not None
+                    and not policy.allows_model(self.config.text_to_image_model.source)):
+                raise APIError(403, "model_not_allowed",
+                               "this tenant may not use the text-to-image model that makes text-to-video's first "
+                               f"frame (allowed_models: {', '.join(policy.allowed_models)}); send an image")
             if model is not None and not self.serves_model(model):
                 raise invalid("model", f"{model!r} is not served here; this service runs "
                                        f"{self.config.model.source!r}: name it, or omit model")
@@ -184,6 +191,8 @@ class VideoService:
             resolved = params.resolved(default_num_frames=info["num_frames"])
             self.check_limits(policy, resolved)
             self.check_length(resolved)
+            if resolved.text_to_video and self.text_to_image_info is not None:
+                self.check_size(resolved, await self.text_to_image_info())
             if webhook_url is not None:
                 if not tenant.webhook_secret:
                     raise APIError(422, "webhook_unavailable", "this tenant has no webhook secret to sign "
@@ -255,6 +264,14 @@ class VideoService:
         if params.text_to_video and self.config.text_to_image_model is None:
             raise APIError(422, "text_to_video_unavailable", "this deployment has no text-to-image model "
                            "(text_to_image_model is off): send an image")
+
+    def check_size(self, resolved: GenerationParams, info: dict[str, Any]) -> None:
+        """422 for a size the text-to-image model cannot make (SD 3.5 and FLUX need multiples of 16)."""
+        multiple = info.get("size_multiple")
+        width, height = resolved.size
+        if multiple and (width % multiple or height % multiple):
+            raise invalid("width", f"{width}x{height} is not a size {info.get('model') or 'the text-to-image model'} "
+                                   f"can make: both sides must be multiples of {multiple}")
 
     def check_length(self, resolved: GenerationParams) -> None:
         """422 for a clip longer than ``max_duration_s`` or needing more than ``max_segments``."""

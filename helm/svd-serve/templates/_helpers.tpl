@@ -221,19 +221,37 @@ Check the inline tenants file: it must parse, and every key_hashes entry must be
 {{- printf "%s/%s" (trimSuffix "/" .Values.modelCache.mountPath) .Values.tinyModel.subPath }}
 {{- end }}
 
+{{/* Whether text-to-video is on ("true" or empty); `textToImageModel: null` also turns it off. */}}
+{{- define "svd-serve.textToImageEnabled" -}}
+{{- if and .Values.textToImageModel .Values.textToImageModel.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Path of the tiny text-to-image model in the pods (tinyModel and textToImageModel enabled). */}}
+{{- define "svd-serve.tinyTextToImagePath" -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.modelCache.mountPath) .Values.tinyModel.textToImageSubPath }}
+{{- end }}
+
 {{/*
 The application's args: serve.config.AppConfig as a dict. Sections are copied from values (so
 their keys are AppConfig's field names); the chart fills in what depends on its own objects:
-the model cache directory, the tiny model path, the Redis URL and the tenants file path.
+the model cache directory, the tiny model paths, the Redis URL and the tenants file path.
+With text-to-image disabled its stage is left out (nothing builds it).
 */}}
 {{- define "svd-serve.appArgs" -}}
 {{- $model := deepCopy .Values.model }}
 {{- $_ := set $model "cache_dir" .Values.modelCache.mountPath }}
+{{- $t2iOn := include "svd-serve.textToImageEnabled" . }}
+{{- $t2i := omit (.Values.textToImageModel | default dict) "enabled" | deepCopy }}
+{{- $_ := set $t2i "cache_dir" .Values.modelCache.mountPath }}
 {{- if .Values.tinyModel.enabled }}
 {{- $_ := set $model "source" (include "svd-serve.tinyModelPath" .) }}
+{{- $_ := set $t2i "source" (include "svd-serve.tinyTextToImagePath" .) }}
 {{- end }}
 {{- $stages := dict }}
 {{- range $stage, $cfg := .Values.stages }}
+{{- if and (eq $stage "text_to_image") (not $t2iOn) }}
+{{- continue }}
+{{- end }}
 {{- if and (hasKey $cfg "num_replicas") (hasKey $cfg "autoscaling") }}
 {{- fail (printf "stages.%s: set either num_replicas or autoscaling, not both (set autoscaling: null for a fixed count)" $stage) }}
 {{- end }}
@@ -259,6 +277,9 @@ the model cache directory, the tiny model path, the Redis URL and the tenants fi
   "url_allowlist" (.Values.app.url_allowlist | default list)
   "webhooks" (deepCopy .Values.app.webhooks)
   "generations_wait_s" .Values.app.generations_wait_s
+  "max_duration_s" .Values.app.max_duration_s
+  "max_segments" .Values.app.max_segments
+  "text_to_image_model" (ternary $t2i nil (eq $t2iOn "true"))
 }}
 {{- if .Values.app.public_url }}
 {{- $_ := set $args "public_url" .Values.app.public_url }}
@@ -418,7 +439,11 @@ that the workers do not have and that disappears on every Secret update.
   command:
     - sh
     - -c
-    - test -f {{ include "svd-serve.tinyModelPath" . }}/model_index.json || svd-serve tiny-model {{ include "svd-serve.tinyModelPath" . }}
+    - >-
+      (test -f {{ include "svd-serve.tinyModelPath" . }}/model_index.json || svd-serve tiny-model {{ include "svd-serve.tinyModelPath" . }})
+      {{- if include "svd-serve.textToImageEnabled" . }}
+      && (test -f {{ include "svd-serve.tinyTextToImagePath" . }}/model_index.json || svd-serve tiny-model --text-to-image {{ include "svd-serve.tinyTextToImagePath" . }})
+      {{- end }}
   env:
     - name: OMP_NUM_THREADS
       value: "1"

@@ -21,6 +21,11 @@ stage, then animated):
 * ``PUT /{app_id}/requests/{id}/cancel``: 202 ``CANCELLATION_REQUESTED`` or 400
   ``ALREADY_COMPLETED`` (never 409: fal's client retries 409 as a transient conflict).
 
+fal's queue names a request by its app, ``owner/alias``, without the endpoint path: the URLs a
+text-to-video submit answers are under ``/fal-ai/fast-svd/requests/{id}``, where
+``fal_client.status`` / ``result`` / ``cancel`` also look when given the app id (they drop the
+path); the request routes also answer under the full app id.
+
 The app ids are literal paths (no ``/{owner}/{name}`` pattern), so they cannot shadow the native
 ``/v1/...`` routes. Every route authenticates (``Authorization: Key <api key>`` as fal's clients
 send it, or ``Bearer``) and admits through :meth:`VideoService.admit`, so limits, tenant isolation
@@ -174,12 +179,14 @@ class _FalTextToVideoInput(BaseModel):
     deep_cache: Literal["none", "minimum", "medium", "high"] | None = Field(
         default=None, description="fal's DeepCache level: not implemented here, so only 'none' is accepted.")
 
-    @field_validator("video_size", mode="before")
+    @field_validator("video_size", mode="wrap")
     @classmethod
-    def _one_video_size(cls, value: Any) -> Any:
-        """One error for a wrong size (not one per member of the union)."""
-        if isinstance(value, dict) or (isinstance(value, str) and value in VIDEO_SIZES):
-            return value
+    def _one_video_size(cls, value: Any, handler: Any) -> Any:
+        """The errors of the one form given (not one per member of the union)."""
+        if isinstance(value, dict):
+            return FalImageSize.model_validate(value)
+        if isinstance(value, (str, FalImageSize)) and (not isinstance(value, str) or value in VIDEO_SIZES):
+            return handler(value)
         raise PydanticCustomError("literal_error", "Input should be one of {names}, or an object {width, height}",
                                   {"names": ", ".join(VIDEO_SIZES)})
 
@@ -486,10 +493,19 @@ def router(service: "VideoService", tenants: "TenantRegistry", *,
     return api
 
 
+def queue_app(app_id: str) -> str:
+    """The app a request of ``app_id`` belongs to in fal's queue URLs: ``owner/alias``, without an
+    endpoint path (``fal-ai/fast-svd/text-to-video`` -> ``fal-ai/fast-svd``), as fal's queue names
+    them and as ``fal_client.status`` / ``result`` / ``cancel`` build them from an app id."""
+    return "/".join(app_id.split("/")[:2])
+
+
 def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, job_of, position_of,
                on_ended, app: FalApp = IMAGE_TO_VIDEO) -> None:
+    """``POST /{app_id}``, and the request routes under ``/{owner}/{alias}/requests/`` (the URLs
+    answered) and, for an app id with an endpoint path, under ``/{app_id}/requests/`` too."""
     prefix = f"/{app_id}"
-    request_path = prefix + "/requests/{request_id}"
+    url_app = queue_app(app_id)
 
     @api.post(prefix, summary=f"fal queue: submit to {app_id} ({app.summary})", openapi_extra={"requestBody": {
         "content": {"application/json": {"schema": app.schema.model_json_schema()}}, "required": True}})
@@ -513,13 +529,23 @@ def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, 
                                         idempotency_key=idempotency_key, webhook_format="fal",
                                         prompt=params.prompt)
         job = admission.job
-        urls = request_urls(public_base_url(request, service.config.public_url), app_id, job.id)
+        urls = request_urls(public_base_url(request, service.config.public_url), url_app, job.id)
         return JSONResponse(status_body(job, urls, with_logs=False, queue_position=await position_of(job)))
+
+    for request_prefix in dict.fromkeys([f"/{url_app}", prefix]):
+        add_request_routes(api, request_prefix, url_app, service, TenantDep, job_of, position_of, on_ended)
+
+
+def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "VideoService", TenantDep, job_of,
+                       position_of, on_ended) -> None:
+    """status, status/stream, result and cancel of a request under ``prefix``; answered URLs name ``url_app``."""
+    app_id = prefix.lstrip("/")
+    request_path = prefix + "/requests/{request_id}"
 
     @api.get(request_path + "/status", summary=f"fal queue: status of a {app_id} request")
     async def status(request: Request, request_id: str, tenant: TenantDep):
         job = await job_of(tenant, request_id)
-        urls = request_urls(public_base_url(request, service.config.public_url), app_id, job.id)
+        urls = request_urls(public_base_url(request, service.config.public_url), url_app, job.id)
         return JSONResponse(status_body(job, urls, with_logs=_flag(request.query_params.get("logs")),
                                         queue_position=await position_of(job)))
 
@@ -527,7 +553,7 @@ def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, 
              "events until it completes", responses={200: {"content": {"text/event-stream": {}}}})
     async def status_stream(request: Request, request_id: str, tenant: TenantDep):
         first = await job_of(tenant, request_id)  # 404 before the stream starts
-        urls = request_urls(public_base_url(request, service.config.public_url), app_id, first.id)
+        urls = request_urls(public_base_url(request, service.config.public_url), url_app, first.id)
         with_logs = _flag(request.query_params.get("logs"))
 
         async def stream():

@@ -129,15 +129,15 @@ async def read_form(request: Request, *, max_image_bytes: int) -> tuple[bytes, S
         if name in fields:
             raise InvalidInputError(f"{name}: given more than once; send each form field once")
         fields[name] = value
+    for name in PROMPT_FIELDS:  # before the image: a text-to-video request has none
+        if name in fields:
+            raise InvalidInputError(NO_PROMPT.format(field=name))
     upload = fields.pop(IMAGE_FIELD, None)
     if not isinstance(upload, UploadFile):
         raise InvalidInputError("image: required; send the image as a file field named 'image'")
     for name, value in fields.items():
         if not isinstance(value, str):
             raise InvalidInputError(f"{name}: send a text field, not a file")
-    for name in PROMPT_FIELDS:
-        if name in fields:
-            raise InvalidInputError(NO_PROMPT.format(field=name))
     typed = _FormTypes.model_validate(fields).model_dump(exclude_unset=True)
     return await upload.read(max_image_bytes + 1), StabilityForm.model_validate(typed)
 

@@ -1,0 +1,186 @@
+"""``GET /v1/models`` and ``GET /v1/models/{id}``: the models this deployment serves, in the shape
+of OpenAI's Models API (``client.models.list()`` / ``retrieve(id)`` of the ``openai`` SDK read it),
+with this service's own fields beside OpenAI's (docs/compatibility.md, "Models").
+
+Two entries at most: the video model (``config.model.source``, kind ``image-to-video``) with what
+a request may ask of it (``limits``, ``interpolation``, ``default_num_frames``, whether it takes a
+prompt alone: ``text_to_video``), and the text-to-image model that makes text-to-video's first
+frame when one is configured (``config.text_to_image_model``). A model the tenant's
+``allowed_models`` excludes is not listed, and retrieving it is the native 404, as for an unknown
+id. Ids are Hugging Face repo ids (``org/name``), so the route's id is a path; the video model also
+answers to its last path part, as the ``model`` request field does.
+"""
+
+# No ``from __future__ import annotations``: FastAPI resolves the routes' ``TenantDep`` annotations
+# at runtime, and it is local to ``router``.
+import logging
+import re
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+
+from fastapi import APIRouter, Depends, Header
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipelines.loader import ModelSpec
+from pipelines.params import (MAX_INTERPOLATED_FPS, MAX_LONG_SIDE, MAX_PIXELS, MIN_SIDE, SIZE_MULTIPLE,
+                              GenerationParams, Interpolation)
+
+from ..tenants import Tenant
+from .errors import APIError, ErrorBody
+from .schemas import MODEL_MAX_FRAMES
+
+if TYPE_CHECKING:
+    from ..tenants import TenantRegistry
+    from .service import VideoService
+
+logger = logging.getLogger("ray.serve.svd_serve")
+
+#: ``created`` of every entry. OpenAI's SDK needs an integer; the weights carry no creation time,
+#: and a per-process time would differ between ingress replicas, so it is a stable 0 ("unknown").
+CREATED = 0
+#: ``owned_by`` of a model whose source is not a Hugging Face repo id (a directory, ``s3://``).
+DEFAULT_OWNER = "svd-serve"
+#: The largest frame, as a size (``MAX_PIXELS`` pixels, 16:9).
+MAX_SIZE = "1536x864"
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+REJECTIONS = {
+    401: {"model": ErrorBody, "description": "Missing or invalid API key."},
+    404: {"model": ErrorBody, "description": "No such model, or the tenant may not use it."},
+}
+
+
+def _bound(name: str, kind: str) -> Any:
+    return next(getattr(meta, kind) for meta in GenerationParams.model_fields[name].metadata if hasattr(meta, kind))
+
+
+class Limits(BaseModel):
+    """What one request may ask of the video model (this deployment's bounds; a tenant's own caps,
+    when lower, are in ``tenant_limits``)."""
+
+    max_duration_s: float = Field(description="Longest clip (duration_s), the deployment's max_duration_s.")
+    max_segments: int = Field(description="Most segments one long clip may take (max_segments).")
+    max_num_frames: int = Field(description="Most frames one pass of the model generates (num_frames).")
+    max_pixels: int = Field(description="Most pixels per frame, width x height (1536x864).")
+    max_size: str = Field(description="The largest frame as WxH; any shape with as many pixels or fewer.")
+    min_side: int = Field(description="Smallest width or height in pixels.")
+    max_long_side: int = Field(description="Largest width or height in pixels.")
+    size_multiple: int = Field(description="Width and height are multiples of this.")
+    max_inference_steps: int = Field(description="Most sampling steps (num_inference_steps).")
+    max_output_fps: int = Field(description="Highest playback rate (output_fps) of a clip played as generated.")
+    max_output_fps_interpolated: int = Field(description="Highest output_fps with interpolation blend or mci.")
+
+
+class TenantLimits(BaseModel):
+    """The calling tenant's own caps (docs/tenants.md); null: no cap of that kind."""
+
+    max_num_frames: int | None = None
+    max_pixels: int | None = None
+    max_long_side: int | None = None
+    max_inference_steps: int | None = None
+
+
+class ModelObject(BaseModel):
+    """OpenAI's ``Model`` (``id``, ``object``, ``created``, ``owned_by``) and this service's fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="The model's source (config model.source / text_to_image_model.source).")
+    object: Literal["model"] = "model"
+    created: int = Field(default=CREATED, description="Always 0: the weights carry no creation time.")
+    owned_by: str = Field(description="The Hugging Face organisation of the source, else svd-serve.")
+    kind: Literal["image-to-video", "text-to-image"]
+    revision: str | None = Field(default=None, description="The Hub revision loaded (null: main).")
+    used_for: str | None = Field(default=None, description="What this service uses the model for.")
+    text_to_video: bool | None = Field(
+        default=None, description="Video model: whether a prompt alone (no image) is taken, its first frame made "
+        "by text_to_image_model.")
+    text_to_image_model: str | None = Field(default=None, description="Video model: the model making "
+                                            "text-to-video's first frame, if any.")
+    default_num_frames: int | None = Field(
+        default=None, description="Video model: frames of a clip when num_frames is absent (the model's own); "
+        "null while the model is not loaded yet.")
+    interpolation: list[str] | None = Field(default=None, description="Video model: the interpolation modes.")
+    limits: Limits | None = Field(default=None, description="Video model: this deployment's bounds.")
+    tenant_limits: TenantLimits | None = Field(default=None, description="Video model: the caller's own caps.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+def owner_of(source: str) -> str:
+    """The organisation of a Hugging Face repo id (``stabilityai``), else :data:`DEFAULT_OWNER`."""
+    return source.split("/", 1)[0] if _REPO_ID.fullmatch(source) else DEFAULT_OWNER
+
+
+def limits(service: "VideoService") -> Limits:
+    config = service.config
+    return Limits(
+        max_duration_s=config.max_duration_s, max_segments=config.max_segments, max_num_frames=MODEL_MAX_FRAMES,
+        max_pixels=MAX_PIXELS, max_size=MAX_SIZE, min_side=MIN_SIDE, max_long_side=MAX_LONG_SIDE,
+        size_multiple=SIZE_MULTIPLE, max_inference_steps=_bound("num_inference_steps", "le"),
+        max_output_fps=_bound("output_fps", "le"), max_output_fps_interpolated=MAX_INTERPOLATED_FPS)
+
+
+async def default_num_frames(service: "VideoService") -> int | None:
+    """The model's own frame count; None when the model stage cannot tell yet (the list still answers)."""
+    try:
+        return int((await service.model_info())["num_frames"])
+    except Exception:  # noqa: BLE001 - a listing never fails for a model still loading
+        logger.warning("model info unavailable for GET /v1/models", exc_info=True)
+        return None
+
+
+async def models_for(service: "VideoService", tenant: Tenant) -> list[ModelObject]:
+    """The entries this tenant may see: the video model, then the text-to-image model."""
+    config = service.config
+    policy = tenant.policy
+    text_to_image: ModelSpec | None = config.text_to_image_model
+    entries = []
+    video = config.model
+    if policy.allows_model(video.source):
+        entries.append(ModelObject(
+            id=video.source, owned_by=owner_of(video.source), kind="image-to-video", revision=video.revision,
+            used_for="image-to-video, and text-to-video from its first frame" if text_to_image else "image-to-video",
+            text_to_video=text_to_image is not None,
+            text_to_image_model=text_to_image.source if text_to_image else None,
+            default_num_frames=await default_num_frames(service),
+            interpolation=list(get_args(Interpolation)), limits=limits(service),
+            tenant_limits=TenantLimits(max_num_frames=policy.max_num_frames, max_pixels=policy.max_pixels,
+                                       max_long_side=policy.max_long_side,
+                                       max_inference_steps=policy.max_inference_steps)))
+    if text_to_image is not None and policy.allows_model(text_to_image.source):
+        entries.append(ModelObject(id=text_to_image.source, owned_by=owner_of(text_to_image.source),
+                                   kind="text-to-image", revision=text_to_image.revision,
+                                   used_for="text-to-video first frame"))
+    return entries
+
+
+def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None) -> APIRouter:
+    """The models routes (native error shape: rejections go to the app's handlers)."""
+    api = APIRouter(tags=["models"])
+
+    def tenant_of(authorization: Annotated[str | None, Header()] = None) -> Tenant:
+        return tenants.authenticate(authorization)
+
+    TenantDep = Annotated[Tenant, Depends(tenant_of)]
+
+    def render(entry: ModelObject) -> dict[str, Any]:
+        return entry.model_dump(mode="json", exclude_none=True)
+
+    @api.get("/v1/models", response_model=ModelList, response_model_exclude_none=True, responses=REJECTIONS,
+             summary="The models this deployment serves (OpenAI's Models API shape)")
+    async def list_models(tenant: TenantDep):
+        return {"object": "list", "data": [render(entry) for entry in await models_for(service, tenant)]}
+
+    @api.get("/v1/models/{model_id:path}", response_model=ModelObject, response_model_exclude_none=True,
+             responses=REJECTIONS, summary="One model (its id contains '/': e.g. /v1/models/stabilityai/...)")
+    async def retrieve_model(model_id: str, tenant: TenantDep):
+        for entry in await models_for(service, tenant):
+            if entry.id == model_id or (entry.kind == "image-to-video" and service.serves_model(model_id)):
+                return render(entry)
+        raise APIError(404, "not_found", f"model {model_id[:200]!r} not found")
+
+    return api
