@@ -4,9 +4,10 @@
 Modes
     (default)       The full SVD-XT architecture with random weights (no download: the speed of a
                     network does not depend on its weight values), built directly on the GPU in
-                    bf16/fp16, generating one 576x1024, 25-frame, 25-step clip through the four
-                    stages of ``pipelines.staged.StagedPipeline``. Needs a CUDA GPU; on a CPU it
-                    refuses (full size would take hours) unless ``--allow-cpu`` is given.
+                    bf16/fp16, generating one 576x1024, 25-frame, 25-step clip through the stages
+                    of its route in ``pipelines.staged.StagedPipeline`` (image-to-video: image
+                    encode, sampling, decode, video encode). Needs a CUDA GPU; on a CPU it refuses
+                    (full size would take hours) unless ``--allow-cpu`` is given.
     --tiny          ``pipelines.tiny.build_tiny_pipeline()`` at 64x64, 14 frames, 4 steps on CPU
                     (fp32): the CI smoke mode. ``--tiny --device cuda`` checks the GPU code path
                     in seconds.
@@ -16,11 +17,26 @@ Modes
                     decode at the given shape exactly, with the full SVD-XT modules on PyTorch's
                     ``meta`` device (``torch.utils.flop_counter``), and compares them with the
                     linear scaling used for MFU.
+    --retime        No model is run: ``pipelines.interpolate.retime`` with blend and with mci on
+                    synthetic frames (default 49 frames at 1024x576 spanning 8 s -> 24 fps: the
+                    two-segment SVD-XT clip), then the H.264 encode of the result.
+
+Added to a run (default or --tiny; both together too)
+    --text-to-video The text-to-image model is built as well (``--tiny``: the tiny SDXL of
+                    ``pipelines.tiny_t2i``; full size: SDXL base 1.0's architecture with random
+                    weights, 1024x576, 30 steps, guidance 5.0) and the prompt-only route
+                    (text_to_image, then the video stages) is timed next to image-to-video.
+    --duration S    A long clip is timed next to the one-pass clip: S seconds in segments of
+                    ``--frames`` (SVD-XT, fps 7, 8 s: 2 segments, 49 frames; ``--output-fps 24``:
+                    193 frames), with per-stage seconds summed over segments, the video-encode
+                    stage split into retiming, H.264 encoding and the rest, and blend vs mci
+                    retiming of its own frames. With --text-to-video the long clip is text-to-video.
 
 Timing
-    One warm-up generation (same shapes, at most 2 steps) runs first, so CUDA context creation,
-    cuDNN autotuning and ``--compile`` are not counted; then ``--repeat`` measured generations,
-    reporting the median per stage. Each stage is followed by ``torch.cuda.synchronize()``, so
+    One warm-up generation per route (same shapes, at most 2 steps) runs first, so CUDA context
+    creation, cuDNN autotuning and ``--compile`` are not counted; then ``--repeat`` measured rounds,
+    each running every variant once (interleaved, so a change in load hits all alike), reporting
+    the median per stage. Each stage is followed by ``torch.cuda.synchronize()``, so
     asynchronous GPU work is charged to the stage that queued it (StagedPipeline's own timings
     do not synchronise). Random weights can produce NaN frames; that changes nothing in the
     timing of the GPU stages, but makes the video-encode figure unrepresentative of real clips.
@@ -36,8 +52,11 @@ FLOPs and MFU
 Examples::
 
     python benchmarks/bench_pipeline.py --tiny --repeat 5 --json out/bench-tiny.json
+    python benchmarks/bench_pipeline.py --tiny --text-to-video --duration 4 --output-fps 24
     python benchmarks/bench_pipeline.py --boundaries
+    python benchmarks/bench_pipeline.py --retime                 # 49 x 1024x576 -> 193 frames
     python benchmarks/bench_pipeline.py                       # on a GPU: full SVD-XT, bf16
+    python benchmarks/bench_pipeline.py --text-to-video --duration 8 --output-fps 24 --json out/bench-t2v.json
     python benchmarks/bench_pipeline.py --dtype fp16 --channels-last --compile --json out/bench.json
 """
 
@@ -63,6 +82,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from any directory
     sys.path.insert(0, str(REPO_ROOT))
 
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_text_to_video as t2v  # noqa: E402  (this directory; light: no torch)
+from pipelines.params import GenerationParams  # noqa: E402  (light: pydantic only)
 from pipelines.registry import STAGES as REGISTRY  # noqa: E402  (light: no torch)
 
 PROG = "bench_pipeline.py"
@@ -108,11 +132,28 @@ PUBLISHED_ANCHORS = (
     },
 )
 
-TINY_DEFAULTS = {"frames": 14, "height": 64, "width": 64, "steps": 4, "dtype": "fp32", "device": "cpu"}
-FULL_DEFAULTS = {"frames": REF_FRAMES, "height": REF_HEIGHT, "width": REF_WIDTH, "steps": 25, "dtype": "bf16"}
+TINY_DEFAULTS = {"frames": 14, "height": 64, "width": 64, "steps": 4, "t2i_steps": 4, "dtype": "fp32",
+                 "device": "cpu"}
+FULL_DEFAULTS = {"frames": REF_FRAMES, "height": REF_HEIGHT, "width": REF_WIDTH, "steps": 25, "t2i_steps": 30,
+                 "dtype": "bf16"}
 BOUNDARY_DEFAULTS = {"frames": REF_FRAMES, "height": REF_HEIGHT, "width": REF_WIDTH, "dtype": "fp16"}
+#: --retime: the two-segment SVD-XT clip, 49 frames at 1024x576 spanning 8 s, to 24 fps (193 frames).
+RETIME_DEFAULTS = {"frames": 49, "height": REF_HEIGHT, "width": REF_WIDTH, "duration": 8.0, "output_fps": 24}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-STAGES = REGISTRY.names()
+LABEL = t2v.LABELS
+DEFAULT_PROMPT = "a red fox running through fresh snow in a pine forest at sunrise, cinematic, detailed"
+
+
+def route_names(params: GenerationParams) -> tuple[str, ...]:
+    """The stages a job with these parameters passes through (the registry's route), in order."""
+    return tuple(spec.name for spec in REGISTRY.route(params))
+
+
+#: Image-to-video's route (image_encode, sampling, decode, video_encode) and text-to-video's
+#: (text_to_image first). A job runs only the stages of its route: text_to_image is not timed for
+#: an image-to-video run.
+STAGES = route_names(GenerationParams())
+T2V_STAGES = route_names(GenerationParams(prompt="x"))
 BOUNDARIES = tuple(f"{a}->{b}" for a, b in zip(STAGES, STAGES[1:]))
 
 
@@ -135,6 +176,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="print the bytes crossing each stage boundary for the shape, without running models")
     mode.add_argument("--count-flops", action="store_true",
                       help="count U-Net and decode FLOPs exactly on the meta device, without running models")
+    mode.add_argument("--retime", action="store_true",
+                      help="time frame retiming (blend, mci) and the H.264 encode on synthetic frames, without "
+                           "models (default: 49 frames 1024x576 over 8 s -> 24 fps)")
+    parser.add_argument("--text-to-video", action="store_true",
+                        help="also build the text-to-image model (--tiny: tiny SDXL; else SDXL base 1.0 architecture, "
+                             "random weights) and time the prompt-only route next to image-to-video")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text-to-video prompt")
+    parser.add_argument("--t2i-steps", type=int, default=None, help="text-to-image steps (default: 30; --tiny: 4)")
+    parser.add_argument("--t2i-guidance", type=float, default=5.0, help="text-to-image guidance scale (default: 5.0)")
+    parser.add_argument("--duration", type=float, default=None, metavar="S",
+                        help="also time a long clip of S seconds (segments of --frames frames; --retime: 8)")
+    parser.add_argument("--output-fps", type=int, default=None,
+                        help="long clip / --retime: output frame rate (default: fps 7; --retime: 24)")
+    parser.add_argument("--interpolation", choices=["blend", "mci"], default="mci",
+                        help="long clip: how frames are made to reach --output-fps (default: mci)")
+    parser.add_argument("--overlap-frames", type=int, default=0, help="long clip: frames consecutive segments share")
+    parser.add_argument("--retime-content", choices=["pan", "noise"], default="pan",
+                        help="--retime: the sample landscape panning 4 px/frame (default) or uniform noise")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available; --tiny: cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None,
                         help="default: bf16 (full), fp32 (--tiny), fp16 (--boundaries)")
@@ -142,11 +201,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="sdpa: diffusers AttnProcessor2_0 + transformers 'sdpa' (fused kernels); default: "
                              "diffusers' classic AttnProcessor + transformers 'eager', which materialises the "
                              "attention matrix (tens of GB at 576x1024)")
-    parser.add_argument("--channels-last", action="store_true", help="U-Net and VAE in channels_last memory format")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net (compile time is in the warm-up)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="U-Nets and VAEs (SVD's; SDXL's too with --text-to-video) in channels_last memory format")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the U-Nets (SVD's; SDXL's too with --text-to-video); compile time is in "
+                             "the warm-up")
     parser.add_argument("--decode-chunk-size", type=int, default=8, help="frames the VAE decodes at once (default: 8)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: 25; --tiny: 4)")
-    parser.add_argument("--frames", type=int, default=None, help="frames (default: 25; --tiny: 14)")
+    parser.add_argument("--frames", type=int, default=None, help="frames per pass (default: 25; --tiny: 14; --retime: 49 in all)")
     parser.add_argument("--height", type=int, default=None, help="height in pixels (default: 576; --tiny: 64)")
     parser.add_argument("--width", type=int, default=None, help="width in pixels (default: 1024; --tiny: 64)")
     parser.add_argument("--repeat", type=int, default=1, help="measured generations; the median is reported (default: 1)")
@@ -161,14 +223,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
-    defaults = TINY_DEFAULTS if args.tiny else BOUNDARY_DEFAULTS if args.boundaries else FULL_DEFAULTS
+    defaults = (TINY_DEFAULTS if args.tiny else BOUNDARY_DEFAULTS if args.boundaries
+                else RETIME_DEFAULTS if args.retime else FULL_DEFAULTS)
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.steps is None:
-        args.steps = FULL_DEFAULTS["steps"]
+    for key in ("steps", "t2i_steps"):
+        if getattr(args, key) is None:
+            setattr(args, key, FULL_DEFAULTS[key])
     if args.repeat < 1 or args.warmup < 0:
         parser.error("--repeat must be >= 1 and --warmup >= 0")
+    if (args.count_flops or args.retime) and args.text_to_video:
+        parser.error("--text-to-video adds a run to the default or --tiny mode (or stages to --boundaries)")
+    if (args.count_flops or args.boundaries) and args.duration is not None:
+        parser.error("--duration adds a long clip to the default or --tiny mode (or sets --retime's span)")
+    if args.duration is not None and not args.duration > 0:
+        parser.error("--duration must be above 0 seconds")
+    if args.output_fps is not None and args.duration is None:
+        parser.error("--output-fps applies to the long clip: give --duration too")
     return args
 
 
@@ -189,8 +261,14 @@ def generator_state_bytes() -> int:
 
 
 def boundary_sizes(frames: int, height: int, width: int, dtype: str, *, embed_dim: int = 1024,
-                   latent_channels: int = 4, vae_scale: int = 8) -> dict:
-    """What crosses each boundary, from the shapes the stages produce (see pipelines/stages.py)."""
+                   latent_channels: int = 4, vae_scale: int = 8, route: tuple[str, ...] = STAGES,
+                   keeps_first_frame: bool = False, segments: int = 1) -> dict:
+    """What crosses each boundary of ``route``, from the shapes the stages produce (pipelines/stages.py).
+
+    text_to_image hands over the first frame (RGB uint8 at the clip's size). When a pass must open
+    on its conditioning image exactly (text-to-video, long clips: ``keeps_conditioning_frame``)
+    that image also rides with the encoded image and the latents to the decoder. The encode,
+    sampling and decode payloads are per segment; the video encoder receives every segment."""
     item = DTYPE_BYTES[dtype]
     lh, lw = height // vae_scale, width // vae_scale
 
@@ -206,8 +284,15 @@ def boundary_sizes(frames: int, height: int, width: int, dtype: str, *, embed_di
         tensor("generator_state", (generator_state_bytes(),), 1, "uint8"),
     ]
     sample = [tensor("latents", (1, frames, latent_channels, lh, lw), item, dtype)]
+    if keeps_first_frame:
+        encode.append(tensor("first_frame", (height, width, 3), 1, "uint8"))
+        sample.append(tensor("first_frame", (height, width, 3), 1, "uint8"))
     decode = [tensor("frames", (frames, height, width, 3), 1, "uint8")]
-    parts = dict(zip(BOUNDARIES, (encode, sample, decode)))
+    if segments > 1:
+        decode = [tensor(f"frames x {segments} segments", (segments, frames, height, width, 3), 1, "uint8")]
+    produced = {"text_to_image": [tensor("image", (height, width, 3), 1, "uint8")],
+                "image_encode": encode, "sampling": sample, "decode": decode}
+    parts = {f"{a}->{b}": produced.get(a, []) for a, b in zip(route, route[1:])}
     return {
         "shape": {"frames": frames, "height": height, "width": width, "dtype": dtype},
         "parts": parts,
@@ -231,12 +316,12 @@ def print_boundaries(sizes: dict, measured: dict | None = None) -> None:
         for i, t in enumerate(tensors):
             label = boundary if i == 0 else ""
             shape = "[" + ", ".join(str(d) for d in t["shape"]) + "]"
-            print(f"  {label:<24} {t['name']:<17} {shape:<20} {t['dtype']:<5} {t['bytes']:>12,} B")
+            print(f"  {label:<27} {t['name']:<17} {shape:<20} {t['dtype']:<5} {t['bytes']:>12,} B")
         total = sizes["bytes"][boundary]
         extra = ""
         if measured is not None:
             extra = "  (measured: same)" if measured.get(boundary) == total else f"  (measured: {measured.get(boundary)})"
-        print(f"  {'':<24} {'total':<17} {'':<20} {'':<5} {total:>12,} B = {_human(total)}{extra}")
+        print(f"  {'':<27} {'total':<17} {'':<20} {'':<5} {total:>12,} B = {_human(total)}{extra}")
 
 
 # -- FLOPs -----------------------------------------------------------------------------------------
@@ -391,10 +476,11 @@ def build_components(args, device: str, dtype):
 
 def run_once(pipeline, image, params, sync):
     """StagedPipeline.__call__ with a device synchronise around each stage, so GPU time is not
-    misplaced, and the CPU time of each stage."""
+    misplaced; the CPU time of each stage (summed over the segments of a long clip); and the
+    video-encode stage's split into retime / encode seconds."""
     import contextlib
 
-    cpu_times = {}
+    cpu_times: dict[str, float] = {}
 
     @contextlib.contextmanager
     def synchronised(name):
@@ -402,16 +488,15 @@ def run_once(pipeline, image, params, sync):
         cpu_start = time.process_time()
         yield
         sync()
-        cpu_times[name] = time.process_time() - cpu_start
+        cpu_times[name] = cpu_times.get(name, 0.0) + time.process_time() - cpu_start
 
-    return pipeline(image, params, stage_hook=synchronised), cpu_times
+    split: dict = {}
+    with t2v.video_encode_split(split):
+        result = pipeline(image, params, stage_hook=synchronised)
+    return result, cpu_times, split
 
 
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
+def _cpu_name() -> str:
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -420,7 +505,97 @@ def _device_name(device: str) -> str:
                 break
     except OSError:
         pass
-    return f"{name} CPU, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+    return f"{name} CPU, {os.cpu_count()} logical cores"
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{_cpu_name()}, torch threads {torch.get_num_threads()}"
+
+
+def plan_variants(args, image) -> tuple[dict, str]:
+    """``{name: (params, image or None)}`` in run order, and the one-pass run the long clip repeats."""
+    from pydantic import ValidationError
+
+    from pipelines.params import describe_validation_error
+
+    shape = dict(seed=args.seed, num_frames=args.frames, num_inference_steps=args.steps, width=args.width,
+                 height=args.height, decode_chunk_size=args.decode_chunk_size, output_format="mp4")
+    text = dict(prompt=args.prompt, t2i_num_inference_steps=args.t2i_steps, t2i_guidance_scale=args.t2i_guidance)
+    try:
+        variants = {"image_to_video": (GenerationParams(**shape), image)}
+        one_pass = "image_to_video"
+        if args.text_to_video:
+            variants["text_to_video"] = (GenerationParams(**shape, **text), None)
+            one_pass = "text_to_video"
+        if args.duration is not None:
+            long = dict(duration_s=args.duration, output_fps=args.output_fps, interpolation=args.interpolation,
+                        overlap_frames=args.overlap_frames)
+            variants["long_clip"] = (GenerationParams(**shape, **(text if args.text_to_video else {}), **long),
+                                     None if args.text_to_video else image)
+    except ValidationError as error:
+        raise BenchError(describe_validation_error(error)) from None
+    return variants, one_pass
+
+
+def summarise(raw: list, steps: int) -> dict:
+    """One variant's figures from its measured runs ``[(result, cpu_times, split, peak), ...]``."""
+    from pipelines.segments import plan_segments
+
+    results = [r for r, *_ in raw]
+    last = results[-1]
+    p = last.params
+    stage_runs = [r.timings for r in results]
+    stages = list(stage_runs[0])
+    median = {stage: statistics.median(t[stage] for t in stage_runs) for stage in stages}
+    totals = [sum(t.values()) for t in stage_runs]
+    plan = plan_segments(duration_s=p.duration_s, fps=p.fps, frames_per_segment=p.num_frames,
+                         overlap_frames=p.overlap_frames, max_segments=max(16, last.num_segments))
+    splits = [s for _, _, s, _ in raw]
+    retimed = all("retime" in s for s in splits)
+    others = [t["video_encode"] - s.get("retime", 0.0) - s.get("encode", 0.0) for t, s in zip(stage_runs, splits)]
+    peaks = [peak for *_, peak in raw if peak is not None]
+    record = {
+        "route": list(route_names(p)),
+        "params": {"frames": p.num_frames, "width": p.width, "height": p.height, "steps": p.num_inference_steps,
+                   "fps": p.fps, "duration_s": p.duration_s, "output_fps": p.resolved_output_fps,
+                   "interpolation": p.resolved_interpolation, "overlap_frames": p.overlap_frames,
+                   "prompt": p.prompt, "t2i_steps": p.t2i_num_inference_steps,
+                   "t2i_guidance_scale": p.t2i_guidance_scale},
+        "stage_seconds": median,
+        "stage_seconds_runs": stage_runs,
+        "stage_cpu_seconds": {stage: statistics.median(c.get(stage, 0.0) for _, c, _, _ in raw) for stage in stages},
+        "total_seconds": statistics.median(totals),
+        "total_seconds_runs": totals,
+        "sampling_seconds_per_step": median["sampling"] / (steps * last.num_segments),
+        "num_segments": last.num_segments,
+        "plan": plan.describe(),
+        "generated_frames": plan.total_frames,
+        "output_frames": last.video.num_frames,
+        "output_fps": last.video.fps,
+        "clip_seconds": plan.duration_s,
+        "interpolation": p.resolved_interpolation,
+        "video_encode_split": {
+            "retime_seconds": statistics.median(s["retime"] for s in splits) if retimed else None,
+            "encode_seconds": statistics.median(s.get("encode", 0.0) for s in splits),
+            "other_seconds": statistics.median(others),
+        },
+        "bytes_between_stages": dict(last.bytes_between_stages),
+        "video_bytes": len(last.video.data),
+        "summary": last.summary(),
+        "peak_gpu_memory_bytes": max(peaks) if peaks else None,
+    }
+    if "text_to_image" in median:
+        record["text_to_image_seconds_per_step"] = median["text_to_image"] / p.t2i_num_inference_steps
+        if last.first_frame is not None and not record["bytes_between_stages"].get("text_to_image->image_encode"):
+            # StagedPipeline sizes payloads with an nbytes() method; the first frame is a PIL image.
+            frame = last.first_frame
+            record["bytes_between_stages"]["text_to_image->image_encode"] = frame.width * frame.height * len(
+                frame.getbands())
+    return record
 
 
 def benchmark(args) -> dict:
@@ -440,54 +615,70 @@ def benchmark(args) -> dict:
     import numpy as np
 
     from pipelines.images import load_image
-    from pipelines.params import GenerationParams
     from pipelines.sample_image import SAMPLE_IMAGE_PATH
     from pipelines.staged import StagedPipeline
 
-    from pydantic import ValidationError
-
-    from pipelines.params import describe_validation_error
-
-    try:
-        params = GenerationParams(
-            seed=args.seed, num_frames=args.frames, num_inference_steps=args.steps, width=args.width,
-            height=args.height, decode_chunk_size=args.decode_chunk_size, output_format="mp4",
-        )
-    except ValidationError as error:
-        raise BenchError(describe_validation_error(error)) from None
     image = load_image(args.image or SAMPLE_IMAGE_PATH)
+    variants, one_pass = plan_variants(args, image)
 
     start = time.perf_counter()
     components = build_components(args, device, dtype)
-    pipeline = StagedPipeline(components)
     sync()
-    build_seconds = time.perf_counter() - start
+    build_seconds = {"video": time.perf_counter() - start}
+    text_to_image = None
+    if args.text_to_video:
+        start = time.perf_counter()
+        text_to_image = t2v.build_text_to_image(tiny=args.tiny, device=device, dtype=dtype, attention=args.attention,
+                                                channels_last=args.channels_last, compile=args.compile)
+        sync()
+        build_seconds["text_to_image"] = time.perf_counter() - start
+    pipeline = StagedPipeline(components, text_to_image=text_to_image)
 
-    runs, warmup_seconds = [], []
+    raw: dict[str, list] = {name: [] for name in variants}
+    warmup_seconds: dict[str, list[float]] = {}
+    retime_frames = None
     with warnings.catch_warnings(), np.errstate(invalid="ignore", over="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)  # NaN frames from random weights
-        warm_params = params.model_copy(update={"num_inference_steps": min(params.num_inference_steps, 2)})
-        for _ in range(args.warmup):
-            t0 = time.perf_counter()
-            run_once(pipeline, image, warm_params, sync)
-            warmup_seconds.append(time.perf_counter() - t0)
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
+        # One warm-up per route; the long clip runs the same shapes through the same stages.
+        for name, (params, img) in variants.items():
+            if name == "long_clip":
+                continue
+            update = {"num_inference_steps": min(params.num_inference_steps, 2)}
+            if params.text_to_video:
+                update["t2i_num_inference_steps"] = min(params.t2i_num_inference_steps, 2)
+            warm_params = params.model_copy(update=update)
+            for _ in range(args.warmup):
+                t0 = time.perf_counter()
+                run_once(pipeline, img, warm_params, sync)
+                warmup_seconds.setdefault(name, []).append(time.perf_counter() - t0)
         load_before = os.getloadavg()
         for _ in range(args.repeat):
-            runs.append(run_once(pipeline, image, params, sync))
+            for name, (params, img) in variants.items():
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                result, cpu, split = run_once(pipeline, img, params, sync)
+                frames = split.pop("retime_input", None)
+                if name == "long_clip" and frames is not None:
+                    retime_frames = frames
+                raw[name].append((result, cpu, split, torch.cuda.max_memory_allocated(device) if on_cuda else None))
         load_after = os.getloadavg()
 
-    last = runs[-1][0]
-    stage_runs = [r.timings for r, _ in runs]
-    cpu_runs = [cpu for _, cpu in runs]
-    median = {stage: statistics.median(t[stage] for t in stage_runs) for stage in STAGES}
-    totals = [sum(t.values()) for t in stage_runs]
-    guided = params.max_guidance_scale > 1.0
+    runs = {name: summarise(raw[name], args.steps) for name in variants}
+    if retime_frames is not None:
+        long = runs["long_clip"]
+        small = min(retime_frames.shape[1:3]) < 32  # minterpolate's mci refuses frames under 32x32
+        long["retime_modes"] = t2v.time_retime(retime_frames, duration_s=long["clip_seconds"],
+                                               output_fps=long["output_fps"], repeat=args.repeat,
+                                               modes=("blend",) if small else ("blend", "mci"))
+    main_run = runs["image_to_video"]
+    last = raw["image_to_video"][-1][0]
+    guided = last.params.max_guidance_scale > 1.0
+    peaks = [r["peak_gpu_memory_bytes"] for r in runs.values() if r["peak_gpu_memory_bytes"] is not None]
 
     device_name = _device_name(device)
     result = {
         "mode": "tiny" if args.tiny else "svd-xt",
+        "variants": list(variants),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "device": device,
@@ -500,35 +691,51 @@ def benchmark(args) -> dict:
             "compile": args.compile, "frames": last.params.num_frames, "height": args.height, "width": args.width,
             "steps": args.steps, "decode_chunk_size": args.decode_chunk_size, "seed": args.seed,
             "guided": guided, "repeat": args.repeat, "warmup": args.warmup,
+            "text_to_video": args.text_to_video, "t2i_steps": args.t2i_steps if args.text_to_video else None,
+            "t2i_guidance": args.t2i_guidance if args.text_to_video else None,
+            "duration": args.duration, "output_fps": args.output_fps if args.duration is not None else None,
+            "interpolation": args.interpolation if args.duration is not None else None,
         },
-        "build_seconds": build_seconds,
-        "warmup_seconds": warmup_seconds,
-        "stage_seconds": median,
-        "stage_seconds_runs": stage_runs,
-        # Process CPU seconds (all threads) per stage: on a shared machine, wall >> CPU/threads means contention.
-        "stage_cpu_seconds": {stage: statistics.median(c[stage] for c in cpu_runs) for stage in STAGES},
+        "text_to_image_model": None if text_to_image is None else (
+            "tiny SDXL (pipelines.tiny_t2i)" if args.tiny else "SDXL base 1.0 architecture, random weights"),
+        "text_to_image_parameters": None if text_to_image is None else {
+            name: sum(p.numel() for p in getattr(text_to_image, name).parameters())
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2")},
+        "build_seconds": sum(build_seconds.values()),
+        "build_seconds_by_model": build_seconds,
+        "warmup_seconds": warmup_seconds.get("image_to_video", []),
+        "warmup_seconds_by_run": warmup_seconds,
+        # The image-to-video run's figures, as before text-to-video and long clips were added.
+        **{key: main_run[key] for key in ("stage_seconds", "stage_seconds_runs", "stage_cpu_seconds")},
         "load_average_1min": {"before": load_before[0], "after": load_after[0]},
-        "total_seconds": statistics.median(totals),
-        "total_seconds_runs": totals,
-        "sampling_seconds_per_step": median["sampling"] / args.steps,
-        "bytes_between_stages": dict(last.bytes_between_stages),
-        "video_bytes": len(last.video.data),
-        "summary": last.summary(),
+        "total_seconds": main_run["total_seconds"],
+        "total_seconds_runs": main_run["total_seconds_runs"],
+        "sampling_seconds_per_step": main_run["sampling_seconds_per_step"],
+        "bytes_between_stages": main_run["bytes_between_stages"],
+        "video_bytes": main_run["video_bytes"],
+        "summary": main_run["summary"],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if on_cuda else None,
+        "peak_gpu_memory_bytes": max(peaks) if peaks else None,
+        "runs": runs,
+        "comparisons": t2v.comparisons(runs, one_pass),
         "published_anchors": list(PUBLISHED_ANCHORS),
     }
-    if args.tiny:
-        embed_dim = components.image_encoder.config.projection_dim
-        expected = boundary_sizes(last.params.num_frames, args.height, args.width, args.dtype, embed_dim=embed_dim)
-    else:
-        expected = boundary_sizes(last.params.num_frames, args.height, args.width, args.dtype)
+    embed_dim = components.image_encoder.config.projection_dim if args.tiny else 1024
+    expected = boundary_sizes(last.params.num_frames, args.height, args.width, args.dtype, embed_dim=embed_dim)
     result["bytes_between_stages_expected"] = expected["bytes"]
     result["_boundary_parts"] = expected
+    for name in ("text_to_video", "long_clip"):
+        if name in runs:
+            p = raw[name][-1][0]
+            runs[name]["bytes_between_stages_expected"] = boundary_sizes(
+                p.params.num_frames, args.height, args.width, args.dtype, embed_dim=embed_dim,
+                route=route_names(p.params), keeps_first_frame=p.params.keeps_conditioning_frame,
+                segments=p.num_segments)["bytes"]
 
     if args.tiny:
         result["flops"] = None  # the 159.9 / 173.6 TFLOP figures describe the full SVD-XT, not the tiny model
     else:
+        median = main_run["stage_seconds"]
         flops = flop_estimates(last.params.num_frames, args.height, args.width, args.steps, guided)
         label, peak = lookup_peak(device_name, args.peak_tflops) if on_cuda else (None, None)
         unet_rate = flops["unet_tflop"] / median["sampling"]
@@ -549,7 +756,8 @@ def _lib_versions() -> dict:
     import diffusers
     import transformers
 
-    return {"diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    return {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "ffmpeg": t2v.ffmpeg_version()}
 
 
 def print_report(r: dict) -> None:
@@ -562,10 +770,20 @@ def print_report(r: dict) -> None:
           f"attention {c['attention']}, channels_last {'on' if c['channels_last'] else 'off'}, "
           f"compile {'on' if c['compile'] else 'off'}, decode_chunk_size {c['decode_chunk_size']}, "
           f"{'CFG (U-Net batch 2)' if c['guided'] else 'no CFG'}")
-    warm = ", ".join(f"{s:.2f}" for s in r["warmup_seconds"]) or "none"
-    print(f"  build {r['build_seconds']:.2f} s, warm-up (<= 2 steps) {warm} s, measured runs {c['repeat']}"
+    if c["text_to_video"]:
+        params = r["runs"]["text_to_video"]["params"]
+        print(f"  text-to-image: {r['text_to_image_model']}, {c['width']}x{c['height']}, {c['t2i_steps']} steps, "
+              f"guidance {c['t2i_guidance']:g}; prompt {params['prompt']!r}")
+    if c["duration"] is not None:
+        long = r["runs"]["long_clip"]
+        print(f"  long clip: {c['duration']:g} s, {long['plan']}, output {long['output_frames']} frames at "
+              f"{long['output_fps']} fps ({long['interpolation']})")
+    warm = "; ".join(f"{LABEL.get(name, name)} " + ", ".join(f"{s:.2f}" for s in values)
+                     for name, values in r["warmup_seconds_by_run"].items()) or "none"
+    builds = ", ".join(f"{name} {s:.2f}" for name, s in r["build_seconds_by_model"].items())
+    print(f"  build {r['build_seconds']:.2f} s ({builds}), warm-up (<= 2 steps) {warm} s, measured runs {c['repeat']}"
           + (" (median)" if c["repeat"] > 1 else ""))
-    print("seconds per stage:")
+    print(("image-to-video, " if len(r["runs"]) > 1 else "") + "seconds per stage:")
     for stage in STAGES:
         values = [t[stage] for t in r["stage_seconds_runs"]]
         spread = f"  (min {min(values):.3f}, max {max(values):.3f})" if len(values) > 1 else ""
@@ -590,8 +808,20 @@ def print_report(r: dict) -> None:
               f"{r['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
     print(f"peak process RSS: {r['peak_rss_bytes'] / 2**30:.2f} GiB")
     print_boundaries(r["_boundary_parts"], measured=r["bytes_between_stages"])
-    print(f"  {'video_encode->storage':<24} {'mp4':<17} {'(random weights)':<20} {'':<5} {r['video_bytes']:>12,} B")
+    print(f"  {'video_encode->storage':<27} {'mp4':<17} {'(random weights)':<20} {'':<5} {r['video_bytes']:>12,} B")
     print(f"last run: {r['summary']}")
+    extra = {name: run for name, run in r["runs"].items() if name != "image_to_video"}
+    for name, run in extra.items():
+        print(f"last {LABEL[name]} run: {run['summary']}")
+        if "text_to_image_seconds_per_step" in run:
+            print(f"  text_to_image {run['text_to_image_seconds_per_step']:.3f} s/step")
+        measured, expected = run["bytes_between_stages"], run["bytes_between_stages_expected"]
+        print("  bytes between stages (first segment): " + ", ".join(
+            f"{b} {measured[b]:,}" + ("" if measured[b] == expected.get(b) else f" (expected {expected.get(b):,})")
+            if b in measured else f"{b} {expected[b]:,} (expected; not recorded by StagedPipeline)"
+            for b in expected))
+    if extra:
+        t2v.print_side_by_side(r["runs"], r["comparisons"], order=REGISTRY.names())
     print_anchors()
 
 
@@ -612,7 +842,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         if args.boundaries:
-            sizes = boundary_sizes(args.frames, args.height, args.width, args.dtype)
+            sizes = boundary_sizes(args.frames, args.height, args.width, args.dtype,
+                                   route=T2V_STAGES if args.text_to_video else STAGES,
+                                   keeps_first_frame=args.text_to_video)
             print_boundaries(sizes)
             result = {"mode": "boundaries", **sizes}
         elif args.count_flops:
@@ -625,6 +857,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"(linear rule: {scaled['decode_tflop']:.1f})")
             result = {"mode": "count-flops", "shape": {"frames": args.frames, "height": args.height,
                       "width": args.width}, "counted": counted, "linear_rule": scaled}
+        elif args.retime:
+            result = {"mode": "retime", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+                      "device_name": _cpu_name(), "load_average_1min": os.getloadavg()[0],
+                      "ffmpeg": t2v.ffmpeg_version(),
+                      **t2v.retime_benchmark(args)}
+            t2v.print_retime(result)
         else:
             result = benchmark(args)
             print_report(result)

@@ -49,7 +49,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipelines.segments import _check_duration, _check_int, output_frame_count
+from pipelines.segments import _check_duration, _check_int, check_frames, output_frame_count
 from pipelines.video import FFmpegError, _tail, ffmpeg_exe
 
 Interpolation = Literal["none", "blend", "mci"]
@@ -223,12 +223,7 @@ def _write_all(pipe, data: memoryview) -> None:
 
 
 def _check_frames(frames: object) -> None:
-    if not isinstance(frames, np.ndarray):
-        raise ValueError(f"frames must be a numpy array, not {type(frames).__name__}")
-    if frames.dtype != np.uint8:
-        raise ValueError(f"frames must have dtype uint8, got {frames.dtype}")
-    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
-        raise ValueError(f"frames must have shape [frames, height, width, 3], got {list(frames.shape)}")
+    check_frames("frames", frames)
     if frames.shape[0] < 2:
         raise ValueError(
             f"retime needs at least 2 frames (the first and the last span the duration), got {frames.shape[0]}"

@@ -149,7 +149,7 @@ def seam_frame(frames: np.ndarray, plan: SegmentPlan) -> np.ndarray:
 
     ``frames`` is one segment, ``uint8`` ``[F, H, W, 3]``; the result is ``[H, W, 3]``.
     """
-    _check_frames("frames", frames)
+    check_frames("frames", frames)
     if frames.shape[0] != plan.frames_per_segment:
         raise ValueError(f"frames has {frames.shape[0]} frames; the plan's segments have {plan.frames_per_segment}")
     # A copy: the conditioning image must not change if the caller reuses the segment's buffer.
@@ -173,7 +173,7 @@ def stitch_segments(segments: list[np.ndarray], *, overlap_frames: int) -> np.nd
     if not isinstance(segments, (list, tuple)) or not segments:
         raise ValueError("segments must be a non-empty list of frame arrays")
     for k, segment in enumerate(segments):
-        _check_frames(f"segments[{k}]", segment)
+        check_frames(f"segments[{k}]", segment)
     shape = segments[0].shape
     for k, segment in enumerate(segments[1:], start=1):
         if segment.shape != shape:
@@ -251,7 +251,8 @@ def _check_duration(duration_s: object) -> None:
         raise ValueError(f"duration_s must be a finite number of seconds above 0, got {duration_s!r}")
 
 
-def _check_frames(name: str, frames: object) -> None:
+def check_frames(name: str, frames: object) -> None:
+    """``frames`` is uint8 RGB frames, [F, H, W, 3]; a ValueError naming ``name`` otherwise."""
     if not isinstance(frames, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, not {type(frames).__name__}")
     if frames.dtype != np.uint8:

@@ -143,9 +143,10 @@ class _Run:
         self.previous: str | None = None
 
     def stage(self, spec: StageSpec, values: dict[str, Any]) -> None:
-        if self.previous is not None and spec.inputs and self.segment == 0:
-            payload = values[spec.inputs[0]]
-            self.sizes[f"{self.previous}->{spec.name}"] = payload.nbytes() if hasattr(payload, "nbytes") else 0
+        # The first segment's boundaries, and those after the segments (a long clip's seams are not counted).
+        first_pass = self.segment == 0 or not spec.per_segment
+        if self.previous is not None and spec.inputs and first_pass:
+            self.sizes[f"{self.previous}->{spec.name}"] = _nbytes(values[spec.inputs[0]])
         hooks = {}
         if spec.reports_steps:
             hooks = {"on_step": self._step_callback(spec), "should_cancel": self.should_cancel}
@@ -165,6 +166,15 @@ class _Run:
             return self.on_step
         offset, segments = self.segment, self.segments
         return lambda done, total: self.on_step(offset * total + done, segments * total)
+
+
+def _nbytes(payload: Any) -> int:
+    """Bytes of a payload crossing a boundary: a stage dataclass, an image, or a long clip's segments."""
+    if isinstance(payload, list):
+        return sum(_nbytes(item) for item in payload)
+    if isinstance(payload, PIL.Image.Image):
+        return payload.width * payload.height * len(payload.getbands())
+    return payload.nbytes() if hasattr(payload, "nbytes") else 0
 
 
 def _components_of(components: SVDComponents, registry: StageRegistry) -> dict[str, Any]:

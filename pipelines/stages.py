@@ -3,7 +3,8 @@
 This follows ``diffusers.StableVideoDiffusionPipeline.__call__`` (diffusers 0.42) step for step,
 split where the model is split (``model_cpu_offload_seq = "image_encoder->unet->vae"``) plus a
 CPU-only video encode stage. Each stage holds only the sub-models it needs, so each can live in
-its own process on its own GPU share; what crosses a boundary is a small dataclass.
+its own process on its own GPU share; what crosses a boundary is a small dataclass
+(:mod:`pipelines.payloads`).
 
 What crosses each boundary, for SVD-XT at 576x1024, 25 frames, fp16 (see docs/pipeline.md):
 
@@ -25,10 +26,8 @@ handed from the encode stage to the sampler.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import io
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -43,6 +42,7 @@ from diffusers.video_processor import VideoProcessor
 from .errors import InvalidInputError, JobCancelledError
 from .interpolate import retime
 from .params import GenerationParams
+from .payloads import DecodedFrames, EncodedImage, EncodedVideo, SampledLatents, to_host  # noqa: F401 - re-exported
 from .segments import stitch_segments
 from .video import encode_video
 
@@ -51,76 +51,6 @@ ProgressCallback = Callable[[int, int], None]
 
 CancelCheck = Callable[[], bool]
 """Called before every sampling step; returning True stops the job with JobCancelledError."""
-
-
-# -- what crosses the stage boundaries ----------------------------------------------------------
-
-
-@dataclass
-class EncodedImage:
-    """Output of the image encode stage, input of the sampler."""
-
-    image_embeddings: torch.Tensor
-    """Conditional CLIP image embedding, [1, 1, D] (D = 1024 for SVD)."""
-    image_latents: torch.Tensor
-    """VAE latent (distribution mode) of the noise-augmented conditioning image, [1, 4, H/8, W/8]."""
-    generator_state: torch.Tensor
-    """CPU generator state after the image-noise draw; the sampler continues from it."""
-    first_frame: np.ndarray | None = None
-    """The conditioning image as uint8 [H, W, 3] at the clip's size, when the pass must open on it
-    exactly (``params.keeps_conditioning_frame``); the decoder puts it in place of frame 0."""
-
-    def nbytes(self) -> int:
-        extra = 0 if self.first_frame is None else int(self.first_frame.nbytes)
-        return extra + sum(t.numel() * t.element_size()
-                           for t in (self.image_embeddings, self.image_latents, self.generator_state))
-
-
-@dataclass
-class SampledLatents:
-    """Output of the sampler, input of the decoder: the denoised latents, [1, F, 4, H/8, W/8]."""
-
-    latents: torch.Tensor
-    first_frame: np.ndarray | None = None
-    """Passed through from :class:`EncodedImage` for the decoder."""
-
-    def nbytes(self) -> int:
-        extra = 0 if self.first_frame is None else int(self.first_frame.nbytes)
-        return extra + self.latents.numel() * self.latents.element_size()
-
-
-@dataclass
-class DecodedFrames:
-    """Output of the decoder, input of the video encoder: uint8 RGB frames, [F, H, W, 3]."""
-
-    frames: np.ndarray
-
-    def nbytes(self) -> int:
-        return int(self.frames.nbytes)
-
-
-@dataclass
-class EncodedVideo:
-    """Output of the video encode stage."""
-
-    data: bytes
-    content_type: str
-    file_extension: str
-    num_frames: int
-    width: int
-    height: int
-    fps: int
-    poster: bytes = b""
-    """The first frame as a JPEG (the clip's thumbnail), made from the frames, not from the lossy clip."""
-
-
-def to_host(payload):
-    """A stage payload with every tensor field moved to the CPU: what leaves a GPU replica."""
-    if not dataclasses.is_dataclass(payload):
-        return payload
-    moved = {f.name: getattr(payload, f.name).cpu() for f in dataclasses.fields(payload)
-             if isinstance(getattr(payload, f.name), torch.Tensor)}
-    return dataclasses.replace(payload, **moved) if moved else payload
 
 
 def _require_resolved(params: GenerationParams) -> None:

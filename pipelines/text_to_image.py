@@ -20,13 +20,16 @@ What crosses the boundary to the video stages: one RGB ``PIL.Image`` at the vide
 
 from __future__ import annotations
 
+import copy
 import inspect
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from .errors import InvalidInputError, JobCancelledError, ModelLoadError
 from .loader import DEFAULT_TEXT_TO_IMAGE_MODEL_ID, ModelSpec, load_components, resolve_model_dir
@@ -151,6 +154,7 @@ class TextToImageStage:
         if "requires_safety_checker" in init_parameters:
             # The safety checker is skipped on purpose; saying so stops SD 1.x warning at every build.
             self.pipeline_config["requires_safety_checker"] = False
+        self._local = threading.local()
         self.scheduler_class = type(components["scheduler"])
         self.scheduler_config = components["scheduler"].config
         self._call_parameters = _call_parameters(self.pipeline_cls)
@@ -160,14 +164,28 @@ class TextToImageStage:
         self.size_multiple = self._size_multiple(pipeline)
 
     def new_pipeline(self):
-        """A pipeline object over the shared sub-models with its own scheduler (per-run state)."""
+        """A pipeline object over the shared sub-models with its own scheduler (per-run state) and
+        this thread's own tokenizers."""
         scheduler = self.scheduler_class.from_config(self.scheduler_config)
+        parts = {**self.components, **self._thread_tokenizers(), "scheduler": scheduler}
         try:
-            pipeline = self.pipeline_cls(**{**self.components, "scheduler": scheduler}, **self.pipeline_config)
+            pipeline = self.pipeline_cls(**parts, **self.pipeline_config)
         except TypeError as err:  # a required component is missing
             raise ModelLoadError(f"Cannot build {self.pipeline_cls.__name__}: {_one_line(err)}") from err
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
+
+    def _thread_tokenizers(self) -> dict[str, Any]:
+        """Copies of the tokenizers for the calling thread, made once per thread. A fast (Rust)
+        tokenizer keeps its padding and truncation settings on itself and diffusers changes them
+        between calls (``padding="max_length"``, then ``"longest"`` for the truncation warning), so
+        two requests sharing one tokenizer can get each other's padding (77 tokens against 14)."""
+        mine = getattr(self._local, "tokenizers", None)
+        if mine is None:
+            mine = {name: copy.deepcopy(part) for name, part in self.components.items()
+                    if isinstance(part, PreTrainedTokenizerBase)}
+            self._local.tokenizers = mine
+        return mine
 
     def _size_multiple(self, pipeline) -> int:
         # Latent size = image / vae_scale_factor; a transformer denoiser then cuts the latent into

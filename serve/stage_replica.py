@@ -37,7 +37,7 @@ from pipelines.params import GenerationParams
 from pipelines import registry
 from pipelines.registry import FINAL_VALUE, SOURCE_VALUE
 from pipelines.segments import plan_segments, seam_frame
-from pipelines.stages import DecodedFrames, EncodedVideo, to_host
+from pipelines.payloads import DecodedFrames, EncodedVideo, to_host
 
 from .config import AppConfig
 from .context import JobContext, SegmentSet, StageOutput, StepReport, StoredSegment, StoredVideo

@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/bench_pipeline.py: the CI mode (--tiny), --boundaries and --count-flops.
+"""Smoke test of benchmarks/bench_pipeline.py: the CI mode (--tiny), with --text-to-video and with
+--duration, --boundaries, --count-flops and --retime.
 
 The full-size benchmark needs a GPU; these runs check that the script works end to end on CPU,
 that it reports what docs/benchmarks.md records, and that the boundary sizes and FLOP anchors
@@ -20,8 +21,11 @@ SCRIPT = REPO_ROOT / "benchmarks" / "bench_pipeline.py"
 # One torch thread per subprocess: on a shared 2-core machine two OpenMP threads per process make
 # the tiny model 10-50x slower whenever the other core is busy (threads spin at every barrier).
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# Image-to-video's route; text-to-video's starts with text_to_image (run only for a prompt).
 STAGES = ("image_encode", "sampling", "decode", "video_encode")
+T2V_STAGES = ("text_to_image", *STAGES)
 BOUNDARIES = ("image_encode->sampling", "sampling->decode", "decode->video_encode")
+T2V_BOUNDARIES = ("text_to_image->image_encode", *BOUNDARIES)
 
 
 def run_bench(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -51,6 +55,9 @@ def test_tiny_run_writes_per_stage_figures(tmp_path):
     assert data["mode"] == "tiny" and data["device"] == "cpu"
     assert (data["config"]["frames"], data["config"]["height"], data["config"]["width"], data["config"]["steps"]) == (
         14, 64, 64, 4)
+    # Only the stages of the image-to-video route are timed (text_to_image is registered, not run).
+    assert tuple(data["stage_seconds"]) == STAGES
+    assert data["variants"] == ["image_to_video"] and data["runs"]["image_to_video"]["route"] == list(STAGES)
     for stage in STAGES:
         assert data["stage_seconds"][stage] > 0, stage
         assert data["stage_cpu_seconds"][stage] >= 0, stage
@@ -86,8 +93,132 @@ def test_boundaries_for_svd_xt(tmp_path):
     assert sizes["image_encode->sampling"] == 2 * 1024 + 2 * 4 * 72 * 128 + generator_state_bytes()  # ~81 kB
     assert sizes["sampling->decode"] == 1_843_200  # [1, 25, 4, 72, 128] fp16, ~1.8 MB
     assert sizes["decode->video_encode"] == 44_236_800  # 25 x 576 x 1024 x 3 uint8, ~44 MB
+    assert set(sizes) == set(BOUNDARIES)
     assert "1.84 MB" in result.stdout
     assert "44.24 MB" in result.stdout
+
+
+def test_boundaries_for_text_to_video(tmp_path):
+    """The first frame crosses text_to_image->image_encode, and rides on to the decoder."""
+    out = tmp_path / "boundaries.json"
+    result = run_bench("--boundaries", "--text-to-video", "--json", out)
+    assert result.returncode == 0, result.stderr
+    sizes = json.loads(out.read_text())["bytes"]
+    frame = 576 * 1024 * 3  # 1,769,472 B, RGB uint8
+    assert list(sizes) == list(T2V_BOUNDARIES)
+    assert sizes["text_to_image->image_encode"] == frame
+    assert sizes["image_encode->sampling"] == 2 * 1024 + 2 * 4 * 72 * 128 + generator_state_bytes() + frame
+    assert sizes["sampling->decode"] == 1_843_200 + frame  # 3,612,672
+    assert sizes["decode->video_encode"] == 44_236_800
+    assert "1.77 MB" in result.stdout and "3.61 MB" in result.stdout
+
+
+def run_tiny(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "bench.json"
+    result = run_bench("--tiny", *args, "--json", out)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result, json.loads(out.read_text())
+
+
+def check_run(run: dict, stages: tuple[str, ...]) -> None:
+    assert run["route"] == list(stages)
+    assert tuple(run["stage_seconds"]) == stages
+    for stage in stages:
+        assert run["stage_seconds"][stage] > 0, stage
+        assert run["stage_cpu_seconds"][stage] >= 0, stage
+    assert run["total_seconds"] == pytest.approx(sum(run["stage_seconds"].values()))  # one measured run
+    assert run["video_bytes"] > 0
+    split = run["video_encode_split"]
+    assert split["encode_seconds"] > 0 and split["other_seconds"] >= 0
+    assert (split["retime_seconds"] or 0) + split["encode_seconds"] <= run["stage_seconds"]["video_encode"]
+
+
+def test_tiny_text_to_video_writes_text_to_image_figures(tmp_path):
+    result, data = run_tiny(tmp_path, "--text-to-video")
+    assert data["variants"] == ["image_to_video", "text_to_video"]
+    assert tuple(data["stage_seconds"]) == STAGES  # the top-level figures stay image-to-video's
+    check_run(data["runs"]["image_to_video"], STAGES)
+    run = data["runs"]["text_to_video"]
+    check_run(run, T2V_STAGES)
+    assert run["params"]["t2i_steps"] == 4 and run["params"]["t2i_guidance_scale"] == 5.0
+    assert run["text_to_image_seconds_per_step"] == pytest.approx(run["stage_seconds"]["text_to_image"] / 4)
+    assert (run["num_segments"], run["generated_frames"], run["output_frames"]) == (1, 14, 14)
+    assert run["video_encode_split"]["retime_seconds"] is None  # one pass at 7 fps: nothing retimed
+    assert data["text_to_image_model"] == "tiny SDXL (pipelines.tiny_t2i)"
+    assert set(data["text_to_image_parameters"]) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+
+    # The first frame (64x64 RGB) crosses to image_encode and rides with the encoded image and the
+    # latents (text-to-video opens on it exactly): each boundary is one frame more than image-to-video's.
+    measured, frame = run["bytes_between_stages"], 64 * 64 * 3
+    assert set(measured) == set(T2V_BOUNDARIES)
+    assert measured == run["bytes_between_stages_expected"]
+    assert measured["text_to_image->image_encode"] == frame
+    assert measured["image_encode->sampling"] == data["bytes_between_stages"]["image_encode->sampling"] + frame
+    assert measured["sampling->decode"] == data["bytes_between_stages"]["sampling->decode"] + frame
+
+    ratios = data["comparisons"]
+    assert ratios["text_to_video_over_image_to_video"] == pytest.approx(
+        run["total_seconds"] / data["runs"]["image_to_video"]["total_seconds"])
+    assert 0 < ratios["text_to_image_share_of_text_to_video"] < 1
+    text = result.stdout
+    assert "side by side" in text and "text-to-video / image-to-video, total:" in text
+    assert "text_to_image" in text and "tiny SDXL" in text
+
+
+def test_tiny_long_clip_writes_segment_figures(tmp_path):
+    """14-frame passes, 4 s at fps 7 -> 2 segments, 27 generated frames -> 97 at 24 fps."""
+    result, data = run_tiny(tmp_path, "--duration", "4", "--output-fps", "24")
+    assert data["variants"] == ["image_to_video", "long_clip"]
+    one, run = data["runs"]["image_to_video"], data["runs"]["long_clip"]
+    check_run(one, STAGES)
+    check_run(run, STAGES)
+    assert (run["num_segments"], run["generated_frames"], run["output_frames"], run["output_fps"]) == (2, 27, 97, 24)
+    assert (one["num_segments"], one["generated_frames"], one["output_frames"]) == (1, 14, 14)
+    assert run["interpolation"] == "mci" and run["clip_seconds"] == 4
+    assert run["sampling_seconds_per_step"] == pytest.approx(run["stage_seconds"]["sampling"] / (4 * 2))
+    assert run["video_encode_split"]["retime_seconds"] > 0
+    # Per segment, each payload carries the conditioning frame; the encoder gets both segments.
+    assert run["bytes_between_stages_expected"]["decode->video_encode"] == 2 * 14 * 64 * 64 * 3
+    for boundary, size in run["bytes_between_stages"].items():
+        assert size == run["bytes_between_stages_expected"][boundary], boundary
+
+    micro = run["retime_modes"]
+    assert micro["input"] == {"frames": 27, "height": 64, "width": 64} and micro["output_frames"] == 97
+    assert micro["seconds"]["blend"] > 0 and micro["seconds"]["mci"] > 0
+    ratios = data["comparisons"]
+    assert ratios["long_clip_one_pass"] == "image_to_video"
+    assert ratios["long_clip_over_one_pass"] == pytest.approx(run["total_seconds"] / one["total_seconds"])
+    assert set(ratios["long_clip_over_one_pass_per_stage"]) == set(STAGES)
+    assert ratios["retime_mci_over_blend"] == pytest.approx(micro["mci_over_blend"])
+    text = result.stdout
+    assert "long clip / one pass (image-to-video), total:" in text
+    assert "= retime (mci)" in text and "mci / blend" in text
+
+
+def test_retime_mode_times_blend_mci_and_encode(tmp_path):
+    out = tmp_path / "retime.json"
+    result = run_bench("--retime", "--frames", "8", "--height", "64", "--width", "64", "--duration", "1",
+                       "--output-fps", "24", "--json", out)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["mode"] == "retime" and data["content"] == "pan"
+    assert data["input"] == {"frames": 8, "height": 64, "width": 64}
+    assert data["output_frames"] == 25  # floor(1 s x 24 + 0.5) + 1
+    assert data["seconds"]["blend"] > 0 and data["seconds"]["mci"] > 0 and data["encode_seconds"] > 0
+    assert data["mci_over_blend"] == pytest.approx(data["seconds"]["mci"] / data["seconds"]["blend"])
+    assert "mci / blend" in result.stdout
+
+
+def test_sdxl_configs_give_the_published_parameter_counts():
+    """The SDXL base 1.0 configs written in the benchmark build the released architecture (counted
+    on the meta device: nothing is allocated)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_text_to_video
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert bench_text_to_video.sdxl_parameter_counts() == bench_text_to_video.SDXL_PUBLISHED_PARAMETERS
 
 
 def test_count_flops_matches_the_mfu_anchors():
@@ -108,3 +239,7 @@ def test_full_size_on_cpu_is_refused():
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench_pipeline.py: full-size SVD-XT on CPU"), result.stderr
+
+    result = run_bench("--text-to-video", "--duration", "8", "--output-fps", "24", "--steps", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("bench_pipeline.py: full-size SVD-XT on CPU"), result.stderr

@@ -1,4 +1,4 @@
-"""The fal queue protocol adapter (serve/api/compat/fal.py).
+"""The fal queue protocol adapter (serve/api/compat/fal/).
 
 In process: the FastAPI app over a real SQLite job store and local storage, jobs moved through
 their states with the job store's own API (what the runner does), so every route is exercised in

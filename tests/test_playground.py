@@ -118,9 +118,11 @@ def test_playground_in_headless_chromium(local_service, tmp_path):
             steps = page.locator('#param-fields input[name="num_inference_steps"]')
             steps.wait_for()
             fields = page.eval_on_selector_all("#param-fields [name]", "nodes => nodes.map(node => node.name)")
-            assert fields == list(GenerationParams.model_json_schema(by_alias=True)["properties"])
+            # (prompt is the "Describe it" source, not a parameter field)
+            assert fields == [name for name in GenerationParams.model_json_schema(by_alias=True)["properties"]
+                              if name != "prompt"]
             assert (steps.input_value(), steps.get_attribute("min"), steps.get_attribute("max")) == ("25", "1", "150")
-            assert page.locator('#param-fields input[name="width"]').get_attribute("step") == "64"
+            assert page.locator('#param-fields input[name="width"]').get_attribute("step") == "8"
             assert page.locator('#param-fields input[name="num_frames"]').input_value() == ""  # model default
             formats = page.locator('#param-fields select[name="output_format"]')
             assert formats.locator("option").all_inner_texts() == ["mp4", "webm", "gif"]
@@ -190,6 +192,23 @@ def test_playground_in_headless_chromium(local_service, tmp_path):
             second = page.text_content("#job-id")
             page.wait_for_selector(f'#recent-jobs tr[data-id="{second}"] td.status-cancelled', timeout=30_000)
             assert page.locator("#clip").is_hidden()
+
+            # Text-to-video: a prompt and no image; the clip plays like any other.
+            page.check('input[name="source"][value="prompt"]')
+            assert page.locator("#image-url").is_hidden() and page.locator("#prompt-text").is_visible()
+            page.fill("#prompt-text", "a lighthouse at dusk")
+            page.fill('#param-fields [name="num_inference_steps"]', "2")
+            page.fill('#param-fields [name="num_frames"]', "6")
+            page.fill('#param-fields [name="t2i_num_inference_steps"]', "2")
+            page.click("#submit")
+            page.wait_for_function("id => document.getElementById('job-id').textContent !== id", arg=second)
+            try:
+                page.wait_for_function(PLAYING, timeout=180_000)
+            except Exception:
+                raise AssertionError(f"the text-to-video clip never played: {page_state(page)}") from None
+            third = page.text_content("#job-id")
+            made = httpx.get(f"{base}/v1/videos/{third}", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+            assert made["params"]["prompt"] == "a lighthouse at dusk" and "text_to_image" in made["timings"]
             assert not problems, problems
             assert set(failed) <= {f"{base}/favicon.ico"}, failed
         finally:

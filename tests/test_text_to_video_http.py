@@ -115,7 +115,7 @@ def test_an_eight_second_clip_at_24_fps(local_service, client):
     assert round(info.fps) == 24 and info.frames == expected
     assert abs(info.frames / info.fps - 8.0) <= 1 / 24  # 8 s within one frame
     # The segments' stored frames are gone once the clip is made.
-    leftovers = list((local_service.data_dir / "outputs").rglob(f"*{created['id']}*/segments/*"))
+    leftovers = list((local_service.data_dir / "outputs").rglob(f"{created['id']}/segment-*"))
     assert leftovers == []
 
 

@@ -109,7 +109,7 @@ class JobDriver:
                     stage_ctx = ctx
                     if plan.num_segments > 1:  # the progress bar does not step back between segments
                         stage_ctx = dataclasses.replace(
-                            ctx, segment=index, segment_key=job_key(job.tenant, job.id, f"segments/{index}.npy"),
+                            ctx, segment=index, segment_key=segment_key(job, index),
                             note_progress=index == 0 and spec is per_segment[0])
                     await call.stage(spec, stage_ctx, values, params.for_segment(index), segment=index)
                 if plan.num_segments > 1:
@@ -151,7 +151,7 @@ class JobDriver:
             return
         for index in range(self.config.max_segments):  # every key a plan could have used
             try:
-                self.storage.delete(job_key(job.tenant, job.id, f"segments/{index}.npy"))
+                self.storage.delete(segment_key(job, index))
             except Exception:  # noqa: BLE001 - the janitor removes the job's files at expiry anyway
                 logger.debug("could not delete a segment", exc_info=True, extra=log_extra(job.id))
 
@@ -256,6 +256,12 @@ class ProgressReporter:
     def cancel(self) -> None:
         if self._writer is not None:
             self._writer.cancel()
+
+
+def segment_key(job: Job, index: int) -> str:
+    """Where segment ``index`` of a long clip is kept while the job runs (beside its files, so the
+    janitor's removal of the job's prefix takes it too)."""
+    return job_key(job.tenant, job.id, f"segment-{index}.npy")
 
 
 def _job_output(job: Job, stored: StoredVideo) -> JobOutput:

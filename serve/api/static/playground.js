@@ -223,10 +223,11 @@
   function setupImage() {
     for (const radio of document.querySelectorAll('input[name="source"]')) {
       radio.addEventListener("change", () => {
-        const file = imageSource() === "file";
-        $("image-file").hidden = !file;
-        $("image-url").hidden = file;
-        $("preview").hidden = !(file && state.previewUrl);
+        const source = imageSource();
+        $("image-file").hidden = source !== "file";
+        $("image-url").hidden = source !== "url";
+        $("prompt-text").hidden = source !== "prompt";
+        $("preview").hidden = !(source === "file" && state.previewUrl);
       });
     }
     $("image-file").addEventListener("change", () => {
@@ -260,11 +261,17 @@
       form.append("image", file, file.name);
       for (const [name, value] of Object.entries(parameters())) form.append(name, String(value));
       request = { method: "POST", body: form };
-    } else {
+    } else if (imageSource() === "url") {
       const url = $("image-url").value.trim();
       if (!url) { errorBox.textContent = "Paste the image's URL."; return; }
       request = { method: "POST", headers: { "Content-Type": "application/json" },
                   body: JSON.stringify({ image_url: url, ...parameters() }) };
+    } else {
+      // Text-to-video: a prompt and no image (the service makes the first frame from it).
+      const prompt = $("prompt-text").value.trim();
+      if (!prompt) { errorBox.textContent = "Describe the clip."; return; }
+      request = { method: "POST", headers: { "Content-Type": "application/json" },
+                  body: JSON.stringify({ prompt, ...parameters() }) };
     }
     const button = $("submit");
     button.disabled = true;
@@ -287,7 +294,7 @@
     let percent = typeof raw === "number" ? raw : typeof detail.percent === "number" ? detail.percent : 0;
     if (job.status === "completed") percent = 100;
     return { percent: Math.max(0, Math.min(100, percent)), stage: detail.stage, step: detail.step,
-             total: detail.total_steps };
+             total: detail.total_steps, segmentsDone: detail.segments_done, segments: detail.segments };
   }
 
   function sizeOf(job) {
@@ -316,6 +323,7 @@
     const detail = [`${Math.round(progress.percent)}%`];
     if (progress.stage) detail.push(`stage ${progress.stage}`);
     if (progress.total) detail.push(`step ${progress.step || 0} of ${progress.total}`);
+    if (progress.segments) detail.push(`${progress.segmentsDone || 0} of ${progress.segments} segments done`);
     if (job.params && job.params.seed !== undefined && job.params.seed !== null) detail.push(`seed ${job.params.seed}`);
     const size = sizeOf(job);
     if (size) detail.push(size);

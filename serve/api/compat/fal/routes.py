@@ -1,0 +1,182 @@
+"""fal's queue routes: ``router``, the app ids it answers to, and each app's submit, status,
+status stream, result and cancel routes."""
+
+# No ``from __future__ import annotations``: FastAPI resolves the routes' ``TenantDep`` annotations
+# at runtime, and it is local to ``router``.
+import asyncio
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Awaitable, Callable
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ....jobstore import Job, JobStatus
+from ....metering.models import CLIENT_ERROR_CODES
+from ....tenants import Tenant
+from ...base_url import public_base_url
+from ...errors import APIError, NotFoundError, adapter_route
+from ...follow import KEEPALIVE, follow_job
+from .inputs import FAL_APP_ID, FAL_T2V_APP_IDS, IMAGE_TO_VIDEO, TEXT_TO_VIDEO, FalApp, FalInputError
+from .rendering import _error_of, download_url, render, request_urls, result_body, status_body
+
+if TYPE_CHECKING:
+    from ....tenants import TenantRegistry
+    from ...service import VideoService
+
+STREAM_RECHECK_S = 2.0  # re-read without a notice (the queue position moves when other jobs start)
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def app_ids(model_source: str) -> list[str]:
+    """fal's app id and the deployed model's Hugging Face repo id (``org/name``; not a local path,
+    and never one that would shadow the native ``v1/`` routes)."""
+    ids = [FAL_APP_ID]
+    if (_REPO_ID.fullmatch(model_source) and model_source not in ids and model_source.split("/")[0] != "v1"
+            and not Path(model_source).expanduser().exists()):
+        ids.append(model_source)
+    return ids
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def router(service: "VideoService", tenants: "TenantRegistry", *,
+           on_ended: Callable[[str], Awaitable[None]] | None = None) -> APIRouter:
+    api = APIRouter(route_class=adapter_route(render), tags=["fal"])
+
+    def tenant_of(authorization: Annotated[str | None, Header()] = None) -> Tenant:
+        return tenants.authenticate(authorization)
+
+    TenantDep = Annotated[Tenant, Depends(tenant_of)]
+
+    async def job_of(tenant: Tenant, request_id: str) -> Job:
+        try:
+            return await asyncio.to_thread(service.get, tenant, request_id)
+        except NotFoundError:
+            raise APIError(404, "not_found", f"request {request_id} not found") from None
+
+    async def position_of(job: Job) -> int | None:
+        if job.status is not JobStatus.QUEUED:
+            return None
+        return await asyncio.to_thread(service.store.queue_position, job.id)
+
+    for app_id in app_ids(service.config.model.source):
+        add_routes(api, app_id, service, TenantDep, job_of, position_of, on_ended)
+    # Registered with or without a text-to-image model: without one a submit is a 422
+    # text_to_video_unavailable (fal's shape), which says more than a 404 would.
+    for app_id in FAL_T2V_APP_IDS:
+        add_routes(api, app_id, service, TenantDep, job_of, position_of, on_ended, app=TEXT_TO_VIDEO)
+    return api
+
+
+def queue_app(app_id: str) -> str:
+    """The app a request of ``app_id`` belongs to in fal's queue URLs: ``owner/alias``, without an
+    endpoint path (``fal-ai/fast-svd/text-to-video`` -> ``fal-ai/fast-svd``), as fal's queue names
+    them and as ``fal_client.status`` / ``result`` / ``cancel`` build them from an app id."""
+    return "/".join(app_id.split("/")[:2])
+
+
+def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, job_of, position_of,
+               on_ended, app: FalApp = IMAGE_TO_VIDEO) -> None:
+    """``POST /{app_id}``, and the request routes under ``/{owner}/{alias}/requests/`` (the URLs
+    answered) and, for an app id with an endpoint path, under ``/{app_id}/requests/`` too."""
+    prefix = f"/{app_id}"
+    url_app = queue_app(app_id)
+
+    @api.post(prefix, summary=f"fal queue: submit to {app_id} ({app.summary})", openapi_extra={"requestBody": {
+        "content": {"application/json": {"schema": app.schema.model_json_schema()}}, "required": True}})
+    async def submit(request: Request, tenant: TenantDep,
+                     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
+        raw = await request.body()
+        try:
+            body = json.loads(raw or b"null")
+        except json.JSONDecodeError as error:
+            return JSONResponse({"detail": [{"loc": ["body", error.pos], "msg": f"JSON decode error: {error.msg}",
+                                             "type": "json_invalid"}]}, status_code=422,
+                                headers={"X-Fal-Error-Type": "invalid_parameter"})
+        try:
+            image_url, params = app.parse(body)
+        except FalInputError as error:
+            return JSONResponse({"detail": error.detail}, status_code=422,
+                                headers={"X-Fal-Error-Type": "invalid_parameter"})
+        webhook_url = request.query_params.get("fal_webhook") or None
+        image = None if image_url is None else await asyncio.to_thread(service.image_from_url, image_url)
+        admission = await service.admit(tenant, image=image, params=params, webhook_url=webhook_url,
+                                        idempotency_key=idempotency_key, webhook_format="fal",
+                                        prompt=params.prompt)
+        job = admission.job
+        urls = request_urls(public_base_url(request, service.config.public_url), url_app, job.id)
+        return JSONResponse(status_body(job, urls, with_logs=False, queue_position=await position_of(job)))
+
+    for request_prefix in dict.fromkeys([f"/{url_app}", prefix]):
+        add_request_routes(api, request_prefix, url_app, service, TenantDep, job_of, position_of, on_ended)
+
+
+def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "VideoService", TenantDep, job_of,
+                       position_of, on_ended) -> None:
+    """status, status/stream, result and cancel of a request under ``prefix``; answered URLs name ``url_app``."""
+    app_id = prefix.lstrip("/")
+    request_path = prefix + "/requests/{request_id}"
+
+    @api.get(request_path + "/status", summary=f"fal queue: status of a {app_id} request")
+    async def status(request: Request, request_id: str, tenant: TenantDep):
+        job = await job_of(tenant, request_id)
+        urls = request_urls(public_base_url(request, service.config.public_url), url_app, job.id)
+        return JSONResponse(status_body(job, urls, with_logs=_flag(request.query_params.get("logs")),
+                                        queue_position=await position_of(job)))
+
+    @api.get(request_path + "/status/stream", summary=f"fal queue: status of a {app_id} request as server-sent "
+             "events until it completes", responses={200: {"content": {"text/event-stream": {}}}})
+    async def status_stream(request: Request, request_id: str, tenant: TenantDep):
+        first = await job_of(tenant, request_id)  # 404 before the stream starts
+        urls = request_urls(public_base_url(request, service.config.public_url), url_app, first.id)
+        with_logs = _flag(request.query_params.get("logs"))
+
+        async def stream():
+            last = None
+            async for job in follow_job(service.store, first, tenant=tenant.name, request=request,
+                                        recheck_s=STREAM_RECHECK_S):
+                if job is KEEPALIVE:
+                    yield ": keep-alive\n\n"
+                    continue
+                data = json.dumps(status_body(job, urls, with_logs=with_logs,
+                                              queue_position=await position_of(job)), separators=(",", ":"))
+                if data != last:
+                    last = data
+                    yield f"data: {data}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.get(request_path, summary=f"fal queue: result of a {app_id} request")
+    async def result(request: Request, request_id: str, tenant: TenantDep):
+        job = await job_of(tenant, request_id)
+        if job.status is JobStatus.COMPLETED and job.output is not None:
+            base_url = public_base_url(request, service.config.public_url)
+            return JSONResponse(result_body(job, base_url, await download_url(service, job, base_url)))
+        if not job.status.is_terminal:
+            raise APIError(400, "request_in_progress", "Request is still in progress")
+        message, code = _error_of(job)
+        status_code = 400 if job.status is JobStatus.CANCELLED else 422 if code in CLIENT_ERROR_CODES else 500
+        return JSONResponse({"detail": message, "error_type": code}, status_code=status_code,
+                            headers={"X-Fal-Error-Type": code})
+
+    @api.put(request_path + "/cancel", summary=f"fal queue: cancel a {app_id} request")
+    async def cancel(request_id: str, tenant: TenantDep):
+        try:
+            job, ended_now = await asyncio.to_thread(service.cancel, tenant, request_id)
+        except NotFoundError:
+            return JSONResponse({"status": "NOT_FOUND", "detail": f"request {request_id} not found"},
+                                status_code=404, headers={"X-Fal-Error-Type": "not_found"})
+        except APIError as error:
+            if error.code != "already_finished":
+                raise
+            return JSONResponse({"status": "ALREADY_COMPLETED", "detail": str(error)}, status_code=400,
+                                headers={"X-Fal-Error-Type": "already_completed"})
+        if ended_now and on_ended is not None:
+            await on_ended(job.id)
+        return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
