@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.loader import DEFAULT_TEXT_TO_IMAGE_MODEL_ID, ModelSpec
 from pipelines.registry import STAGES as STAGE_REGISTRY
@@ -331,6 +331,14 @@ class AppConfig(_Strict):
         default=8.0, gt=0, le=MAX_DURATION_S,
         description="Longest clip a request may ask for with duration_s (long clips are made of segments).",
     )
+    default_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Generation parameters a request gets when it does not give them (this deployment's defaults, "
+        "e.g. a small size and few steps for a CPU demo). Validated as generation parameters; a request that gives "
+        "any size field (width, height, aspect_ratio, size) or length field (num_frames, seconds, duration_s) "
+        "replaces the defaults of that group as a whole; text-to-video's fields (negative_prompt, t2i_*) apply to "
+        "text-to-video requests only. seed and prompt cannot have defaults.",
+    )
     max_segments: int = Field(
         default=8, ge=1, le=64,
         description="Most segments one long clip may take (duration_s x fps / frames per segment, rounded).",
@@ -372,6 +380,21 @@ class AppConfig(_Strict):
         if isinstance(data, dict) and data.get("stage_modules"):
             import_stage_modules(data["stage_modules"])
         return data
+
+    @field_validator("default_params")
+    @classmethod
+    def _check_default_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from pipelines.params import GenerationParams, describe_validation_error
+        from pydantic import ValidationError
+
+        fixed = sorted({"seed", "prompt"} & set(value))
+        if fixed:
+            raise ValueError(f"default_params: {', '.join(fixed)} cannot have a deployment default")
+        try:  # as a text-to-video request would get them (text-to-video's own fields are allowed)
+            GenerationParams.model_validate({**value, "prompt": "x"})
+        except ValidationError as error:
+            raise ValueError(f"default_params: {describe_validation_error(error)}") from None
+        return value
 
     def model_for(self, spec: StageSpec) -> ModelSpec | None:
         """The weights a stage loads: the text-to-image model for that stage, else the video model."""

@@ -112,3 +112,30 @@ def test_a_tenant_not_allowed_the_text_to_image_model(tmp_path):
     assert "text-to-image model" in response.json()["error"]["message"]
     assert post(api, image_url=DATA_URL, **SMALL).status_code == 202  # image-to-video stays allowed
     api.service.store.close()
+
+
+def test_deployment_defaults_fill_what_a_request_leaves_out(tmp_path):
+    api = make_api(tmp_path, default_params={"width": 256, "height": 128, "num_inference_steps": 8,
+                                             "t2i_num_inference_steps": 4, "num_frames": 6})
+    params = post(api, prompt="x").json()["params"]
+    assert (params["width"], params["height"], params["num_inference_steps"]) == (256, 128, 8)
+    assert (params["t2i_num_inference_steps"], params["num_frames"]) == (4, 6)
+    # A request's own values win, and a size or length it gives replaces that group's defaults.
+    params = post(api, prompt="x", aspect_ratio="1:1", num_inference_steps=3).json()["params"]
+    assert (params["aspect_ratio"], params["width"], params["num_inference_steps"]) == ("1:1", None, 3)
+    params = post(api, prompt="x", duration_s=2).json()["params"]
+    assert params["num_frames"] == 14  # the model's own (make_api's model stage), not the default 6
+    params = post(api, image_url=DATA_URL).json()["params"]
+    assert (params["width"], params["t2i_num_inference_steps"]) == (256, None)  # text-to-video fields: no
+    api.service.store.close()
+
+
+def test_bad_deployment_defaults_are_refused():
+    from pydantic import ValidationError
+
+    from serve.config import AppConfig
+
+    with pytest.raises(ValidationError, match="default_params: width: 100 is out of range"):
+        AppConfig.model_validate({"default_params": {"width": 100, "height": 64}})
+    with pytest.raises(ValidationError, match="seed cannot have a deployment default"):
+        AppConfig.model_validate({"default_params": {"seed": 1}})

@@ -189,7 +189,7 @@ class CreateVideoRequest(GenerationParams):
         """The generation parameters, with ``size`` as width and height (``seconds`` becomes
         num_frames at admission, where the tenant's limits are known) and, without an image, the
         prompt as text-to-video's."""
-        values = self.model_dump(exclude=set(self.REQUEST_FIELDS), exclude_none=True)
+        values = self.model_dump(exclude=set(self.REQUEST_FIELDS), exclude_none=True, exclude_unset=True)
         check_seconds_alone(values, self.seconds)
         return text_to_video_params(apply_size(values, self.size_), prompt=self.prompt,
                                     has_image=self.image_source() is not None)

@@ -74,6 +74,12 @@ logger = logging.getLogger("ray.serve.svd_serve")
 #: Retry-After of a 429 queue_full: the queue drains at the pace of whole jobs, so a short hint.
 QUEUE_FULL_RETRY_AFTER_S = 10
 
+#: Parameters a request sets together: giving one drops the deployment's defaults for all of them.
+SIZE_GROUP = frozenset({"width", "height", "aspect_ratio"})
+LENGTH_GROUP = frozenset({"num_frames", "duration_s"})
+#: Defaults that only a text-to-video request takes.
+TEXT_TO_VIDEO_FIELDS = frozenset({"negative_prompt", "t2i_guidance_scale", "t2i_num_inference_steps"})
+
 #: Token bucket of a tenant's submissions in the job store.
 SUBMIT_BUCKET = "submit:{tenant}"
 
@@ -173,6 +179,7 @@ class VideoService:
             if model is not None and not self.serves_model(model):
                 raise invalid("model", f"{model!r} is not served here; this service runs "
                                        f"{self.config.model.source!r}: name it, or omit model")
+            params = self.with_defaults(params, seconds_given=seconds is not None)
             if seconds is not None:
                 if params.num_frames is not None:
                     raise invalid("seconds", "give seconds or num_frames, not both")
@@ -253,6 +260,23 @@ class VideoService:
         cap = min(MODEL_MAX_FRAMES, policy.max_num_frames or MODEL_MAX_FRAMES)
         frames = frames_for_seconds(seconds, params.resolved_output_fps, cap=cap)
         return GenerationParams.model_validate({**params.model_dump(), "num_frames": frames})
+
+    def with_defaults(self, params: GenerationParams, *, seconds_given: bool = False) -> GenerationParams:
+        """``params`` over the deployment's ``default_params``: a field the request set wins, and a
+        request that sets any field of a group (size, length) takes none of that group's defaults."""
+        defaults = dict(self.config.default_params)
+        if not defaults:
+            return params
+        given = set(params.model_fields_set)
+        if not params.text_to_video:
+            for name in TEXT_TO_VIDEO_FIELDS:
+                defaults.pop(name, None)
+        for group in (SIZE_GROUP, LENGTH_GROUP):
+            if given & group or (group is LENGTH_GROUP and seconds_given):
+                for name in group:
+                    defaults.pop(name, None)
+        explicit = {name: getattr(params, name) for name in given}
+        return GenerationParams.model_validate({**defaults, **explicit})
 
     def check_source(self, image: bytes | None, params: GenerationParams) -> None:
         """An image (image-to-video) or a prompt alone (text-to-video), and text-to-video only
