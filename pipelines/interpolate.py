@@ -49,10 +49,10 @@ from typing import Literal
 
 import numpy as np
 
+from pipelines.params import MAX_INTERPOLATED_FPS as MAX_OUTPUT_FPS  # one bound for the API and ffmpeg
+from pipelines.params import Interpolation  # noqa: F401 - re-exported
 from pipelines.segments import _check_duration, _check_int, check_frames, output_frame_count
 from pipelines.video import FFmpegError, _tail, ffmpeg_exe
-
-Interpolation = Literal["none", "blend", "mci"]
 
 #: The ffmpeg filter of each mode that makes frames ({fps}: the output rate).
 FILTERS: dict[str, str] = {
@@ -60,7 +60,6 @@ FILTERS: dict[str, str] = {
     "mci": "minterpolate=fps={fps}:mi_mode=mci:mc_mode=aobmc:me_mode=bidir:vsbmc=1",
 }
 MIN_OUTPUT_FPS = 1
-MAX_OUTPUT_FPS = 60
 #: minterpolate's mci refuses smaller frames ("Height or width < 32").
 MCI_MIN_SIDE = 32
 # Denominator bound for the input rate: ffmpeg parses rates with denominators up to ~1e6, and

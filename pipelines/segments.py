@@ -41,8 +41,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Default cap on the number of segments one clip may take (one model pass each).
-DEFAULT_MAX_SEGMENTS = 16
+#: Default cap on the number of segments one clip may take (one model pass each): the app
+#: config's ``max_segments`` default too.
+DEFAULT_MAX_SEGMENTS = 8
 #: Fewest frames per pass: the overlap rule ``o <= F - 3`` needs at least 3.
 MIN_FRAMES_PER_SEGMENT = 3
 
@@ -89,6 +90,16 @@ class SegmentPlan:
             f"{self.num_segments} {plural} x {self.frames_per_segment} frames, overlap {self.overlap_frames} "
             f"(seam at frame {self.seam_index}) -> {self.total_frames} frames over {self.duration_s:g} s"
         )
+
+
+def plan_for(params, *, max_segments: int = DEFAULT_MAX_SEGMENTS) -> SegmentPlan | None:
+    """The plan of a long clip from resolved generation parameters (``duration_s``, ``fps``,
+    ``num_frames`` per pass, ``overlap_frames``); None for a clip made in one pass (no
+    ``duration_s``), which needs no plan and may have fewer frames than a segment."""
+    if params.duration_s is None:
+        return None
+    return plan_segments(duration_s=params.duration_s, fps=params.fps, frames_per_segment=params.num_frames,
+                         overlap_frames=params.overlap_frames, max_segments=max_segments)
 
 
 def plan_segments(

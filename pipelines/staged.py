@@ -8,7 +8,6 @@ own deployment, and the same segment loop (``serve/runner/driver.py``).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager
@@ -17,7 +16,7 @@ import PIL.Image
 
 from .params import GenerationParams
 from .registry import FINAL_VALUE, SOURCE_VALUE, STAGES, TEXT_TO_IMAGE_MODEL, StageRegistry, StageSpec, split_route
-from .segments import DEFAULT_MAX_SEGMENTS, plan_segments, seam_frame
+from .segments import DEFAULT_MAX_SEGMENTS, plan_for, seam_frame
 from .stages import CancelCheck, EncodedVideo, ProgressCallback, SVDComponents
 
 #: Wraps each stage call (e.g. a device synchronise before and after it, for honest GPU timings).
@@ -96,10 +95,10 @@ class StagedPipeline:
         missing = [spec.name for spec in (*before, *per_segment, *after) if spec.name not in self.stages]
         if missing:
             raise ValueError(f"stages {missing} were not loaded (text-to-video needs text_to_image components)")
-        plan = plan_segments(duration_s=params.duration_s, fps=params.fps, frames_per_segment=params.num_frames,
-                             overlap_frames=params.overlap_frames, max_segments=self.max_segments)
+        plan = plan_for(params, max_segments=self.max_segments)
+        segments = plan.num_segments if plan is not None else 1
         run = _Run(self, params, on_step=on_step, should_cancel=should_cancel, stage_hook=stage_hook,
-                   segments=plan.num_segments)
+                   segments=segments)
         values: dict[str, Any] = {SOURCE_VALUE: image}
 
         # 2. The stages before the segments (text-to-image makes the source image).
@@ -109,17 +108,17 @@ class StagedPipeline:
 
         # 3. Each segment: encode its conditioning image, sample, decode; the next one starts
         #    from this one's seam frame.
-        segments = []
-        for index in range(plan.num_segments):
+        outputs = []
+        for index in range(segments):
             run.segment, run.params = index, params.for_segment(index)
             for spec in per_segment:
                 run.stage(spec, values)
             frames = values[per_segment[-1].output] if per_segment else None
-            segments.append(frames)
-            if index + 1 < plan.num_segments:
+            outputs.append(frames)
+            if index + 1 < segments:
                 values = {SOURCE_VALUE: PIL.Image.fromarray(seam_frame(frames.frames, plan))}
         if per_segment:
-            values[per_segment[-1].output] = segments if plan.num_segments > 1 else segments[0]
+            values[per_segment[-1].output] = outputs if segments > 1 else outputs[0]
 
         # 4. The stages after them (join, retime, encode).
         run.params = params
@@ -127,7 +126,7 @@ class StagedPipeline:
             run.stage(spec, values)
         return GenerationResult(video=values[FINAL_VALUE], params=params, timings=run.timings,
                                 bytes_between_stages=run.sizes, first_frame=first_frame,
-                                num_segments=plan.num_segments)
+                                num_segments=segments)
 
 
 class _Run:
@@ -187,8 +186,8 @@ def _text_to_image_parts(text_to_image: Any) -> dict[str, Any] | None:
     """The text-to-image stage's keyword arguments from a loaded diffusers pipeline or a dict."""
     if text_to_image is None or isinstance(text_to_image, dict):
         return text_to_image
+    from .text_to_image import pipeline_settings
+
     components = {name: part for name, part in text_to_image.components.items() if part is not None}
-    accepted = inspect.signature(type(text_to_image).__init__).parameters
-    settings = {key: value for key, value in text_to_image.config.items()  # force_zeros_for_empty_prompt, ...
-                if not key.startswith("_") and key not in text_to_image.components and key in accepted}
+    settings = pipeline_settings(type(text_to_image), text_to_image.config, components=text_to_image.components)
     return {**components, "pipeline_class": type(text_to_image).__name__, "pipeline_config": settings}

@@ -246,16 +246,25 @@ class DecodeStage:
     def __init__(self, *, vae) -> None:
         self.vae = vae
         self._accepts_num_frames = "num_frames" in inspect.signature(vae.forward).parameters
+        self.memory_budget_bytes: int | None = None
+        """GPU memory one decode may use; set by the serving replica (its GPU share less what it
+        holds, over its concurrent requests), else measured once at the first decode."""
 
     def chunk_size(self, params: GenerationParams, *, height: int, width: int) -> int:
-        """The request's ``decode_chunk_size``, else one chosen from the free GPU memory."""
+        """The request's ``decode_chunk_size``, else the most frames the GPU memory budget fits.
+
+        The budget is fixed per replica, never the memory free at the moment: the temporal decoder
+        mixes the frames of a chunk, so the chunk size shapes the pixels, and the same request must
+        make the same clip on every run."""
         if params.decode_chunk_size is not None:
             return params.decode_chunk_size
         device, dtype = _module_device_dtype(self.vae)
         if device.type != "cuda":
             return DEFAULT_DECODE_CHUNK
-        free, _ = torch.cuda.mem_get_info(device)
-        return auto_decode_chunk_size(free_bytes=free, height=height, width=width,
+        if self.memory_budget_bytes is None:
+            total = torch.cuda.get_device_properties(device).total_memory
+            self.memory_budget_bytes = max(0, total - torch.cuda.memory_allocated(device))
+        return auto_decode_chunk_size(free_bytes=self.memory_budget_bytes, height=height, width=width,
                                       bytes_per_element=torch.finfo(dtype).bits // 8)
 
     @torch.inference_mode()

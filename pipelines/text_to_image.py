@@ -20,6 +20,7 @@ What crosses the boundary to the video stages: one RGB ``PIL.Image`` at the vide
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import threading
@@ -112,13 +113,16 @@ def load_text_to_image(spec: ModelSpec) -> dict[str, Any]:
         raise ModelLoadError(f"{spec.source}: model_index.json lists no components")
     # 2. The components themselves: load_components resolves the source again, restricted to them.
     loaded = load_components(spec, names)
-    init_parameters = inspect.signature(cls.__init__).parameters
-    config = {
-        key: value
-        for key, value in index.items()
-        if not key.startswith("_") and key not in _index_slots(index) and key in init_parameters
-    }
+    config = pipeline_settings(cls, index, components=_index_slots(index))
     return {**loaded, "pipeline_class": class_name, "pipeline_config": config}
+
+
+def pipeline_settings(cls: type, config: Mapping[str, Any], *, components) -> dict[str, Any]:
+    """The pipeline's own settings in a model_index.json or a pipeline's ``config`` (SDXL's
+    ``force_zeros_for_empty_prompt``) that its constructor takes, as ``from_pretrained`` passes them."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {key: value for key, value in config.items()
+            if not key.startswith("_") and key not in components and key in accepted}
 
 
 def _index_slots(index: dict) -> set[str]:
@@ -155,6 +159,13 @@ class TextToImageStage:
             # The safety checker is skipped on purpose; saying so stops SD 1.x warning at every build.
             self.pipeline_config["requires_safety_checker"] = False
         self._local = threading.local()
+        # An fp16 VAE with force_upcast (SDXL base's) is cast to fp32 and back *inside* diffusers'
+        # __call__, on the shared module: calls that overlap would see each other's dtype, so such
+        # a model runs one call at a time (any other runs concurrently).
+        vae = components.get("vae")
+        upcasts = vae is not None and getattr(vae, "dtype", None) == torch.float16 \
+            and bool(getattr(vae.config, "force_upcast", False))
+        self._one_at_a_time = threading.Lock() if upcasts else contextlib.nullcontext()
         self.scheduler_class = type(components["scheduler"])
         self.scheduler_config = components["scheduler"].config
         self._call_parameters = _call_parameters(self.pipeline_cls)
@@ -194,6 +205,12 @@ class TextToImageStage:
         patch_size = int(getattr(getattr(transformer, "config", None), "patch_size", 1) or 1)
         packing = 2 if hasattr(pipeline, "_pack_latents") else 1
         return self.vae_scale_factor * patch_size * packing
+
+    @property
+    def accepts_negative_prompt(self) -> bool:
+        """Whether this pipeline uses a negative prompt (at guidance > 1): SDXL and SD 3.5 do;
+        FLUX-style pipelines (true CFG only) do not."""
+        return "negative_prompt" in self._call_parameters and "true_cfg_scale" not in self._call_parameters
 
     def total_steps(self, params) -> int:
         """The number of denoising steps :meth:`generate` reports through ``on_step``."""
@@ -249,16 +266,21 @@ class TextToImageStage:
 
         # 3. The pipeline itself, seeded with a CPU generator (device-independent noise).
         generator = torch.Generator("cpu").manual_seed(int(params.seed))
-        output = self.new_pipeline()(
+        with self._one_at_a_time:
+            output = self._run(kwargs, height=height, width=width, steps=int(params.t2i_num_inference_steps),
+                               generator=generator, on_step_end=on_step_end)
+        return np.asarray(output.images[0], dtype=np.float32)
+
+    def _run(self, kwargs: dict[str, Any], *, height: int, width: int, steps: int, generator, on_step_end):
+        return self.new_pipeline()(
             **kwargs,
             height=height,
             width=width,
-            num_inference_steps=int(params.t2i_num_inference_steps),
+            num_inference_steps=steps,
             generator=generator,
             output_type="np",
             callback_on_step_end=on_step_end,
         )
-        return np.asarray(output.images[0], dtype=np.float32)
 
     def __call__(
         self, params, *, on_step: ProgressCallback | None = None, should_cancel: CancelCheck | None = None

@@ -215,9 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: stabilityai/stable-video-diffusion-img2vid-xt-1-1)")
     generate.add_argument("--image", default=None, help="conditioning image: a file path or an http(s) URL "
                           "(or --prompt without an image: text-to-video)")
-    generate.add_argument("--text-to-image-model", default="stabilityai/stable-diffusion-xl-base-1.0",
+    from pipelines.loader.spec import DEFAULT_TEXT_TO_IMAGE_MODEL_ID
+
+    generate.add_argument("--text-to-image-model", default=DEFAULT_TEXT_TO_IMAGE_MODEL_ID,
                           help="text-to-video's first frame: a diffusers text-to-image pipeline, as --model "
-                               "(default: stabilityai/stable-diffusion-xl-base-1.0)")
+                               f"(default: {DEFAULT_TEXT_TO_IMAGE_MODEL_ID})")
     generate.add_argument("--out", required=True, help="output file: .mp4, .webm or .gif")
     generate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                           help="model dtype (default: fp16 on a GPU, fp32 on CPU)")

@@ -23,8 +23,9 @@ class JobContext:
     """Long clips only: where the last per-segment stage stores its frames (a retry resumes from
     stored segments), returning a :class:`StoredSegment` instead of the frames."""
     note_progress: bool = True
-    """Whether the stage records its start as the job's progress (off for the encode and decode
-    of later segments: the progress bar does not step back between segments)."""
+    """Whether the stage records its start as the job's progress. In a long clip only the first
+    segment's image encode does (then the Sampler's steps, counted across segments), so the
+    progress bar never steps back between segments."""
 
 
 @dataclass

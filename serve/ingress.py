@@ -19,6 +19,8 @@ from .telemetry import setup_tracing
 from .tenants import TenantRegistry
 
 MODEL_INFO_TIMEOUT_S = 10.0
+#: How long an admission waits for the text-to-image model's info before going on without it.
+TEXT_TO_IMAGE_INFO_TIMEOUT_S = 2.0
 
 
 @serve.deployment(name="Ingress", logging_config={"encoding": "JSON"})
@@ -35,11 +37,13 @@ class Ingress:
         self.tenants = TenantRegistry(self.config.auth.resolved_tenants_file())
         store = make_job_store(self.config.job_store)
         self.ledger = make_usage_ledger(self.config.job_store, retention_s=self.config.job_store.usage_retention_s)
-        self.lifecycle = JobLifecycle(self.config, store=store, ledger=self.ledger, tenants=self.tenants)
+        storage = make_storage(self.config.storage)
+        self.lifecycle = JobLifecycle(self.config, store=store, ledger=self.ledger, tenants=self.tenants,
+                                      storage=storage)
         self.service = VideoService(
             self.config,
             store=store,
-            storage=make_storage(self.config.storage),
+            storage=storage,
             model_info=self.model_info,
             text_to_image_info=self.text_to_image_info if text_to_image is not None else None,
         )
@@ -51,14 +55,21 @@ class Ingress:
         return self._model_info
 
     async def text_to_image_info(self) -> dict[str, Any]:
-        """What the text-to-image model can make (its size multiple), asked of a replica once."""
+        """What the text-to-image model can make (its size multiple), asked of a replica once; a
+        short wait, since admission goes on without it (readiness asks first, see ``_ready``)."""
         if self._text_to_image_info is None:
-            self._text_to_image_info = await asyncio.wait_for(self.text_to_image.info.remote(), MODEL_INFO_TIMEOUT_S)
+            self._text_to_image_info = await asyncio.wait_for(self.text_to_image.info.remote(),
+                                                              TEXT_TO_IMAGE_INFO_TIMEOUT_S)
         return self._text_to_image_info
 
     async def _ready(self) -> None:
         await self.model_info()
         await asyncio.wait_for(self.runner.stats.remote(), MODEL_INFO_TIMEOUT_S)
+        if self.text_to_image is not None and self._text_to_image_info is None:
+            try:  # learnt here while idle; readiness does not depend on it (it may scale to zero)
+                await self.text_to_image_info()
+            except Exception:  # noqa: BLE001
+                pass
 
     def __serve_build_asgi_app__(self):
         return create_api(self.service, self.tenants, ready=self._ready, on_ended=self.lifecycle.ended,

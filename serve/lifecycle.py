@@ -12,8 +12,12 @@ import logging
 
 from .api.views import job_view
 from .config import AppConfig
-from .jobstore import Job, JobStore
+from pipelines.params import GenerationParams
+from pipelines.segments import plan_for
+
+from .jobstore import Job, JobStore, segment_file
 from .metering import UsageLedger, gpu_share_from_config, usage_record_for
+from .storage import Storage, job_key
 from .telemetry import log_extra, metrics
 from .tenants import TenantRegistry
 from .webhooks import EVENT_PROGRESS, WebhookSender, event_type_for, job_recorder, new_event_id, wants_event
@@ -22,8 +26,9 @@ logger = logging.getLogger("ray.serve.svd_serve")
 
 
 class JobLifecycle:
-    def __init__(self, config: AppConfig, *, store: JobStore, ledger: UsageLedger, tenants: TenantRegistry) -> None:
-        self.store, self.ledger, self.tenants = store, ledger, tenants
+    def __init__(self, config: AppConfig, *, store: JobStore, ledger: UsageLedger, tenants: TenantRegistry,
+                 storage: Storage | None = None) -> None:
+        self.store, self.ledger, self.tenants, self.storage = store, ledger, tenants, storage
         self.gpu_share = gpu_share_from_config(config.stages)
         self.base_url = config.public_url or ""
         self.sender = WebhookSender.from_config(config.webhooks, allow=config.url_allowlist)
@@ -38,8 +43,25 @@ class JobLifecycle:
                 return
             await asyncio.to_thread(self._meter, job)
             self._notify(job, event_type_for(job.status))
+            await asyncio.to_thread(self._drop_segments, job)
         except Exception:  # bookkeeping must not break serving
             logger.exception("terminal bookkeeping failed", extra=log_extra(job_id))
+
+    def _drop_segments(self, job: Job) -> None:
+        """Delete a long clip's stored segments (kept only for a resume): those recorded, and any a
+        replica of a lost attempt may still have written (one key per segment and attempt)."""
+        if self.storage is None or not job.params.get("duration_s"):
+            return
+        keys = {segment.key for segment in job.segments}
+        plan = plan_for(GenerationParams.model_validate(job.params), max_segments=1 << 16)
+        for attempt in range(job.attempts + 1):
+            for index in range(plan.num_segments if plan is not None else 0):
+                keys.add(job_key(job.tenant, job.id, segment_file(index, attempt)))
+        for key in sorted(keys):
+            try:
+                self.storage.delete(key)
+            except Exception:  # noqa: BLE001 - the janitor removes the job's files at expiry anyway
+                logger.debug("could not delete a segment", exc_info=True, extra=log_extra(job.id))
 
     def wants_progress_event(self, job: Job) -> bool:
         """Whether the job subscribed to progress events and one is due (at most one per

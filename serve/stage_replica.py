@@ -36,7 +36,7 @@ from pipelines.loader import load_stage_components
 from pipelines.params import GenerationParams
 from pipelines import registry
 from pipelines.registry import FINAL_VALUE, SOURCE_VALUE
-from pipelines.segments import plan_segments, seam_frame
+from pipelines.segments import plan_for, seam_frame
 from pipelines.payloads import DecodedFrames, EncodedVideo, to_host
 
 from .config import AppConfig
@@ -64,6 +64,7 @@ class StageReplica:
         if model is None:
             raise ValueError(f"stage {self.spec.name!r} has no model configured")
         self.stage = self.spec.build(load_stage_components(self.spec, model))
+        self._set_memory_budget()
         self._notes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress-notes")  # in order
 
     # -- calls from the driver ------------------------------------------------------------------
@@ -112,7 +113,8 @@ class StageReplica:
         """The loaded model's defaults (on the stage that describes the model)."""
         return {"stage": self.spec.name, "model": self.config.model_for(self.spec).source,
                 "num_frames": int(getattr(self.stage, "default_num_frames", 0)),
-                "size_multiple": int(getattr(self.stage, "size_multiple", 0)) or None}
+                "size_multiple": int(getattr(self.stage, "size_multiple", 0)) or None,
+                "negative_prompt": getattr(self.stage, "accepts_negative_prompt", None)}
 
     async def replica_info(self) -> dict[str, Any]:
         """Where this replica runs and what it holds (for operators and placement tests)."""
@@ -130,6 +132,20 @@ class StageReplica:
             raise RuntimeError(f"{self.spec.name} replica cannot reach the job store")
 
     # -- inside -----------------------------------------------------------------------------------
+
+    def _set_memory_budget(self) -> None:
+        """A stage that sizes its work by GPU memory (the decoder's chunks) gets this replica's
+        share of the GPU, less what its model holds, split over its concurrent requests: fixed for
+        the replica's life, so results do not depend on what else ran."""
+        import torch
+
+        if not hasattr(self.stage, "memory_budget_bytes") or not torch.cuda.is_available():
+            return
+        options = self.config.stages.for_stage(self.spec)
+        share = min(1.0, float(options.ray_actor_options.num_gpus) or 1.0)
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        free = max(0.0, total * share - torch.cuda.memory_allocated())
+        self.stage.memory_budget_bytes = int(free / max(1, options.max_ongoing_requests))
 
     def _note_progress(self, ctx: JobContext, stage: str) -> None:
         """Record, without waiting, that the job reached ``stage`` (a progress hint for clients)."""
@@ -158,7 +174,7 @@ class StageReplica:
                    timings: dict[str, float]) -> StageOutput:
         """In a worker thread: the stage itself (timed), then the clip's upload if it is the last."""
         start = time.perf_counter()
-        values = [self._resolve(v, params) for v in values]
+        values = [self._resolve(name, value, params) for name, value in zip(self.spec.inputs, values)]
         value = to_host(self.stage(*values, params, **hooks))
         if ctx.segment_key and isinstance(value, DecodedFrames):
             value = self._store_segment(ctx, value)
@@ -172,15 +188,14 @@ class StageReplica:
             value = self._store(ctx, value, timings)
         return StageOutput(value=value, timings=timings)
 
-    def _resolve(self, value: Any, params: GenerationParams) -> Any:
-        """An input as the stage takes it: the stored input image for its key, the seam frame of
-        the previous segment (as an image) for a StoredSegment, every segment's frames for a SegmentSet."""
-        if isinstance(value, str):
+    def _resolve(self, name: str, value: Any, params: GenerationParams) -> Any:
+        """An input as the stage takes it. The source (the conditioning image) arrives as the stored
+        input's key, or as the previous segment of a long clip, whose seam frame it is; a long
+        clip's frames arrive as a SegmentSet, read back as every segment's frames."""
+        if name == SOURCE_VALUE and isinstance(value, str):
             return decode_image_bytes(self.storage.get(value), name="the stored input image")
-        if isinstance(value, StoredSegment):
-            plan = plan_segments(duration_s=None, fps=params.fps, frames_per_segment=value.num_frames,
-                                 overlap_frames=params.overlap_frames)
-            return PIL.Image.fromarray(seam_frame(self._load_frames(value), plan))
+        if name == SOURCE_VALUE and isinstance(value, StoredSegment):
+            return PIL.Image.fromarray(seam_frame(self._load_frames(value), plan_for(params)))
         if isinstance(value, SegmentSet):
             return [DecodedFrames(frames=self._load_frames(segment)) for segment in value.segments]
         return value

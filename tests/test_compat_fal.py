@@ -893,3 +893,18 @@ def test_fal_client_cancel_through_tls(fal_deployment, tmp_path):
     assert out["result_error"]["status_code"] == 400
     assert out["result_error"]["body"] == {"detail": "Request was cancelled", "error_type": "request_cancelled"}
     assert out["result_error"]["message"] == "Request was cancelled"
+
+
+def test_fals_default_negative_prompt_is_dropped_where_the_model_cannot_use_it(api):
+    # SDXL-Turbo-style guidance 0: a negative prompt would be refused by the stage, and the client never sent one.
+    params = api.service.store.get(t2v_submitted(api, t2i_guidance_scale=0.0), tenant="alice").params
+    assert params["negative_prompt"] is None
+
+    async def flux_like():
+        return {"model": "black-forest-labs/FLUX.1-schnell", "size_multiple": 16, "negative_prompt": False}
+
+    api.service.text_to_image_info = flux_like
+    assert api.service.store.get(t2v_submitted(api), tenant="alice").params["negative_prompt"] is None
+    # One the client gives is kept (and refused by such a model, rather than silently dropped).
+    kept = api.service.store.get(t2v_submitted(api, negative_prompt="blurry"), tenant="alice").params
+    assert kept["negative_prompt"] == "blurry"

@@ -146,3 +146,27 @@ def test_segments_draw_different_noise(pipeline):
     image = draw_sample_image()
     encoded = [pipeline.image_encode(image, params.for_segment(k)) for k in (0, 1)]
     assert not np.allclose(encoded[0].image_latents.numpy(), encoded[1].image_latents.numpy())
+
+
+def test_automatic_decode_chunk_size():
+    from pipelines.stages import auto_decode_chunk_size
+
+    # About 1.2 GB of activations per 1024x576 fp16 frame; 80% of the budget is used.
+    assert auto_decode_chunk_size(free_bytes=40 * 10**9, height=576, width=1024) == 26
+    assert auto_decode_chunk_size(free_bytes=10**9, height=576, width=1024) == 1  # at least one frame
+    assert auto_decode_chunk_size(free_bytes=10**12, height=576, width=1024) == 64  # at most 64
+    assert auto_decode_chunk_size(free_bytes=40 * 10**9, height=864, width=1536) == 11
+
+
+def test_a_cpu_decode_uses_the_default_chunk_unless_given(pipeline):
+    from pipelines.stages import DEFAULT_DECODE_CHUNK
+
+    params = GenerationParams(**SMALL).resolved(6)
+    assert pipeline.decode.chunk_size(params, height=64, width=64) == DEFAULT_DECODE_CHUNK
+    given = GenerationParams(**SMALL, decode_chunk_size=3).resolved(6)
+    assert pipeline.decode.chunk_size(given, height=64, width=64) == 3
+
+
+def test_a_two_frame_clip_needs_no_segment_plan(pipeline):
+    result = pipeline(draw_sample_image(), GenerationParams(**{**SMALL, "num_frames": 2}))
+    assert result.video.num_frames == 2 and result.num_segments == 1

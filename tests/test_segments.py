@@ -74,10 +74,13 @@ def test_no_duration_is_one_pass_at_the_conditioning_rate():
 
 def test_max_segments_is_enforced_and_named():
     # 16 segments of 24 new frames at 7 fps: anything rounding to 17 segments is refused.
-    assert plan_segments(duration_s=56.5, fps=7, frames_per_segment=25).num_segments == 16
+    assert plan_segments(duration_s=56.5, fps=7, frames_per_segment=25, max_segments=16).num_segments == 16
     with pytest.raises(ValueError, match=r"needs 17 segments .* max_segments=16") as error:
-        plan_segments(duration_s=57, fps=7, frames_per_segment=25)
+        plan_segments(duration_s=57, fps=7, frames_per_segment=25, max_segments=16)
     assert "durations under 56.57 s" in str(error.value)
+    # The default is the app config's: 8 segments.
+    with pytest.raises(ValueError, match=r"needs 9 segments .* max_segments=8"):
+        plan_segments(duration_s=31, fps=7, frames_per_segment=25)
     with pytest.raises(ValueError, match=r"needs 4 segments .* max_segments=2"):
         plan_segments(duration_s=8, fps=7, frames_per_segment=14, max_segments=2)
 

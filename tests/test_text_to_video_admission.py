@@ -139,3 +139,26 @@ def test_bad_deployment_defaults_are_refused():
         AppConfig.model_validate({"default_params": {"width": 100, "height": 64}})
     with pytest.raises(ValidationError, match="seed cannot have a deployment default"):
         AppConfig.model_validate({"default_params": {"seed": 1}})
+
+
+def test_a_tenants_caps_count_every_segment_and_the_first_frames_steps(tmp_path):
+    api = make_api(tmp_path, tenants={"alice": {"max_num_frames": 20, "max_inference_steps": 10}})
+    # 4 s at fps 7 over 13 new frames a pass: 2 segments, 27 frames in all.
+    response = post(api, prompt="x", duration_s=4, num_inference_steps=2, t2i_num_inference_steps=4)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "limit_exceeded"
+    assert "the clip's 2 segments generate 27 frames, which exceeds this tenant's limit of 20" in \
+        response.json()["error"]["message"]
+    message = error(post(api, prompt="x", num_frames=4, num_inference_steps=2, t2i_num_inference_steps=30))
+    assert message == "t2i_num_inference_steps 30 exceeds this tenant's limit of 10"
+    assert post(api, prompt="x", num_frames=14, num_inference_steps=2, t2i_num_inference_steps=4).status_code == 202
+    api.service.store.close()
+
+
+def test_openai_seconds_with_long_clips(api):
+    message = error(post(api, prompt="x", seconds="4", duration_s=4))
+    assert message == "seconds: give seconds, or num_frames or duration_s, not both"
+    # Retimed frames span the clip: seconds is its length (duration_s), not a frame count.
+    params = post(api, prompt="x", seconds="4", output_fps=24, interpolation="blend").json()["params"]
+    assert (params["duration_s"], params["num_frames"]) == (4.0, 14)
+    # Played as generated (the default): frames = seconds x fps, as before.
+    assert post(api, prompt="x", seconds="2").json()["params"]["num_frames"] == 14

@@ -17,13 +17,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.params import (ASPECT_PRESETS, MAX_LONG_SIDE, MAX_PIXELS, MIN_SIDE, SIZE_MULTIPLE,
-                              GenerationParams)
+from pipelines.params import (ASPECT_PRESETS, MAX_LONG_SIDE, MAX_PIXELS, MAX_PROMPT_CHARS, MIN_SIDE,  # noqa: F401
+                              SIZE_MULTIPLE, GenerationParams)
 
 from .errors import APIError
 
-#: Longest ``prompt`` stored with a job.
-MAX_PROMPT_CHARS = 4000
 
 #: OpenAI's ``size`` values -> the size generated: the SVD aspect preset nearest in aspect ratio
 #: (SVD-XT is trained at 1024x576; other sizes cost more and look worse). Any other ``WxH`` that
@@ -203,9 +201,10 @@ class Progress(BaseModel):
     total_steps: int = Field(description="Steps of that stage in all.")
     percent: float = Field(description="Rough overall completion, 0-100.")
     updated_at: datetime | None = Field(default=None, description="When the running stage reported this progress.")
-    segments_done: int | None = Field(default=None, description="Long clips: segments finished (kept with the job; "
-                                      "a retry resumes after them). Null for a clip made in one pass.")
-    segments: int | None = Field(default=None, description="Long clips: segments in all. Null for one pass.")
+    segments_done: int | None = Field(default=None, description="Long clips (duration_s): segments finished (kept "
+                                      "with the job; a retry resumes after them). Null without duration_s.")
+    segments: int | None = Field(default=None, description="Long clips (duration_s): segments in all. Null without "
+                                 "duration_s.")
 
 
 class Output(BaseModel):

@@ -48,7 +48,7 @@ from pipelines.errors import ImageTooLargeError, InvalidImageError, InvalidInput
 from pipelines.images import decode_image_bytes, fetch_image_url
 from pipelines.params import GenerationParams
 from pipelines.registry import STAGES
-from pipelines.segments import plan_segments
+from pipelines.segments import SegmentPlan, plan_for
 
 from ..config import AppConfig
 from ..jobstore import (
@@ -76,7 +76,7 @@ QUEUE_FULL_RETRY_AFTER_S = 10
 
 #: Parameters a request sets together: giving one drops the deployment's defaults for all of them.
 SIZE_GROUP = frozenset({"width", "height", "aspect_ratio"})
-LENGTH_GROUP = frozenset({"num_frames", "duration_s"})
+LENGTH_GROUP = frozenset({"num_frames", "duration_s", "overlap_frames", "interpolation"})
 #: Defaults that only a text-to-video request takes.
 TEXT_TO_VIDEO_FIELDS = frozenset({"negative_prompt", "t2i_guidance_scale", "t2i_num_inference_steps"})
 
@@ -181,9 +181,12 @@ class VideoService:
                                        f"{self.config.model.source!r}: name it, or omit model")
             params = self.with_defaults(params, seconds_given=seconds is not None)
             if seconds is not None:
-                if params.num_frames is not None:
-                    raise invalid("seconds", "give seconds or num_frames, not both")
-                params = self.params_for_seconds(policy, params, seconds)
+                if params.num_frames is not None or params.duration_s is not None:
+                    raise invalid("seconds", "give seconds, or num_frames or duration_s, not both")
+                if params.interpolates:  # retimed frames span the clip's length: seconds is that length
+                    params = GenerationParams.model_validate({**params.model_dump(), "duration_s": seconds})
+                else:
+                    params = self.params_for_seconds(policy, params, seconds)
             self.check_source(image, params)
             fingerprint = hashlib.sha256(
                 hashlib.sha256(image or b"").digest() + params.model_dump_json().encode()
@@ -196,10 +199,10 @@ class VideoService:
                     return self._replay(tenant, existing, fingerprint)
             info = await self.model_info()
             resolved = params.resolved(default_num_frames=info["num_frames"])
-            self.check_limits(policy, resolved)
-            self.check_length(resolved)
+            plan = self.check_length(resolved)
+            self.check_limits(policy, resolved, plan)
             if resolved.text_to_video and self.text_to_image_info is not None:
-                self.check_size(resolved, await self.text_to_image_info())
+                self.check_size(resolved, await self._text_to_image_info_or_none())
             if webhook_url is not None:
                 if not tenant.webhook_secret:
                     raise APIError(422, "webhook_unavailable", "this tenant has no webhook secret to sign "
@@ -289,33 +292,44 @@ class VideoService:
             raise APIError(422, "text_to_video_unavailable", "this deployment has no text-to-image model "
                            "(text_to_image_model is off): send an image")
 
-    def check_size(self, resolved: GenerationParams, info: dict[str, Any]) -> None:
+    async def _text_to_image_info_or_none(self) -> dict[str, Any] | None:
+        """What the text-to-image replicas report, or None when none answers in time (scaled to
+        zero, or all busy): admission does not wait for one; the stage checks the size itself."""
+        try:
+            return await self.text_to_image_info()
+        except Exception:  # noqa: BLE001 - a timeout or a replica still starting
+            logger.info("text-to-image model info unavailable; its size check is left to the stage")
+            return None
+
+    def check_size(self, resolved: GenerationParams, info: dict[str, Any] | None) -> None:
         """422 for a size the text-to-image model cannot make (SD 3.5 and FLUX need multiples of 16)."""
-        multiple = info.get("size_multiple")
+        multiple = (info or {}).get("size_multiple")
         width, height = resolved.size
         if multiple and (width % multiple or height % multiple):
             raise invalid("width", f"{width}x{height} is not a size {info.get('model') or 'the text-to-image model'} "
                                    f"can make: both sides must be multiples of {multiple}")
 
-    def check_length(self, resolved: GenerationParams) -> None:
-        """422 for a clip longer than ``max_duration_s`` or needing more than ``max_segments``."""
-        if resolved.duration_s is None:
-            return
-        if resolved.duration_s > self.config.max_duration_s:
+    def check_length(self, resolved: GenerationParams) -> SegmentPlan | None:
+        """A long clip's plan; 422 for one longer than ``max_duration_s`` or needing more than
+        ``max_segments`` (None for a clip made in one pass)."""
+        if resolved.duration_s is not None and resolved.duration_s > self.config.max_duration_s:
             raise invalid("duration_s", f"{resolved.duration_s:g} s is over this deployment's maximum of "
                                         f"{self.config.max_duration_s:g} s (max_duration_s)")
         try:
-            plan_segments(duration_s=resolved.duration_s, fps=resolved.fps, frames_per_segment=resolved.num_frames,
-                          overlap_frames=resolved.overlap_frames, max_segments=self.config.max_segments)
+            return plan_for(resolved, max_segments=self.config.max_segments)
         except ValueError as error:
             raise invalid("duration_s", str(error)) from None
 
     @staticmethod
-    def check_limits(policy: TenantPolicy, resolved: GenerationParams) -> None:
-        """422 ``limit_exceeded`` naming every cap of the tenant's policy the request exceeds."""
+    def check_limits(policy: TenantPolicy, resolved: GenerationParams, plan: SegmentPlan | None = None) -> None:
+        """422 ``limit_exceeded`` naming every cap of the tenant's policy the request exceeds (a
+        long clip's frames are all its segments' frames)."""
         width, height = resolved.size
-        problems = policy.limit_violations(num_frames=resolved.num_frames or 0, width=width, height=height,
-                                           num_inference_steps=resolved.num_inference_steps)
+        frames = plan.total_frames if plan is not None else (resolved.num_frames or 0)
+        problems = policy.limit_violations(num_frames=frames, width=width, height=height,
+                                           num_inference_steps=resolved.num_inference_steps,
+                                           segments=plan.num_segments if plan is not None else 1,
+                                           t2i_num_inference_steps=resolved.t2i_num_inference_steps)
         if problems:
             raise APIError(422, "limit_exceeded", "; ".join(problems))
 

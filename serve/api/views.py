@@ -11,7 +11,8 @@ from datetime import datetime
 
 from pipelines.params import ASPECT_PRESETS, DEFAULT_ASPECT
 from pipelines.registry import STAGES, progress_spans
-from pipelines.segments import output_frame_count, plan_segments
+from pipelines.params import GenerationParams
+from pipelines.segments import output_frame_count, plan_for
 
 from ..jobstore import Job, JobStatus
 from .schemas import ErrorInfo, Output, Progress, Timestamps, VideoJob, WebhookInfo, format_seconds
@@ -69,16 +70,14 @@ def clip_seconds(params: dict) -> float:
 
 
 def segment_progress(job: Job) -> tuple[int | None, int | None]:
-    """(segments finished, segments in all) of a long clip; (None, None) for a one-pass clip."""
-    duration = job.params.get("duration_s")
-    if not duration:
-        return None, None
+    """(segments finished, segments in all) of a long clip (``duration_s``); (None, None) otherwise."""
     try:
-        total = plan_segments(duration_s=duration, fps=job.params.get("fps") or 7,
-                              frames_per_segment=job.params.get("num_frames") or 14,
-                              overlap_frames=job.params.get("overlap_frames") or 0, max_segments=1 << 16).num_segments
-    except ValueError:
+        plan = plan_for(GenerationParams.model_validate(job.params), max_segments=1 << 16)
+    except ValueError:  # a record this version cannot read as parameters: no segment figures
         return None, None
+    if plan is None:
+        return None, None
+    total = plan.num_segments
     return (total if job.status is JobStatus.COMPLETED else len(job.segments)), total
 
 

@@ -32,6 +32,7 @@ from serve.jobstore.models import (
     WebhookAttempt,
     WebhookSubscription,
     new_job_id,
+    segment_file,
     thumbnail_key_for,
     utcnow,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "JobWatch",
     "AdmissionPolicy",
     "SegmentRecord",
+    "segment_file",
     "WebhookAttempt",
     "WebhookSubscription",
     "JOB_ID_PREFIX",

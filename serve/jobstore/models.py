@@ -76,6 +76,13 @@ THUMBNAIL_SUFFIX = ".thumbnail.jpg"
 THUMBNAIL_CONTENT_TYPE = "image/jpeg"
 
 
+def segment_file(index: int, attempt: int) -> str:
+    """File name of segment ``index`` of a long clip as attempt ``attempt`` stores it, beside the
+    job's files: one per attempt, so a replica still finishing a lost attempt never overwrites
+    what the current attempt resumes from."""
+    return f"segment-{index}-a{attempt}.npy"
+
+
 def thumbnail_key_for(output_key: str) -> str:
     """Where the final stage stores the clip's first frame: beside the clip, same name, its
     extension replaced (``acme/vid_x/vid_x.mp4`` -> ``acme/vid_x/vid_x.thumbnail.jpg``)."""
@@ -147,7 +154,8 @@ class SegmentRecord(BaseModel):
     index: int = Field(ge=0, description="0 for the first segment.")
     key: str = Field(description="Storage key of its decoded frames (uint8 .npy), deleted when the job ends.")
     num_frames: int = Field(ge=1)
-    seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per stage spent on it.")
+    seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per stage spent on the clip up to "
+                                      "and including this segment (a resume carries them on).")
 
 
 _LEGACY_KEYS = frozenset({"metadata", "weight", "webhook_url"})

@@ -44,13 +44,13 @@ class JobRunner:
         setup_tracing(self.config.tracing)
         self.store = make_job_store(self.config.job_store)
         ledger = make_usage_ledger(self.config.job_store, retention_s=self.config.job_store.usage_retention_s)
+        storage = make_storage(self.config.storage)
         self.lifecycle = JobLifecycle(self.config, store=self.store, ledger=ledger,
-                                      tenants=TenantRegistry(self.config.auth.resolved_tenants_file()))
+                                      tenants=TenantRegistry(self.config.auth.resolved_tenants_file()), storage=storage)
         self.owner = f"runner-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lease_s = self.config.job_store.lease_s
-        storage = make_storage(self.config.storage)
         self.driver = JobDriver(self.config, store=self.store, lifecycle=self.lifecycle, stages=stages,
-                                owner=self.owner, storage=storage)
+                                owner=self.owner)
         self.janitor = Janitor(self.config, store=self.store, storage=storage,
                                ledger=ledger, lifecycle=self.lifecycle, owner=self.owner)
         self.inflight: dict[str, asyncio.Task] = {}

@@ -24,12 +24,12 @@ from pipelines.params import GenerationParams
 from pipelines.registry import FINAL_VALUE, SOURCE_VALUE
 from pipelines.registry import STAGES as STAGE_REGISTRY
 from pipelines.registry import StageSpec, split_route
-from pipelines.segments import plan_segments
+from pipelines.segments import plan_for
 
 from ..config import AppConfig
 from ..context import JobContext, SegmentSet, StageOutput, StepReport, StoredSegment, StoredVideo
-from ..jobstore import Job, JobOutput, JobStore, SegmentRecord
-from ..storage import Storage, job_key
+from ..jobstore import Job, JobOutput, JobStore, SegmentRecord, segment_file
+from ..storage import job_key
 from ..lifecycle import JobLifecycle
 from ..telemetry import current_carrier, log_extra, span_from_carrier
 from .failures import cause_of, classify
@@ -42,9 +42,8 @@ PROGRESS_WRITE_INTERVAL_S = 0.25
 
 class JobDriver:
     def __init__(self, config: AppConfig, *, store: JobStore, lifecycle: JobLifecycle,
-                 stages: dict[str, DeploymentHandle], owner: str, storage: Storage | None = None) -> None:
+                 stages: dict[str, DeploymentHandle], owner: str) -> None:
         self.config, self.store, self.lifecycle, self.stages, self.owner = config, store, lifecycle, stages, owner
-        self.storage = storage
 
     async def run(self, job: Job) -> None:
         """Drive ``job`` (claimed by ``owner``) until it completes, fails, is cancelled or is handed
@@ -58,9 +57,11 @@ class JobDriver:
                 final = await self._through_route(job, ctx)
             except asyncio.CancelledError:
                 raise
+            except LeaseLostError:
+                logger.warning("the lease was lost; the job runs elsewhere now", extra=log_extra(job.id))
+                return
             except BaseException as error:  # noqa: BLE001 - classified
                 if await asyncio.to_thread(self._settle_failure, job, error):
-                    await asyncio.to_thread(self._drop_segments, job)
                     await self.lifecycle.ended(job.id)
                 return
             seconds = time.perf_counter() - start
@@ -70,7 +71,6 @@ class JobDriver:
         if not completed:  # settled elsewhere meanwhile (recovered, cancelled): announced there
             logger.warning("the job was settled elsewhere; this copy's result is dropped", extra=log_extra(job.id))
             return
-        await asyncio.to_thread(self._drop_segments, job)
         await self.lifecycle.ended(job.id)
         logger.info("job completed in %.2fs", seconds, extra=log_extra(job.id, tenant=job.tenant))
 
@@ -85,41 +85,43 @@ class JobDriver:
         of a long clip are stored as they finish, so that a retry resumes after the last one."""
         params = GenerationParams.model_validate(job.params)
         before, per_segment, after = split_route(self.route_of(job))
-        plan = plan_segments(duration_s=params.duration_s, fps=params.fps, frames_per_segment=params.num_frames,
-                             overlap_frames=params.overlap_frames, max_segments=self.config.max_segments)
-        call = _Calls(self, job, plan.num_segments)
+        plan = plan_for(params, max_segments=self.config.max_segments)
+        segments = plan.num_segments if plan is not None else 1
+        call = _Calls(self, job, segments)
         try:
             # 1. Before the segments (text-to-image), unless a finished segment already follows them.
             finished = [StoredSegment(index=s.index, key=s.key, num_frames=s.num_frames)
-                        for s in job.segments] if plan.num_segments > 1 else []
+                        for s in job.segments] if segments > 1 else []
             values: dict[str, Any] = {SOURCE_VALUE: job.input_key}
             if finished:
-                logger.info("resuming after segment %d of %d", len(finished), plan.num_segments,
-                            extra=log_extra(job.id))
+                logger.info("resuming after segment %d of %d", len(finished), segments, extra=log_extra(job.id))
                 values = {SOURCE_VALUE: StageOutput(value=finished[-1], timings=dict(job.segments[-1].seconds))}
             else:
                 for spec in before:
                     await call.stage(spec, ctx, values, params)
 
-            # 2. The segments.
-            for index in range(len(finished), plan.num_segments):
-                if index and await asyncio.to_thread(self.store.is_cancel_requested, job.id):
-                    raise JobCancelledError(f"cancelled before segment {index + 1} of {plan.num_segments}")
+            # 2. The segments: each conditioned on the stored seam frame of the one before.
+            for index in range(len(finished), segments):
+                if index:
+                    await self._stop_if_cancelled(job, f"before segment {index + 1} of {segments}")
                 for spec in per_segment:
                     stage_ctx = ctx
-                    if plan.num_segments > 1:  # the progress bar does not step back between segments
+                    if segments > 1:
+                        last = spec is per_segment[-1]
                         stage_ctx = dataclasses.replace(
-                            ctx, segment=index, segment_key=segment_key(job, index),
+                            ctx, segment=index, segment_key=segment_key(job, index) if last else "",
+                            # The progress bar does not step back between segments.
                             note_progress=index == 0 and spec is per_segment[0])
                     await call.stage(spec, stage_ctx, values, params.for_segment(index), segment=index)
-                if plan.num_segments > 1:
+                if segments > 1:
                     stored = await values[per_segment[-1].output]
                     await asyncio.to_thread(self._keep_segment, job, stored)
                     finished.append(stored.value)
                     values = {SOURCE_VALUE: stored}
-            if plan.num_segments > 1:
+            if segments > 1:
                 values[per_segment[-1].output] = StageOutput(value=SegmentSet(tuple(finished)),
                                                              timings=values[SOURCE_VALUE].timings)
+                await self._stop_if_cancelled(job, "before joining the segments")
 
             # 3. After the segments (join, retime, encode, store).
             for spec in after:
@@ -128,32 +130,23 @@ class JobDriver:
             output = await final if isinstance(final, DeploymentResponse) else final
             await call.progress.flush()  # no progress write may land after the terminal one
             return output
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, LeaseLostError):
             call.cancel()
             raise
         except BaseException:
             call.progress.cancel()  # a late write cannot land anyway: the store refuses it once the job is settled
             raise
 
+    async def _stop_if_cancelled(self, job: Job, where: str) -> None:
+        if await asyncio.to_thread(self.store.is_cancel_requested, job.id):
+            raise JobCancelledError(f"cancelled {where}")
+
     def _keep_segment(self, job: Job, stored: StageOutput) -> None:
         segment: StoredSegment = stored.value
-        if not self.store.record_segment(job.id, SegmentRecord(index=segment.index, key=segment.key,
-                                                               num_frames=segment.num_frames,
-                                                               seconds=stored.timings), owner=self.owner):
-            raise asyncio.CancelledError()  # the lease is gone: the job runs elsewhere now
-
-    def _drop_segments(self, job: Job) -> None:
-        """Delete a long clip's stored segments once the job has ended (they exist for a resume)."""
-        if self.storage is None:
-            return
-        params = GenerationParams.model_validate(job.params)
-        if params.duration_s is None:
-            return
-        for index in range(self.config.max_segments):  # every key a plan could have used
-            try:
-                self.storage.delete(segment_key(job, index))
-            except Exception:  # noqa: BLE001 - the janitor removes the job's files at expiry anyway
-                logger.debug("could not delete a segment", exc_info=True, extra=log_extra(job.id))
+        record = SegmentRecord(index=segment.index, key=segment.key, num_frames=segment.num_frames,
+                               seconds=stored.timings)
+        if not self.store.record_segment(job.id, record, owner=self.owner):
+            raise LeaseLostError(f"job {job.id}: the lease was lost during segment {segment.index + 1}")
 
     def _settle_failure(self, job: Job, error: BaseException) -> bool:
         """Record how a job that raised ends; True if it reached a terminal state."""
@@ -258,10 +251,13 @@ class ProgressReporter:
             self._writer.cancel()
 
 
+class LeaseLostError(Exception):
+    """This runner no longer holds the job's lease: another one drives it now."""
+
+
 def segment_key(job: Job, index: int) -> str:
-    """Where segment ``index`` of a long clip is kept while the job runs (beside its files, so the
-    janitor's removal of the job's prefix takes it too)."""
-    return job_key(job.tenant, job.id, f"segment-{index}.npy")
+    """Where this attempt keeps segment ``index`` of a long clip (see :func:`segment_file`)."""
+    return job_key(job.tenant, job.id, segment_file(index, job.attempts))
 
 
 def _job_output(job: Job, stored: StoredVideo) -> JobOutput:

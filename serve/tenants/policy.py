@@ -114,15 +114,20 @@ class TenantPolicy(BaseModel):
             for pattern in self.allowed_models
         )
 
-    def limit_violations(self, *, num_frames: int, width: int, height: int, num_inference_steps: int) -> list[str]:
-        """One sentence per cap the (resolved) request exceeds; empty when it fits."""
+    def limit_violations(self, *, num_frames: int, width: int, height: int, num_inference_steps: int,
+                         segments: int = 1, t2i_num_inference_steps: int | None = None) -> list[str]:
+        """One sentence per cap the (resolved) request exceeds; empty when it fits. ``num_frames``
+        is every frame the clip generates (all segments of a long clip: ``segments`` of them), and
+        the text-to-image stage's steps count against ``max_inference_steps`` too."""
         problems = []
         if self.max_num_frames is not None and num_frames > self.max_num_frames:
-            problems.append(f"num_frames {num_frames} exceeds this tenant's limit of {self.max_num_frames}")
-        if self.max_inference_steps is not None and num_inference_steps > self.max_inference_steps:
-            problems.append(
-                f"num_inference_steps {num_inference_steps} exceeds this tenant's limit of {self.max_inference_steps}"
-            )
+            what = f"num_frames {num_frames}" if segments == 1 else \
+                f"duration_s: the clip's {segments} segments generate {num_frames} frames, which"
+            problems.append(f"{what} exceeds this tenant's limit of {self.max_num_frames}")
+        steps = {"num_inference_steps": num_inference_steps, "t2i_num_inference_steps": t2i_num_inference_steps}
+        for name, value in steps.items():
+            if self.max_inference_steps is not None and value is not None and value > self.max_inference_steps:
+                problems.append(f"{name} {value} exceeds this tenant's limit of {self.max_inference_steps}")
         if self.max_long_side is not None and max(width, height) > self.max_long_side:
             problems.append(
                 f"{width}x{height}: the long side {max(width, height)} exceeds this tenant's limit of "

@@ -279,6 +279,7 @@ With text-to-image disabled its stage is left out (nothing builds it).
   "generations_wait_s" .Values.app.generations_wait_s
   "max_duration_s" .Values.app.max_duration_s
   "max_segments" .Values.app.max_segments
+  "default_params" (.Values.app.default_params | default dict)
   "text_to_image_model" (ternary $t2i nil (eq $t2iOn "true"))
 }}
 {{- if .Values.app.public_url }}

@@ -30,6 +30,19 @@ STREAM_RECHECK_S = 2.0  # re-read without a notice (the queue position moves whe
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
+async def without_unusable_default_negative_prompt(service: "VideoService", params):
+    """fal's default negative prompt, dropped where the deployed text-to-image model cannot use one
+    (SDXL-Turbo at guidance 0, FLUX): the client did not ask for it, so it must not fail the job."""
+    guided = params.t2i_guidance_scale is None or params.t2i_guidance_scale > 1
+    accepts = True
+    if service.text_to_image_info is not None:
+        try:
+            accepts = (await service.text_to_image_info()).get("negative_prompt", True) is not False
+        except Exception:  # noqa: BLE001 - unknown: keep fal's default (the stage still checks it)
+            accepts = True
+    return params if guided and accepts else params.model_copy(update={"negative_prompt": None})
+
+
 def app_ids(model_source: str) -> list[str]:
     """fal's app id and the deployed model's Hugging Face repo id (``org/name``; not a local path,
     and never one that would shadow the native ``v1/`` routes)."""
@@ -103,6 +116,8 @@ def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, 
         except FalInputError as error:
             return JSONResponse({"detail": error.detail}, status_code=422,
                                 headers={"X-Fal-Error-Type": "invalid_parameter"})
+        if params.text_to_video and "negative_prompt" not in body:
+            params = await without_unusable_default_negative_prompt(service, params)
         webhook_url = request.query_params.get("fal_webhook") or None
         image = None if image_url is None else await asyncio.to_thread(service.image_from_url, image_url)
         admission = await service.admit(tenant, image=image, params=params, webhook_url=webhook_url,
