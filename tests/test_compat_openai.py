@@ -146,7 +146,7 @@ def test_rejections_are_the_sdks_errors_naming_the_field(local_service):
     import openai
 
     client = sdk(local_service, max_retries=0)
-    cases = [({"size": "1000x1000"}, "size: '1000x1000' cannot be mapped"),
+    cases = [({"size": "1004x1000"}, "size: '1004x1000' cannot be mapped"),
              ({"model": "sora-2"}, "model: 'sora-2' is not served here"),
              ({"seconds": "0.1"}, "at least 2 frames")]
     for arguments, message in cases:
