@@ -153,9 +153,9 @@ def test_rejections_are_the_sdks_errors_naming_the_field(local_service):
         with pytest.raises(openai.UnprocessableEntityError) as info:
             client.videos.create(prompt="x", input_reference=REFERENCE, **arguments)
         assert info.value.code == "invalid_parameter" and message in str(info.value.body["message"])
-    with pytest.raises(openai.UnprocessableEntityError) as info:
-        client.videos.create(prompt="a prompt alone")  # no image: text-to-video is not available
-    assert "text-to-video is not available" in info.value.body["message"]
+    with pytest.raises(openai.UnprocessableEntityError) as info:  # a prompt alone is text-to-video, here too long
+        client.videos.create(prompt="a prompt alone", extra_body={"duration_s": 9})
+    assert "duration_s: 9 s is over this deployment's maximum of 8 s" in info.value.body["message"]
     with pytest.raises(openai.AuthenticationError):
         sdk(local_service, max_retries=0).with_options(api_key="svd_wrong").videos.list()
 
