@@ -9,15 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from serve.jobstore.changes import QUEUE_CHANNEL, JobChanges, JobWatch
-from serve.jobstore.base import (
-    LIST_ORDERS,
-    JobStore,
-    JobStoreError,
-    ListOrder,
-    abandoned_error,
-    decode_cursor,
-    encode_cursor,
-)
+from serve.jobstore.base import JobStore, JobStoreError
+from serve.jobstore.listing import LIST_ORDERS, ListOrder, decode_cursor, encode_cursor
 from serve.jobstore.models import (
     JOB_ID_PREFIX,
     TERMINAL_STATUSES,
@@ -38,6 +31,7 @@ from serve.jobstore.models import (
 )
 from serve.jobstore.redis import RedisJobStore
 from serve.jobstore.sqlite import SqliteJobStore
+from serve.jobstore.transitions import abandoned_error
 
 if TYPE_CHECKING:
     from serve.config import JobStoreConfig

@@ -24,7 +24,7 @@ like the SQLite backend.
 
 Atomicity: every write is an optimistic WATCH/MULTI/EXEC transaction. The job's key (and, for
 create, the tenant's idempotency hash) is WATCHed, the record is read and the shared transition
-(:mod:`serve.jobstore.base`) is applied in Python, then the record and all its index entries are
+(:mod:`serve.jobstore.transitions`) is applied in Python, then the record and all its index entries are
 written in one MULTI/EXEC. If another client changed a watched key in between, EXEC aborts and the
 whole step is retried on fresh data, so e.g. of eight concurrent claims exactly one succeeds. Two
 conditional deletes that MULTI cannot express (drop a tenant from ``queued-tenants`` once its
@@ -64,11 +64,10 @@ from serve.jobstore.base import (
     DEFAULT_RETENTION_S,
     JobStore,
     JobStoreError,
-    ListOrder,
     Mutation,
-    encode_cursor,
 )
 from serve.jobstore.changes import RedisChanges
+from serve.jobstore.listing import ListOrder, encode_cursor
 from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt
 
 __all__ = ["PASSWORD_ENV", "RedisJobStore"]
@@ -103,7 +102,8 @@ return 0
 
 #: KEYS[1] = a token bucket hash; ARGV = now (epoch s), rate (tokens/s), burst. Returns the wait in
 #: seconds as a string ("0" = a token was taken): a Lua number returned to Redis would be truncated
-#: to an integer. The same arithmetic as ``JobStore._refill``, atomic because it is one script.
+#: to an integer. The same arithmetic as ``serve.jobstore.buckets.refill``, atomic because it is one
+#: script.
 _TAKE_TOKEN = """
 local now = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])

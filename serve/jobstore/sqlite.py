@@ -22,11 +22,10 @@ from serve.db.sqlite import SqliteDatabase, sqlite_errors
 from serve.jobstore.base import (
     DEFAULT_RETENTION_S,
     JobStore,
-    ListOrder,
     Mutation,
-    encode_cursor,
 )
 from serve.jobstore.changes import SocketChanges
+from serve.jobstore.listing import ListOrder, encode_cursor
 from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt
 
 _SCHEMA = """
