@@ -126,3 +126,35 @@ def test_long_clip_limits_are_422(local_service, client):
     both = client.post("/v1/videos", headers=auth(local_service),
                        json={"prompt": "x", "negative_prompt": "y", "image_url": "data:image/png;base64,AAAA"})
     assert both.status_code == 422 and "negative_prompt" in both.json()["error"]["message"]
+
+
+def test_other_work_runs_between_the_segments_of_a_long_clip(local_service, client):
+    # One Sampler replica taking one request at a time: a short job submitted while segment 1 of a
+    # long clip samples can only finish before the clip's segment 2 does if it ran in between.
+    long = client.post("/v1/videos", headers=auth(local_service),
+                       json={"prompt": "x", "duration_s": 1.5, "num_frames": 6, "num_inference_steps": 100,
+                             "width": 64, "height": 64, "t2i_num_inference_steps": 2})
+    assert long.status_code == 202, long.text
+    long_id = long.json()["id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        detail = client.get(f"/v1/videos/{long_id}", headers=auth(local_service)).json()["progress_detail"]
+        if detail["stage"] == "sampling" and 0 < detail["step"] < 40:  # early in segment 1
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the long clip never started sampling its first segment")
+    short = client.post("/v1/videos", headers=auth(local_service, "bob"),
+                        json={"prompt": "y", "num_frames": 6, "num_inference_steps": 2, "width": 64, "height": 64,
+                              "t2i_num_inference_steps": 2})
+    assert short.status_code == 202, short.text
+    short_id = short.json()["id"]
+    while True:
+        quick = client.get(f"/v1/videos/{short_id}", headers=auth(local_service, "bob")).json()
+        if quick["status"] in TERMINAL:
+            break
+        time.sleep(0.05)
+    clip = client.get(f"/v1/videos/{long_id}", headers=auth(local_service)).json()
+    assert quick["status"] == "completed", quick
+    assert clip["status"] == "in_progress" and clip["progress_detail"]["step"] < 200, clip["progress_detail"]
+    assert wait_terminal(client, local_service, long_id)["status"] == "completed"
