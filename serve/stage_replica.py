@@ -43,7 +43,7 @@ from .config import AppConfig
 from .context import JobContext, SegmentSet, StageOutput, StepReport, StoredSegment, StoredVideo
 from .jobstore import THUMBNAIL_CONTENT_TYPE, make_job_store, thumbnail_key_for
 from .storage import make_storage
-from .telemetry import log_extra, metrics, set_torch_threads, setup_tracing, span_from_carrier
+from .telemetry import log_extra, metrics, set_torch_threads, setup_tracing, span_from_carrier, tracer
 
 logger = logging.getLogger("ray.serve.svd_serve")
 
@@ -63,7 +63,7 @@ class StageReplica:
         model = self.config.model_for(self.spec)
         if model is None:
             raise ValueError(f"stage {self.spec.name!r} has no model configured")
-        self.stage = self.spec.build(load_stage_components(self.spec, model))
+        self.load_seconds = self._load(model)
         self._set_memory_budget()
         self._notes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress-notes")  # in order
 
@@ -123,7 +123,8 @@ class StageReplica:
 
         context = ray.get_runtime_context()
         return {"stage": self.spec.name, "node_id": context.get_node_id(),
-                "resources": context.get_assigned_resources(), "torch_threads": torch.get_num_threads()}
+                "resources": context.get_assigned_resources(), "torch_threads": torch.get_num_threads(),
+                "load_seconds": self.load_seconds}
 
     async def check_health(self) -> None:
         # The model loads in __init__ (a replica that cannot load never becomes healthy); what can
@@ -132,6 +133,20 @@ class StageReplica:
             raise RuntimeError(f"{self.spec.name} replica cannot reach the job store")
 
     # -- inside -----------------------------------------------------------------------------------
+
+    def _load(self, model) -> float:
+        """Fetch and load the stage's components and build the stage, timed: a span, a metric and a
+        log line per load (a cold replica's start is mostly this)."""
+        start = time.perf_counter()
+        with tracer().start_as_current_span("model_load", attributes={"svd.stage": self.spec.name,
+                                                                      "svd.model": model.source}):
+            self.stage = self.spec.build(load_stage_components(self.spec, model))
+        seconds = time.perf_counter() - start
+        recorder = metrics()
+        if recorder is not None:
+            recorder.model_load_seconds.observe(seconds, tags={"stage": self.spec.name, "model": model.source})
+        logger.info("%s loaded %s in %.2fs", self.spec.name, model.source, seconds)
+        return seconds
 
     def _set_memory_budget(self) -> None:
         """A stage that sizes its work by GPU memory (the decoder's chunks) gets this replica's

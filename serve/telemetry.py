@@ -115,6 +115,12 @@ class _Metrics:
             "svd_gpu_seconds_total", description="GPU-seconds used: replica busy time x GPU share (charged jobs).",
             tag_keys=("tenant", "stage"),
         )
+        self.model_load_seconds = metrics.Histogram(
+            "svd_model_load_seconds",
+            description="Seconds one stage replica took to fetch and load its model components (per load).",
+            boundaries=[1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640],
+            tag_keys=("stage", "model"),
+        )
         self.queue_depth = metrics.Gauge("svd_queue_depth", description="Queued jobs in the job store.")
         self.running_jobs = metrics.Gauge("svd_running_jobs", description="Jobs in progress in the job store.")
 

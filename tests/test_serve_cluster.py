@@ -213,6 +213,9 @@ def test_stage_replicas_hold_their_gpu_share_on_their_node_pool(deployment):
         assert info["node_id"] == deployment["nodes"][pool].node_id, (name, info)
         assert info["resources"].get("GPU", 0.0) == pytest.approx(gpus), (name, info)
         assert info["torch_threads"] >= 1
+        assert info["load_seconds"] > 0  # each load is timed (and exported as a span and a metric)
+    loads = [span for span in deployment["collector"].spans if span["name"] == "model_load"]
+    assert {span["attributes"].get("svd.stage") for span in loads} >= {"image_encode", "sampling", "decode"}
 
 
 def test_cancel_queued_and_running_jobs(deployment):
