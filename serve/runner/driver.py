@@ -47,7 +47,8 @@ class JobDriver:
 
     async def run(self, job: Job) -> None:
         """Drive ``job`` (claimed by ``owner``) until it completes, fails, is cancelled or is handed
-        back for a retry. Raises only CancelledError (lease lost or shutdown)."""
+        back for a retry; a lost lease ends it quietly (the job runs elsewhere). Raises only
+        CancelledError (the dispatcher cancelled it: lease lost or shutdown)."""
         with span_from_carrier("job", job.trace_context, **{"svd.job_id": job.id, "svd.tenant": job.tenant,
                                                             "svd.attempt": job.attempts}):
             ctx = JobContext(job_id=job.id, tenant=job.tenant, owner=self.owner, trace=current_carrier(),
