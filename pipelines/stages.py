@@ -293,8 +293,9 @@ class DecodeStage:
 
 #: Frames decoded at once when no GPU memory figure applies (diffusers' own example value).
 DEFAULT_DECODE_CHUNK = 8
-#: Peak decoder activation memory per output pixel and frame, in elements (measured for SVD's
-#: temporal decoder: about 1.2 GB per 1024x576 frame in fp16), and the share of free memory used.
+#: Peak decoder activation memory per output pixel and frame, in elements (an estimate for SVD's
+#: temporal decoder, about 1.2 GB per 1024x576 frame in fp16, not measured: no GPU was available
+#: when it was written; measure with benchmarks/bench_pipeline.py), and the share of the budget used.
 DECODE_ELEMENTS_PER_PIXEL = 1024
 DECODE_MEMORY_SHARE = 0.8
 

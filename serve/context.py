@@ -57,6 +57,10 @@ class StoredSegment:
     index: int
     key: str
     num_frames: int
+    seam: Any = None
+    """The frame that conditions the next segment (uint8 [H, W, 3]), handed on in memory so the
+    next segment need not read the stored frames back; None in a SegmentSet and after a resume
+    (then it is read from ``key``)."""
 
 
 @dataclass(frozen=True)

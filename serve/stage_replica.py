@@ -192,7 +192,7 @@ class StageReplica:
         values = [self._resolve(name, value, params) for name, value in zip(self.spec.inputs, values)]
         value = to_host(self.stage(*values, params, **hooks))
         if ctx.segment_key and isinstance(value, DecodedFrames):
-            value = self._store_segment(ctx, value)
+            value = self._store_segment(ctx, value, params)
         seconds = time.perf_counter() - start
         timings = {**timings, self.spec.name: timings.get(self.spec.name, 0.0) + seconds}
         recorder = metrics()
@@ -210,7 +210,8 @@ class StageReplica:
         if name == SOURCE_VALUE and isinstance(value, str):
             return decode_image_bytes(self.storage.get(value), name="the stored input image")
         if name == SOURCE_VALUE and isinstance(value, StoredSegment):
-            return PIL.Image.fromarray(seam_frame(self._load_frames(value), plan_for(params)))
+            seam = value.seam if value.seam is not None else seam_frame(self._load_frames(value), plan_for(params))
+            return PIL.Image.fromarray(seam)
         if isinstance(value, SegmentSet):
             return [DecodedFrames(frames=self._load_frames(segment)) for segment in value.segments]
         return value
@@ -218,12 +219,13 @@ class StageReplica:
     def _load_frames(self, segment: StoredSegment) -> np.ndarray:
         return np.load(io.BytesIO(self.storage.get(segment.key)), allow_pickle=False)
 
-    def _store_segment(self, ctx: JobContext, decoded: DecodedFrames) -> StoredSegment:
+    def _store_segment(self, ctx: JobContext, decoded: DecodedFrames, params: GenerationParams) -> StoredSegment:
         """A long clip's segment goes to storage (kept for a resume) instead of the object store."""
         buffer = io.BytesIO()
         np.save(buffer, decoded.frames, allow_pickle=False)
         self.storage.put(ctx.segment_key, buffer.getvalue(), content_type="application/octet-stream")
-        return StoredSegment(index=ctx.segment, key=ctx.segment_key, num_frames=int(decoded.frames.shape[0]))
+        return StoredSegment(index=ctx.segment, key=ctx.segment_key, num_frames=int(decoded.frames.shape[0]),
+                             seam=seam_frame(decoded.frames, plan_for(params)))
 
     def _store(self, ctx: JobContext, video: EncodedVideo, timings: dict[str, float]) -> StoredVideo:
         """Upload the clip, then its poster (first frame, JPEG) beside it: the ``thumbnail`` variant

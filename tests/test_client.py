@@ -16,7 +16,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from email.utils import formatdate
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
@@ -34,6 +32,7 @@ from serve.client import (APIConnectionError, AsyncClient, AuthenticationError, 
                           StreamInterruptedError, UnprocessableEntityError, Video, VideoEvent, WaitTimeoutError)
 from serve.client.retries import RetryPolicy, parse_retry_after
 from serve.client.sse import SSEDecoder
+from threads import uvicorn_in_thread
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGE = REPO_ROOT / "pipelines" / "assets" / "sample.png"
@@ -265,24 +264,9 @@ class FakeAPI:
 @pytest.fixture(scope="module")
 def fake_server():
     fake = FakeAPI()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    fake.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(fake.app, log_level="critical", log_config=None,
-                                           timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the fake API did not start"
-        time.sleep(0.01)
-    try:
+    with uvicorn_in_thread(fake.app) as base_url:
+        fake.base_url = base_url
         yield fake
-    finally:
-        server.should_exit = True
-        thread.join(timeout=5)
-        sock.close()
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -621,19 +620,9 @@ def test_text_to_video_tenant_caps_and_idempotency(api):
 def served_in_process(api, workdir: Path):
     """``api``'s app on a loopback port behind the TLS terminator, with a thread that finishes
     every queued job the way the runner does (``finish``)."""
-    import uvicorn
+    from threads import uvicorn_in_thread
     from tls_proxy import TLSProxy
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(api.app, log_level="critical", log_config=None,
-                                           timeout_graceful_shutdown=1))
-    serving = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    serving.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
     stop = threading.Event()
 
     def run_jobs():
@@ -644,14 +633,11 @@ def served_in_process(api, workdir: Path):
     runner = threading.Thread(target=run_jobs, daemon=True)
     runner.start()
     try:
-        with TLSProxy(f"http://127.0.0.1:{sock.getsockname()[1]}", workdir) as proxy:
+        with uvicorn_in_thread(api.app) as base_url, TLSProxy(base_url, workdir) as proxy:
             yield proxy
     finally:
         stop.set()
         runner.join(5)
-        server.should_exit = True
-        serving.join(5)
-        sock.close()
 
 
 def test_fal_client_text_to_video_in_process(tmp_path):

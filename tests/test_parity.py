@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from threads import run_concurrently
 
 from pipelines.errors import JobCancelledError
 from pipelines.stages import DEFAULT_DECODE_CHUNK
@@ -96,18 +97,8 @@ def test_concurrent_requests_share_one_model_safely(stages, image):
     a = GenerationParams(seed=1, num_frames=6, num_inference_steps=4, width=64, height=64).resolved(14)
     b = GenerationParams(seed=2, num_frames=6, num_inference_steps=6, width=64, height=64).resolved(14)
     alone = {name: run_staged(stages, image, p) for name, p in (("a", a), ("b", b))}
-    together: dict[str, np.ndarray] = {}
-    barrier = threading.Barrier(2)
-
-    def worker(name, params):
-        barrier.wait()
-        together[name] = run_staged(stages, image, params, on_step=lambda *_: None)
-
-    threads = [threading.Thread(target=worker, args=item) for item in (("a", a), ("b", b))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    together = run_concurrently({name: functools.partial(run_staged, stages, image, p, on_step=lambda *_: None)
+                                 for name, p in (("a", a), ("b", b))})
     for name in ("a", "b"):
         assert np.abs(together[name] - alone[name]).max() <= TOLERANCE
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from threads import run_concurrently
 
 from pipelines.errors import InvalidInputError, JobCancelledError, ModelLoadError
 from pipelines.loader import ModelSpec, load_components
@@ -170,18 +171,8 @@ def test_cancellation_stops_the_denoising_loop(t2i_stage, unet_calls):
 def test_concurrent_requests_share_one_stage_safely(t2i_stage):
     a, b = T2IParams(seed=1, t2i_num_inference_steps=4), T2IParams(seed=2, t2i_num_inference_steps=6)
     alone = {"a": t2i_stage.generate(a), "b": t2i_stage.generate(b)}
-    together: dict[str, np.ndarray] = {}
-    barrier = threading.Barrier(2)
-
-    def worker(name, params):
-        barrier.wait()
-        together[name] = t2i_stage.generate(params, on_step=lambda *_: None)
-
-    threads = [threading.Thread(target=worker, args=item) for item in (("a", a), ("b", b))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    together = run_concurrently({name: functools.partial(t2i_stage.generate, params, on_step=lambda *_: None)
+                                 for name, params in (("a", a), ("b", b))})
     for name in ("a", "b"):
         assert np.abs(together[name] - alone[name]).max() <= TOLERANCE
 

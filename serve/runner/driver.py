@@ -117,7 +117,7 @@ class JobDriver:
                 if segments > 1:
                     stored = await values[per_segment[-1].output]
                     await asyncio.to_thread(self._keep_segment, job, stored)
-                    finished.append(stored.value)
+                    finished.append(dataclasses.replace(stored.value, seam=None))  # the encoder reads the files
                     values = {SOURCE_VALUE: stored}
             if segments > 1:
                 values[per_segment[-1].output] = StageOutput(value=SegmentSet(tuple(finished)),
