@@ -113,6 +113,12 @@ class StageSpec:
         module, _, attr = self.component_loader.partition(":")
         return getattr(importlib.import_module(module), attr)
 
+    @property
+    def multiplexed(self) -> bool:
+        """Whether it serves every model of the video zoo (picked per request by model id): a stage
+        that loads named components of the video model. The text-to-image stage serves one model."""
+        return self.model == VIDEO_MODEL and bool(self.components) and self.component_loader is None
+
     def runs_for(self, params: Any) -> bool:
         return self.when is None or bool(self.when(params))
 

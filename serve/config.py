@@ -18,6 +18,8 @@ from pipelines.registry import STAGES as STAGE_REGISTRY
 from pipelines.params import MAX_DURATION_S
 from pipelines.registry import TEXT_TO_IMAGE_MODEL, StageSpec, import_stage_modules
 
+from .zoo.entry import MODEL_ID_PATTERN, ModelEntry
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -85,6 +87,12 @@ class DeploymentConfig(_Strict):
     graceful_shutdown_wait_loop_s: float = Field(default=2.0, gt=0, description="Poll interval while draining.")
     health_check_period_s: float = Field(default=10.0, gt=0, description="Seconds between check_health calls.")
     health_check_timeout_s: float = Field(default=30.0, gt=0, description="A check slower than this fails.")
+    max_num_models_per_replica: int | None = Field(
+        default=None, ge=1,
+        description="Model stages: how many models (of the zoo) one replica keeps loaded; the least recently used "
+        "is unloaded to make room (Serve model multiplexing routes a request to a replica holding its model). "
+        "null: as many as fit in the replica's GPU share after the first one (on CPU: 4).",
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
@@ -320,7 +328,19 @@ class AppConfig(_Strict):
         description="Python modules imported before the rest of the config is validated, each registering extra "
         "pipeline stages with pipelines.registry.register_stage (docs/architecture.md). Every process imports them.",
     )
-    model: ModelSpec = Field(default_factory=ModelSpec, description="Which weights the video stages load.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The default video model: what a request "
+                             "without a model gets. Its device, cache_dir and S3 settings apply to every model.")
+    model_id: str | None = Field(
+        default=None, max_length=128, pattern=MODEL_ID_PATTERN,
+        description="The id requests name the default model by; null: its source if that is a Hub repo id, else "
+        "the directory's name. Its source and the source's last path part are accepted too.",
+    )
+    models: list[ModelEntry] = Field(
+        default_factory=list,
+        description="More models served beside the default one (the model zoo: SVD family checkpoints, fine-tunes "
+        "with a U-Net checkpoint or a LoRA adapter, private models of one tenant). Declared here they are fixed; "
+        "`svd-serve models add` registers more at run time in the job store.",
+    )
     text_to_image_model: ModelSpec | None = Field(
         default_factory=lambda: ModelSpec(source=DEFAULT_TEXT_TO_IMAGE_MODEL_ID),
         description="The text-to-image pipeline that makes text-to-video's first frame (any diffusers text-to-image "
@@ -395,6 +415,31 @@ class AppConfig(_Strict):
         except ValidationError as error:
             raise ValueError(f"default_params: {describe_validation_error(error)}") from None
         return value
+
+    @model_validator(mode="after")
+    def _check_models(self) -> "AppConfig":
+        from .zoo.catalog import model_id_for
+
+        ids = [self.resolved_model_id()]
+        if self.text_to_image_model is not None:
+            ids.append(model_id_for(self.text_to_image_model.source))
+        seen = set()
+        for entry in self.models:
+            if entry.id in seen or entry.id in ids:
+                raise ValueError(f"models: the id {entry.id!r} is used twice (the default model is "
+                                 f"{ids[0]!r}{', the text-to-image model ' + repr(ids[1]) if len(ids) > 1 else ''})")
+            seen.add(entry.id)
+        known = {*ids, *seen}
+        for entry in self.models:
+            if entry.base is not None and entry.base not in known:
+                raise ValueError(f"models: {entry.id!r} names base {entry.base!r}, which is not declared")
+        return self
+
+    def resolved_model_id(self) -> str:
+        """The default model's id (``model_id``, else derived from its source)."""
+        from .zoo.catalog import model_id_for
+
+        return self.model_id or model_id_for(self.model.source)
 
     def model_for(self, spec: StageSpec) -> ModelSpec | None:
         """The weights a stage loads: the text-to-image model for that stage, else the video model."""

@@ -17,6 +17,7 @@ from .metering.api import usage_router
 from .storage import make_storage
 from .telemetry import setup_tracing
 from .tenants import TenantRegistry
+from .zoo import ModelCatalog, make_model_store
 
 MODEL_INFO_TIMEOUT_S = 10.0
 #: How long an admission waits for the text-to-image model's info before going on without it.
@@ -33,11 +34,12 @@ class Ingress:
         self.model_stage = model_stage  # the stage whose replicas know the loaded model
         self.text_to_image = text_to_image  # None: text-to-video is off
         self._text_to_image_info: dict[str, Any] | None = None
-        self._model_info: dict[str, Any] | None = None
+        self._model_info: dict[str | None, dict[str, Any]] = {}
         self.tenants = TenantRegistry(self.config.auth.resolved_tenants_file())
         store = make_job_store(self.config.job_store)
         self.ledger = make_usage_ledger(self.config.job_store, retention_s=self.config.job_store.usage_retention_s)
         storage = make_storage(self.config.storage)
+        self.catalog = ModelCatalog(self.config, make_model_store(self.config.job_store))
         self.lifecycle = JobLifecycle(self.config, store=store, ledger=self.ledger, tenants=self.tenants,
                                       storage=storage)
         self.service = VideoService(
@@ -46,13 +48,16 @@ class Ingress:
             storage=storage,
             model_info=self.model_info,
             text_to_image_info=self.text_to_image_info if text_to_image is not None else None,
+            catalog=self.catalog,
         )
 
-    async def model_info(self) -> dict[str, Any]:
-        """What the loaded model defaults to (frames), asked of a model stage replica once."""
-        if self._model_info is None:
-            self._model_info = await asyncio.wait_for(self.model_stage.info.remote(), MODEL_INFO_TIMEOUT_S)
-        return self._model_info
+    async def model_info(self, model_id: str | None = None) -> dict[str, Any]:
+        """What a model defaults to (frames), asked of a model stage replica once per model (it
+        reads another model's U-Net config without loading the model)."""
+        key = None if model_id in (None, self.catalog.default_id) else model_id
+        if key not in self._model_info:
+            self._model_info[key] = await asyncio.wait_for(self.model_stage.info.remote(key), MODEL_INFO_TIMEOUT_S)
+        return self._model_info[key]
 
     async def text_to_image_info(self) -> dict[str, Any]:
         """What the text-to-image model can make (its size multiple), asked of a replica once; a

@@ -42,7 +42,9 @@ from pipelines.payloads import DecodedFrames, EncodedVideo, to_host
 from .config import AppConfig
 from .context import JobContext, SegmentSet, StageOutput, StepReport, StoredSegment, StoredVideo
 from .jobstore import THUMBNAIL_CONTENT_TYPE, make_job_store, thumbnail_key_for
+from .stage_models import LoadedModel, StageModels
 from .storage import make_storage
+from .zoo import ModelCatalog, make_model_store, model_id_for
 from .telemetry import log_extra, metrics, set_torch_threads, setup_tracing, span_from_carrier, tracer
 
 logger = logging.getLogger("ray.serve.svd_serve")
@@ -60,11 +62,19 @@ class StageReplica:
         self.store = make_job_store(self.config.job_store)  # cancel checks and health
         needs_storage = SOURCE_VALUE in self.spec.inputs or self.spec.output == FINAL_VALUE or self.spec.per_segment
         self.storage = make_storage(self.config.storage) if needs_storage else None
-        model = self.config.model_for(self.spec)
-        if model is None:
-            raise ValueError(f"stage {self.spec.name!r} has no model configured")
-        self.load_seconds = self._load(model)
-        self._set_memory_budget()
+        self.catalog = ModelCatalog(self.config, make_model_store(self.config.job_store))
+        self.models: StageModels | None = None
+        self._preloaded: dict[str, LoadedModel] = {}
+        if self.spec.multiplexed:
+            self._start_multiplexed()
+        else:
+            model = self.config.model_for(self.spec)
+            if model is None:
+                raise ValueError(f"stage {self.spec.name!r} has no model configured")
+            self._fixed = self._load(model)
+        self.load_seconds = self.default_model.load_seconds
+        self._memory_budget = self._memory_budget_bytes()
+        self._set_memory_budget(self.default_model.stage)
         self._notes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress-notes")  # in order
 
     # -- calls from the driver ------------------------------------------------------------------
@@ -75,8 +85,9 @@ class StageReplica:
             self._note_progress(ctx, self.spec.name)
         values, timings = self._unwrap(inputs)
         with self._span(ctx):
-            return await asyncio.to_thread(self._run_timed, ctx, values, GenerationParams.model_validate(params),
-                                           {}, timings)
+            model = await self._model(timings)
+            return await asyncio.to_thread(self._run_timed, ctx, model, values,
+                                           GenerationParams.model_validate(params), {}, timings)
 
     async def run_streaming(self, ctx: JobContext, *inputs: Any, params: dict[str, Any]
                             ) -> AsyncIterator[StepReport | StageOutput]:
@@ -94,8 +105,10 @@ class StageReplica:
         hooks = {"on_step": on_step,
                  "should_cancel": lambda: stopped.is_set() or self.store.is_cancel_requested(ctx.job_id)}
         with self._span(ctx):
-            yield StepReport(self.spec.name, 0, int(self.stage.total_steps(resolved)), time.time())
-            work = asyncio.ensure_future(asyncio.to_thread(self._run_timed, ctx, values, resolved, hooks, timings))
+            model = await self._model(timings)
+            yield StepReport(self.spec.name, 0, int(model.stage.total_steps(resolved)), time.time())
+            work = asyncio.ensure_future(asyncio.to_thread(self._run_timed, ctx, model, values, resolved, hooks,
+                                                           timings))
             try:
                 while not work.done() or not reports.empty():
                     getter = asyncio.ensure_future(reports.get())
@@ -109,12 +122,17 @@ class StageReplica:
                 stopped.set()
             yield output
 
-    async def info(self) -> dict[str, Any]:
-        """The loaded model's defaults (on the stage that describes the model)."""
-        return {"stage": self.spec.name, "model": self.config.model_for(self.spec).source,
-                "num_frames": int(getattr(self.stage, "default_num_frames", 0)),
-                "size_multiple": int(getattr(self.stage, "size_multiple", 0)) or None,
-                "negative_prompt": getattr(self.stage, "accepts_negative_prompt", None)}
+    async def info(self, model_id: str | None = None) -> dict[str, Any]:
+        """A model's defaults (on the stage that describes the model): the default model's from its
+        loaded stage; another model's frame count from its U-Net config, without loading it."""
+        stage = self.default_model.stage
+        num_frames = int(getattr(stage, "default_num_frames", 0))
+        if self.models is not None and model_id is not None and model_id != self.default_model.model_id:
+            num_frames = await asyncio.to_thread(self.models.default_num_frames, model_id)
+        return {"stage": self.spec.name, "model": model_id or self.default_model.model_id,
+                "num_frames": num_frames,
+                "size_multiple": int(getattr(stage, "size_multiple", 0)) or None,
+                "negative_prompt": getattr(stage, "accepts_negative_prompt", None)}
 
     async def replica_info(self) -> dict[str, Any]:
         """Where this replica runs and what it holds (for operators and placement tests)."""
@@ -124,7 +142,7 @@ class StageReplica:
         context = ray.get_runtime_context()
         return {"stage": self.spec.name, "node_id": context.get_node_id(),
                 "resources": context.get_assigned_resources(), "torch_threads": torch.get_num_threads(),
-                "load_seconds": self.load_seconds}
+                "load_seconds": self.load_seconds, **self._model_stats()}
 
     async def check_health(self) -> None:
         # The model loads in __init__ (a replica that cannot load never becomes healthy); what can
@@ -134,33 +152,91 @@ class StageReplica:
 
     # -- inside -----------------------------------------------------------------------------------
 
-    def _load(self, model) -> float:
+    # -- models -----------------------------------------------------------------------------------
+
+    @property
+    def default_model(self) -> LoadedModel:
+        return self._fixed if self.models is None else self._default
+
+    def _start_multiplexed(self) -> None:
+        """Load the default model and the warm pool (``preload`` models), then wrap the loader in
+        Serve's multiplexer with room for ``max_num_models_per_replica`` models."""
+        self.models = StageModels(self.spec, self.catalog)
+        default_id = self.catalog.default_id
+        self._default = self.models.load(default_id)
+        options = self.config.stages.for_stage(self.spec)
+        capacity = options.max_num_models_per_replica or self.models.models_that_fit(
+            self._default, gpu_share=float(options.ray_actor_options.num_gpus))
+        self._preloaded[default_id] = self._default
+        warm = [entry.id for entry in self.catalog.entries(fresh=True).values()
+                if entry.preload and entry.kind == "image-to-video" and entry.id != default_id]
+        for model_id in warm[:capacity - 1]:
+            self._preloaded[model_id] = self.models.load(model_id)
+        self.capacity = capacity
+
+        async def load_model(model_id: str) -> LoadedModel:
+            preloaded = self._preloaded.pop(model_id, None)
+            if preloaded is not None:
+                return preloaded
+            model = await asyncio.to_thread(self.models.load, model_id)
+            self._set_memory_budget(model.stage)
+            return model
+
+        self._load_model = load_model  # Serve keeps its multiplexer (and the models it holds) on it
+        self._get_model = serve.multiplexed(max_num_models_per_replica=capacity)(load_model)
+
+    async def _model(self, timings: dict[str, float]) -> LoadedModel:
+        """The model this request names (its multiplexed model id; none: the default), loaded if it
+        is not held yet; a load made for this request is added to its timings (``model_load``)."""
+        if self.models is None:
+            return self._fixed
+        model_id = serve.get_multiplexed_model_id() or self.catalog.default_id
+        start = time.monotonic()
+        model = await self._get_model(model_id)
+        if model.loaded_at >= start:
+            timings["model_load"] = timings.get("model_load", 0.0) + model.load_seconds
+        return model
+
+    def _model_stats(self) -> dict[str, Any]:
+        if self.models is None:
+            return {"models": [self._fixed.model_id]}
+        wrapper = getattr(self._load_model, "__serve_multiplex_wrapper", None)
+        held = list(getattr(wrapper, "models", {})) if wrapper is not None else []
+        return {"models": sorted({*held, *self._preloaded}), "capacity": self.capacity,
+                "evictions": self.models.evictions, "model_load_seconds": dict(self.models.load_seconds),
+                "component_loads": self.models.components.loads, "component_hits": self.models.components.hits}
+
+    def _load(self, model) -> LoadedModel:
         """Fetch and load the stage's components and build the stage, timed: a span, a metric and a
         log line per load (a cold replica's start is mostly this)."""
         start = time.perf_counter()
         with tracer().start_as_current_span("model_load", attributes={"svd.stage": self.spec.name,
                                                                       "svd.model": model.source}):
-            self.stage = self.spec.build(load_stage_components(self.spec, model))
+            stage = self.spec.build(load_stage_components(self.spec, model))
         seconds = time.perf_counter() - start
         recorder = metrics()
         if recorder is not None:
             recorder.model_load_seconds.observe(seconds, tags={"stage": self.spec.name, "model": model.source})
         logger.info("%s loaded %s in %.2fs", self.spec.name, model.source, seconds)
-        return seconds
+        return LoadedModel(model_id_for(model.source), stage, load_seconds=seconds)
 
-    def _set_memory_budget(self) -> None:
+    def _memory_budget_bytes(self) -> int | None:
         """A stage that sizes its work by GPU memory (the decoder's chunks) gets this replica's
-        share of the GPU, less what its model holds, split over its concurrent requests: fixed for
+        share of the GPU, less what its models hold, split over its concurrent requests: fixed for
         the replica's life, so results do not depend on what else ran."""
         import torch
 
-        if not hasattr(self.stage, "memory_budget_bytes") or not torch.cuda.is_available():
-            return
+        if not hasattr(self.default_model.stage, "memory_budget_bytes") or not torch.cuda.is_available():
+            return None
         options = self.config.stages.for_stage(self.spec)
         share = min(1.0, float(options.ray_actor_options.num_gpus) or 1.0)
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         free = max(0.0, total * share - torch.cuda.memory_allocated())
-        self.stage.memory_budget_bytes = int(free / max(1, options.max_ongoing_requests))
+        return int(free / max(1, options.max_ongoing_requests))
+
+    def _set_memory_budget(self, stage: Any) -> None:
+        if self._memory_budget is not None and hasattr(stage, "memory_budget_bytes"):
+            stage.memory_budget_bytes = self._memory_budget
 
     def _note_progress(self, ctx: JobContext, stage: str) -> None:
         """Record, without waiting, that the job reached ``stage`` (a progress hint for clients)."""
@@ -185,12 +261,13 @@ class StageReplica:
             values.append(item)
         return values, timings
 
-    def _run_timed(self, ctx: JobContext, values: list[Any], params: GenerationParams, hooks: dict[str, Any],
-                   timings: dict[str, float]) -> StageOutput:
+    def _run_timed(self, ctx: JobContext, model: LoadedModel, values: list[Any], params: GenerationParams,
+                   hooks: dict[str, Any], timings: dict[str, float]) -> StageOutput:
         """In a worker thread: the stage itself (timed), then the clip's upload if it is the last."""
         start = time.perf_counter()
         values = [self._resolve(name, value, params) for name, value in zip(self.spec.inputs, values)]
-        value = to_host(self.stage(*values, params, **hooks))
+        with model.use() as stage:
+            value = to_host(stage(*values, params, **hooks))
         if ctx.segment_key and isinstance(value, DecodedFrames):
             value = self._store_segment(ctx, value, params)
         seconds = time.perf_counter() - start

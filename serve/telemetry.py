@@ -121,6 +121,11 @@ class _Metrics:
             boundaries=[1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640],
             tag_keys=("stage", "model"),
         )
+        self.model_evictions = metrics.Counter(
+            "svd_model_evictions_total",
+            description="Models a stage replica unloaded to make room for another (max_num_models_per_replica).",
+            tag_keys=("stage", "model"),
+        )
         self.queue_depth = metrics.Gauge("svd_queue_depth", description="Queued jobs in the job store.")
         self.running_jobs = metrics.Gauge("svd_running_jobs", description="Jobs in progress in the job store.")
 

@@ -33,7 +33,7 @@ def make_api(tmp_path: Path, *, tenants: dict[str, dict[str, Any]] | None = None
     keys = {name: add_tenant(tenants_file, name, **policy)
             for name, policy in (tenants or {"alice": {}, "bob": {}}).items()}
 
-    async def model_info():
+    async def model_info(model_id=None):
         return {"num_frames": MODEL_FRAMES}
 
     service = VideoService(app_config, store=make_job_store(app_config.job_store),

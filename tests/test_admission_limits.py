@@ -59,7 +59,7 @@ def env(request, tmp_path):
     tenants_file = tmp_path / "tenants.yaml"
     stores = []
 
-    async def model_info():
+    async def model_info(model_id=None):
         return {"num_frames": 14}
 
     def client() -> TestClient:

@@ -464,8 +464,10 @@ def test_model_must_name_the_deployed_model(api):
     source = api.service.config.model.source
     for name in (source, source.rsplit("/", 1)[-1]):
         assert openai_form(api, {"model": name, "num_frames": "4", "size": "256x128"}).status_code == 202
-    assert_error(openai_form(api, {"model": "sora-2"}), 422, "invalid_parameter", "model: 'sora-2' is not served")
-    assert_error(submit(api, model="sora-2"), 422, "invalid_parameter", "model: 'sora-2' is not served")
+    assert_error(openai_form(api, {"model": "sora-2"}), 404, "model_not_found", "model 'sora-2' not found")
+    assert_error(submit(api, model="sora-2"), 404, "model_not_found", "model 'sora-2' not found")
+    assert_error(submit(api, model=" "), 422, "invalid_parameter", "model: a model id")
+    assert api.service.store.queue_depth() == 2  # the two accepted above, none of the refused
 
 
 def test_the_image_arrives_under_any_of_its_names_exactly_once(api):

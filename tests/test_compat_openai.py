@@ -147,12 +147,14 @@ def test_rejections_are_the_sdks_errors_naming_the_field(local_service):
 
     client = sdk(local_service, max_retries=0)
     cases = [({"size": "1004x1000"}, "size: '1004x1000' cannot be mapped"),
-             ({"model": "sora-2"}, "model: 'sora-2' is not served here"),
              ({"seconds": "0.1"}, "at least 2 frames")]
     for arguments, message in cases:
         with pytest.raises(openai.UnprocessableEntityError) as info:
             client.videos.create(prompt="x", input_reference=REFERENCE, **arguments)
         assert info.value.code == "invalid_parameter" and message in str(info.value.body["message"])
+    with pytest.raises(openai.NotFoundError) as info:  # as OpenAI answers an unknown model
+        client.videos.create(prompt="x", input_reference=REFERENCE, model="sora-2")
+    assert info.value.code == "model_not_found" and "'sora-2' not found" in info.value.body["message"]
     with pytest.raises(openai.UnprocessableEntityError) as info:  # a prompt alone is text-to-video, here too long
         client.videos.create(prompt="a prompt alone", extra_body={"duration_s": 9})
     assert "duration_s: 9 s is over this deployment's maximum of 8 s" in info.value.body["message"]

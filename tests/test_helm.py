@@ -10,7 +10,10 @@ No helm binary and no cluster: rendering and linting use Helm's Go SDK through `
   CRD does not declare, and passes KubeRay's own admission rules;
 * serveConfigV2 parses with Ray Serve's ServeDeploySchema, its args with serve.config.AppConfig,
   every stage the application builds is configured by the chart, each is schedulable on some worker
-  group, and the worker groups can hold the stages' maximum replica counts.
+  group, and the worker groups can hold the stages' maximum replica counts;
+* the model zoo (`models`) and each stage's `max_num_models_per_replica` reach the app args, the
+  schema's model entry mirrors serve.zoo.entry.ModelEntry (what one rejects, so does the other), and
+  every Ray container mounts the model cache and gets SVD_SERVE_CACHE_DIR.
 
 Plus: typos in values are rejected, long release names stay within KubeRay's 47 characters,
 secrets never appear in plain text outside Secrets, and k8s/manifests/svd-serve.yaml is current.
@@ -24,6 +27,7 @@ import hashlib
 import importlib
 import json
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -85,12 +89,15 @@ def test_chart_metadata():
 
 
 def _objects_without_closed_properties(schema, path="values"):
-    """Objects in values.schema.json that declare properties but leave additionalProperties open."""
+    """Objects in values.schema.json that declare properties but leave additionalProperties open.
+    Conditions (if/then/else) only constrain an object declared, and closed, around them."""
     found = []
     if isinstance(schema, dict):
         if "properties" in schema and schema.get("additionalProperties") is not False:
             found.append(path)
         for key, value in schema.items():
+            if key in ("if", "then", "else"):
+                continue
             found += _objects_without_closed_properties(value, f"{path}.{key}" if key != "properties" else path)
     elif isinstance(schema, list):
         for item in schema:
@@ -161,7 +168,17 @@ def test_values_schema_matches_app_config():
         "jobStore": (names(props["jobStore"]), set(config.JobStoreConfig.model_fields)),
         "tracing": (names(props["tracing"]), set(config.TracingConfig.model_fields)),
     }
-    sections = {"model", "text_to_image_model", "stages", "storage", "job_store", "tracing", "auth"}
+    # The model zoo: `models` entries are serve.zoo.entry.ModelEntry (bar `created`, which the registry stamps).
+    assert "models" in AppConfig.model_fields, (
+        "serve.config.AppConfig has no `models` field, but the chart renders the model zoo as args.models")
+    (entry_type,) = typing.get_args(AppConfig.model_fields["models"].annotation)
+    from serve.zoo.entry import DEFAULTABLE_PARAMS, ModelEntry, ModelLimits
+
+    assert entry_type is ModelEntry
+    pairs["models"] = (names(defs["modelEntry"]), set(ModelEntry.model_fields) - {"created"})
+    pairs["models.limits"] = (names(defs["modelLimits"]), set(ModelLimits.model_fields))
+    pairs["models.defaults"] = (names(defs["modelDefaults"]), set(DEFAULTABLE_PARAMS))
+    sections = {"model", "text_to_image_model", "models", "stages", "storage", "job_store", "tracing", "auth"}
     pairs["app"] = (names(props["app"]), set(AppConfig.model_fields) - sections)
     mismatches = {
         section: {"only in the chart": sorted(chart - app), "missing from the chart": sorted(app - chart)}
@@ -507,8 +524,15 @@ def test_notes_warn_about_a_pinning_resource_no_group_offers(rendered):
     ({"stages": {"text_to_image": {"ray_actor_options": {"num_gpu": 1}}}}, "'num_gpu' not allowed"),
     ({"app": {"max_duration_s": 120}}, "/app/max_duration_s"),
     ({"app": {"max_segments": 0}}, "/app/max_segments"),
+    ({"stages": {"sampler": {"max_num_models_per_replica": 0}}}, "/stages/sampler/max_num_models_per_replica"),
+    ({"stages": {"sampler": {"maxNumModelsPerReplica": 2}}}, "'maxNumModelsPerReplica' not allowed"),
+    ({"modelCache": {"persistence": {"enable": True}}}, "'enable' not allowed"),
+    ({"modelCache": {"persistence": {"accessModes": ["ReadWriteAll"]}}}, "/modelCache/persistence/accessModes/0"),
+    ({"model": {"models": []}}, "'models' not allowed"),
+    ({"app": {"model_id": "svd/xt/1.1"}}, "/app/model_id"),
 ], ids=["workerGroup", "numReplicas", "stage-name", "group-key", "type", "storage-key", "redis-url-password", "enum",
-        "t2i-key", "t2i-dtype", "t2i-endpoint", "t2i-enabled", "t2i-stage-key", "max-duration", "max-segments"])
+        "t2i-key", "t2i-dtype", "t2i-endpoint", "t2i-enabled", "t2i-stage-key", "max-duration", "max-segments",
+        "max-models-min", "max-models-camel", "cache-persistence-key", "cache-access-mode", "models-misplaced", "model-id"])
 def test_values_typos_are_rejected(values, needle):
     with pytest.raises(helm_python.HelmValuesError, match=re.escape(needle)):
         hu.render(values)
@@ -684,6 +708,9 @@ def test_model_sources_and_credentials():
         assert "AWS_ACCESS_KEY_ID" not in env  # IRSA: no static keys
         cache = next(v for v in spec["volumes"] if v["name"] == "model-cache")
         assert cache["persistentVolumeClaim"]["claimName"] == "svd-serve-model-cache"
+    # ...the chart's own shared claim (modelCache.persistence).
+    claim = rendered.one("PersistentVolumeClaim", "svd-serve-model-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"] == "efs-sc"
     assert rendered.app_args["job_store"]["redis_url"].startswith("rediss://")
     assert rendered.app_args["model"]["cache_dir"] == "/models"
 
@@ -709,6 +736,206 @@ def test_cpu_smoke_runs_the_tiny_model_without_gpus():
         assert "svd-serve tiny-model --text-to-image /models/tiny-t2i" in init["command"][-1]
         for container in _containers(template):
             assert "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {}), group
+
+
+# -- model zoo and model cache ---------------------------------------------------------------------
+
+ZOO = [
+    {"id": "svd-xt", "source": "stabilityai/stable-video-diffusion-img2vid-xt-1-1", "preload": True},
+    {"id": "acme/svd-anime", "base": "svd-xt", "unet": "s3://models/svd-anime/unet.safetensors",
+     "defaults": {"motion_bucket_id": 160, "num_inference_steps": 20}},
+    {"id": "acme/svd-slowmo", "base": "svd-xt", "lora": "s3://models/loras/slowmo", "lora_scale": 0.8,
+     "dtype": "bf16", "variant": None, "revision": None},
+    {"id": "globex/svd-product", "base": "svd-xt", "lora": "/models/loras/product", "visibility": "private",
+     "tenant": "globex", "limits": {"max_num_frames": 14, "max_pixels": 589824, "max_long_side": 1024},
+     "description": "Globex only"},
+    {"id": "sdxl-turbo", "kind": "text-to-image", "source": "stabilityai/sdxl-turbo", "dtype": "fp16"},
+]
+
+
+def _model_entry():
+    try:
+        from serve.zoo.entry import ModelEntry
+    except ImportError as error:
+        pytest.skip(f"serve.zoo.entry.ModelEntry is not importable yet: {error}")
+    return ModelEntry
+
+
+def test_models_render_into_the_app_args():
+    """`models` goes to args.models as given (nulls included), only when it has entries; each entry is a
+    valid ModelEntry and the whole args a valid AppConfig."""
+    assert "models" not in hu.render().app_args
+    assert "models" not in hu.render({"models": []}).app_args
+    rendered = hu.render({"models": ZOO, "stages": {"sampler": {"max_num_models_per_replica": 3}}})
+    args = rendered.app_args
+    assert args["models"] == ZOO
+    assert hu.placement_errors(rendered.rayservice, args) == []
+    ModelEntry = _model_entry()
+    entries = [ModelEntry.model_validate(entry) for entry in args["models"]]
+    assert [e.id for e in entries if e.preload] == ["svd-xt"]
+    assert [e.id for e in entries if not e.visible_to("acme")] == ["globex/svd-product"]
+    config = _app_config().model_validate(args)
+    assert [m.id for m in config.models] == [e["id"] for e in ZOO]
+    assert config.stages.sampler.max_num_models_per_replica == 3
+    # app.model_id names the default model; null (the default) is left out.
+    assert "model_id" not in args
+    named = hu.render({"app": {"model_id": "svd-xt"}, "models": [{**ZOO[1], "base": "svd-xt"}]}).app_args
+    assert named["model_id"] == "svd-xt"
+    assert _app_config().model_validate(named).resolved_model_id() == "svd-xt"
+
+
+def test_max_num_models_per_replica_per_stage():
+    """Set per stage under `stages.<stage>`; null (the default) leaves it out: the application derives it."""
+    default = hu.render().app_args["stages"]
+    assert not any("max_num_models_per_replica" in stage for stage in default.values())
+    values = {"stages": {"sampler": {"max_num_models_per_replica": 2}, "image_encoder": {"max_num_models_per_replica": 6},
+                         "decoder": {"max_num_models_per_replica": 4}, "text_to_image": {"max_num_models_per_replica": 1}}}
+    stages = hu.render(values).app_args["stages"]
+    assert {name: stage.get("max_num_models_per_replica") for name, stage in stages.items()} == {
+        "sampler": 2, "image_encoder": 6, "decoder": 4, "text_to_image": 1,
+        "video_encoder": None, "ingress": None, "runner": None}
+
+
+def test_production_zoo():
+    rendered = hu.render_file(hu.CI_VALUES_DIR / "gpu-production-values.yaml")
+    args = rendered.app_args
+    assert args["model_id"] == "svd-xt"  # the default model, base of the fine-tunes
+    models = {m["id"]: m for m in args["models"]}
+    assert len(models) == 4
+    assert [i for i, m in models.items() if m.get("preload")] == ["svd"]
+    assert [i for i, m in models.items() if m.get("lora")] == ["acme/svd-slowmo", "globex/svd-product"]
+    assert [i for i, m in models.items() if m.get("unet")] == ["acme/svd-anime"]
+    assert models["globex/svd-product"]["visibility"] == "private" and models["globex/svd-product"]["tenant"] == "globex"
+    assert all(m.get("base") in (None, "svd-xt") for m in models.values())
+    assert args["stages"]["sampler"]["max_num_models_per_replica"] == 3
+    config = _app_config().model_validate(args)
+    assert config.resolved_model_id() == "svd-xt" and len(config.models) == 4
+
+
+# Entries the schema rejects, with the path/message it names. ModelEntry must reject each one too.
+BAD_ENTRIES = {
+    "id-pattern": ({"id": "-svd", "source": "x"}, "/models/0/id"),
+    "id-two-slashes": ({"id": "a/b/c", "source": "x"}, "/models/0/id"),
+    "id-too-long": ({"id": "m" * 129, "source": "x"}, "/models/0/id"),
+    "id-missing": ({"source": "x"}, "missing property 'id'"),
+    "unknown-key": ({"id": "m", "source": "x", "sorce": "y"}, "'sorce' not allowed"),
+    "private-without-tenant": ({"id": "m", "source": "x", "visibility": "private"}, "missing property 'tenant'"),
+    "private-null-tenant": ({"id": "m", "source": "x", "visibility": "private", "tenant": None}, "/models/0/tenant"),
+    "public-with-tenant": ({"id": "m", "source": "x", "tenant": "acme"}, "/models/0/tenant"),
+    "neither-source-nor-base": ({"id": "m"}, "missing property 'source'"),
+    "source-and-base": ({"id": "m", "source": "x", "base": "svd-xt", "unet": "u"}, "/models/0/source"),
+    "base-without-weights": ({"id": "m", "base": "svd-xt"}, "missing property 'lora'"),
+    "t2i-fine-tune": ({"id": "m", "kind": "text-to-image", "base": "b", "lora": "l"}, "/models/0/base"),
+    "kind": ({"id": "m", "source": "x", "kind": "video"}, "/models/0/kind"),
+    "lora-scale-zero": ({"id": "m", "source": "x", "lora_scale": 0}, "/models/0/lora_scale"),
+    "lora-scale-high": ({"id": "m", "source": "x", "lora_scale": 4.5}, "/models/0/lora_scale"),
+    "dtype": ({"id": "m", "source": "x", "dtype": "float16"}, "/models/0/dtype"),
+    "variant": ({"id": "m", "source": "x", "variant": "fp32"}, "/models/0/variant"),
+    "visibility": ({"id": "m", "source": "x", "visibility": "secret"}, "/models/0/visibility"),
+    "defaults-key": ({"id": "m", "source": "x", "defaults": {"seed": 1}}, "'seed' not allowed"),
+    "defaults-range": ({"id": "m", "source": "x", "defaults": {"motion_bucket_id": 300}}, "motion_bucket_id"),
+    "limits-key": ({"id": "m", "source": "x", "limits": {"max_frames": 14}}, "'max_frames' not allowed"),
+    "limits-frames": ({"id": "m", "source": "x", "limits": {"max_num_frames": 26}}, "max_num_frames"),
+    "empty-source": ({"id": "m", "source": ""}, "/models/0/source"),
+}
+
+
+@pytest.mark.parametrize("entry, needle", BAD_ENTRIES.values(), ids=BAD_ENTRIES.keys())
+def test_bad_model_entries_are_rejected_like_the_app_does(entry, needle):
+    with pytest.raises(helm_python.HelmValuesError, match=re.escape(needle)):
+        hu.render({"models": [entry]})
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):  # the schema is no stricter than the application
+        _model_entry().model_validate(entry)
+
+
+@pytest.mark.parametrize("models, needle", [
+    ([ZOO[0], {**ZOO[1], "id": "svd-xt"}], 'the id "svd-xt" is used twice'),
+    ([ZOO[4], {"id": "m", "base": "sdxl-turbo", "lora": "l"}], "a fine-tune's base must be image-to-video"),
+], ids=["duplicate-id", "text-to-image-base"])
+def test_inconsistent_zoo_fails_with_a_clear_message(models, needle):
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(needle)):
+        hu.render({"models": models})
+
+
+def test_every_ray_container_gets_the_model_cache(rendered):
+    """Every Ray container (head included, for `svd-serve models add`) mounts the cache where the app's
+    cache_dir and SVD_SERVE_CACHE_DIR point."""
+    args = rendered.app_args
+    cache_dir = args["model"]["cache_dir"]
+    for group, template in hu.pod_templates(rendered.rayservice):
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        container = template["spec"]["containers"][0]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "model-cache")
+        assert mount["mountPath"] == cache_dir and "subPath" not in mount, group
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["SVD_SERVE_CACHE_DIR"] == cache_dir, group
+        assert env["HF_HOME"] == f"{cache_dir}/huggingface", group
+        claim = volumes["model-cache"].get("persistentVolumeClaim", {}).get("claimName")
+        if claim and rendered.of_kind("PersistentVolumeClaim"):
+            rendered.one("PersistentVolumeClaim", claim)
+
+
+@requires_crds
+def test_model_cache_volume_choices():
+    # Default: an emptyDir per pod, no claim.
+    default = hu.render()
+    assert not default.of_kind("PersistentVolumeClaim")
+    for _, template in hu.pod_templates(default.rayservice):
+        cache = next(v for v in template["spec"]["volumes"] if v["name"] == "model-cache")
+        assert cache["emptyDir"]["sizeLimit"] == "40Gi"
+
+    # The chart's own claim, shared by every pod; the RayService still validates against KubeRay's CRD.
+    values = {"modelCache": {"mountPath": "/models-cache", "persistence": {
+        "enabled": True, "size": "300Gi", "storageClassName": "filestore",
+        "annotations": {"helm.sh/resource-policy": "keep"}}}, "models": ZOO[:2]}
+    rendered = hu.render(values, release="zoo")
+    claim = rendered.one("PersistentVolumeClaim")
+    hu.k8s_validate(claim)
+    assert claim["metadata"]["name"] == "zoo-svd-serve-model-cache"
+    assert claim["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "storageClassName": "filestore",
+                             "resources": {"requests": {"storage": "300Gi"}}}
+    assert rendered.app_args["model"]["cache_dir"] == rendered.app_args["text_to_image_model"]["cache_dir"] == "/models-cache"
+    templates = list(hu.pod_templates(rendered.rayservice))
+    assert len(templates) == 4  # head + three worker groups
+    for group, template in templates:
+        cache = next(v for v in template["spec"]["volumes"] if v["name"] == "model-cache")
+        assert cache == {"name": "model-cache", "persistentVolumeClaim": {"claimName": "zoo-svd-serve-model-cache"}}
+        container = template["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["SVD_SERVE_CACHE_DIR"] == "/models-cache" and env["HF_HOME"] == "/models-cache/huggingface"
+        assert {"name": "model-cache", "mountPath": "/models-cache"} in container["volumeMounts"]
+        hu.k8s_validate(hu.as_pod(f"ray-{group}", template))
+    schema = hu.crd_schema()
+    assert hu.crd_errors(rendered.rayservice, schema) == []
+    assert hu.unknown_fields(rayservice := rendered.rayservice, schema) == []
+    assert hu.kuberay_errors(rayservice) == []
+    assert "ReadWriteMany" not in rendered.notes
+
+    # An existing claim wins over the chart's own: no claim is created.
+    existing = hu.render({"modelCache": {"existingClaim": "shared-models", "persistence": {"enabled": True}}})
+    assert not existing.of_kind("PersistentVolumeClaim")
+    for _, template in hu.pod_templates(existing.rayservice):
+        cache = next(v for v in template["spec"]["volumes"] if v["name"] == "model-cache")
+        assert cache["persistentVolumeClaim"]["claimName"] == "shared-models"
+
+    # A ReadWriteOnce claim only works on one node: NOTES.txt says so.
+    rwo = hu.render({"modelCache": {"persistence": {"enabled": True, "accessModes": ["ReadWriteOnce"]}}})
+    assert "modelCache.persistence.accessModes has no ReadWriteMany" in rwo.notes
+
+
+def test_tiny_model_lands_on_the_shared_cache():
+    """The CPU smoke test's tiny models are written into the cache volume, so a shared claim serves them too."""
+    rendered = hu.render({**hu.load_values(hu.CI_VALUES_DIR / "cpu-smoke-values.yaml"),
+                          "modelCache": {"persistence": {"enabled": True, "accessModes": ["ReadWriteOnce"]}}})
+    assert rendered.app_args["model"]["source"] == "/models/tiny-svd"
+    for _, template in hu.pod_templates(rendered.rayservice):
+        (init,) = template["spec"]["initContainers"]
+        assert {"name": "model-cache", "mountPath": "/models"} in init["volumeMounts"]
+        cache = next(v for v in template["spec"]["volumes"] if v["name"] == "model-cache")
+        assert cache["persistentVolumeClaim"]["claimName"] == "svd-serve-model-cache"
 
 
 # -- plain manifests --------------------------------------------------------------------------------

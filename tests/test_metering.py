@@ -4,7 +4,10 @@ over a real tenants file."""
 
 from __future__ import annotations
 
+import json
 import math
+import random
+import sqlite3
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -16,18 +19,23 @@ from fixtures_redis import redis_server, start_redis_server, unique_prefix  # no
 from serve.api.errors import install_error_handlers
 from serve.config import JobStoreConfig, StagesConfig
 from serve.jobstore import Job, JobError, JobOutput, JobStatus, JobStoreError, make_job_store
+import serve.metering.redis as redis_ledger_module
+import serve.metering.sqlite as sqlite_ledger_module
 from serve.metering import (
     DEFAULT_USAGE_RETENTION_S,
+    UNKNOWN_MODEL,
     metered_stages,
     RedisUsageLedger,
     SqliteUsageLedger,
     UsageLedger,
     UsageRecord,
+    UsageSummary,
     gpu_share_from_config,
     make_usage_ledger,
     usage_record_for,
 )
-from serve.metering.api import resolve_window, usage_router
+from serve.metering.api import MAX_MODEL_CHARS, resolve_window, usage_router
+from serve.metering.models import _ExactSum
 from serve.tenants import TenantRegistry, add_tenant
 
 BACKENDS = ["sqlite", "redis"]
@@ -45,14 +53,14 @@ TIMINGS = {"image_encode": 0.3, "sampling": 12.7, "decode": 2.9, "video_encode":
 
 
 def make_job(tenant: str = "alice", status: JobStatus = JobStatus.COMPLETED, *, timings: dict | None = None,
-             code: str | None = None, finished_at: datetime = T0, **params) -> Job:
+             code: str | None = None, finished_at: datetime = T0, model: str = "svd-xt", **params) -> Job:
     params = {"num_frames": 14, "fps": 7, "output_fps": None, **params}
     # The clip the final stage reports: its frames at the playback rate (output_fps, else fps).
     fps = params["output_fps"] or params["fps"]
     output = JobOutput(key="k", content_type="video/mp4", file_name="v.mp4", file_size=1,
                        num_frames=params["num_frames"], fps=fps, duration_s=params["num_frames"] / fps)
     return Job(
-        tenant=tenant, status=status, finished_at=finished_at,
+        tenant=tenant, status=status, finished_at=finished_at, model=model,
         timings=dict(TIMINGS if timings is None else timings), params=params,
         output=output if status is JobStatus.COMPLETED else None,
         error=JobError(code=code, message="x") if code is not None else None,
@@ -74,7 +82,7 @@ def test_gpu_share_comes_from_each_stage_num_gpus():
 def test_completed_job_record():
     rec = record_of()
     assert rec.outcome.value == "completed" and rec.charged and rec.error_code is None
-    assert rec.finished_at == T0 and rec.tenant == "alice"
+    assert rec.finished_at == T0 and rec.tenant == "alice" and rec.model == "svd-xt"
     assert rec.busy_seconds == {"text_to_image": 0.0, "image_encode": 0.3, "sampling": 12.7, "decode": 2.9, "video_encode": 0.4}
     assert rec.gpu_seconds == {"text_to_image": 0.0, "image_encode": 0.3 * 0.25, "sampling": 12.7, "decode": 2.9 * 0.5, "video_encode": 0.0}
     assert rec.video_seconds == 2.0  # 14 frames at fps 7
@@ -148,7 +156,7 @@ def make_ledger(request, tmp_path):
         opened.append(ledger)
         return ledger
 
-    factory.backend = backend
+    factory.backend, factory.location, factory.prefix = backend, location, prefix
     yield factory
     for ledger in opened:
         ledger.close()
@@ -268,6 +276,180 @@ def test_tenants_are_isolated(ledger):
     assert bob.gpu_seconds["sampling"] == 300.0
     assert all(r.tenant == "alice" for r in ledger.records("alice", start=T0, end=T0 + timedelta(days=1)))
     assert summary(ledger, "carol").jobs == 0
+
+
+# ---------------------------------------------------------------------------------------- by model
+
+FINETUNE = "acme/my-finetune"
+
+
+def test_record_carries_the_job_model():
+    assert record_of(model=FINETUNE).model == FINETUNE
+    # A job that named no model (Job.model defaults to "") is recorded without one: "unknown".
+    rec = record_of(model="")
+    assert rec.model is None and rec.model_key == UNKNOWN_MODEL == "unknown"
+    assert UsageRecord.model_validate({**rec.model_dump(), "model": ""}).model is None
+
+
+def test_old_record_json_without_model_loads():
+    legacy = json.loads(record_of().model_dump_json())
+    del legacy["model"]
+    rec = UsageRecord.model_validate_json(json.dumps(legacy))
+    assert rec.model is None and rec.model_key == UNKNOWN_MODEL
+    summary_ = UsageSummary.of("alice", T0, T0, [rec])
+    assert list(summary_.by_model) == [UNKNOWN_MODEL] and summary_.by_model[UNKNOWN_MODEL].completed == 1
+
+
+def write_legacy(make_ledger, ledger, rec: UsageRecord) -> None:
+    """Store ``rec`` as a ledger written before records carried a model would have."""
+    assert ledger.record(rec)
+    if make_ledger.backend == "sqlite":
+        legacy = json.loads(rec.model_dump_json())
+        del legacy["model"]
+        with sqlite3.connect(make_ledger.location) as conn:
+            conn.execute("UPDATE usage_records SET data = ? WHERE job_id = ?", (json.dumps(legacy), rec.job_id))
+        conn.close()
+    else:
+        import redis
+
+        client = redis.Redis.from_url(make_ledger.location, decode_responses=True)
+        assert client.hdel(f"{make_ledger.prefix}:usage:rec:{rec.job_id}", "model") == (rec.model is not None)
+        client.close()
+
+
+def test_ledgers_store_the_model_and_read_old_records_without_it(make_ledger):
+    ledger = make_ledger()
+    new, old = record_of(model=FINETUNE), record_of(finished_at=T0 + timedelta(seconds=1))
+    ledger.record(new)
+    write_legacy(make_ledger, ledger, old)
+    assert ledger.get(new.job_id) == new and ledger.get(new.job_id).model == FINETUNE
+    assert ledger.get(old.job_id).model is None
+    assert ledger.get(old.job_id) == old.model_copy(update={"model": None})
+    s = summary(ledger)
+    assert list(s.by_model) == [FINETUNE, UNKNOWN_MODEL]
+    assert s.by_model[UNKNOWN_MODEL].completed == s.by_model[FINETUNE].completed == 1
+    # The stable key selects the records with no model.
+    assert [r.job_id for r in ledger.records("alice", start=T0, end=T0 + timedelta(days=1),
+                                             model=UNKNOWN_MODEL)] == [old.job_id]
+    assert ledger.summary("alice", start=T0, end=T0 + timedelta(days=1), model=UNKNOWN_MODEL).completed == 1
+
+
+def two_models(ledger) -> dict[str, list[UsageRecord]]:
+    """Alice's month: svd-xt and a fine-tune, charged and not, and one record with no model; Bob
+    uses the fine-tune's id too (the same id, another tenant's jobs)."""
+    recs = {
+        "svd-xt": [
+            record_of(finished_at=T0, timings={"image_encode": 0.31, "sampling": 12.71, "decode": 2.93}),
+            record_of(finished_at=T0 + timedelta(minutes=1), num_frames=25, output_fps=6,
+                      timings={"image_encode": 0.29, "sampling": 25.3, "decode": 4.1}),
+            record_of(status=JobStatus.CANCELLED, finished_at=T0 + timedelta(minutes=2), timings={"sampling": 3.3}),
+        ],
+        FINETUNE: [
+            record_of(model=FINETUNE, finished_at=T0 + timedelta(minutes=3), num_frames=21,
+                      timings={"image_encode": 0.1, "sampling": 7.77, "decode": 1.01, "video_encode": 0.2}),
+            record_of(model=FINETUNE, status=JobStatus.FAILED, code="internal_error",
+                      finished_at=T0 + timedelta(minutes=4)),
+            record_of(model=FINETUNE, status=JobStatus.FAILED, code="invalid_image",
+                      finished_at=T0 + timedelta(minutes=5), timings={"image_encode": 0.4}),
+        ],
+        UNKNOWN_MODEL: [record_of(model="", finished_at=T0 + timedelta(minutes=6), num_frames=7)],
+    }
+    for rec in (r for group in recs.values() for r in group):
+        assert ledger.record(rec)
+    for i in range(2):
+        assert ledger.record(record_of("bob", model=FINETUNE, finished_at=T0 + timedelta(minutes=i),
+                                       timings={"sampling": 100.0}))
+    return recs
+
+
+def test_by_model_splits_a_tenants_usage(ledger):
+    recs = two_models(ledger)
+    s = summary(ledger)
+    assert list(s.by_model) == ["acme/my-finetune", "svd-xt", "unknown"]  # sorted, stable
+    assert (s.completed, s.failed, s.cancelled, s.charged, s.uncharged_failures) == (4, 2, 1, 6, 1)
+    xt, ft, unknown = s.by_model["svd-xt"], s.by_model[FINETUNE], s.by_model[UNKNOWN_MODEL]
+    assert (xt.completed, xt.failed, xt.cancelled, xt.charged, xt.uncharged_failures) == (2, 0, 1, 3, 0)
+    assert (ft.completed, ft.failed, ft.cancelled, ft.charged, ft.uncharged_failures) == (1, 2, 0, 2, 1)
+    assert (unknown.completed, unknown.jobs, unknown.charged) == (1, 1, 1)
+    for model, group in recs.items():
+        usage, charged = s.by_model[model], [r for r in group if r.charged]
+        # Each model's counters are exactly the sums over its own charged records.
+        assert usage.video_seconds == math.fsum(r.video_seconds for r in charged), model
+        assert usage.gpu_seconds_total == math.fsum(v for r in charged for v in r.gpu_seconds.values()), model
+        for stage in metered_stages():
+            assert usage.gpu_seconds[stage] == math.fsum(r.gpu_seconds[stage] for r in charged), (model, stage)
+            assert usage.busy_seconds[stage] == math.fsum(r.busy_seconds[stage] for r in charged), (model, stage)
+    assert xt.video_seconds == 2.0 + 25 / 6 and ft.video_seconds == 3.0 and unknown.video_seconds == 1.0
+    assert ft.gpu_seconds["image_encode"] == math.fsum([0.1 * 0.25, 0.4 * 0.25])  # the client error is charged
+    assert sum(u.jobs for u in s.by_model.values()) == s.jobs
+    assert summary(ledger, "carol").by_model == {}
+
+
+def test_model_filter_summarises_that_models_records_only(ledger):
+    recs = two_models(ledger)
+    whole = summary(ledger)
+    window = {"start": T0 - timedelta(days=1), "end": T0 + timedelta(days=1)}
+    for model in recs:
+        only = ledger.summary("alice", model=model, **window)
+        assert list(only.by_model) == [model]
+        # The filtered totals are that model's share of the unfiltered summary, field for field.
+        expected = whole.by_model[model].model_dump()
+        assert only.by_model[model].model_dump() == expected
+        assert {k: v for k, v in only.model_dump().items() if k in expected} == expected
+        assert [r.job_id for r in ledger.records("alice", model=model, **window)] == [r.job_id for r in recs[model]]
+        assert [r.job_id for r in ledger.records("alice", model=model, limit=1, **window)] == [recs[model][0].job_id]
+    nothing = ledger.summary("alice", model="svd", **window)  # ids match exactly, never by prefix
+    assert nothing.jobs == 0 and nothing.by_model == {} and nothing.gpu_seconds_total == 0.0
+    assert ledger.records("alice", model="svd", **window) == []
+
+
+def test_model_filter_never_crosses_tenants(ledger):
+    two_models(ledger)
+    window = {"start": T0 - timedelta(days=1), "end": T0 + timedelta(days=1)}
+    # Bob asking for svd-xt (only Alice used it) sees nothing; asking for the shared id, his own jobs.
+    bob = ledger.summary("bob", model="svd-xt", **window)
+    assert bob.jobs == 0 and bob.by_model == {} and bob.video_seconds == 0.0
+    assert ledger.records("bob", model="svd-xt", **window) == []
+    bob = ledger.summary("bob", model=FINETUNE, **window)
+    assert (bob.tenant, bob.completed, bob.gpu_seconds["sampling"]) == ("bob", 2, 200.0)
+    assert all(r.tenant == "bob" for r in ledger.records("bob", model=FINETUNE, **window))
+    assert ledger.summary("carol", model=FINETUNE, **window).jobs == 0
+
+
+def test_model_filter_streams_across_pages(ledger, monkeypatch):
+    monkeypatch.setattr(sqlite_ledger_module, "_PAGE", 2)
+    monkeypatch.setattr(redis_ledger_module, "_BATCH", 2)
+    models = ["svd-xt", FINETUNE, "svd-xt", "svd-xt", FINETUNE, "", "svd-xt"]
+    recs = [record_of(model=m, finished_at=T0 + timedelta(seconds=i), num_frames=7 * (i + 1))
+            for i, m in enumerate(models)]
+    for rec in recs:
+        ledger.record(rec)
+    s = summary(ledger)
+    assert {m: u.completed for m, u in s.by_model.items()} == {"svd-xt": 4, FINETUNE: 2, UNKNOWN_MODEL: 1}
+    assert s.by_model["svd-xt"].video_seconds == 1.0 + 3.0 + 4.0 + 7.0
+    window = {"start": T0, "end": T0 + timedelta(days=1)}
+    assert [r.job_id for r in ledger.records("alice", model="svd-xt", limit=3, **window)] == [
+        recs[i].job_id for i in (0, 2, 3)]
+    assert ledger.summary("alice", model=FINETUNE, **window).video_seconds == 2.0 + 5.0
+
+
+def test_exact_sum_is_fsum():
+    rng = random.Random(7)
+    for n in (0, 1, 2, 10, 1000):
+        values = [rng.choice([rng.random(), rng.uniform(0, 1e6), rng.uniform(0, 1e-6), 0.1]) for _ in range(n)]
+        acc = _ExactSum()
+        for v in values:
+            acc.add(v)
+        assert acc.value == math.fsum(values)
+    for special in ([math.inf, 1.0], [math.nan, 2.0]):
+        acc = _ExactSum()
+        for v in special:
+            acc.add(v)
+        assert repr(acc.value) == repr(math.fsum(special))
+    acc = _ExactSum()
+    with pytest.raises(OverflowError):  # like math.fsum([1e308, 1e308, ...])
+        acc.add(1e308)
+        acc.add(1e308)
 
 
 def test_purge_keeps_records_for_the_retention_period(make_ledger):
@@ -398,6 +580,11 @@ def test_usage_reports_the_callers_usage_only(usage_api):
         "jobs": {"completed": 2, "failed": 1, "cancelled": 0, "charged": 2, "uncharged_failures": 1},
         "video_seconds": 5.0,  # 14/7 + 21/7; the failure is not charged
         "gpu_seconds": {"total": math.fsum(list(gpu.values()) * 2), "by_stage": gpu2},
+        "by_model": {"svd-xt": {
+            "jobs": {"completed": 2, "failed": 1, "cancelled": 0, "charged": 2, "uncharged_failures": 1},
+            "video_seconds": 5.0,
+            "gpu_seconds": {"total": math.fsum(list(gpu.values()) * 2), "by_stage": gpu2},
+        }},
     }
 
     # A date as `to` includes that whole day; `from` may be a date-time with an offset.
@@ -407,6 +594,61 @@ def test_usage_reports_the_callers_usage_only(usage_api):
 
     bob = usage_api.get("/v1/usage?from=2030-01-01", headers=auth(usage_api, "bob")).json()
     assert bob["tenant"] == "bob" and bob["jobs"]["completed"] == 1 and bob["video_seconds"] == 10.0
+
+
+def test_usage_by_model_and_model_filter(usage_api):
+    ledger = usage_api.ledger
+    march = datetime(2030, 3, 15, tzinfo=timezone.utc)
+    ledger.record(record_of("alice", finished_at=march))
+    ledger.record(record_of("alice", finished_at=march, model=FINETUNE, num_frames=21))
+    ledger.record(record_of("alice", finished_at=march, model=FINETUNE, status=JobStatus.FAILED, code="worker_lost"))
+    ledger.record(record_of("bob", finished_at=march, model="bob/private", num_frames=70))
+
+    body = usage_api.get("/v1/usage", headers=auth(usage_api)).json()
+    assert list(body["by_model"]) == [FINETUNE, "svd-xt"]
+    assert body["by_model"][FINETUNE]["jobs"] == {"completed": 1, "failed": 1, "cancelled": 0, "charged": 1,
+                                                  "uncharged_failures": 1}
+    assert body["by_model"][FINETUNE]["video_seconds"] == 3.0 and body["by_model"]["svd-xt"]["video_seconds"] == 2.0
+    assert body["jobs"]["completed"] == 2 and body["video_seconds"] == 5.0
+    assert set(body["by_model"]["svd-xt"]["gpu_seconds"]["by_stage"]) == set(metered_stages())
+
+    # The filter (URL-encoded or not): the totals and by_model are that model's only.
+    for query in ("model=acme/my-finetune", "model=acme%2Fmy-finetune"):
+        only = usage_api.get(f"/v1/usage?{query}", headers=auth(usage_api)).json()
+        assert list(only["by_model"]) == [FINETUNE] and only["by_model"][FINETUNE] == body["by_model"][FINETUNE]
+        assert (only["jobs"], only["video_seconds"], only["gpu_seconds"]) == (
+            body["by_model"][FINETUNE]["jobs"], 3.0, body["by_model"][FINETUNE]["gpu_seconds"])
+
+    # A tenant only ever sees its own usage: Bob asking for Alice's model, Alice for Bob's, see nothing.
+    for tenant, model in (("bob", FINETUNE), ("bob", "svd-xt"), ("alice", "bob/private")):
+        response = usage_api.get("/v1/usage", params={"model": model}, headers=auth(usage_api, tenant))
+        assert response.status_code == 200, response.text
+        other = response.json()
+        assert other["tenant"] == tenant and other["by_model"] == {}
+        assert sum(other["jobs"].values()) == 0 and other["video_seconds"] == 0.0
+        assert other["gpu_seconds"]["total"] == 0.0
+    bob = usage_api.get("/v1/usage", params={"model": "bob/private"}, headers=auth(usage_api, "bob")).json()
+    assert list(bob["by_model"]) == ["bob/private"] and bob["video_seconds"] == 10.0
+
+
+@pytest.mark.parametrize("model, message", [
+    ("", "must not be empty"),
+    ("   ", "must not be empty"),
+    ("x" * (MAX_MODEL_CHARS + 1), f"at most {MAX_MODEL_CHARS} characters"),
+    ("svd\nxt", "control characters"),
+    ("svd\x00xt", "control characters"),
+])
+def test_usage_rejects_a_bad_model_filter(usage_api, model, message):
+    response = usage_api.get("/v1/usage", params={"model": model}, headers=auth(usage_api))
+    assert_error(response, 422, "invalid_parameter", message)
+    assert len(response.text) < 500  # the value is not echoed back
+    # Authentication still comes first.
+    assert_error(usage_api.get("/v1/usage", params={"model": model}), 401, "unauthorized")
+
+
+def test_usage_accepts_the_longest_model_filter(usage_api):
+    response = usage_api.get("/v1/usage", params={"model": "m" * MAX_MODEL_CHARS}, headers=auth(usage_api))
+    assert response.status_code == 200 and response.json()["by_model"] == {}
 
 
 def test_default_window_follows_to():

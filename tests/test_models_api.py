@@ -48,7 +48,9 @@ def test_the_openai_sdk_lists_and_retrieves_the_models(api):
         "max_duration_s": 6.0, "max_segments": 3, "max_num_frames": 64, "max_pixels": MAX_PIXELS,
         "max_size": "1536x864", "min_side": 64, "max_long_side": 1536, "size_multiple": 8,
         "max_inference_steps": 150, "max_output_fps": 100, "max_output_fps_interpolated": 60}
-    assert t2i.model_extra == {"kind": "text-to-image", "used_for": "text-to-video first frame"}
+    assert extra["default"] is True and extra["visibility"] == "public"
+    assert t2i.model_extra == {"kind": "text-to-image", "used_for": "text-to-video first frame", "visibility": "public",
+                               "description": "makes text-to-video's first frame"}
 
     retrieved = sdk(api).models.retrieve(VIDEO_MODEL)  # the SDK sends the "/" as %2F
     assert retrieved.id == VIDEO_MODEL and retrieved.model_extra["limits"] == extra["limits"]

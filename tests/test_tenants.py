@@ -241,7 +241,7 @@ def api(tmp_path):
         "job_store": {"sqlite_path": str(tmp_path / "jobs.sqlite3")},
     })
 
-    async def model_info():
+    async def model_info(model_id=None):
         return {"num_frames": 14}
 
     service = VideoService(config, store=make_job_store(config.job_store), storage=make_storage(config.storage),

@@ -39,6 +39,9 @@ from pipelines.loader.layout import _check_local_dir, _index_components, _read_m
 from pipelines.loader.layout import _component_filter  # noqa: F401 - imported from here by the tests
 from pipelines.loader.local import _load_component
 from pipelines.loader.s3 import S3SyncResult, sync_s3
+from pipelines.loader.fingerprint import component_fingerprint, file_fingerprint
+from pipelines.loader.shared import SharedComponents, load_components_shared
+from pipelines.loader.unet_checkpoint import load_unet_checkpoint, write_unet_checkpoint
 from pipelines.loader.spec import (
     CACHE_DIR_ENV,
     DEFAULT_CACHE_DIR,
@@ -59,6 +62,12 @@ __all__ = [
     "PIPELINE_COMPONENTS",
     "ModelSpec",
     "S3SyncResult",
+    "SharedComponents",
+    "component_fingerprint",
+    "file_fingerprint",
+    "load_components_shared",
+    "load_unet_checkpoint",
+    "write_unet_checkpoint",
     "load_components",
     "load_stage_components",
     "load_pipeline",

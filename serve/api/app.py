@@ -15,6 +15,7 @@ from .models import router as models_router
 from ..jobstore import Job, JobStatus
 from ..tenants import Tenant, TenantRegistry
 from .compat import compat_routers
+from .compat.fal.routes import zoo_router as fal_zoo_router
 from .playground import playground_router
 from .errors import APIError, ErrorBody, RequestTooLarge, install_error_handlers
 from .base_url import public_base_url
@@ -256,6 +257,8 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
                            {"Retry-After": "5"}) from None
         return {"status": "ready"}
 
+    # Last: fal app ids of zoo models match any /{owner}/{alias} path the routes above do not.
+    app.include_router(fal_zoo_router(service, tenants, on_ended=on_ended))
     return app
 
 

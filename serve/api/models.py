@@ -2,17 +2,19 @@
 of OpenAI's Models API (``client.models.list()`` / ``retrieve(id)`` of the ``openai`` SDK read it),
 with this service's own fields beside OpenAI's (docs/compatibility.md, "Models").
 
-Two entries at most: the video model (``config.model.source``, kind ``image-to-video``) with what
-a request may ask of it (``limits``, ``interpolation``, ``default_num_frames``, whether it takes a
-prompt alone: ``text_to_video``), and the text-to-image model that makes text-to-video's first
-frame when one is configured (``config.text_to_image_model``). A model the tenant's
-``allowed_models`` excludes is not listed, and retrieving it is the native 404, as for an unknown
-id. Ids are Hugging Face repo ids (``org/name``), so the route's id is a path; the video model also
-answers to its last path part, as the ``model`` request field does.
+The entries are the model zoo (:class:`serve.zoo.ModelCatalog`): the default video model first,
+then the text-to-image model that makes text-to-video's first frame, then every other declared or
+registered model, each with what a request may ask of it (``limits``, ``model_limits``, its
+``defaults``, ``interpolation``, ``default_num_frames``, whether it takes a prompt alone:
+``text_to_video``). A model the tenant may not see (another tenant's private model) or use (its
+``allowed_models``) is not listed, and retrieving it is the native 404, as for an unknown id. Ids
+may be ``org/name``, so the route's id is a path; the default model also answers to its source
+and the source's last path part, as the ``model`` request field does.
 """
 
 # No ``from __future__ import annotations``: FastAPI resolves the routes' ``TenantDep`` annotations
 # at runtime, and it is local to ``router``.
+import asyncio
 import logging
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
@@ -25,6 +27,7 @@ from pipelines.params import (MAX_INTERPOLATED_FPS, MAX_LONG_SIDE, MAX_PIXELS, M
                               GenerationParams, Interpolation)
 
 from ..tenants import Tenant
+from ..zoo import ModelEntry, ModelLimits, allows
 from .errors import APIError, ErrorBody
 from .schemas import MODEL_MAX_FRAMES
 
@@ -85,11 +88,20 @@ class ModelObject(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(description="The model's source (config model.source / text_to_image_model.source).")
+    id: str = Field(description="What requests send as model (GET /v1/models/{id}).")
     object: Literal["model"] = "model"
     created: int = Field(default=CREATED, description="Always 0: the weights carry no creation time.")
-    owned_by: str = Field(description="The Hugging Face organisation of the source, else svd-serve.")
+    owned_by: str = Field(description="The tenant of a private model, else the Hugging Face organisation of the "
+                          "source, else svd-serve.")
     kind: Literal["image-to-video", "text-to-image"]
+    description: str | None = Field(default=None, description="What the operator says about it.")
+    visibility: Literal["public", "private"] = Field(default="public", description="private: only its tenant sees it.")
+    base: str | None = Field(default=None, description="A fine-tune: the model it is based on.")
+    fine_tune: Literal["unet", "lora", "unet+lora"] | None = Field(
+        default=None, description="A fine-tune's kind: its own U-Net, a LoRA adapter on its base's, or both.")
+    default: bool | None = Field(default=None, description="The model a request without model gets.")
+    defaults: dict[str, Any] | None = Field(default=None, description="Parameters its requests get unless given.")
+    model_limits: ModelLimits | None = Field(default=None, description="This model's own bounds per request.")
     revision: str | None = Field(default=None, description="The Hub revision loaded (null: main).")
     used_for: str | None = Field(default=None, description="What this service uses the model for.")
     text_to_video: bool | None = Field(
@@ -134,28 +146,33 @@ async def default_num_frames(service: "VideoService") -> int | None:
 
 
 async def models_for(service: "VideoService", tenant: Tenant) -> list[ModelObject]:
-    """The entries this tenant may see: the video model, then the text-to-image model."""
-    config = service.config
-    policy = tenant.policy
+    """The entries this tenant may see and use, the default model first."""
+    catalog = service.catalog
+    entries = await asyncio.to_thread(catalog.visible, tenant.policy, tenant.name)
+    return [await _model_object(service, tenant, entry) for entry in entries]
+
+
+async def _model_object(service: "VideoService", tenant: Tenant, entry: ModelEntry) -> ModelObject:
+    catalog, config, policy = service.catalog, service.config, tenant.policy
+    common = dict(id=entry.id, created=entry.created, owned_by=entry.owned_by, kind=entry.kind,
+                  revision=entry.revision, description=entry.description or None, visibility=entry.visibility)
+    if entry.kind == "text-to-image":
+        used = "text-to-video first frame" if entry.id == catalog.text_to_image_id else "not used by this deployment"
+        return ModelObject(**common, used_for=used)
     text_to_image: ModelSpec | None = config.text_to_image_model
-    entries = []
-    video = config.model
-    if policy.allows_model(video.source):
-        entries.append(ModelObject(
-            id=video.source, owned_by=owner_of(video.source), kind="image-to-video", revision=video.revision,
-            used_for="image-to-video, and text-to-video from its first frame" if text_to_image else "image-to-video",
-            text_to_video=text_to_image is not None,
-            text_to_image_model=text_to_image.source if text_to_image else None,
-            default_num_frames=await default_num_frames(service),
-            interpolation=list(get_args(Interpolation)), limits=limits(service),
-            tenant_limits=TenantLimits(max_num_frames=policy.max_num_frames, max_pixels=policy.max_pixels,
-                                       max_long_side=policy.max_long_side,
-                                       max_inference_steps=policy.max_inference_steps)))
-    if text_to_image is not None and policy.allows_model(text_to_image.source):
-        entries.append(ModelObject(id=text_to_image.source, owned_by=owner_of(text_to_image.source),
-                                   kind="text-to-image", revision=text_to_image.revision,
-                                   used_for="text-to-video first frame"))
-    return entries
+    is_default = entry.id == catalog.default_id
+    frames = entry.defaults.get("num_frames") or (await default_num_frames(service) if is_default else None)
+    fine_tune = "+".join(kind for kind, given in (("unet", entry.unet), ("lora", entry.lora)) if given) or None
+    return ModelObject(
+        **common, base=entry.base, fine_tune=fine_tune, default=is_default, defaults=dict(entry.defaults) or None,
+        model_limits=entry.limits if entry.limits != ModelLimits() else None,
+        used_for="image-to-video, and text-to-video from its first frame" if text_to_image else "image-to-video",
+        text_to_video=text_to_image is not None,
+        text_to_image_model=catalog.text_to_image_id if text_to_image else None,
+        default_num_frames=frames, interpolation=list(get_args(Interpolation)), limits=limits(service),
+        tenant_limits=TenantLimits(max_num_frames=policy.max_num_frames, max_pixels=policy.max_pixels,
+                                   max_long_side=policy.max_long_side,
+                                   max_inference_steps=policy.max_inference_steps))
 
 
 def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None) -> APIRouter:
@@ -178,9 +195,9 @@ def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None)
     @api.get("/v1/models/{model_id:path}", response_model=ModelObject, response_model_exclude_none=True,
              responses=REJECTIONS, summary="One model (its id contains '/': e.g. /v1/models/stabilityai/...)")
     async def retrieve_model(model_id: str, tenant: TenantDep):
-        for entry in await models_for(service, tenant):
-            if entry.id == model_id or (entry.kind == "image-to-video" and service.serves_model(model_id)):
-                return render(entry)
+        entry = await asyncio.to_thread(service.catalog.get, model_id)
+        if entry is not None and entry.visible_to(tenant.name) and allows(tenant.policy, entry):
+            return render(await _model_object(service, tenant, entry))
         raise APIError(404, "not_found", f"model {model_id[:200]!r} not found")
 
     return api

@@ -148,8 +148,8 @@ class CreateVideoRequest(GenerationParams):
                                description="Without an image: text-to-video (the text-to-image stage makes the first "
                                "frame from it). With an image it is stored with the job and shown back (SVD "
                                "animates the image; it takes no text).")
-    model: str | None = Field(default=None, description="The model to use: must name the model this service runs "
-                              "(its source, or the source's last path component); omit it for that model.")
+    model: str | None = Field(default=None, max_length=256, description="The model to use: an id GET /v1/models "
+                              "lists (the default model also by its source); omit it for the default model.")
     seconds: str | float | None = Field(
         default=None, description="Clip length instead of num_frames: frames = round(seconds x output fps), "
         "at most the model's and the tenant's frame limits (docs/compatibility.md).")

@@ -7,8 +7,10 @@ another tenant's job id behaves exactly like a missing one.
 Admission applies the tenant's policy (``serve.tenants.TenantPolicy``, see docs/tenants.md) before
 anything is stored, in this order:
 
-1. the deployed model is not in ``allowed_models``: 403 ``model_not_allowed``; a request that
-   names a ``model`` must name the deployed one (422 ``invalid_parameter``);
+1. the model: ``model`` (none: the default model) must name a model of the zoo this tenant may
+   see (404 ``model_not_found``: unknown, or another tenant's private model) and that its
+   ``allowed_models`` admits (403 ``model_not_allowed``); its defaults fill what the request left
+   out (over the deployment's ``default_params``), and its limits bound the request (422);
 2. a known ``Idempotency-Key``: the existing job is returned (or 409 if the request differs). A
    replay is looked up *before* the quota checks, so a retried submit never spends a rate-limit
    token and is never refused for a quota (a race with a concurrent first submit can still
@@ -64,6 +66,7 @@ from ..storage import ObjectNotFound, Storage, job_key, job_prefix
 from ..telemetry import current_carrier, log_extra, tracer
 from ..tenants import Tenant, TenantPolicy
 from ..urlguard import URLPolicy, guarded_client
+from ..zoo import ModelCatalog, ModelEntry, ModelNotAllowedError, UnknownModelError
 from ..webhooks import check_webhook_url, normalize_events
 from .errors import APIError, NotFoundError
 from .schemas import MAX_PROMPT_CHARS, MODEL_MAX_FRAMES, VideoJob, frames_for_seconds, invalid
@@ -112,10 +115,12 @@ class VideoService:
         *,
         store: JobStore,
         storage: Storage,
-        model_info: Callable[[], Awaitable[dict[str, Any]]],
+        model_info: Callable[..., Awaitable[dict[str, Any]]],
         text_to_image_info: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        catalog: ModelCatalog | None = None,
     ) -> None:
         self.config = config
+        self.catalog = catalog if catalog is not None else ModelCatalog(config, None)
         self.store = store
         self.storage = storage
         self.model_info = model_info
@@ -156,7 +161,7 @@ class VideoService:
         """Validate, store the image (none for text-to-video: ``params.prompt`` instead), write
         the job. Raises for anything the client must fix.
         ``webhook_format`` names the adapter whose webhook shape the job's events take; ``prompt``
-        is stored with the job; ``model``, if given, must name the deployed model; ``seconds``
+        is stored with the job; ``model`` names a model of the zoo (None: the default); ``seconds``
         (instead of ``params.num_frames``) sets the clip's length."""
         events = sorted(normalize_events(webhook_events)) if webhook_events else []
         if events and not webhook_url:
@@ -167,40 +172,36 @@ class VideoService:
             raise invalid("prompt", f"at most {MAX_PROMPT_CHARS} characters")
         policy = tenant.policy
         with tracer().start_as_current_span("admission", attributes={"svd.tenant": tenant.name}) as span:
-            if not policy.allows_model(self.config.model.source):
-                raise APIError(403, "model_not_allowed",
-                               "this tenant may not use the model this service runs "
-                               f"(allowed_models: {', '.join(policy.allowed_models)})")
+            entry = self.model_for(tenant, model)
+            span.set_attribute("svd.model", entry.id)
             if (params.text_to_video and self.config.text_to_image_model is not None
                     and not policy.allows_model(self.config.text_to_image_model.source)):
                 raise APIError(403, "model_not_allowed",
                                "this tenant may not use the text-to-image model that makes text-to-video's first "
                                f"frame (allowed_models: {', '.join(policy.allowed_models)}); send an image")
-            if model is not None and not self.serves_model(model):
-                raise invalid("model", f"{model!r} is not served here; this service runs "
-                                       f"{self.config.model.source!r}: name it, or omit model")
-            params = self.with_defaults(params, seconds_given=seconds is not None)
+            params = self.with_defaults(params, seconds_given=seconds is not None, model=entry)
             if seconds is not None:
                 if params.num_frames is not None or params.duration_s is not None:
                     raise invalid("seconds", "give seconds, or num_frames or duration_s, not both")
                 if params.interpolates:  # retimed frames span the clip's length: seconds is that length
                     params = GenerationParams.model_validate({**params.model_dump(), "duration_s": seconds})
                 else:
-                    params = self.params_for_seconds(policy, params, seconds)
+                    params = self.params_for_seconds(policy, params, seconds, model=entry)
             self.check_source(image, params)
             fingerprint = hashlib.sha256(
                 hashlib.sha256(image or b"").digest() + params.model_dump_json().encode()
                 + json.dumps([webhook_url, events]).encode()
                 + (b"" if prompt is None else json.dumps({"prompt": prompt}).encode())
+                + (b"" if model is None else json.dumps({"model": entry.id}).encode())
             ).hexdigest()
             if idempotency_key is not None:
                 existing = self.store.find_by_idempotency_key(tenant.name, idempotency_key)
                 if existing is not None:
                     return self._replay(tenant, existing, fingerprint)
-            info = await self.model_info()
-            resolved = params.resolved(default_num_frames=info["num_frames"])
+            frames = params.num_frames or (await self.model_info(entry.id))["num_frames"]
+            resolved = params.resolved(default_num_frames=frames)
             plan = self.check_length(resolved)
-            self.check_limits(policy, resolved, plan)
+            self.check_limits(policy, resolved, plan, model=entry)
             if resolved.text_to_video and self.text_to_image_info is not None:
                 self.check_size(resolved, await self._text_to_image_info_or_none())
             if webhook_url is not None:
@@ -214,7 +215,7 @@ class VideoService:
             job = Job(
                 tenant=tenant.name,
                 params=resolved.model_dump(mode="json"),
-                model=self.config.model.source,
+                model=entry.id,
                 prompt=prompt,
                 route=[spec.name for spec in STAGES.route(resolved)],
                 fingerprint=fingerprint,
@@ -250,24 +251,48 @@ class VideoService:
         logger.info("idempotent replay", extra=log_extra(existing.id, tenant=tenant.name))
         return Admission(job=existing, created=False)
 
+    def model_for(self, tenant: Tenant, model: str | None) -> ModelEntry:
+        """The image-to-video model a request names (None: the default): 404 ``model_not_found``
+        for one this tenant cannot see (unknown, or another tenant's private model: the same
+        answer), 403 ``model_not_allowed`` for one its ``allowed_models`` excludes."""
+        if model is not None and (not model.strip() or len(model) > 256):
+            raise invalid("model", "a model id (GET /v1/models lists them)")
+        try:
+            return self.catalog.resolve(model, tenant.policy, tenant.name)
+        except UnknownModelError:
+            raise APIError(404, "model_not_found", f"model {str(model)[:200]!r} not found; GET /v1/models lists the "
+                           "models this key may use") from None
+        except ModelNotAllowedError as error:
+            raise APIError(403, "model_not_allowed", str(error)) from None
+
     def serves_model(self, name: str) -> bool:
-        """Whether ``name`` names the deployed model: its source, or the source's last path
+        """Whether ``name`` names the default model: its id, its source, or the source's last path
         component (``stable-video-diffusion-img2vid-xt`` for ``stabilityai/stable-video-diffusion-img2vid-xt``)."""
-        source = self.config.model.source.rstrip("/")
-        return name.rstrip("/") in (source, source.rsplit("/", 1)[-1])
+        entry = self.catalog.get(name)
+        return entry is not None and entry.id == self.catalog.default_id
 
     @staticmethod
-    def params_for_seconds(policy: TenantPolicy, params: GenerationParams, seconds: float) -> GenerationParams:
+    def params_for_seconds(policy: TenantPolicy, params: GenerationParams, seconds: float,
+                           model: ModelEntry | None = None) -> GenerationParams:
         """``params`` with num_frames = round(seconds x the clip's playback fps), capped by the
         model's frame limit and the tenant's ``max_num_frames`` (docs/compatibility.md)."""
-        cap = min(MODEL_MAX_FRAMES, policy.max_num_frames or MODEL_MAX_FRAMES)
+        cap = min(MODEL_MAX_FRAMES, policy.max_num_frames or MODEL_MAX_FRAMES,
+                  (model.limits.max_num_frames if model is not None else None) or MODEL_MAX_FRAMES)
         frames = frames_for_seconds(seconds, params.resolved_output_fps, cap=cap)
         return GenerationParams.model_validate({**params.model_dump(), "num_frames": frames})
 
-    def with_defaults(self, params: GenerationParams, *, seconds_given: bool = False) -> GenerationParams:
-        """``params`` over the deployment's ``default_params``: a field the request set wins, and a
-        request that sets any field of a group (size, length) takes none of that group's defaults."""
+    def with_defaults(self, params: GenerationParams, *, seconds_given: bool = False,
+                      model: ModelEntry | None = None) -> GenerationParams:
+        """``params`` over the model's ``defaults`` over the deployment's ``default_params``: a field
+        the request set wins, and a request that sets any field of a group (size, length) takes none
+        of that group's defaults (a model default of a group replaces the deployment's group)."""
         defaults = dict(self.config.default_params)
+        model_defaults = dict(model.defaults) if model is not None else {}
+        for group in (SIZE_GROUP, LENGTH_GROUP):
+            if set(model_defaults) & group:
+                for name in group:
+                    defaults.pop(name, None)
+        defaults.update(model_defaults)
         if not defaults:
             return params
         given = set(params.model_fields_set)
@@ -321,12 +346,15 @@ class VideoService:
             raise invalid("duration_s", str(error)) from None
 
     @staticmethod
-    def check_limits(policy: TenantPolicy, resolved: GenerationParams, plan: SegmentPlan | None = None) -> None:
-        """422 ``limit_exceeded`` naming every cap of the tenant's policy the request exceeds (a
-        long clip's frames are all its segments' frames)."""
+    def check_limits(policy: TenantPolicy, resolved: GenerationParams, plan: SegmentPlan | None = None,
+                     model: ModelEntry | None = None) -> None:
+        """422 ``limit_exceeded`` naming every cap of the model (per pass) and of the tenant's policy
+        (a long clip's frames are all its segments' frames) the request exceeds."""
         width, height = resolved.size
         frames = plan.total_frames if plan is not None else (resolved.num_frames or 0)
-        problems = policy.limit_violations(num_frames=frames, width=width, height=height,
+        problems = [] if model is None else model.limits.violations(
+            num_frames=resolved.num_frames or 0, width=width, height=height)
+        problems += policy.limit_violations(num_frames=frames, width=width, height=height,
                                            num_inference_steps=resolved.num_inference_steps,
                                            segments=plan.num_segments if plan is not None else 1,
                                            t2i_num_inference_steps=resolved.t2i_num_inference_steps)

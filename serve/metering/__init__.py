@@ -2,7 +2,8 @@
 
 One :class:`UsageRecord` per finished job (:func:`usage_record_for`), kept in a
 :class:`UsageLedger` (idempotent per job, kept far longer than the job records), summed by
-:meth:`UsageLedger.summary` and served by :func:`serve.metering.api.usage_router` as
+:meth:`UsageLedger.summary` (in total and per model, ``by_model``; optionally for one model) and
+served by :func:`serve.metering.api.usage_router` as
 ``GET /v1/usage``. Two backends, like the job store: :class:`SqliteUsageLedger` (its own table in
 the job store's SQLite file) and :class:`RedisUsageLedger` (the job store's Redis, under
 ``{key_prefix}:usage``). Pick one with :func:`make_usage_ledger`. No Ray here. The charging rules
@@ -16,10 +17,13 @@ from typing import TYPE_CHECKING
 from serve.metering.base import DEFAULT_USAGE_RETENTION_S, UsageLedger
 from serve.metering.models import (
     CLIENT_ERROR_CODES,
+    UNKNOWN_MODEL,
     metered_stages,
+    ModelUsage,
     Outcome,
     UsageRecord,
     UsageSummary,
+    UsageTotals,
     gpu_share_from_config,
     is_charged,
     usage_record_for,
@@ -34,12 +38,15 @@ __all__ = [
     "CLIENT_ERROR_CODES",
     "DEFAULT_USAGE_RETENTION_S",
     "metered_stages",
+    "ModelUsage",
     "Outcome",
     "RedisUsageLedger",
     "SqliteUsageLedger",
     "UsageLedger",
     "UsageRecord",
     "UsageSummary",
+    "UsageTotals",
+    "UNKNOWN_MODEL",
     "gpu_share_from_config",
     "is_charged",
     "make_usage_ledger",

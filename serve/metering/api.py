@@ -1,4 +1,4 @@
-"""``GET /v1/usage``: the calling tenant's usage over a time window.
+"""``GET /v1/usage``: the calling tenant's usage over a time window, in total and per model.
 
 Mount it next to the job routes: ``app.include_router(usage_router(ledger, tenants.authenticate))``
 on an app with :func:`serve.api.errors.install_error_handlers` (``create_api`` installs them), so
@@ -17,17 +17,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from serve.api.errors import APIError, ErrorBody
 from serve.jobstore.models import to_utc, utcnow
 from serve.metering.base import UsageLedger
-from serve.metering.models import UsageSummary, metered_stages
+from serve.metering.models import UNKNOWN_MODEL, UsageSummary, UsageTotals, metered_stages
 from serve.tenants import Tenant
 
 #: The longest window one request may ask for.
 MAX_WINDOW = timedelta(days=366)
 
+#: The longest ``model`` filter accepted (model ids and sources are far shorter).
+MAX_MODEL_CHARS = 256
+
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 REJECTIONS = {
     401: {"model": ErrorBody, "description": "Missing or invalid API key."},
-    422: {"model": ErrorBody, "description": "Invalid window: unparsable, from after to, or over 366 days."},
+    422: {"model": ErrorBody, "description": "Invalid window (unparsable, from after to, or over 366 days) "
+                                            "or invalid model filter (empty, too long, control characters)."},
     503: {"model": ErrorBody, "description": "The usage store is unavailable."},
 }
 
@@ -45,6 +49,24 @@ class UsageGPUSeconds(BaseModel):
     by_stage: dict[str, float] = Field(description="GPU-seconds per stage: replica busy time x its GPU share.")
 
 
+def _counters(totals: UsageTotals) -> dict:
+    by_stage = {**dict.fromkeys(metered_stages(), 0.0), **totals.gpu_seconds}
+    return dict(
+        jobs=UsageJobs(completed=totals.completed, failed=totals.failed, cancelled=totals.cancelled,
+                       charged=totals.charged, uncharged_failures=totals.uncharged_failures),
+        video_seconds=totals.video_seconds,
+        gpu_seconds=UsageGPUSeconds(total=totals.gpu_seconds_total, by_stage=by_stage),
+    )
+
+
+class UsageModel(BaseModel):
+    """One model's usage: the same counters as the totals, over that model's jobs."""
+
+    jobs: UsageJobs
+    video_seconds: float = Field(description="Seconds of video delivered by this model's charged jobs.")
+    gpu_seconds: UsageGPUSeconds
+
+
 class UsageResponse(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
@@ -55,21 +77,36 @@ class UsageResponse(BaseModel):
     jobs: UsageJobs
     video_seconds: float = Field(description="Seconds of video delivered by charged jobs.")
     gpu_seconds: UsageGPUSeconds
+    by_model: dict[str, UsageModel] = Field(
+        default_factory=dict,
+        description=f"The same counters per model id (jobs that named no model: `{UNKNOWN_MODEL}`); only "
+                    "models with jobs in the window appear.")
 
     @classmethod
     def of(cls, summary: UsageSummary) -> "UsageResponse":
-        by_stage = {**dict.fromkeys(metered_stages(), 0.0), **summary.gpu_seconds}
         return cls(
-            tenant=summary.tenant, from_=summary.start, to=summary.end,
-            jobs=UsageJobs(completed=summary.completed, failed=summary.failed, cancelled=summary.cancelled,
-                           charged=summary.charged, uncharged_failures=summary.uncharged_failures),
-            video_seconds=summary.video_seconds,
-            gpu_seconds=UsageGPUSeconds(total=summary.gpu_seconds_total, by_stage=by_stage),
+            tenant=summary.tenant, from_=summary.start, to=summary.end, **_counters(summary),
+            by_model={model: UsageModel(**_counters(usage)) for model, usage in summary.by_model.items()},
         )
 
 
 def _invalid(message: str) -> APIError:
     return APIError(422, "invalid_parameter", message)
+
+
+def check_model(value: str | None) -> str | None:
+    """The ``model`` filter, or None when absent. Raises a 422 :class:`APIError` when it is empty,
+    longer than :data:`MAX_MODEL_CHARS` or holds control (non-printable) characters. Any other value
+    is accepted: a model the tenant never used simply matches nothing."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise _invalid("model: must not be empty (omit it for every model)")
+    if len(value) > MAX_MODEL_CHARS:
+        raise _invalid(f"model: at most {MAX_MODEL_CHARS} characters")
+    if not value.isprintable():
+        raise _invalid("model: must not contain control characters")
+    return value
 
 
 def parse_bound(value: str, name: str, *, end: bool) -> datetime:
@@ -119,7 +156,8 @@ def usage_router(
 ) -> APIRouter:
     """The ``GET /v1/usage`` route over ``ledger``. ``authenticate`` maps the Authorization header to
     the tenant (``TenantRegistry.authenticate``) and raises ``AuthenticationError`` (401) otherwise;
-    a tenant only ever sees its own usage."""
+    a tenant only ever sees its own usage (the ``model`` filter narrows it to one model's records,
+    never to another tenant's)."""
     router = APIRouter()
 
     def tenant_of(authorization: Annotated[str | None, Header()] = None) -> Tenant:
@@ -133,9 +171,13 @@ def usage_router(
                                            "default: the start of the month of `to`.")] = None,
         to: Annotated[str | None, Query(description="ISO 8601 date (that day included) or date-time "
                                         "(exclusive); default: now.")] = None,
+        model: Annotated[str | None, Query(description=f"Only this model's jobs (a model id; `{UNKNOWN_MODEL}`: "
+                                           f"jobs that named no model). At most {MAX_MODEL_CHARS} "
+                                           "characters; default: every model.")] = None,
     ) -> UsageResponse:
         start, end = resolve_window(from_, to, now=clock())
-        summary = await asyncio.to_thread(ledger.summary, tenant.name, start=start, end=end)
+        model = check_model(model)
+        summary = await asyncio.to_thread(ledger.summary, tenant.name, start=start, end=end, model=model)
         return UsageResponse.of(summary)
 
     return router

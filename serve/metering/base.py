@@ -11,7 +11,11 @@ Semantics, shared by every backend:
   nothing and returns False, so a job is never charged twice. The first record wins; records are
   never updated.
 * Windows are half-open, ``start <= finished_at < end``, compared in epoch microseconds (UTC).
-* Tenant scoping: a tenant's summary and records only ever contain its own records.
+* Tenant scoping: a tenant's summary and records only ever contain its own records. The optional
+  ``model`` filter narrows the tenant's records further (to :attr:`UsageRecord.model_key` equal to
+  it; :data:`~serve.metering.models.UNKNOWN_MODEL` selects records that name no model); it never
+  widens them. It is applied while the tenant's records stream past, so backends need no model
+  index and old records (stored before the field existed) are filtered like new ones.
 * Retention: usage outlives the job records (jobs expire after ``job_store.retention_s``, 24 h by
   default; invoices need months). :meth:`UsageLedger.purge` with no argument removes records that
   finished more than ``retention_s`` (default 400 days) ago.
@@ -20,9 +24,10 @@ Semantics, shared by every backend:
 
 from __future__ import annotations
 
+import itertools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 
 from serve.jobstore.models import dt_to_us, to_utc
@@ -78,18 +83,27 @@ class UsageLedger(ABC):
             raise ValueError("start must not be after end")
         return start_us, end_us
 
-    def summary(self, tenant: str, *, start: datetime, end: datetime) -> UsageSummary:
-        """The tenant's usage over ``[start, end)``: jobs by outcome, charged jobs, uncharged
-        failures, and the charged records' video seconds and GPU/busy seconds per stage."""
-        start_us, end_us = self._window(start, end)
-        return UsageSummary.of(tenant, start, end, self._scan(tenant, start_us, end_us, None))
+    @staticmethod
+    def _of_model(records: Iterable[UsageRecord], model: str | None) -> Iterator[UsageRecord]:
+        return iter(records) if model is None else (rec for rec in records if rec.model_key == model)
 
-    def records(self, tenant: str, *, start: datetime, end: datetime, limit: int = 100) -> list[UsageRecord]:
-        """The tenant's records over ``[start, end)``, oldest first, at most ``limit``."""
+    def summary(self, tenant: str, *, start: datetime, end: datetime, model: str | None = None) -> UsageSummary:
+        """The tenant's usage over ``[start, end)``: jobs by outcome, charged jobs, uncharged
+        failures, and the charged records' video seconds and GPU/busy seconds per stage, in total
+        and per model (``by_model``). With ``model``, only that model's records are added up."""
+        start_us, end_us = self._window(start, end)
+        return UsageSummary.of(tenant, start, end, self._of_model(self._scan(tenant, start_us, end_us, None), model))
+
+    def records(self, tenant: str, *, start: datetime, end: datetime, limit: int = 100,
+                model: str | None = None) -> list[UsageRecord]:
+        """The tenant's records over ``[start, end)``, oldest first, at most ``limit``; with
+        ``model``, that model's records only."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
         start_us, end_us = self._window(start, end)
-        return list(self._scan(tenant, start_us, end_us, limit))
+        if model is None:
+            return list(self._scan(tenant, start_us, end_us, limit))
+        return list(itertools.islice(self._of_model(self._scan(tenant, start_us, end_us, None), model), limit))
 
     def purge(self, before: datetime | float | None = None) -> int:
         """Remove records that finished before ``before`` (a datetime or epoch seconds; default:

@@ -2,7 +2,8 @@
 
 Pure pydantic, no storage code and no Ray. One :class:`UsageRecord` is written per job when it
 reaches a terminal state (:func:`usage_record_for` builds it from the :class:`~serve.jobstore.Job`);
-a :class:`UsageSummary` adds up a tenant's records over a time window.
+a :class:`UsageSummary` adds up a tenant's records over a time window, in total and per model
+(:attr:`UsageSummary.by_model`).
 
 What is metered, per job:
 
@@ -13,6 +14,9 @@ What is metered, per job:
   ``ray_actor_options.num_gpus`` (a replica holding half a GPU for 10 s uses 5 GPU-seconds).
 * ``video_seconds``: playback length of the delivered clip (``JobOutput.duration_s``: frames / fps,
   as the final stage encoded it); 0 unless the job completed.
+* ``model``: the model that served the job (``Job.model``: its registry id, or the model's source
+  for jobs of a single-model service). None when the job named none (and in records written before
+  the field existed); such records are counted under :data:`UNKNOWN_MODEL` in ``by_model``.
 
 Charging rules (``charged``):
 
@@ -56,6 +60,10 @@ CLIENT_ERROR_CODES: frozenset[str] = frozenset(
     {"invalid_input", "invalid_image", "image_too_large", "invalid_parameter", "url_not_allowed"}
 )
 
+#: The ``by_model`` key (and ``model`` filter value) of records that name no model: jobs recorded
+#: before usage carried the model, or jobs whose record has an empty ``Job.model``.
+UNKNOWN_MODEL = "unknown"
+
 
 class Outcome(str, Enum):
     COMPLETED = "completed"
@@ -74,6 +82,8 @@ class UsageRecord(BaseModel):
     outcome: Outcome
     charged: bool = Field(description="Whether this job's usage counts toward the tenant's bill.")
     error_code: str | None = Field(default=None, description="The failure's code (failed jobs).")
+    model: str | None = Field(default=None, description="The model that served the job (Job.model); None if "
+                              "unknown (records written before the field existed).")
     video_seconds: float = Field(default=0.0, ge=0, description="Playback seconds delivered (completed jobs).")
     gpu_seconds: dict[str, float] = Field(default_factory=dict, description="Per stage: busy seconds x GPU share.")
     busy_seconds: dict[str, float] = Field(default_factory=dict, description="Per stage: replica busy seconds.")
@@ -83,22 +93,98 @@ class UsageRecord(BaseModel):
     def _utc(cls, value: datetime) -> datetime:
         return to_utc(value)
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        return value or None  # "" (a job that named no model) is unknown too
+
     @property
     def gpu_seconds_total(self) -> float:
         return math.fsum(self.gpu_seconds.values())
 
+    @property
+    def model_key(self) -> str:
+        """The record's key in ``UsageSummary.by_model``: its model, or :data:`UNKNOWN_MODEL`."""
+        return self.model or UNKNOWN_MODEL
 
-class UsageSummary(BaseModel):
-    """A tenant's usage over ``[start, end)`` (by ``finished_at``).
 
-    ``completed``/``failed``/``cancelled`` count every record; ``video_seconds``, ``gpu_seconds``
-    and ``busy_seconds`` add up the *charged* records only. Sums are ``math.fsum`` (correctly
-    rounded, independent of order), so every backend returns the same numbers.
-    """
+class _ExactSum:
+    """A running sum that ends exactly as ``math.fsum`` of every value added would (correctly
+    rounded), in memory that does not grow with the number of values: Shewchuk's non-overlapping
+    partials (the ``msum`` recipe ``math.fsum`` itself is built on). Non-finite values are kept
+    aside and handed to ``math.fsum`` at the end, which gives them its own inf/nan semantics; finite
+    values whose sum overflows raise ``OverflowError``, as ``math.fsum`` does."""
 
-    tenant: str
-    start: datetime
-    end: datetime
+    __slots__ = ("_partials", "_special")
+
+    def __init__(self) -> None:
+        self._partials: list[float] = []
+        self._special: list[float] = []
+
+    def add(self, x: float) -> None:
+        x = float(x)
+        if not math.isfinite(x):
+            self._special.append(x)
+            return
+        i = 0
+        for y in self._partials:
+            if abs(x) < abs(y):
+                x, y = y, x
+            hi = x + y
+            if not math.isfinite(hi):
+                raise OverflowError("intermediate overflow in the usage sum")
+            lo = y - (hi - x)
+            if lo:
+                self._partials[i] = lo
+                i += 1
+            x = hi
+        self._partials[i:] = [x]
+
+    @property
+    def value(self) -> float:
+        return math.fsum(self._partials + self._special)
+
+
+class _Tally:
+    """The counters of :class:`UsageTotals`, added up one record at a time."""
+
+    def __init__(self) -> None:
+        self.counts = {outcome: 0 for outcome in Outcome}
+        self.charged = self.uncharged_failures = 0
+        self.video = _ExactSum()
+        self.gpu_all = _ExactSum()
+        self.gpu: dict[str, _ExactSum] = {stage: _ExactSum() for stage in metered_stages()}
+        self.busy: dict[str, _ExactSum] = {stage: _ExactSum() for stage in metered_stages()}
+
+    def add(self, rec: UsageRecord) -> None:
+        self.counts[rec.outcome] += 1
+        if not rec.charged:
+            if rec.outcome is Outcome.FAILED:
+                self.uncharged_failures += 1
+            return
+        self.charged += 1
+        self.video.add(rec.video_seconds)
+        for stage, seconds in rec.gpu_seconds.items():
+            self.gpu.setdefault(stage, _ExactSum()).add(seconds)
+            self.gpu_all.add(seconds)
+        for stage, seconds in rec.busy_seconds.items():
+            self.busy.setdefault(stage, _ExactSum()).add(seconds)
+
+    def fields(self) -> dict[str, Any]:
+        return dict(
+            completed=self.counts[Outcome.COMPLETED], failed=self.counts[Outcome.FAILED],
+            cancelled=self.counts[Outcome.CANCELLED], charged=self.charged,
+            uncharged_failures=self.uncharged_failures, video_seconds=self.video.value,
+            gpu_seconds={stage: total.value for stage, total in self.gpu.items()},
+            gpu_seconds_total=self.gpu_all.value,
+            busy_seconds={stage: total.value for stage, total in self.busy.items()},
+        )
+
+
+class UsageTotals(BaseModel):
+    """Counters over a set of records: ``completed``/``failed``/``cancelled`` count every record;
+    ``video_seconds``, ``gpu_seconds`` and ``busy_seconds`` add up the *charged* records only."""
+
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
@@ -113,35 +199,39 @@ class UsageSummary(BaseModel):
     def jobs(self) -> int:
         return self.completed + self.failed + self.cancelled
 
+
+class ModelUsage(UsageTotals):
+    """One model's share of a :class:`UsageSummary`: the same counters, over that model's records."""
+
+
+class UsageSummary(UsageTotals):
+    """A tenant's usage over ``[start, end)`` (by ``finished_at``), in total and per model.
+
+    ``completed``/``failed``/``cancelled`` count every record; ``video_seconds``, ``gpu_seconds``
+    and ``busy_seconds`` add up the *charged* records only. ``by_model`` holds the same counters
+    per model (:attr:`UsageRecord.model_key`: records naming no model are under
+    :data:`UNKNOWN_MODEL`); only models with at least one record in the window appear, and the
+    per-model counts add up to the totals. Sums are exactly ``math.fsum`` of the values (correctly
+    rounded, independent of order), so every backend returns the same numbers.
+    """
+
+    tenant: str
+    start: datetime
+    end: datetime
+    by_model: dict[str, ModelUsage] = Field(default_factory=dict, description="The same counters per model id.")
+
     @classmethod
     def of(cls, tenant: str, start: datetime, end: datetime, records: Iterable[UsageRecord]) -> "UsageSummary":
-        """Add up ``records`` (the caller has selected the tenant's records in the window)."""
-        counts = {outcome: 0 for outcome in Outcome}
-        charged = uncharged_failures = 0
-        video: list[float] = []
-        gpu_all: list[float] = []
-        gpu: dict[str, list[float]] = {stage: [] for stage in metered_stages()}
-        busy: dict[str, list[float]] = {stage: [] for stage in metered_stages()}
+        """Add up ``records`` (the caller has selected the tenant's records in the window, and a
+        model's if it filters by one). One pass; memory does not grow with the number of records."""
+        total = _Tally()
+        per_model: dict[str, _Tally] = {}
         for rec in records:
-            counts[rec.outcome] += 1
-            if not rec.charged:
-                if rec.outcome is Outcome.FAILED:
-                    uncharged_failures += 1
-                continue
-            charged += 1
-            video.append(rec.video_seconds)
-            for stage, seconds in rec.gpu_seconds.items():
-                gpu.setdefault(stage, []).append(seconds)
-                gpu_all.append(seconds)
-            for stage, seconds in rec.busy_seconds.items():
-                busy.setdefault(stage, []).append(seconds)
+            total.add(rec)
+            per_model.setdefault(rec.model_key, _Tally()).add(rec)
         return cls(
-            tenant=tenant, start=to_utc(start), end=to_utc(end),
-            completed=counts[Outcome.COMPLETED], failed=counts[Outcome.FAILED], cancelled=counts[Outcome.CANCELLED],
-            charged=charged, uncharged_failures=uncharged_failures, video_seconds=math.fsum(video),
-            gpu_seconds={stage: math.fsum(values) for stage, values in gpu.items()},
-            gpu_seconds_total=math.fsum(gpu_all),
-            busy_seconds={stage: math.fsum(values) for stage, values in busy.items()},
+            tenant=tenant, start=to_utc(start), end=to_utc(end), **total.fields(),
+            by_model={model: ModelUsage(**tally.fields()) for model, tally in sorted(per_model.items())},
         )
 
 
@@ -206,6 +296,7 @@ def usage_record_for(job: Job, gpu_share: Mapping[str, float]) -> UsageRecord:
         outcome=outcome,
         charged=is_charged(outcome, error_code),
         error_code=error_code,
+        model=job.model or None,
         video_seconds=_video_seconds(job) if job.status is JobStatus.COMPLETED else 0.0,
         gpu_seconds=gpu,
         busy_seconds=busy,

@@ -5,7 +5,9 @@ Keys, all under ``{key_prefix}:usage:`` (the job id or tenant is always the *las
 =====================  ===========================================================================
 ``rec:{job_id}``       hash: one usage record (``job_id``, ``tenant``, ``finished_at`` ISO 8601,
                        ``finished_us``, ``outcome``, ``charged`` 0/1, ``error_code`` when failed,
-                       ``video_seconds``, ``gpu_seconds`` and ``busy_seconds`` as JSON objects)
+                       ``model`` when the job named one (absent in records written before the
+                       field existed: they read back as ``model=None``), ``video_seconds``,
+                       ``gpu_seconds`` and ``busy_seconds`` as JSON objects)
 ``tenant:{tenant}``    zset: the tenant's records, score = finished_at (epoch microseconds)
 ``finished``           zset: every record, same score (purge)
 =====================  ===========================================================================
@@ -83,6 +85,8 @@ def _fields(rec: UsageRecord) -> list[str]:
     }
     if rec.error_code is not None:
         fields["error_code"] = rec.error_code
+    if rec.model is not None:
+        fields["model"] = rec.model
     return [item for pair in fields.items() for item in pair]
 
 
@@ -96,6 +100,7 @@ def _from_hash(data: dict[str, str]) -> UsageRecord | None:
         outcome=data["outcome"],
         charged=data["charged"] == "1",
         error_code=data.get("error_code"),
+        model=data.get("model"),
         video_seconds=float(data["video_seconds"]),
         gpu_seconds=json.loads(data["gpu_seconds"]),
         busy_seconds=json.loads(data["busy_seconds"]),

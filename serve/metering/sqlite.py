@@ -6,6 +6,11 @@ The same connection discipline as :class:`serve.jobstore.SqliteJobStore`, from
 by ``job_id``; the insert is ``ON CONFLICT (job_id) DO NOTHING``, so recording a job twice (from
 any thread or process) stores it once. Summaries scan the ``(tenant, finished_us, job_id)`` index
 in pages, so a large window never holds all of a tenant's rows in memory at once.
+
+The whole record is the ``data`` column (its JSON), so a field added to :class:`UsageRecord` (such
+as ``model``) needs no schema change: rows written before it read back with the field's default.
+The ``model`` filter is applied to the streamed pages (see :mod:`serve.metering.base`); there is
+no model column or index.
 """
 
 from __future__ import annotations

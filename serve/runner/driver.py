@@ -172,6 +172,8 @@ class _Calls:
 
     def __init__(self, driver: JobDriver, job: Job, segments: int) -> None:
         self.driver, self.segments = driver, segments
+        # Jobs admitted before the zoo name the default model by its source: the stages resolve that alias.
+        self.model_id = job.model or driver.config.resolved_model_id()
         self.progress = ProgressReporter(driver, job)
         self.calls: list[Any] = []
 
@@ -179,6 +181,8 @@ class _Calls:
                     *, segment: int = 0) -> None:
         args = [values[name] for name in spec.inputs]
         handle = self.driver.stages[spec.name]
+        if spec.multiplexed:  # routed to a replica that holds the job's model, if one does
+            handle = handle.options(multiplexed_model_id=self.model_id)
         dumped = params.model_dump(mode="json")
         if not spec.reports_steps:
             response = handle.run.remote(ctx, *args, params=dumped)

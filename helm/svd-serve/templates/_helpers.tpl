@@ -235,7 +235,8 @@ Check the inline tenants file: it must parse, and every key_hashes entry must be
 The application's args: serve.config.AppConfig as a dict. Sections are copied from values (so
 their keys are AppConfig's field names); the chart fills in what depends on its own objects:
 the model cache directory, the tiny model paths, the Redis URL and the tenants file path.
-With text-to-image disabled its stage is left out (nothing builds it).
+With text-to-image disabled its stage is left out (nothing builds it). `models` (the zoo) is
+rendered only when it has entries.
 */}}
 {{- define "svd-serve.appArgs" -}}
 {{- $model := deepCopy .Values.model }}
@@ -288,6 +289,12 @@ With text-to-image disabled its stage is left out (nothing builds it).
 {{- if .Values.app.stage_modules }}
 {{- $_ := set $args "stage_modules" .Values.app.stage_modules }}
 {{- end }}
+{{- with .Values.app.model_id }}
+{{- $_ := set $args "model_id" . }}
+{{- end }}
+{{- if .Values.models }}
+{{- $_ := set $args "models" (include "svd-serve.models" . | fromYamlArray) }}
+{{- end }}
 {{- toYaml $args }}
 {{- end }}
 
@@ -323,6 +330,8 @@ gcsFaultToleranceOptions.redisPassword, the same Secret) and rejects a head that
 {{- $v := $root.Values }}
 - name: HF_HOME
   value: {{ printf "%s/huggingface" (trimSuffix "/" $v.modelCache.mountPath) | quote }}
+- name: SVD_SERVE_CACHE_DIR
+  value: {{ $v.modelCache.mountPath | quote }}
 {{- with include "svd-serve.hfTokenSecretName" $root }}
 - name: HF_TOKEN
   valueFrom:
@@ -388,9 +397,9 @@ that the workers do not have and that disappears on every Secret update.
     medium: Memory
     sizeLimit: {{ .shmSizeLimit }}
 - name: model-cache
-{{- if $v.modelCache.existingClaim }}
+{{- with include "svd-serve.modelCacheClaim" .root }}
   persistentVolumeClaim:
-    claimName: {{ $v.modelCache.existingClaim }}
+    claimName: {{ . }}
 {{- else }}
   emptyDir:
     sizeLimit: {{ $v.modelCache.sizeLimit }}

@@ -63,8 +63,8 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(default=None, description="The served model (its source or last path part); "
-                              "omit for the one this service runs.")
+    model: str | None = Field(default=None, description="A model id GET /v1/models lists (the default model also "
+                              "by its source or last path part); omit for the default model.")
     prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS,
                                description="Without image and image_url: text-to-video (the text-to-image stage "
                                "makes the first frame from it; negative_prompt and the t2i_* parameters apply). "

@@ -57,14 +57,10 @@ def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def router(service: "VideoService", tenants: "TenantRegistry", *,
-           on_ended: Callable[[str], Awaitable[None]] | None = None) -> APIRouter:
-    api = APIRouter(route_class=adapter_route(render), tags=["fal"])
-
+def _accessors(service: "VideoService", tenants: "TenantRegistry"):
+    """The tenant dependency, the tenant-scoped job lookup (fal's 404) and the queue position."""
     def tenant_of(authorization: Annotated[str | None, Header()] = None) -> Tenant:
         return tenants.authenticate(authorization)
-
-    TenantDep = Annotated[Tenant, Depends(tenant_of)]
 
     async def job_of(tenant: Tenant, request_id: str) -> Job:
         try:
@@ -76,6 +72,15 @@ def router(service: "VideoService", tenants: "TenantRegistry", *,
         if job.status is not JobStatus.QUEUED:
             return None
         return await asyncio.to_thread(service.store.queue_position, job.id)
+
+    return Annotated[Tenant, Depends(tenant_of)], job_of, position_of
+
+
+def router(service: "VideoService", tenants: "TenantRegistry", *,
+           on_ended: Callable[[str], Awaitable[None]] | None = None) -> APIRouter:
+    api = APIRouter(route_class=adapter_route(render), tags=["fal"])
+
+    TenantDep, job_of, position_of = _accessors(service, tenants)
 
     for app_id in app_ids(service.config.model.source):
         add_routes(api, app_id, service, TenantDep, job_of, position_of, on_ended)
@@ -104,43 +109,83 @@ def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, 
         "content": {"application/json": {"schema": app.schema.model_json_schema()}}, "required": True}})
     async def submit(request: Request, tenant: TenantDep,
                      idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
-        raw = await request.body()
-        try:
-            body = json.loads(raw or b"null")
-        except json.JSONDecodeError as error:
-            return JSONResponse({"detail": [{"loc": ["body", error.pos], "msg": f"JSON decode error: {error.msg}",
-                                             "type": "json_invalid"}]}, status_code=422,
-                                headers={"X-Fal-Error-Type": "invalid_parameter"})
-        try:
-            image_url, params = app.parse(body)
-        except FalInputError as error:
-            return JSONResponse({"detail": error.detail}, status_code=422,
-                                headers={"X-Fal-Error-Type": "invalid_parameter"})
-        if params.text_to_video and "negative_prompt" not in body:
-            params = await without_unusable_default_negative_prompt(service, params)
-        webhook_url = request.query_params.get("fal_webhook") or None
-        image = None if image_url is None else await asyncio.to_thread(service.image_from_url, image_url)
-        admission = await service.admit(tenant, image=image, params=params, webhook_url=webhook_url,
-                                        idempotency_key=idempotency_key, webhook_format="fal",
-                                        prompt=params.prompt)
-        job = admission.job
-        urls = request_urls(public_base_url(request, service.config.public_url), url_app, job.id)
-        return JSONResponse(status_body(job, urls, with_logs=False, queue_position=await position_of(job)))
+        return await submit_request(request, tenant, idempotency_key, service, app, url_app, position_of)
 
     for request_prefix in dict.fromkeys([f"/{url_app}", prefix]):
         add_request_routes(api, request_prefix, url_app, service, TenantDep, job_of, position_of, on_ended)
 
 
+async def submit_request(request: Request, tenant: Tenant, idempotency_key: str | None, service: "VideoService",
+                         app: FalApp, url_app: str, position_of, *, model: str | None = None) -> JSONResponse:
+    """One submission to a fal app: ``model`` is the zoo model the app id names (None: the default)."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"null")
+    except json.JSONDecodeError as error:
+        return JSONResponse({"detail": [{"loc": ["body", error.pos], "msg": f"JSON decode error: {error.msg}",
+                                         "type": "json_invalid"}]}, status_code=422,
+                            headers={"X-Fal-Error-Type": "invalid_parameter"})
+    try:
+        image_url, params = app.parse(body)
+    except FalInputError as error:
+        return JSONResponse({"detail": error.detail}, status_code=422,
+                            headers={"X-Fal-Error-Type": "invalid_parameter"})
+    if params.text_to_video and "negative_prompt" not in body:
+        params = await without_unusable_default_negative_prompt(service, params)
+    webhook_url = request.query_params.get("fal_webhook") or None
+    image = None if image_url is None else await asyncio.to_thread(service.image_from_url, image_url)
+    admission = await service.admit(tenant, image=image, params=params, webhook_url=webhook_url,
+                                    idempotency_key=idempotency_key, webhook_format="fal",
+                                    prompt=params.prompt, model=model)
+    job = admission.job
+    urls = request_urls(public_base_url(request, service.config.public_url), url_app, job.id)
+    return JSONResponse(status_body(job, urls, with_logs=False, queue_position=await position_of(job)))
+
+
+def zoo_router(service: "VideoService", tenants: "TenantRegistry", *,
+               on_ended: Callable[[str], Awaitable[None]] | None = None) -> APIRouter:
+    """fal app ids for the zoo: every ``org/name`` image-to-video model this tenant may see is an
+    app (``fal_client.submit("acme/svd-anime", ...)``), registered now or later. Its routes match
+    any two-segment path, so the app includes this router after all its other routes."""
+    api = APIRouter(route_class=adapter_route(render), tags=["fal"])
+
+    TenantDep, job_of, position_of = _accessors(service, tenants)
+
+    def model_of(tenant: Tenant, owner: str, alias: str) -> str:
+        model_id = f"{owner}/{alias}"
+        entry = None if owner == "v1" else service.catalog.get(model_id)
+        if entry is None or entry.id != model_id or not entry.visible_to(tenant.name) or entry.kind != "image-to-video":
+            raise APIError(404, "not_found", f"application {model_id[:200]!r} not found")
+        return model_id
+
+    @api.post("/{owner}/{alias}", summary="fal queue: submit to a zoo model's app id (GET /v1/models lists them)",
+              openapi_extra={"requestBody": {"content": {"application/json": {
+                  "schema": IMAGE_TO_VIDEO.schema.model_json_schema()}}, "required": True}})
+    async def submit(owner: str, alias: str, request: Request, tenant: TenantDep,
+                     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
+        model_id = model_of(tenant, owner, alias)
+        return await submit_request(request, tenant, idempotency_key, service, IMAGE_TO_VIDEO, model_id,
+                                    position_of, model=model_id)
+
+    add_request_routes(api, "/{owner}/{alias}", None, service, TenantDep, job_of, position_of, on_ended)
+    return api
+
+
 def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "VideoService", TenantDep, job_of,
                        position_of, on_ended) -> None:
-    """status, status/stream, result and cancel of a request under ``prefix``; answered URLs name ``url_app``."""
+    """status, status/stream, result and cancel of a request under ``prefix``; answered URLs name
+    ``url_app`` (None: the app the request's path names, for the zoo's ``/{owner}/{alias}``)."""
     app_id = prefix.lstrip("/")
     request_path = prefix + "/requests/{request_id}"
+    fixed_app = url_app
+
+    def app_of(request: Request) -> str:
+        return fixed_app or f"{request.path_params['owner']}/{request.path_params['alias']}"
 
     @api.get(request_path + "/status", summary=f"fal queue: status of a {app_id} request")
     async def status(request: Request, request_id: str, tenant: TenantDep):
         job = await job_of(tenant, request_id)
-        urls = request_urls(public_base_url(request, service.config.public_url), url_app, job.id)
+        urls = request_urls(public_base_url(request, service.config.public_url), app_of(request), job.id)
         return JSONResponse(status_body(job, urls, with_logs=_flag(request.query_params.get("logs")),
                                         queue_position=await position_of(job)))
 
@@ -148,7 +193,7 @@ def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "Vide
              "events until it completes", responses={200: {"content": {"text/event-stream": {}}}})
     async def status_stream(request: Request, request_id: str, tenant: TenantDep):
         first = await job_of(tenant, request_id)  # 404 before the stream starts
-        urls = request_urls(public_base_url(request, service.config.public_url), url_app, first.id)
+        urls = request_urls(public_base_url(request, service.config.public_url), app_of(request), first.id)
         with_logs = _flag(request.query_params.get("logs"))
 
         async def stream():
