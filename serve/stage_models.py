@@ -44,9 +44,11 @@ class LoadedModel:
     """One model as a stage replica holds it: the built stage, and the LoRA adapter to apply."""
 
     def __init__(self, model_id: str, stage: Any, *, load_seconds: float, adapters: Any = None,
-                 on_evicted: Callable[["LoadedModel"], None] | None = None) -> None:
+                 on_evicted: Callable[["LoadedModel"], None] | None = None,
+                 release_adapter: Callable[[], None] | None = None) -> None:
         self.model_id, self.stage, self.adapters = model_id, stage, adapters
         self.adapter = adapter_name(model_id)
+        self._release_adapter = release_adapter
         self.load_seconds = load_seconds
         self.loaded_at = time.monotonic()
         self._on_evicted = on_evicted
@@ -85,8 +87,9 @@ class LoadedModel:
             self._drop_adapter()
 
     def _drop_adapter(self) -> None:
-        if self.adapters is not None:
-            self.adapters.unload(self.adapter)
+        if self._release_adapter is not None:
+            release, self._release_adapter = self._release_adapter, None
+            release()
 
 
 class StageModels:
@@ -100,6 +103,9 @@ class StageModels:
         self.evictions = 0
         self.load_seconds: dict[str, float] = {}
         self._adapters: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # U-Net -> adapters
+        # Holders of each adapter: a model evicted while a request still runs on it and loaded
+        # again meanwhile must not lose its adapter when that request ends.
+        self._adapter_holders: dict[tuple[int, str], int] = {}
         self._lock = threading.Lock()
 
     def load(self, model_id: str) -> LoadedModel:
@@ -115,13 +121,15 @@ class StageModels:
             components = self._components(weights)
             stage = self.spec.build(components)
             adapters = self._with_adapter(model_id, weights, components) if weights.lora else None
+        release = self._releaser(adapters, adapter_name(model_id)) if adapters is not None else None
         seconds = time.perf_counter() - start
         recorder = metrics()
         if recorder is not None:
             recorder.model_load_seconds.observe(seconds, tags={"stage": self.spec.name, "model": model_id})
         logger.info("%s loaded model %s in %.2fs", self.spec.name, model_id, seconds)
         self.load_seconds[model_id] = seconds
-        return LoadedModel(model_id, stage, load_seconds=seconds, adapters=adapters, on_evicted=self._evicted)
+        return LoadedModel(model_id, stage, load_seconds=seconds, adapters=adapters, on_evicted=self._evicted,
+                           release_adapter=release)
 
     def models_that_fit(self, first: LoadedModel, *, gpu_share: float) -> int:
         """How many models like ``first`` fit in this replica's GPU share (no GPU: the default)."""
@@ -163,8 +171,23 @@ class StageModels:
             adapters = self._adapters.get(unet)
             if adapters is None:
                 adapters = self._adapters[unet] = LoraAdapters(unet)
-        adapters.load(adapter_name(model_id), fetch_adapter(weights.lora, weights.pipeline), scale=weights.lora_scale)
+            name = adapter_name(model_id)
+            adapters.load(name, fetch_adapter(weights.lora, weights.pipeline), scale=weights.lora_scale)
+            key = (id(adapters), name)
+            self._adapter_holders[key] = self._adapter_holders.get(key, 0) + 1
         return adapters
+
+    def _releaser(self, adapters: Any, name: str) -> Callable[[], None]:
+        """Unloads the adapter from the shared U-Net when its last holder lets go."""
+        def release() -> None:
+            with self._lock:
+                key = (id(adapters), name)
+                self._adapter_holders[key] -= 1
+                if self._adapter_holders[key] == 0:
+                    del self._adapter_holders[key]
+                    adapters.unload(name)
+
+        return release
 
     def _evicted(self, model: LoadedModel) -> None:
         self.evictions += 1

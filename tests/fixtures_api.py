@@ -14,6 +14,7 @@ from serve.config import AppConfig
 from serve.jobstore import make_job_store
 from serve.storage import make_storage
 from serve.tenants import TenantRegistry, add_tenant
+from serve.zoo import ModelCatalog, make_model_store
 
 #: The model's own frame count as the fake model stage reports it.
 MODEL_FRAMES = 14
@@ -37,7 +38,8 @@ def make_api(tmp_path: Path, *, tenants: dict[str, dict[str, Any]] | None = None
         return {"num_frames": MODEL_FRAMES}
 
     service = VideoService(app_config, store=make_job_store(app_config.job_store),
-                           storage=make_storage(app_config.storage), model_info=model_info)
+                           storage=make_storage(app_config.storage), model_info=model_info,
+                           catalog=ModelCatalog(app_config, make_model_store(app_config.job_store)))
     client = TestClient(create_api(service, TenantRegistry(tenants_file), on_ended=on_ended))
     client.keys, client.service, client.tenants_file = keys, service, tenants_file
     return client

@@ -42,6 +42,7 @@ from serve.tenants import add_tenant  # noqa: E402
 APP = "zoo"
 TERMINAL = {"completed", "failed", "cancelled"}
 SMALL = {"num_frames": 6, "num_inference_steps": 4, "width": 64, "height": 64, "seed": 1234, "output_fps": 10}
+REFERENCE = ("sample.png", Path(SAMPLE_IMAGE_PATH).read_bytes(), "image/png")
 COMPONENTS = ("image_encoder", "feature_extractor", "vae", "unet", "scheduler")
 
 
@@ -252,11 +253,17 @@ def test_a_private_model_added_at_run_time(zoo):
     assert distance(clip_of(zoo, job), zoo["references"].clip("svd-a-lora")) < 2.0
     data_url = "data:image/png;base64," + base64.b64encode(Path(SAMPLE_IMAGE_PATH).read_bytes()).decode()
     queued = client.post("/acme/alice-slowmo", headers=auth(zoo), json={
-        "image_url": data_url, "seed": 1234, "motion_bucket_id": 127, "fps": 10})
+        "image_url": data_url, "seed": 1234, "fps": 10, "num_frames": 6, "num_inference_steps": 4, "width": 64,
+        "height": 64})  # never a full-size job on the tiny CPU model
     assert queued.status_code == 200, queued.text
     assert queued.json()["status_url"].endswith(f"/acme/alice-slowmo/requests/{queued.json()['request_id']}/status")
-    status = client.get(f"/acme/alice-slowmo/requests/{queued.json()['request_id']}/status", headers=auth(zoo))
+    request_id = queued.json()["request_id"]
+    status = client.get(f"/acme/alice-slowmo/requests/{request_id}/status", headers=auth(zoo))
     assert status.status_code == 200 and status.json()["status"] in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
+    assert finished(zoo, request_id)["model"] == "acme/alice-slowmo"
+    result = client.get(f"/acme/alice-slowmo/requests/{request_id}", headers=auth(zoo))
+    assert result.status_code == 200 and result.json()["video"]["url"]
+    assert client.get(f"/acme/alice-slowmo/requests/{request_id}/status", headers=auth(zoo, "bob")).status_code == 404
     # Usage is broken down by model.
     _wait(lambda: client.get("/v1/usage", headers=auth(zoo)).json().get("by_model", {}).get("acme/alice-slowmo"),
           30, "usage of the private model")
@@ -281,11 +288,10 @@ def test_concurrent_base_and_adapter_requests_in_parallel_threads_of_one_client(
 
     sdk = openai.OpenAI(base_url=str(zoo["client"].base_url) + "/v1", api_key=zoo["keys"]["alice"], max_retries=0)
     with pytest.raises(openai.NotFoundError):
-        sdk.videos.create(prompt="x", model="acme/never-was", extra_body={"image_url": "data:,"})
+        sdk.videos.create(prompt="x", model="acme/never-was", input_reference=REFERENCE, extra_body=SMALL)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        created = list(pool.map(lambda m: sdk.videos.create(prompt="x", model=m, extra_body={
-            "image_url": "data:image/png;base64," + base64.b64encode(Path(SAMPLE_IMAGE_PATH).read_bytes()).decode(),
-            **{k: v for k, v in SMALL.items()}}), ["svd-a", "svd-a-lora"]))
+        created = list(pool.map(lambda m: sdk.videos.create(prompt="x", model=m, input_reference=REFERENCE,
+                                                            extra_body=SMALL), ["svd-a", "svd-a-lora"]))
     for video, model in zip(created, ["svd-a", "svd-a-lora"]):
         assert video.model == model
         job = finished(zoo, video.id)
