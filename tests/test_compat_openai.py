@@ -69,7 +69,7 @@ def test_openai_sdk_create_poll_download_list_delete(local_service, tiny_model_d
                                           seconds="4", size="256x128", extra_body=FAST)
     assert video.status == "completed", video
     assert video.object == "video" and video.progress == 100 and video.error is None
-    assert video.prompt == "a lighthouse at dusk" and video.model == str(tiny_model_dir)
+    assert video.prompt == "a lighthouse at dusk" and video.model == model  # the id: the directory's name
     assert video.seconds == "4" and video.size == "256x128"  # 4 s x 7 fps = 28 frames
     assert isinstance(video.created_at, int) and video.created_at <= video.completed_at <= video.expires_at
     assert waits and set(waits) <= {0.5, 1.0}  # openai-poll-after-ms: 1000 queued, 500 running
