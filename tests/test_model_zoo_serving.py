@@ -16,12 +16,13 @@ import concurrent.futures
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+
+from waiting import free_port, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -87,11 +88,11 @@ def zoo(tmp_path_factory, tiny_model_dir):
     keys = {name: add_tenant(tmp / "tenants.yaml", name, **limits) for name in ("alice", "bob")}
 
     ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config_for(tmp, models, per_replica=4, concurrent=2)), name=APP, route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    _wait(lambda: client.get("/readyz").status_code == 200, 120, "readyz")
+    wait_for(lambda: client.get("/readyz").status_code == 200, 120, "readyz")
     yield {"client": client, "keys": keys, "tmp": tmp, "models": models, "references": References(models)}
     client.close()
     serve.shutdown()
@@ -124,24 +125,6 @@ class References:
         return self.clips[key]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait(predicate, timeout_s: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def auth(zoo, tenant="alice") -> dict:
     return {"Authorization": f"Bearer {zoo['keys'][tenant]}"}
 
@@ -162,7 +145,7 @@ def finished(zoo, job_id: str, tenant="alice", timeout_s: float = 240) -> dict:
         return job if job["status"] in TERMINAL else None
 
     try:
-        return _wait(done, timeout_s, f"job {job_id}")
+        return wait_for(done, timeout_s, f"job {job_id}")
     except AssertionError as error:
         raise AssertionError(f"{error}: {last.get('job')}") from None
 
@@ -265,14 +248,14 @@ def test_a_private_model_added_at_run_time(zoo):
     assert result.status_code == 200 and result.json()["video"]["url"]
     assert client.get(f"/acme/alice-slowmo/requests/{request_id}/status", headers=auth(zoo, "bob")).status_code == 404
     # Usage is broken down by model.
-    _wait(lambda: client.get("/v1/usage", headers=auth(zoo)).json().get("by_model", {}).get("acme/alice-slowmo"),
+    wait_for(lambda: client.get("/v1/usage", headers=auth(zoo)).json().get("by_model", {}).get("acme/alice-slowmo"),
           30, "usage of the private model")
 
 
 def test_one_model_per_replica_evicts_and_stays_correct(zoo):
     config = config_for(zoo["tmp"], zoo["models"], per_replica=1, concurrent=1)
     serve.run(build_app(config), name=APP, route_prefix="/")
-    _wait(lambda: zoo["client"].get("/readyz").status_code == 200, 120, "readyz after the redeploy")
+    wait_for(lambda: zoo["client"].get("/readyz").status_code == 200, 120, "readyz after the redeploy")
     order = ["acme/svd-b", "svd-a", "svd-c", "svd-a", "acme/svd-b"]
     for model in order:  # one at a time: each needs the replica's one slot
         job = finished(zoo, submit(zoo, model).json()["id"])

@@ -12,7 +12,8 @@ import pytest
 from fixtures_api import MODEL_FRAMES, make_api
 
 from pipelines.params import MAX_PIXELS
-from serve.api.models import CREATED, owner_of
+from serve.api.models import CREATED
+from serve.zoo import ModelEntry
 
 VIDEO_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"  # AppConfig's default model.source
 T2I_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"  # and its default text_to_image_model.source
@@ -115,5 +116,8 @@ def test_the_listing_answers_while_the_model_is_loading(api):
 
 
 def test_owner_of_a_source():
-    assert owner_of(VIDEO_MODEL) == "stabilityai"
-    assert owner_of("/models/svd-xt") == owner_of("s3://bucket/svd") == owner_of("svd") == "svd-serve"
+    def owner(source):
+        return ModelEntry(id="m", source=source).owned_by
+
+    assert owner(VIDEO_MODEL) == "stabilityai"
+    assert owner("/models/svd-xt") == owner("s3://bucket/svd") == owner("svd") == "svd-serve"

@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+
+from waiting import free_port, wait_for
 from PIL import Image
 
 from fixtures_redis import redis_server  # noqa: F401
@@ -97,12 +99,12 @@ def deployment(tmp_path_factory, tiny_model_dir, redis_server, moto_s3_endpoint)
     nodes = {name: cluster.add_node(**spec) for name, spec in POOLS.items()}
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = app_config(tmp, tiny_model_dir, redis_server, moto_s3_endpoint, collector.url)
     serve.run(build_app(config), name=APP, route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    _wait(lambda: client.get("/readyz").status_code == 200, 120, "readyz")
+    wait_for(lambda: client.get("/readyz").status_code == 200, 120, "readyz")
     yield {"client": client, "keys": keys, "config": config, "nodes": nodes, "collector": collector,
            "model_dir": tiny_model_dir, "tenants_file": tmp / "tenants.yaml"}
     client.close()
@@ -111,24 +113,6 @@ def deployment(tmp_path_factory, tiny_model_dir, redis_server, moto_s3_endpoint)
     cluster.shutdown()
     collector.close()
     mp.undo()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait(predicate, timeout_s: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def auth(deployment, tenant="alice") -> dict:
@@ -150,7 +134,7 @@ def job(deployment, job_id, tenant="alice") -> dict:
 
 
 def wait_terminal(deployment, job_id, timeout_s=120, tenant="alice") -> dict:
-    return _wait(lambda: (j := job(deployment, job_id, tenant))["status"] in TERMINAL and j, timeout_s,
+    return wait_for(lambda: (j := job(deployment, job_id, tenant))["status"] in TERMINAL and j, timeout_s,
                  f"job {job_id} to finish")
 
 
@@ -220,7 +204,7 @@ def test_stage_replicas_hold_their_gpu_share_on_their_node_pool(deployment):
 
 def test_cancel_queued_and_running_jobs(deployment):
     running = submit(deployment, **SLOW)
-    _wait(lambda: job(deployment, running["id"])["progress_detail"]["stage"] == "sampling", 60, "sampling to start")
+    wait_for(lambda: job(deployment, running["id"])["progress_detail"]["stage"] == "sampling", 60, "sampling to start")
     response = deployment["client"].post(f"/v1/videos/{running['id']}/cancel", headers=auth(deployment))
     assert response.status_code == 200
     cancelled = wait_terminal(deployment, running["id"], timeout_s=30)
@@ -275,7 +259,7 @@ def test_one_trace_per_job_with_a_span_per_stage(deployment):
     wait_terminal(deployment, created["id"])
     collector = deployment["collector"]
     names = {"admission", "job", "image_encode", "sampling", "decode", "video_encode", "store"}
-    spans = _wait(lambda: (s := collector.spans_of_job(created["id"])) and names <= {x["name"] for x in s} and s,
+    spans = wait_for(lambda: (s := collector.spans_of_job(created["id"])) and names <= {x["name"] for x in s} and s,
                   30, "spans to be exported")
     by_name = {span["name"]: span for span in spans}
     assert len({span["trace_id"] for span in spans}) == 1
@@ -290,24 +274,24 @@ def test_one_trace_per_job_with_a_span_per_stage(deployment):
     # Another job is another trace.
     other = submit(deployment)
     wait_terminal(deployment, other["id"])
-    other_spans = _wait(lambda: collector.spans_of_job(other["id"]), 30, "spans of the second job")
+    other_spans = wait_for(lambda: collector.spans_of_job(other["id"]), 30, "spans of the second job")
     assert {s["trace_id"] for s in other_spans} != {trace_id}
 
 
 def test_burst_scales_the_sampler_alone_and_back_down(deployment):
     assert replica_counts()["Sampler"] == 1
     jobs = [submit(deployment, num_frames=8, num_inference_steps=40, width=64, height=64) for _ in range(8)]
-    peak = _wait(lambda: (c := replica_counts())["Sampler"] >= 2 and c, 90, "the Sampler to scale up")
+    peak = wait_for(lambda: (c := replica_counts())["Sampler"] >= 2 and c, 90, "the Sampler to scale up")
     assert peak["ImageEncoder"] == peak["Decoder"] == peak["VideoEncoder"] == 1
     for created in jobs:
         assert wait_terminal(deployment, created["id"], timeout_s=180)["status"] == "completed"
-    _wait(lambda: replica_counts()["Sampler"] == 1, 90, "the Sampler to scale back down")
+    wait_for(lambda: replica_counts()["Sampler"] == 1, 90, "the Sampler to scale back down")
     assert replica_counts()["ImageEncoder"] == 1
 
 
 def test_killed_sampler_replica_loses_no_job(deployment):
     created = [submit(deployment, **SLOW) for _ in range(2)]
-    _wait(lambda: any(job(deployment, c["id"])["progress_detail"]["stage"] == "sampling" for c in created), 60,
+    wait_for(lambda: any(job(deployment, c["id"])["progress_detail"]["stage"] == "sampling" for c in created), 60,
           "sampling")
     victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Sampler" in a["name"]]
     assert victims
@@ -320,10 +304,10 @@ def test_killed_sampler_replica_loses_no_job(deployment):
 
 def test_restarting_the_application_loses_no_job(deployment):
     created = [submit(deployment, **SLOW) for _ in range(3)]
-    _wait(lambda: any(job(deployment, c["id"])["status"] == "in_progress" for c in created), 60, "a job to start")
+    wait_for(lambda: any(job(deployment, c["id"])["status"] == "in_progress" for c in created), 60, "a job to start")
     serve.delete(APP)
     serve.run(build_app(deployment["config"]), name=APP, route_prefix="/")
-    _wait(lambda: deployment["client"].get("/readyz").status_code == 200, 120, "readyz after restart")
+    wait_for(lambda: deployment["client"].get("/readyz").status_code == 200, 120, "readyz after restart")
     for item in created:
         final = wait_terminal(deployment, item["id"], timeout_s=180)
         assert final["status"] == "completed", final
@@ -362,7 +346,7 @@ def test_webhook_is_signed_and_usage_adds_up(deployment):
         second = submit(deployment, tenant="erin", num_frames=4)
         for created in (first, second):
             assert wait_terminal(deployment, created["id"], tenant="erin")["status"] == "completed"
-        headers, body = _wait(lambda: received and received[0], 30, "the webhook")
+        headers, body = wait_for(lambda: received and received[0], 30, "the webhook")
     finally:
         server.shutdown()
     secret = read_tenants(deployment["tenants_file"])["erin"].webhook_secret
@@ -371,7 +355,7 @@ def test_webhook_is_signed_and_usage_adds_up(deployment):
     assert headers["Webhook-Signature"] == f"v1={expected}"
     event = json.loads(body)
     assert event["type"] == "video.completed" and event["data"]["id"] == first["id"]
-    deliveries = _wait(lambda: len((j := job(deployment, first["id"], "erin"))["webhook"]["deliveries"]) >= 2 and j,
+    deliveries = wait_for(lambda: len((j := job(deployment, first["id"], "erin"))["webhook"]["deliveries"]) >= 2 and j,
                        30, "delivery attempts on the job")["webhook"]["deliveries"]
     assert [d.get("status_code") for d in deliveries[:2]] == [503, 204]
 
@@ -396,7 +380,7 @@ def fair_deployment(deployment):
         update={"autoscaling": None, "num_replicas": 1})})
     fair = config.model_copy(update={"stages": stages, "max_inflight_jobs": 3})
     serve.run(build_app(fair), name=APP, route_prefix="/")
-    _wait(lambda: deployment["client"].get("/readyz").status_code == 200, 120, "readyz after redeploy")
+    wait_for(lambda: deployment["client"].get("/readyz").status_code == 200, 120, "readyz after redeploy")
     return deployment
 
 
@@ -438,7 +422,7 @@ def test_weights_split_completed_work_under_saturation(fair_deployment):
         for _ in range(15):
             for tenant in ("carol", "dave"):
                 jobs[submit(d, tenant=tenant)["id"]] = tenant
-        order = _wait(lambda: (o := finished_order(d, jobs)) and len(o) >= 15 and o, 240, "15 completed jobs")[:15]
+        order = wait_for(lambda: (o := finished_order(d, jobs)) and len(o) >= 15 and o, 240, "15 completed jobs")[:15]
         ratio = order.count("carol") / max(1, order.count("dave"))
         assert 1.6 <= ratio <= 2.4, order
     finally:
@@ -458,7 +442,7 @@ def _in_second_segment(deployment, job_id) -> bool:
 def test_cancel_during_the_second_segment_stops_within_a_step(deployment):
     created = submit(deployment, **SEGMENTED)
     assert created["progress_detail"]["segments"] == 2
-    _wait(lambda: _in_second_segment(deployment, created["id"]), 90, "segment 2 to start sampling")
+    wait_for(lambda: _in_second_segment(deployment, created["id"]), 90, "segment 2 to start sampling")
     response = deployment["client"].post(f"/v1/videos/{created['id']}/cancel", headers=auth(deployment))
     assert response.status_code == 200
     cancelled = wait_terminal(deployment, created["id"], timeout_s=30)
@@ -474,7 +458,7 @@ def test_killed_sampler_during_the_second_segment_resumes_from_it(deployment):
 
     store = make_job_store(deployment["config"].job_store)
     created = submit(deployment, seed=77, **SEGMENTED)
-    _wait(lambda: _in_second_segment(deployment, created["id"]), 90, "segment 2 to start sampling")
+    wait_for(lambda: _in_second_segment(deployment, created["id"]), 90, "segment 2 to start sampling")
     first_segment = store.get(created["id"], tenant=None).segments
     assert [s.index for s in first_segment] == [0]
     for actor in [a for a in ray.util.list_named_actors(all_namespaces=True) if "Sampler" in a["name"]]:
@@ -487,7 +471,7 @@ def test_killed_sampler_during_the_second_segment_resumes_from_it(deployment):
             steps_after_kill.append(current["progress_detail"]["step"])
         return current["status"] in TERMINAL
 
-    _wait(ended, 180, "the job to end after the kill", interval=0.05)
+    wait_for(ended, 180, "the job to end after the kill", interval=0.05)
     final = job(deployment, created["id"])
     assert final["status"] == "completed", final
     record = store.get(created["id"], tenant=None)

@@ -16,7 +16,6 @@ and the source's last path part, as the ``model`` request field does.
 # at runtime, and it is local to ``router``.
 import asyncio
 import logging
-import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Depends, Header
@@ -40,12 +39,9 @@ logger = logging.getLogger("ray.serve.svd_serve")
 #: ``created`` of every entry. OpenAI's SDK needs an integer; the weights carry no creation time,
 #: and a per-process time would differ between ingress replicas, so it is a stable 0 ("unknown").
 CREATED = 0
-#: ``owned_by`` of a model whose source is not a Hugging Face repo id (a directory, ``s3://``).
-DEFAULT_OWNER = "svd-serve"
 #: The largest frame, as a size (``MAX_PIXELS`` pixels, 16:9).
 MAX_SIZE = "1536x864"
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 REJECTIONS = {
     401: {"model": ErrorBody, "description": "Missing or invalid API key."},
@@ -120,11 +116,6 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
-
-
-def owner_of(source: str) -> str:
-    """The organisation of a Hugging Face repo id (``stabilityai``), else :data:`DEFAULT_OWNER`."""
-    return source.split("/", 1)[0] if _REPO_ID.fullmatch(source) else DEFAULT_OWNER
 
 
 def limits(service: "VideoService") -> Limits:

@@ -121,6 +121,14 @@ def _check_base(entry: ModelEntry, store: ModelStore, catalog: ModelCatalog | No
         raise ModelsCommandError(f"base {entry.base!r} is a {base.kind} model; a fine-tune's base is image-to-video")
 
 
+def _save(entry: ModelEntry, store: ModelStore, catalog: ModelCatalog | None, done: str) -> int:
+    _check_paths(entry)
+    _check_base(entry, store, catalog)
+    store.put(entry)
+    print(f"{done} {entry.id}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     store, catalog = _open(args)
     declared = catalog.declared_ids() if catalog is not None else frozenset()
@@ -145,11 +153,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         raise ModelsCommandError(f"{entry.id!r} is declared in the app config; change it there")
     if store.get(entry.id) is not None and not args.replace:
         raise ModelsCommandError(f"{entry.id!r} is already registered (svd-serve models set, or add --replace)")
-    _check_paths(entry)
-    _check_base(entry, store, catalog)
-    store.put(entry)
-    print(f"added {entry.id}")
-    return 0
+    return _save(entry, store, catalog, "added")
 
 
 def cmd_set(args: argparse.Namespace) -> int:
@@ -165,12 +169,7 @@ def cmd_set(args: argparse.Namespace) -> int:
     merged = current.model_dump()
     for name, value in changes.items():
         merged[name] = {**merged[name], **value} if name in ("defaults", "limits") else value
-    entry = _validated(merged)
-    _check_paths(entry)
-    _check_base(entry, store, catalog)
-    store.put(entry)
-    print(f"changed {entry.id}")
-    return 0
+    return _save(_validated(merged), store, catalog, "changed")
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
