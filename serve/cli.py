@@ -78,6 +78,15 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
         print(f"wrote tiny random-weight SDXL-shaped text-to-image model to {path} in "
               f"{time.perf_counter() - start:.1f}s")
         return 0
+    if args.lora_for:
+        from pipelines.adapters import write_tiny_lora
+        from pipelines.loader import ModelSpec, load_components
+
+        base = load_components(ModelSpec(source=args.lora_for, dtype="fp32", device="cpu"), ("unet",))["unet"]
+        path = write_tiny_lora(base, args.directory, seed=args.seed)
+        print(f"wrote a random LoRA adapter for the U-Net of {args.lora_for} to {path} (register it with: svd-serve "
+              f"models add NAME --base MODEL --lora {path})")
+        return 0
     path = write_tiny_model(args.directory, seed=args.seed)
     print(f"wrote tiny random-weight SVD to {path} in {time.perf_counter() - start:.1f}s")
     return 0
@@ -205,8 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight SVD for offline tests and demos")
     tiny.add_argument("directory", help="output directory (diffusers save_pretrained layout)")
     tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
-    tiny.add_argument("--text-to-image", action="store_true",
+    kind = tiny.add_mutually_exclusive_group()
+    kind.add_argument("--text-to-image", action="store_true",
                       help="write the tiny SDXL-shaped text-to-image model instead (text-to-video's first frame)")
+    kind.add_argument("--lora-for", metavar="MODEL_DIR", default=None,
+                      help="write a random PEFT LoRA adapter for that model's U-Net instead (the model zoo's demo)")
     tiny.set_defaults(handler=cmd_tiny_model)
 
     generate = commands.add_parser("generate", help="generate one clip in this process (no Ray)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -243,3 +244,15 @@ def test_full_size_on_cpu_is_refused():
     result = run_bench("--text-to-video", "--duration", "8", "--output-fps", "24", "--steps", "1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("bench_pipeline.py: full-size SVD-XT on CPU"), result.stderr
+
+
+def test_model_zoo_benchmark_prints_its_three_tables():
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_model_zoo.py"), "--repeat", "2",
+                             "--hash-mb", "4"], cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # The fine-tune loads only its U-Net; the VAE and image encoder come from the cache.
+    assert re.search(r"fine-tune of A \(own U-Net file\)\s+[\d.]+\s+1\s+2", out), out
+    assert re.search(r"model A again \(loaded\)\s+[\d.]+\s+0\s+3", out), out
+    assert "MB/s sha256" in out and "adapter active" in out and "x1.000" in out

@@ -296,3 +296,13 @@ def test_a_model_registered_while_serving_is_a_fal_app(api, tmp_path):
     assert (out["handle"]["response_url"], out["handle"]["status_url"]) == (base, base + "/status")
     assert out["status"]["type"] == "Completed" and out["result"]["seed"] == 5
     assert api.service.store.get(request_id, tenant="alice").model == "globex/svd-product"
+
+
+def test_tiny_model_writes_a_lora_adapter_for_a_model(tmp_path, tiny_model_dir, capsys):
+    from pipelines.adapters import LoraAdapters
+    from pipelines.loader import ModelSpec, load_components
+
+    assert cli(["tiny-model", str(tmp_path / "lora"), "--lora-for", str(tiny_model_dir)]) == 0
+    assert "svd-serve models add NAME --base MODEL --lora" in capsys.readouterr().out
+    unet = load_components(ModelSpec(source=str(tiny_model_dir), dtype="fp32", device="cpu"), ("unet",))["unet"]
+    assert LoraAdapters(unet).load("demo", tmp_path / "lora") >= 0
