@@ -54,9 +54,13 @@ class Ingress:
     async def model_info(self, model_id: str | None = None) -> dict[str, Any]:
         """What a model defaults to (frames), asked of a model stage replica once per model (it
         reads another model's U-Net config without loading the model)."""
-        key = None if model_id in (None, self.catalog.default_id) else model_id
+        if model_id in (None, self.catalog.default_id):
+            key, model_id = None, None
+        else:  # per version: a changed registry entry is asked again
+            key = await asyncio.to_thread(self.catalog.version_key, model_id)
         if key not in self._model_info:
-            self._model_info[key] = await asyncio.wait_for(self.model_stage.info.remote(key), MODEL_INFO_TIMEOUT_S)
+            self._model_info[key] = await asyncio.wait_for(self.model_stage.info.remote(model_id),
+                                                           MODEL_INFO_TIMEOUT_S)
         return self._model_info[key]
 
     async def text_to_image_info(self) -> dict[str, Any]:

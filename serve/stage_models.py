@@ -9,9 +9,11 @@ keyed by a hash of their config and weights, so SVD-XT and its fine-tunes share 
 image encoder, and a LoRA model shares its base's U-Net outright (the adapter is applied per
 request, see :mod:`pipelines.adapters`).
 
-Eviction is safe for requests in flight: a request holds its :class:`LoadedModel` for as long as
-it runs, so an evicted model's weights stay alive until its last request ends, and an evicted LoRA
-model removes its adapter from the shared U-Net only then.
+Models are keyed by version (``id@digest``, :meth:`~serve.zoo.ModelCatalog.version_key`): a
+registry entry changed at run time is loaded afresh under its new key, and the old version ages out.
+Eviction is safe for requests in flight: a request holds its :class:`LoadedModel` from the moment
+the multiplexer hands it over until the request ends, so an evicted model's weights stay alive
+until then, and an evicted LoRA model removes its adapter from the shared U-Net only then.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipelines.loader import load_stage_components, resolve_model_dir
+from pipelines.errors import ModelLoadError
+from pipelines.loader import load_stage_components, read_pipeline_file
 from pipelines.loader.unet_checkpoint import fetch_adapter
 from pipelines.registry import StageSpec
 
 from .telemetry import metrics, tracer
-from .zoo import ModelCatalog, Weights
+from .zoo import ModelCatalog, ModelUnavailableError, Weights
 
 logger = logging.getLogger("ray.serve.svd_serve")
 
@@ -43,11 +46,12 @@ MODEL_MEMORY_FRACTION = 0.8
 class LoadedModel:
     """One model as a stage replica holds it: the built stage, and the LoRA adapter to apply."""
 
-    def __init__(self, model_id: str, stage: Any, *, load_seconds: float, adapters: Any = None,
+    def __init__(self, key: str, stage: Any, *, load_seconds: float, adapters: Any = None,
                  on_evicted: Callable[["LoadedModel"], None] | None = None,
                  release_adapter: Callable[[], None] | None = None) -> None:
-        self.model_id, self.stage, self.adapters = model_id, stage, adapters
-        self.adapter = adapter_name(model_id)
+        self.key, self.model_id = key, key.rsplit("@", 1)[0]
+        self.stage, self.adapters = stage, adapters
+        self.adapter = adapter_name(key)
         self._release_adapter = release_adapter
         self.load_seconds = load_seconds
         self.loaded_at = time.monotonic()
@@ -56,23 +60,27 @@ class LoadedModel:
         self._evicted = False
         self._lock = threading.Lock()
 
-    @contextlib.contextmanager
-    def use(self) -> Iterator[Any]:
-        """The stage, with this model's adapter active for the calling thread, for one request."""
+    def hold(self) -> None:
+        """One more request uses this model (taken as the multiplexer hands it over)."""
         with self._lock:
             self._active += 1
-        try:
-            if self.adapters is None:
+
+    def release(self) -> None:
+        """That request ended; an evicted model lets its adapter go with its last request."""
+        with self._lock:
+            self._active -= 1
+            drop = self._evicted and self._active == 0
+        if drop:
+            self._drop_adapter()
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[Any]:
+        """The stage, with this model's adapter active for the calling thread (a held model)."""
+        if self.adapters is None:
+            yield self.stage
+        else:
+            with self.adapters.active(self.adapter):
                 yield self.stage
-            else:
-                with self.adapters.active(self.adapter):
-                    yield self.stage
-        finally:
-            with self._lock:
-                self._active -= 1
-                drop = self._evicted and self._active == 0
-            if drop:
-                self._drop_adapter()
 
     def __del__(self) -> None:
         # Serve's multiplexer calls this when it unloads the model (LRU), then drops it.
@@ -108,27 +116,37 @@ class StageModels:
         self._adapter_holders: dict[tuple[int, str], int] = {}
         self._lock = threading.Lock()
 
-    def load(self, model_id: str) -> LoadedModel:
-        """Fetch and load ``model_id``'s components for this stage (shared ones from the cache) and
-        build the stage, timed: a span, a metric and a log line per load."""
-        entry = self.catalog.get(model_id)
-        if entry is None:
-            raise LookupError(f"model {model_id!r} is not registered")
-        weights = self.catalog.weights(entry)
-        start = time.perf_counter()
-        with tracer().start_as_current_span("model_load", attributes={"svd.stage": self.spec.name,
-                                                                      "svd.model": model_id}):
-            components = self._components(weights)
-            stage = self.spec.build(components)
-            adapters = self._with_adapter(model_id, weights, components) if weights.lora else None
-        release = self._releaser(adapters, adapter_name(model_id)) if adapters is not None else None
+    def load(self, key: str) -> LoadedModel:
+        """Fetch and load the components of model version ``key`` (``id@digest``, or a bare id)
+        for this stage (shared ones from the cache) and build the stage, timed: a span, a metric
+        and a log line per load. A model that is gone or cannot load is ModelUnavailableError (its
+        detail, which may name operator paths, is logged, not shown to the tenant)."""
+        model_id = key.rsplit("@", 1)[0]
+        try:
+            entry = self.catalog.get(model_id)
+            if entry is None:
+                raise ModelUnavailableError(f"model {model_id!r} is no longer registered")
+            weights = self.catalog.weights(entry)
+            start = time.perf_counter()
+            with tracer().start_as_current_span("model_load", attributes={"svd.stage": self.spec.name,
+                                                                          "svd.model": model_id}):
+                components = self._components(weights)
+                stage = self.spec.build(components)
+                adapters = self._with_adapter(key, weights, components) if weights.lora else None
+        except ModelUnavailableError:
+            raise
+        except (LookupError, ValueError, ModelLoadError, OSError) as error:
+            logger.error("%s could not load model %s: %s", self.spec.name, model_id, error)
+            raise ModelUnavailableError(f"model {model_id!r} could not be loaded on this deployment (the operator "
+                                        "can find why in the logs)") from None
+        release = self._releaser(adapters, adapter_name(key)) if adapters is not None else None
         seconds = time.perf_counter() - start
         recorder = metrics()
         if recorder is not None:
             recorder.model_load_seconds.observe(seconds, tags={"stage": self.spec.name, "model": model_id})
-        logger.info("%s loaded model %s in %.2fs", self.spec.name, model_id, seconds)
+        logger.info("%s loaded model %s in %.2fs", self.spec.name, key, seconds)
         self.load_seconds[model_id] = seconds
-        return LoadedModel(model_id, stage, load_seconds=seconds, adapters=adapters, on_evicted=self._evicted,
+        return LoadedModel(key, stage, load_seconds=seconds, adapters=adapters, on_evicted=self._evicted,
                            release_adapter=release)
 
     def models_that_fit(self, first: LoadedModel, *, gpu_share: float) -> int:
@@ -139,18 +157,20 @@ class StageModels:
             return DEFAULT_MODELS_PER_REPLICA
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory * (gpu_share or 1.0)
         used = max(1, torch.cuda.memory_allocated())  # the first model (components shared with later ones count once)
+        # The rest of the share is the requests' working memory (latents, activations, decode chunks).
         return max(1, min(64, int(total * MODEL_MEMORY_FRACTION // used)))
 
     def default_num_frames(self, model_id: str) -> int:
-        """The model's own frame count, from its U-Net config (no weights loaded)."""
+        """The model's own frame count, from its U-Net config alone (no weights fetched or loaded)."""
         entry = self.catalog.get(model_id)
         if entry is None:
-            raise LookupError(f"model {model_id!r} is not registered")
+            raise ModelUnavailableError(f"model {model_id!r} is no longer registered")
         return int(unet_config(self.catalog.weights(entry)).get("num_frames") or 14)
 
     # -- inside -----------------------------------------------------------------------------------
 
     def _components(self, weights: Weights) -> dict[str, Any]:
+        from pipelines.adapters import LoraAdapters
         from pipelines.loader.shared import load_components_shared
 
         if self.spec.component_loader is not None or not self.spec.components:
@@ -158,23 +178,27 @@ class StageModels:
         unet_override = weights.unet if "unet" in self.spec.components else None
         components, _ = load_components_shared(weights.pipeline, self.spec.components, cache=self.components,
                                                unet_override=unet_override)
+        unet = components.get("unet")
+        if unet is not None:
+            # Every U-Net gets its adapter set (its per-call hooks) before it serves a request: an
+            # adapter injected later waits for the forwards in flight instead of racing them.
+            with self._lock:
+                if unet not in self._adapters:
+                    self._adapters[unet] = LoraAdapters(unet)
         return components
 
-    def _with_adapter(self, model_id: str, weights: Weights, components: dict[str, Any]) -> Any:
+    def _with_adapter(self, key: str, weights: Weights, components: dict[str, Any]) -> Any:
         """The shared U-Net's adapter set, with this model's LoRA loaded into it (once)."""
         unet = components.get("unet")
         if unet is None:  # stages without the U-Net share the base's components unchanged
             return None
-        from pipelines.adapters import LoraAdapters
-
+        directory = fetch_adapter(weights.lora, weights.pipeline)  # a download: outside the lock
+        name = adapter_name(key)
         with self._lock:
-            adapters = self._adapters.get(unet)
-            if adapters is None:
-                adapters = self._adapters[unet] = LoraAdapters(unet)
-            name = adapter_name(model_id)
-            adapters.load(name, fetch_adapter(weights.lora, weights.pipeline), scale=weights.lora_scale)
-            key = (id(adapters), name)
-            self._adapter_holders[key] = self._adapter_holders.get(key, 0) + 1
+            adapters = self._adapters[unet]
+            adapters.load(name, directory, scale=weights.lora_scale)
+            holders = (id(adapters), name)
+            self._adapter_holders[holders] = self._adapter_holders.get(holders, 0) + 1
         return adapters
 
     def _releaser(self, adapters: Any, name: str) -> Callable[[], None]:
@@ -194,7 +218,7 @@ class StageModels:
         recorder = metrics()
         if recorder is not None:
             recorder.model_evictions.inc(tags={"stage": self.spec.name, "model": model.model_id})
-        logger.info("%s unloaded model %s", self.spec.name, model.model_id)
+        logger.info("%s unloaded model %s", self.spec.name, model.key)
 
 
 def adapter_name(model_id: str) -> str:
@@ -205,10 +229,10 @@ def adapter_name(model_id: str) -> str:
 
 
 def unet_config(weights: Weights) -> dict[str, Any]:
-    """The U-Net config of a model: its checkpoint folder's, else its pipeline's."""
+    """The U-Net config of a model, fetched alone: its checkpoint folder's, else its pipeline's
+    ``unet/config.json`` (a local file, one Hub file, or one S3 object)."""
     if weights.unet is not None and not weights.unet.startswith("s3://"):
         folder = Path(weights.unet).expanduser()
         if (folder / "config.json").is_file():
             return json.loads((folder / "config.json").read_text())
-    model_dir = resolve_model_dir(weights.pipeline, components=("unet",))
-    return json.loads((model_dir / "unet" / "config.json").read_text())
+    return json.loads(read_pipeline_file(weights.pipeline, "unet/config.json"))

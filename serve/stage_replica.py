@@ -72,9 +72,7 @@ class StageReplica:
             if model is None:
                 raise ValueError(f"stage {self.spec.name!r} has no model configured")
             self._fixed = self._load(model)
-        self.load_seconds = self.default_model.load_seconds
-        self._memory_budget = self._memory_budget_bytes()
-        self._set_memory_budget(self.default_model.stage)
+            self._note_default(self._fixed)
         self._notes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress-notes")  # in order
 
     # -- calls from the driver ------------------------------------------------------------------
@@ -85,7 +83,7 @@ class StageReplica:
             self._note_progress(ctx, self.spec.name)
         values, timings = self._unwrap(inputs)
         with self._span(ctx):
-            model = await self._model(timings)
+            model = await self._model(timings)  # held: _run_timed lets go of it
             return await asyncio.to_thread(self._run_timed, ctx, model, values,
                                            GenerationParams.model_validate(params), {}, timings)
 
@@ -105,11 +103,12 @@ class StageReplica:
         hooks = {"on_step": on_step,
                  "should_cancel": lambda: stopped.is_set() or self.store.is_cancel_requested(ctx.job_id)}
         with self._span(ctx):
-            model = await self._model(timings)
-            yield StepReport(self.spec.name, 0, int(model.stage.total_steps(resolved)), time.time())
-            work = asyncio.ensure_future(asyncio.to_thread(self._run_timed, ctx, model, values, resolved, hooks,
-                                                           timings))
+            model = await self._model(timings)  # held: _run_timed lets go of it, or this if it never starts
+            work = None
             try:
+                yield StepReport(self.spec.name, 0, int(model.stage.total_steps(resolved)), time.time())
+                work = asyncio.ensure_future(asyncio.to_thread(self._run_timed, ctx, model, values, resolved,
+                                                               hooks, timings))
                 while not work.done() or not reports.empty():
                     getter = asyncio.ensure_future(reports.get())
                     await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
@@ -120,19 +119,17 @@ class StageReplica:
                 output = work.result()
             finally:
                 stopped.set()
+                if work is None:
+                    model.release()
             yield output
 
     async def info(self, model_id: str | None = None) -> dict[str, Any]:
         """A model's defaults (on the stage that describes the model): the default model's from its
         loaded stage; another model's frame count from its U-Net config, without loading it."""
-        stage = self.default_model.stage
-        num_frames = int(getattr(stage, "default_num_frames", 0))
-        if self.models is not None and model_id is not None and model_id != self.default_model.model_id:
-            num_frames = await asyncio.to_thread(self.models.default_num_frames, model_id)
-        return {"stage": self.spec.name, "model": model_id or self.default_model.model_id,
-                "num_frames": num_frames,
-                "size_multiple": int(getattr(stage, "size_multiple", 0)) or None,
-                "negative_prompt": getattr(stage, "accepts_negative_prompt", None)}
+        info = {**self._default_info, "stage": self.spec.name}
+        if self.models is not None and model_id is not None and model_id != info["model"]:
+            info.update(model=model_id, num_frames=await asyncio.to_thread(self.models.default_num_frames, model_id))
+        return info
 
     async def replica_info(self) -> dict[str, Any]:
         """Where this replica runs and what it holds (for operators and placement tests)."""
@@ -150,49 +147,76 @@ class StageReplica:
         if not await asyncio.to_thread(self.store.ping):
             raise RuntimeError(f"{self.spec.name} replica cannot reach the job store")
 
-    # -- inside -----------------------------------------------------------------------------------
-
     # -- models -----------------------------------------------------------------------------------
 
-    @property
-    def default_model(self) -> LoadedModel:
-        return self._fixed if self.models is None else self._default
+    def _note_default(self, model: LoadedModel) -> None:
+        """What info() answers for the default model, and this replica's memory budget (measured
+        with the default model loaded)."""
+        stage = model.stage
+        self.load_seconds = model.load_seconds
+        self._default_info = {"model": model.model_id, "num_frames": int(getattr(stage, "default_num_frames", 0)),
+                              "size_multiple": int(getattr(stage, "size_multiple", 0)) or None,
+                              "negative_prompt": getattr(stage, "accepts_negative_prompt", None)}
+        self._memory_budget = self._memory_budget_bytes(stage)
+        self._set_memory_budget(stage)
 
     def _start_multiplexed(self) -> None:
         """Load the default model and the warm pool (``preload`` models), then wrap the loader in
-        Serve's multiplexer with room for ``max_num_models_per_replica`` models."""
+        Serve's multiplexer with room for ``max_num_models_per_replica`` models. A warm-pool model
+        that fails to load is logged and left to load on demand (one bad registry entry must not
+        keep the replica from starting)."""
         self.models = StageModels(self.spec, self.catalog)
-        default_id = self.catalog.default_id
-        self._default = self.models.load(default_id)
+        self._default_key = self.catalog.version_key(self.catalog.default_id)
+        default = self.models.load(self._default_key)
+        self._note_default(default)
         options = self.config.stages.for_stage(self.spec)
         capacity = options.max_num_models_per_replica or self.models.models_that_fit(
-            self._default, gpu_share=float(options.ray_actor_options.num_gpus))
-        self._preloaded[default_id] = self._default
+            default, gpu_share=float(options.ray_actor_options.num_gpus))
+        self._preloaded[self._default_key] = default
         warm = [entry.id for entry in self.catalog.entries(fresh=True).values()
-                if entry.preload and entry.kind == "image-to-video" and entry.id != default_id]
+                if entry.preload and entry.kind == "image-to-video" and entry.id != self.catalog.default_id]
         for model_id in warm[:capacity - 1]:
-            self._preloaded[model_id] = self.models.load(model_id)
+            try:
+                key = self.catalog.version_key(model_id)
+                self._preloaded[key] = self.models.load(key)
+            except Exception:  # noqa: BLE001 - logged; the model loads on demand (and fails there, clearly)
+                logger.exception("%s could not preload model %s", self.spec.name, model_id)
         self.capacity = capacity
 
-        async def load_model(model_id: str) -> LoadedModel:
-            preloaded = self._preloaded.pop(model_id, None)
+        async def load_model(key: str) -> LoadedModel:
+            preloaded = self._preloaded.pop(key, None)
             if preloaded is not None:
                 return preloaded
-            model = await asyncio.to_thread(self.models.load, model_id)
+            self._make_room()
+            model = await asyncio.to_thread(self.models.load, key)
             self._set_memory_budget(model.stage)
             return model
 
         self._load_model = load_model  # Serve keeps its multiplexer (and the models it holds) on it
         self._get_model = serve.multiplexed(max_num_models_per_replica=capacity)(load_model)
 
+    def _make_room(self) -> None:
+        """Preloaded models not yet handed to the multiplexer count against its capacity: the
+        oldest of them goes before a new model loads, so no more than ``capacity`` stay resident."""
+        wrapper = getattr(self._load_model, "__serve_multiplex_wrapper", None)
+        held = len(getattr(wrapper, "models", {})) if wrapper is not None else 0
+        while self._preloaded and held + len(self._preloaded) >= self.capacity:
+            key = next(iter(self._preloaded))
+            self._preloaded.pop(key).__del__()  # counted as an eviction
+
     async def _model(self, timings: dict[str, float]) -> LoadedModel:
-        """The model this request names (its multiplexed model id; none: the default), loaded if it
-        is not held yet; a load made for this request is added to its timings (``model_load``)."""
+        """The model this request names (its multiplexed model id, ``id@digest``; none: the
+        default), loaded if it is not held yet, and held for this request (released when it
+        ends); a load made for this request is added to its timings (``model_load``)."""
         if self.models is None:
+            self._fixed.hold()
             return self._fixed
-        model_id = serve.get_multiplexed_model_id() or self.catalog.default_id
+        key = serve.get_multiplexed_model_id() or self._default_key
+        if "@" not in key:  # a bare id or alias (a job admitted before versioned keys)
+            key = await asyncio.to_thread(self.catalog.version_key, key)
         start = time.monotonic()
-        model = await self._get_model(model_id)
+        model = await self._get_model(key)
+        model.hold()  # in the same turn of the loop as the hand-over: no eviction can come between
         if model.loaded_at >= start:
             timings["model_load"] = timings.get("model_load", 0.0) + model.load_seconds
         return model
@@ -202,7 +226,8 @@ class StageReplica:
             return {"models": [self._fixed.model_id]}
         wrapper = getattr(self._load_model, "__serve_multiplex_wrapper", None)
         held = list(getattr(wrapper, "models", {})) if wrapper is not None else []
-        return {"models": sorted({*held, *self._preloaded}), "capacity": self.capacity,
+        return {"models": sorted({key.rsplit("@", 1)[0] for key in (*held, *self._preloaded)}),
+                "capacity": self.capacity,
                 "evictions": self.models.evictions, "model_load_seconds": dict(self.models.load_seconds),
                 "component_loads": self.models.components.loads, "component_hits": self.models.components.hits}
 
@@ -220,13 +245,13 @@ class StageReplica:
         logger.info("%s loaded %s in %.2fs", self.spec.name, model.source, seconds)
         return LoadedModel(model_id_for(model.source), stage, load_seconds=seconds)
 
-    def _memory_budget_bytes(self) -> int | None:
+    def _memory_budget_bytes(self, stage: Any) -> int | None:
         """A stage that sizes its work by GPU memory (the decoder's chunks) gets this replica's
         share of the GPU, less what its models hold, split over its concurrent requests: fixed for
         the replica's life, so results do not depend on what else ran."""
         import torch
 
-        if not hasattr(self.default_model.stage, "memory_budget_bytes") or not torch.cuda.is_available():
+        if not hasattr(stage, "memory_budget_bytes") or not torch.cuda.is_available():
             return None
         options = self.config.stages.for_stage(self.spec)
         share = min(1.0, float(options.ray_actor_options.num_gpus) or 1.0)
@@ -237,6 +262,8 @@ class StageReplica:
     def _set_memory_budget(self, stage: Any) -> None:
         if self._memory_budget is not None and hasattr(stage, "memory_budget_bytes"):
             stage.memory_budget_bytes = self._memory_budget
+
+    # -- inside -----------------------------------------------------------------------------------
 
     def _note_progress(self, ctx: JobContext, stage: str) -> None:
         """Record, without waiting, that the job reached ``stage`` (a progress hint for clients)."""
@@ -265,9 +292,12 @@ class StageReplica:
                    hooks: dict[str, Any], timings: dict[str, float]) -> StageOutput:
         """In a worker thread: the stage itself (timed), then the clip's upload if it is the last."""
         start = time.perf_counter()
-        values = [self._resolve(name, value, params) for name, value in zip(self.spec.inputs, values)]
-        with model.use() as stage:
-            value = to_host(stage(*values, params, **hooks))
+        try:
+            values = [self._resolve(name, value, params) for name, value in zip(self.spec.inputs, values)]
+            with model.applied() as stage:
+                value = to_host(stage(*values, params, **hooks))
+        finally:
+            model.release()
         if ctx.segment_key and isinstance(value, DecodedFrames):
             value = self._store_segment(ctx, value, params)
         seconds = time.perf_counter() - start

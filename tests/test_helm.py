@@ -64,7 +64,7 @@ def default() -> hu.Rendered:
 def _app_config():
     try:
         from serve.config import AppConfig
-    except ImportError as error:  # serve/config.py or pipelines/loader.py not written yet
+    except ImportError as error:  # serve/config or pipelines/loader not written yet
         pytest.skip(f"serve.config.AppConfig is not importable yet: {error}")
     return AppConfig
 
@@ -745,7 +745,7 @@ ZOO = [
     {"id": "acme/svd-anime", "base": "svd-xt", "unet": "s3://models/svd-anime/unet.safetensors",
      "defaults": {"motion_bucket_id": 160, "num_inference_steps": 20}},
     {"id": "acme/svd-slowmo", "base": "svd-xt", "lora": "s3://models/loras/slowmo", "lora_scale": 0.8,
-     "dtype": "bf16", "variant": None, "revision": None},
+     "variant": None, "revision": None},
     {"id": "globex/svd-product", "base": "svd-xt", "lora": "/models/loras/product", "visibility": "private",
      "tenant": "globex", "limits": {"max_num_frames": 14, "max_pixels": 589824, "max_long_side": 1024},
      "description": "Globex only"},
@@ -830,6 +830,7 @@ BAD_ENTRIES = {
     "lora-scale-zero": ({"id": "m", "source": "x", "lora_scale": 0}, "/models/0/lora_scale"),
     "lora-scale-high": ({"id": "m", "source": "x", "lora_scale": 4.5}, "/models/0/lora_scale"),
     "dtype": ({"id": "m", "source": "x", "dtype": "float16"}, "/models/0/dtype"),
+    "fine-tune-dtype": ({"id": "m", "base": "svd-xt", "lora": "l", "dtype": "bf16"}, "/models/0/dtype"),
     "variant": ({"id": "m", "source": "x", "variant": "fp32"}, "/models/0/variant"),
     "visibility": ({"id": "m", "source": "x", "visibility": "secret"}, "/models/0/visibility"),
     "defaults-key": ({"id": "m", "source": "x", "defaults": {"seed": 1}}, "'seed' not allowed"),

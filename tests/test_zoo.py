@@ -45,6 +45,9 @@ SMALL = {"num_frames": 4, "width": 64, "height": 64, "num_inference_steps": 2}
     ({"id": "a/b/c", "source": "x/y"}, "pattern"),
     ({"id": "a", "source": "x/y", "lora_scale": 0}, "greater than 0"),
     ({"id": "a", "source": "x/y", "surprise": 1}, "Extra inputs"),
+    ({"id": "v1/videos", "source": "x/y"}, "the API's own routes"),
+    ({"id": "fal-ai/stable-video", "source": "x/y"}, "the API's own routes"),
+    ({"id": "a", "base": "b", "lora": "/l", "dtype": "bf16"}, "belong to a whole pipeline"),
 ])
 def test_bad_entries_are_refused_with_the_reason(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -136,6 +139,14 @@ def test_weights_resolve_through_the_base_chain(tmp_path):
     store.put(ModelEntry(id="lora-on-lora", base="anime-lora", lora="/other"))
     with pytest.raises(ValueError, match="its base has a LoRA adapter"):
         catalog.weights(catalog.get("lora-on-lora"))
+    store.put(ModelEntry(id="theirs", base=catalog.default_id, unet="/u", visibility="private", tenant="acme"))
+    for tenant in (None, "globex"):  # a public or another tenant's fine-tune cannot build on acme's model
+        visibility = {"visibility": "private", "tenant": tenant} if tenant else {}
+        store.put(ModelEntry(id="thief", base="theirs", lora="/l", **visibility))
+        with pytest.raises(UnknownModelError, match="base 'theirs' is not registered"):
+            catalog.weights(catalog.get("thief"))
+    store.put(ModelEntry(id="own", base="theirs", lora="/l", visibility="private", tenant="acme"))
+    assert catalog.weights(catalog.get("own")).unet == "/u"  # its own tenant's base is fine
     store.put(ModelEntry(id="orphan", base="gone", lora="/l"))
     with pytest.raises(UnknownModelError, match="base 'gone' is not registered"):
         catalog.weights(catalog.get("orphan"))
@@ -182,6 +193,9 @@ def test_the_cli_adds_changes_lists_and_removes(tmp_path, capsys):
         (["set", "acme/slowmo", "--max-num-frames", "8"], "exceeds limits.max_num_frames"),
         (["set", "nope", "--preload"], "no registered model 'nope'"),
         (["remove", "svd"], "acme/slowmo use 'svd' as their base"),
+        (["add", "globex/x", "--base", "acme/slowmo", "--unet", str(adapter)], "private to another tenant"),
+        (["add", "y", "--base", "acme/slowmo", "--lora", str(adapter), "--private", "acme"],
+         "has a LoRA adapter itself"),
     ]:
         assert cli([*where, *args]) == 1, args
         err = capsys.readouterr().err
@@ -269,6 +283,19 @@ def test_another_tenants_private_model_is_unknown_everywhere(api):
     alice = {m.id for m in openai.OpenAI(base_url="http://testserver/v1", api_key=api.keys["alice"], http_client=api,
                                          max_retries=0).models.list()}
     assert alice == {"svd-xt", "stabilityai/stable-diffusion-xl-base-1.0", "acme/anime", "acme/alice-only"}
+
+
+def test_the_default_model_named_or_not_is_one_request_and_other_kinds_are_refused(api):
+    first = api.post("/v1/videos", headers={**h(api), "Idempotency-Key": "k1"}, json={"image_url": DATA_URL, **SMALL})
+    again = api.post("/v1/videos", headers={**h(api), "Idempotency-Key": "k1"},
+                     json={"image_url": DATA_URL, **SMALL, "model": "svd-xt"})
+    assert first.status_code == again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    t2i = submit(api, model="stabilityai/stable-diffusion-xl-base-1.0")
+    assert t2i.status_code == 422 and "is a text-to-image model" in t2i.json()["error"]["message"]
+    # The fal route for zoo app ids leaves the API's own paths as they were.
+    assert api.post("/v1/models", headers=h(api), json={}).status_code == 405
+    assert api.post("/healthz/x", json={}).status_code == 404
 
 
 def test_allowed_models_is_a_403_and_filters_the_list(api):

@@ -71,6 +71,7 @@ __all__ = [
     "load_components",
     "load_stage_components",
     "load_pipeline",
+    "read_pipeline_file",
     "resolve_model_dir",
     "sync_s3",
 ]
@@ -94,6 +95,36 @@ def resolve_model_dir(
     if kind == "s3":
         return _check_local_dir(sync_s3(spec, components=components).local_dir)
     return _check_local_dir(_download_from_hub(spec, token=token, components=components))
+
+
+def read_pipeline_file(spec: ModelSpec, relative: str, *, token: str | None = None) -> str:
+    """One small text file of a pipeline (``unet/config.json``) without downloading its weights:
+    read from a local directory, one Hub file download (cached), or one S3 object."""
+    kind = _source_kind(spec.source)
+    if kind == "local":
+        path = Path(spec.source).expanduser() / relative
+        if not path.is_file():
+            raise ModelLoadError(f"{spec.source} has no {relative}")
+        return path.read_text()
+    if kind == "hf":
+        from huggingface_hub import hf_hub_download
+
+        from pipelines.loader.hub import _hub_cache_dir
+
+        try:
+            return Path(hf_hub_download(spec.source, relative, revision=spec.revision, cache_dir=_hub_cache_dir(spec),
+                                        token=token)).read_text()
+        except Exception as err:  # noqa: BLE001 - offline, gated, missing: one line either way
+            raise ModelLoadError(f"cannot read {relative} of {spec.source}: {_one_line(err)}") from err
+    from pipelines import s3client
+    from pipelines.loader.s3 import _endpoint_label, _parse_s3_url, _s3_client, _s3_error
+
+    bucket, prefix = _parse_s3_url(spec.source)
+    try:
+        return _s3_client(spec).get_object(Bucket=bucket, Key=prefix + relative)["Body"].read().decode()
+    except s3client.botocore_errors() as err:
+        raise _s3_error(err, action="read", url=f"s3://{bucket}/{prefix}{relative}", endpoint=_endpoint_label(spec),
+                        bucket=bucket) from err
 
 
 def load_components(

@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve.svd_serve")
 
-#: ``created`` of every entry. OpenAI's SDK needs an integer; the weights carry no creation time,
-#: and a per-process time would differ between ingress replicas, so it is a stable 0 ("unknown").
+#: ``created`` of the models the app config declares. OpenAI's SDK needs an integer; the weights
+#: carry no creation time, and a per-process time would differ between ingress replicas, so it is a
+#: stable 0 ("unknown"). Registered models carry the time they were added.
 CREATED = 0
 #: The largest frame, as a size (``MAX_PIXELS`` pixels, 16:9).
 MAX_SIZE = "1536x864"
@@ -86,7 +87,8 @@ class ModelObject(BaseModel):
 
     id: str = Field(description="What requests send as model (GET /v1/models/{id}).")
     object: Literal["model"] = "model"
-    created: int = Field(default=CREATED, description="Always 0: the weights carry no creation time.")
+    created: int = Field(default=CREATED, description="When the model was registered (Unix seconds); 0 for the models the app "
+                         "config declares (the weights carry no creation time).")
     owned_by: str = Field(description="The tenant of a private model, else the Hugging Face organisation of the "
                           "source, else svd-serve.")
     kind: Literal["image-to-video", "text-to-image"]

@@ -64,24 +64,19 @@ from ..jobstore import (
 )
 from ..storage import ObjectNotFound, Storage, job_key, job_prefix
 from ..telemetry import current_carrier, log_extra, tracer
-from ..tenants import Tenant, TenantPolicy
+from ..tenants import Tenant
 from ..urlguard import URLPolicy, guarded_client
-from ..zoo import ModelCatalog, ModelEntry, ModelNotAllowedError, UnknownModelError
+from ..zoo import ModelCatalog, ModelEntry, ModelNotAllowedError, NotAVideoModelError, UnknownModelError
 from ..webhooks import check_webhook_url, normalize_events
 from .errors import APIError, NotFoundError
-from .schemas import MAX_PROMPT_CHARS, MODEL_MAX_FRAMES, VideoJob, frames_for_seconds, invalid
+from .schemas import MAX_PROMPT_CHARS, VideoJob, invalid
+from .request_params import check_limits, params_for_seconds, with_defaults
 from .views import job_view
 
 logger = logging.getLogger("ray.serve.svd_serve")
 
 #: Retry-After of a 429 queue_full: the queue drains at the pace of whole jobs, so a short hint.
 QUEUE_FULL_RETRY_AFTER_S = 10
-
-#: Parameters a request sets together: giving one drops the deployment's defaults for all of them.
-SIZE_GROUP = frozenset({"width", "height", "aspect_ratio"})
-LENGTH_GROUP = frozenset({"num_frames", "duration_s", "overlap_frames", "interpolation"})
-#: Defaults that only a text-to-video request takes.
-TEXT_TO_VIDEO_FIELDS = frozenset({"negative_prompt", "t2i_guidance_scale", "t2i_num_inference_steps"})
 
 #: Token bucket of a tenant's submissions in the job store.
 SUBMIT_BUCKET = "submit:{tenant}"
@@ -179,29 +174,29 @@ class VideoService:
                 raise APIError(403, "model_not_allowed",
                                "this tenant may not use the text-to-image model that makes text-to-video's first "
                                f"frame (allowed_models: {', '.join(policy.allowed_models)}); send an image")
-            params = self.with_defaults(params, seconds_given=seconds is not None, model=entry)
+            params = with_defaults(params, self.config.default_params, seconds_given=seconds is not None, model=entry)
             if seconds is not None:
                 if params.num_frames is not None or params.duration_s is not None:
                     raise invalid("seconds", "give seconds, or num_frames or duration_s, not both")
                 if params.interpolates:  # retimed frames span the clip's length: seconds is that length
                     params = GenerationParams.model_validate({**params.model_dump(), "duration_s": seconds})
                 else:
-                    params = self.params_for_seconds(policy, params, seconds, model=entry)
+                    params = params_for_seconds(policy, params, seconds, model=entry)
             self.check_source(image, params)
             fingerprint = hashlib.sha256(
                 hashlib.sha256(image or b"").digest() + params.model_dump_json().encode()
                 + json.dumps([webhook_url, events]).encode()
                 + (b"" if prompt is None else json.dumps({"prompt": prompt}).encode())
-                + (b"" if model is None else json.dumps({"model": entry.id}).encode())
+                + json.dumps({"model": entry.id}).encode()
             ).hexdigest()
             if idempotency_key is not None:
                 existing = self.store.find_by_idempotency_key(tenant.name, idempotency_key)
                 if existing is not None:
                     return self._replay(tenant, existing, fingerprint)
-            frames = params.num_frames or (await self.model_info(entry.id))["num_frames"]
+            frames = params.num_frames or await self._model_frames(entry)
             resolved = params.resolved(default_num_frames=frames)
             plan = self.check_length(resolved)
-            self.check_limits(policy, resolved, plan, model=entry)
+            check_limits(policy, resolved, plan, model=entry)
             if resolved.text_to_video and self.text_to_image_info is not None:
                 self.check_size(resolved, await self._text_to_image_info_or_none())
             if webhook_url is not None:
@@ -264,47 +259,24 @@ class VideoService:
                            "models this key may use") from None
         except ModelNotAllowedError as error:
             raise APIError(403, "model_not_allowed", str(error)) from None
+        except NotAVideoModelError as error:
+            raise invalid("model", str(error)) from None
+
+    async def _model_frames(self, entry: ModelEntry) -> int:
+        """The model's own frame count (read from its U-Net config by a model stage replica, once):
+        503 ``model_unavailable`` when no replica answers in time or the model cannot be read."""
+        try:
+            return int((await self.model_info(entry.id))["num_frames"])
+        except Exception:  # noqa: BLE001 - a timeout, a replica starting, an unreadable source
+            logger.warning("the frame count of model %s is unavailable", entry.id, exc_info=True)
+            raise APIError(503, "model_unavailable", f"model {entry.id!r} is not ready yet; retry shortly, or give "
+                           "num_frames", {"Retry-After": "5"}) from None
 
     def serves_model(self, name: str) -> bool:
         """Whether ``name`` names the default model: its id, its source, or the source's last path
         component (``stable-video-diffusion-img2vid-xt`` for ``stabilityai/stable-video-diffusion-img2vid-xt``)."""
         entry = self.catalog.get(name)
         return entry is not None and entry.id == self.catalog.default_id
-
-    @staticmethod
-    def params_for_seconds(policy: TenantPolicy, params: GenerationParams, seconds: float,
-                           model: ModelEntry | None = None) -> GenerationParams:
-        """``params`` with num_frames = round(seconds x the clip's playback fps), capped by the
-        model's frame limit and the tenant's ``max_num_frames`` (docs/compatibility.md)."""
-        cap = min(MODEL_MAX_FRAMES, policy.max_num_frames or MODEL_MAX_FRAMES,
-                  (model.limits.max_num_frames if model is not None else None) or MODEL_MAX_FRAMES)
-        frames = frames_for_seconds(seconds, params.resolved_output_fps, cap=cap)
-        return GenerationParams.model_validate({**params.model_dump(), "num_frames": frames})
-
-    def with_defaults(self, params: GenerationParams, *, seconds_given: bool = False,
-                      model: ModelEntry | None = None) -> GenerationParams:
-        """``params`` over the model's ``defaults`` over the deployment's ``default_params``: a field
-        the request set wins, and a request that sets any field of a group (size, length) takes none
-        of that group's defaults (a model default of a group replaces the deployment's group)."""
-        defaults = dict(self.config.default_params)
-        model_defaults = dict(model.defaults) if model is not None else {}
-        for group in (SIZE_GROUP, LENGTH_GROUP):
-            if set(model_defaults) & group:
-                for name in group:
-                    defaults.pop(name, None)
-        defaults.update(model_defaults)
-        if not defaults:
-            return params
-        given = set(params.model_fields_set)
-        if not params.text_to_video:
-            for name in TEXT_TO_VIDEO_FIELDS:
-                defaults.pop(name, None)
-        for group in (SIZE_GROUP, LENGTH_GROUP):
-            if given & group or (group is LENGTH_GROUP and seconds_given):
-                for name in group:
-                    defaults.pop(name, None)
-        explicit = {name: getattr(params, name) for name in given}
-        return GenerationParams.model_validate({**defaults, **explicit})
 
     def check_source(self, image: bytes | None, params: GenerationParams) -> None:
         """An image (image-to-video) or a prompt alone (text-to-video), and text-to-video only
@@ -344,22 +316,6 @@ class VideoService:
             return plan_for(resolved, max_segments=self.config.max_segments)
         except ValueError as error:
             raise invalid("duration_s", str(error)) from None
-
-    @staticmethod
-    def check_limits(policy: TenantPolicy, resolved: GenerationParams, plan: SegmentPlan | None = None,
-                     model: ModelEntry | None = None) -> None:
-        """422 ``limit_exceeded`` naming every cap of the model (per pass) and of the tenant's policy
-        (a long clip's frames are all its segments' frames) the request exceeds."""
-        width, height = resolved.size
-        frames = plan.total_frames if plan is not None else (resolved.num_frames or 0)
-        problems = [] if model is None else model.limits.violations(
-            num_frames=resolved.num_frames or 0, width=width, height=height)
-        problems += policy.limit_violations(num_frames=frames, width=width, height=height,
-                                           num_inference_steps=resolved.num_inference_steps,
-                                           segments=plan.num_segments if plan is not None else 1,
-                                           t2i_num_inference_steps=resolved.t2i_num_inference_steps)
-        if problems:
-            raise APIError(422, "limit_exceeded", "; ".join(problems))
 
     def check_quota(self, tenant: Tenant) -> None:
         """429 ``queue_full`` / ``rate_limited`` (both with Retry-After), from state in the job store,

@@ -28,6 +28,7 @@ from ..scheduler import pick_next
 from ..storage import make_storage
 from ..telemetry import log_extra, setup_tracing
 from ..tenants import TenantRegistry
+from ..zoo import ModelCatalog, make_model_store
 from .driver import JobDriver
 from .janitor import Janitor
 
@@ -50,7 +51,8 @@ class JobRunner:
         self.owner = f"runner-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lease_s = self.config.job_store.lease_s
         self.driver = JobDriver(self.config, store=self.store, lifecycle=self.lifecycle, stages=stages,
-                                owner=self.owner)
+                                owner=self.owner,
+                                catalog=ModelCatalog(self.config, make_model_store(self.config.job_store)))
         self.janitor = Janitor(self.config, store=self.store, storage=storage,
                                ledger=ledger, lifecycle=self.lifecycle, owner=self.owner)
         self.inflight: dict[str, asyncio.Task] = {}

@@ -32,6 +32,7 @@ from ..jobstore import Job, JobOutput, JobStore, SegmentRecord, segment_file
 from ..storage import job_key
 from ..lifecycle import JobLifecycle
 from ..telemetry import current_carrier, log_extra, span_from_carrier
+from ..zoo import ModelCatalog
 from .failures import cause_of, classify
 
 logger = logging.getLogger("ray.serve.svd_serve")
@@ -42,8 +43,9 @@ PROGRESS_WRITE_INTERVAL_S = 0.25
 
 class JobDriver:
     def __init__(self, config: AppConfig, *, store: JobStore, lifecycle: JobLifecycle,
-                 stages: dict[str, DeploymentHandle], owner: str) -> None:
+                 stages: dict[str, DeploymentHandle], owner: str, catalog: ModelCatalog | None = None) -> None:
         self.config, self.store, self.lifecycle, self.stages, self.owner = config, store, lifecycle, stages, owner
+        self.catalog = catalog if catalog is not None else ModelCatalog(config, None)
 
     async def run(self, job: Job) -> None:
         """Drive ``job`` (claimed by ``owner``) until it completes, fails, is cancelled or is handed
@@ -88,7 +90,10 @@ class JobDriver:
         before, per_segment, after = split_route(self.route_of(job))
         plan = plan_for(params, max_segments=self.config.max_segments)
         segments = plan.num_segments if plan is not None else 1
-        call = _Calls(self, job, segments)
+        # The model's version now (id@digest): the multiplexed model id every model stage is called
+        # with. Jobs admitted before the zoo name the default model by its source: an alias here.
+        model_key = await asyncio.to_thread(self.catalog.version_key, job.model or self.catalog.default_id)
+        call = _Calls(self, job, segments, model_key)
         try:
             # 1. Before the segments (text-to-image), unless a finished segment already follows them.
             finished = [StoredSegment(index=s.index, key=s.key, num_frames=s.num_frames)
@@ -170,10 +175,8 @@ class _Calls:
     """The stage calls of one job: started as chained DeploymentResponses (a stage that reports
     steps as a stream, read here), all cancelled together."""
 
-    def __init__(self, driver: JobDriver, job: Job, segments: int) -> None:
-        self.driver, self.segments = driver, segments
-        # Jobs admitted before the zoo name the default model by its source: the stages resolve that alias.
-        self.model_id = job.model or driver.config.resolved_model_id()
+    def __init__(self, driver: JobDriver, job: Job, segments: int, model_key: str) -> None:
+        self.driver, self.segments, self.model_key = driver, segments, model_key
         self.progress = ProgressReporter(driver, job)
         self.calls: list[Any] = []
 
@@ -182,7 +185,7 @@ class _Calls:
         args = [values[name] for name in spec.inputs]
         handle = self.driver.stages[spec.name]
         if spec.multiplexed:  # routed to a replica that holds the job's model, if one does
-            handle = handle.options(multiplexed_model_id=self.model_id)
+            handle = handle.options(multiplexed_model_id=self.model_key)
         dumped = params.model_dump(mode="json")
         if not spec.reports_steps:
             response = handle.run.remote(ctx, *args, params=dumped)

@@ -109,16 +109,27 @@ def _check_paths(entry: ModelEntry) -> None:
 
 
 def _check_base(entry: ModelEntry, store: ModelStore, catalog: ModelCatalog | None) -> None:
+    """The base chain resolves (no loop, no LoRA on a LoRA, no other tenant's private model as a
+    base). Without the app config, a base missing from the registry may be a declared model: noted."""
     if entry.base is None:
         return
-    base = catalog.get(entry.base) if catalog is not None else store.get(entry.base)
-    if base is None and catalog is None:
+    if catalog is not None:
+        try:
+            catalog.weights(entry)
+        except (LookupError, ValueError) as error:
+            raise ModelsCommandError(str(error).replace("is not registered", "is not a registered or declared "
+                                                        "model this one may use")) from None
+        return
+    base = store.get(entry.base)
+    if base is None:
         print(f"svd-serve models: note: base {entry.base!r} is not in the registry; it must be declared in the "
               "app config", file=sys.stderr)
-    elif base is None:
-        raise ModelsCommandError(f"base {entry.base!r} is not a registered or declared model")
     elif base.kind != "image-to-video":
         raise ModelsCommandError(f"base {entry.base!r} is a {base.kind} model; a fine-tune's base is image-to-video")
+    elif base.visibility == "private" and base.tenant != entry.tenant:
+        raise ModelsCommandError(f"base {entry.base!r} is private to another tenant")
+    elif entry.lora and base.lora:
+        raise ModelsCommandError(f"base {entry.base!r} has a LoRA adapter itself; register the adapter on its base")
 
 
 def _save(entry: ModelEntry, store: ModelStore, catalog: ModelCatalog | None, done: str) -> int:

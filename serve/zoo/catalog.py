@@ -14,6 +14,7 @@ chain), and its own LoRA adapter.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Callable
 
+from pipelines.errors import InvalidInputError
 from pipelines.loader import ModelSpec
 
 from .entry import MODEL_ID_PATTERN, ModelEntry
@@ -42,6 +44,16 @@ class ModelNotAllowedError(PermissionError):
     """The model exists and is visible, but the tenant's ``allowed_models`` excludes it."""
 
 
+class NotAVideoModelError(ValueError):
+    """The id names a text-to-image model: it makes first frames, not videos."""
+
+
+class ModelUnavailableError(InvalidInputError):
+    """A job's model was removed, or cannot be loaded, after the job was admitted (not charged)."""
+
+    code = "model_unavailable"
+
+
 @dataclass(frozen=True)
 class Weights:
     """Where one image-to-video model's components come from."""
@@ -53,6 +65,12 @@ class Weights:
     lora: str | None = None
     """A LoRA adapter applied per request on the U-Net."""
     lora_scale: float = 1.0
+
+    @property
+    def digest(self) -> str:
+        """A short hash of where the weights come from: a changed entry is another version."""
+        text = "|".join(str(part) for part in (self.pipeline.model_dump_json(), self.unet, self.lora, self.lora_scale))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def model_id_for(source: str) -> str:
@@ -108,8 +126,11 @@ class ModelCatalog:
         """The image-to-video model a request of ``tenant`` asks for (None: the default), or
         UnknownModelError (unknown, another tenant's, or not a video model) / ModelNotAllowedError."""
         entry = self.get(model_id) if model_id is not None else self.entries()[self.default_id]
-        if entry is None or not entry.visible_to(tenant) or entry.kind != "image-to-video":
+        if entry is None or not entry.visible_to(tenant):
             raise UnknownModelError(f"model {str(model_id)[:200]!r} not found")
+        if entry.kind != "image-to-video":
+            raise NotAVideoModelError(f"{entry.id!r} is a {entry.kind} model (it makes text-to-video's first frame); "
+                                      "name an image-to-video model, or omit model")
         if not allows(policy, entry):
             raise ModelNotAllowedError(f"this tenant may not use model {entry.id!r} "
                                        f"(allowed_models: {', '.join(policy.allowed_models)})")
@@ -122,11 +143,15 @@ class ModelCatalog:
         return [entry for entry in ordered if entry.visible_to(tenant) and allows(policy, entry)]
 
     def weights(self, entry: ModelEntry) -> Weights:
-        """Where ``entry``'s components come from, through its base chain."""
+        """Where ``entry``'s components come from, through its base chain. A base must be visible
+        to whoever may see the fine-tune: public, or private to the fine-tune's own tenant (so no
+        one builds on another tenant's private weights)."""
         chain, seen = [entry], {entry.id}
         while chain[-1].base is not None:
             base = self.get(chain[-1].base)
             if base is None or base.kind != "image-to-video":
+                raise UnknownModelError(f"model {chain[-1].id!r}: its base {chain[-1].base!r} is not registered")
+            if base.visibility == "private" and base.tenant != entry.tenant:
                 raise UnknownModelError(f"model {chain[-1].id!r}: its base {chain[-1].base!r} is not registered")
             if base.id in seen or len(chain) > MAX_BASE_DEPTH:
                 raise ValueError(f"model {entry.id!r}: its base chain loops or is deeper than {MAX_BASE_DEPTH}")
@@ -138,6 +163,17 @@ class ModelCatalog:
             raise ValueError(f"model {entry.id!r}: its base has a LoRA adapter; a LoRA applies to a base "
                              "without one (register the adapter on that base instead)")
         return Weights(pipeline=self.spec_for(root), unet=unet, lora=entry.lora, lora_scale=entry.lora_scale)
+
+    def version_key(self, model_id: str) -> str:
+        """``id@digest``: the key a model's weights are loaded and routed under, so a changed entry
+        is loaded afresh (the old version ages out of the replicas' LRU) and never mixed with it."""
+        entry = self.get(model_id)
+        if entry is None:
+            raise ModelUnavailableError(f"model {model_id!r} is no longer registered")
+        try:
+            return f"{entry.id}@{self.weights(entry).digest}"
+        except (LookupError, ValueError) as error:
+            raise ModelUnavailableError(f"model {entry.id!r} cannot be loaded: {error}") from None
 
     def spec_for(self, entry: ModelEntry) -> ModelSpec:
         """The loader's spec of a whole-pipeline entry: the app's model settings (device, cache,

@@ -30,6 +30,11 @@ DEFAULTABLE_PARAMS = frozenset({
 
 ModelKind = Literal["image-to-video", "text-to-image"]
 
+#: First path parts of the API's own routes and of the fal app ids it answers to: an ``org/name``
+#: id is a fal app id too, and one of these would be shadowed by (or shadow) those routes.
+RESERVED_OWNERS = frozenset({"v1", "v2beta", "fal-ai", "healthz", "readyz", "docs", "redoc", "openapi.json",
+                             "playground", "static", "files"})
+
 
 class ModelLimits(BaseModel):
     """What one request may ask of this model (on top of the deployment's and the tenant's bounds)."""
@@ -129,6 +134,12 @@ class ModelEntry(BaseModel):
             raise ValueError("a fine-tune (base) brings a unet checkpoint, a lora adapter, or both")
         if self.base == self.id:
             raise ValueError("a model cannot be its own base")
+        if "/" in self.id and self.id.split("/", 1)[0].lower() in RESERVED_OWNERS:
+            raise ValueError(f"ids under {self.id.split('/', 1)[0]}/ are the API's own routes; choose another "
+                             "organisation part")
+        if self.base is not None and (self.revision or self.dtype or self.variant):
+            raise ValueError("revision, dtype and variant belong to a whole pipeline (source); a fine-tune loads "
+                             "with its base's")
         if self.kind == "text-to-image" and (self.base or self.unet or self.lora):
             raise ValueError("a text-to-image model is a whole pipeline (source); base, unet and lora are for "
                              "image-to-video fine-tunes")

@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Annotated, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ....jobstore import Job, JobStatus
 from ....metering.models import CLIENT_ERROR_CODES
 from ....tenants import Tenant
+from ....zoo.entry import RESERVED_OWNERS
 from ...base_url import public_base_url
 from ...errors import APIError, NotFoundError, adapter_route
 from ...follow import KEEPALIVE, follow_job
@@ -153,7 +155,7 @@ def zoo_router(service: "VideoService", tenants: "TenantRegistry", *,
 
     def model_of(tenant: Tenant, owner: str, alias: str) -> str:
         model_id = f"{owner}/{alias}"
-        entry = None if owner == "v1" else service.catalog.get(model_id)
+        entry = service.catalog.get(model_id)
         if entry is None or entry.id != model_id or not entry.visible_to(tenant.name) or entry.kind != "image-to-video":
             raise APIError(404, "not_found", f"application {model_id[:200]!r} not found")
         return model_id
@@ -161,14 +163,25 @@ def zoo_router(service: "VideoService", tenants: "TenantRegistry", *,
     @api.post("/{owner}/{alias}", summary="fal queue: submit to a zoo model's app id (GET /v1/models lists them)",
               openapi_extra={"requestBody": {"content": {"application/json": {
                   "schema": IMAGE_TO_VIDEO.schema.model_json_schema()}}, "required": True}})
-    async def submit(owner: str, alias: str, request: Request, tenant: TenantDep,
+    async def submit(owner: str, alias: str, request: Request,
+                     authorization: Annotated[str | None, Header()] = None,
                      idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
+        if owner.lower() in RESERVED_OWNERS:  # the API's own paths answer as they would without this route
+            raise StarletteHTTPException(405 if _other_method_matches(request) else 404)
+        tenant = tenants.authenticate(authorization)
         model_id = model_of(tenant, owner, alias)
         return await submit_request(request, tenant, idempotency_key, service, IMAGE_TO_VIDEO, model_id,
                                     position_of, model=model_id)
 
     add_request_routes(api, "/{owner}/{alias}", None, service, TenantDep, job_of, position_of, on_ended)
     return api
+
+
+def _other_method_matches(request: Request) -> bool:
+    """Whether another route serves this path with another method (Starlette's 405 case)."""
+    from starlette.routing import Match
+
+    return any(route.matches(request.scope)[0] is Match.PARTIAL for route in request.app.router.routes)
 
 
 def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "VideoService", TenantDep, job_of,
