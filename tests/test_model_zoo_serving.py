@@ -106,8 +106,8 @@ class References:
         self.models, self.clips = models, {}
         self.image = load_image(SAMPLE_IMAGE_PATH)
 
-    def clip(self, model: str, **overrides) -> np.ndarray:
-        key = (model, tuple(sorted(overrides.items())))
+    def clip(self, model: str, lora_scale: float = 1.0, **overrides) -> np.ndarray:
+        key = (model, lora_scale, tuple(sorted(overrides.items())))
         if key not in self.clips:
             from pipelines.adapters import reference_with_adapter
             from pipelines.loader import load_unet_checkpoint
@@ -119,7 +119,7 @@ class References:
                 components["unet"], _ = load_unet_checkpoint(str(self.models["c_unet"]),
                                                              base_dir=Path(self.models["a"]), spec=spec)
             if model == "svd-a-lora":
-                components["unet"] = reference_with_adapter(components["unet"], self.models["lora"])
+                components["unet"] = reference_with_adapter(components["unet"], self.models["lora"], lora_scale)
             video = StagedPipeline(components)(self.image, GenerationParams(**{**SMALL, **overrides})).video
             self.clips[key] = decode_video_frames(video.data).astype(np.int16)
         return self.clips[key]
@@ -247,6 +247,14 @@ def test_a_private_model_added_at_run_time(zoo):
     result = client.get(f"/acme/alice-slowmo/requests/{request_id}", headers=auth(zoo))
     assert result.status_code == 200 and result.json()["video"]["url"]
     assert client.get(f"/acme/alice-slowmo/requests/{request_id}/status", headers=auth(zoo, "bob")).status_code == 404
+    # A change to the model's weights applies to the next job, without a restart.
+    changed = subprocess.run([*command[:6], "set", "acme/alice-slowmo", "--lora-scale", "0.5"], capture_output=True,
+                             text=True, timeout=60)
+    assert changed.returncode == 0, changed.stderr
+    halved = clip_of(zoo, finished(zoo, submit(zoo, "acme/alice-slowmo").json()["id"]))
+    references = zoo["references"]
+    assert distance(halved, references.clip("svd-a-lora", lora_scale=0.5)) < 2.0
+    assert distance(halved, references.clip("svd-a-lora")) > distance(halved, references.clip("svd-a-lora", 0.5))
     # Usage is broken down by model.
     wait_for(lambda: client.get("/v1/usage", headers=auth(zoo)).json().get("by_model", {}).get("acme/alice-slowmo"),
           30, "usage of the private model")
