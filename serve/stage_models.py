@@ -123,10 +123,13 @@ class StageModels:
         detail, which may name operator paths, is logged, not shown to the tenant)."""
         model_id = key.rsplit("@", 1)[0]
         try:
-            entry = self.catalog.get(model_id)
+            entry = self.catalog.get(model_id, fresh=True)  # the version the key names, not a cached older one
             if entry is None:
                 raise ModelUnavailableError(f"model {model_id!r} is no longer registered")
             weights = self.catalog.weights(entry)
+            if "@" in key and weights.digest != key.rsplit("@", 1)[1]:
+                logger.warning("%s: model %s changed again since its job started; loading the newest weights",
+                               self.spec.name, model_id)
             start = time.perf_counter()
             with tracer().start_as_current_span("model_load", attributes={"svd.stage": self.spec.name,
                                                                           "svd.model": model_id}):

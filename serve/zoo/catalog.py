@@ -110,10 +110,11 @@ class ModelCatalog:
         """Every model by id: declared ones over registered ones of the same id."""
         return {**self._stored_entries(fresh=fresh), **self._declared}
 
-    def get(self, model_id: str) -> ModelEntry | None:
+    def get(self, model_id: str, *, fresh: bool = False) -> ModelEntry | None:
         """The model ``model_id`` names (its id; the default model also answers to its source and the
-        source's last path part, as before the registry), re-reading the registry on a miss."""
-        for fresh in (False, True):
+        source's last path part, as before the registry), re-reading the registry on a miss (and
+        first, with ``fresh``)."""
+        for fresh in ((True,) if fresh else (False, True)):
             entries = self.entries(fresh=fresh)
             entry = entries.get(model_id) or entries.get(self._alias(model_id) or "")
             if entry is not None:
@@ -167,7 +168,7 @@ class ModelCatalog:
     def version_key(self, model_id: str) -> str:
         """``id@digest``: the key a model's weights are loaded and routed under, so a changed entry
         is loaded afresh (the old version ages out of the replicas' LRU) and never mixed with it."""
-        entry = self.get(model_id)
+        entry = self.get(model_id, fresh=True)  # once per job: the weights it runs with are the newest
         if entry is None:
             raise ModelUnavailableError(f"model {model_id!r} is no longer registered")
         try:
