@@ -109,6 +109,37 @@ def load_image(
     return decode_image_bytes(data, max_bytes=max_bytes, max_pixels=max_pixels, name=str(path))
 
 
+def image_header_size(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, name: str = "image") -> tuple[int, int]:
+    """(width, height) from the header alone, no pixel decoded: a cheap check that may run before
+    a request's quota is spent (the full decode comes later). Errors as :func:`decode_image_bytes`."""
+    with _open(data, max_bytes=max_bytes, max_pixels=MAX_IMAGE_PIXELS, name=name) as image:
+        return image.size
+
+
+def _open(data: bytes, *, max_bytes: int, max_pixels: int, name: str) -> Image.Image:
+    """The image opened (header and metadata read, no pixels), or the error its bytes deserve."""
+    _check_limit("max_bytes", max_bytes)
+    _check_limit("max_pixels", max_pixels)
+    if len(data) == 0:
+        raise InvalidImageError(f"{name} is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"{name} is {_mib(len(data))}; the limit is {_mib(max_bytes)}")
+
+    try:
+        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError:
+        # Pillow's own guard fired while parsing the header (> 2 x Image.MAX_IMAGE_PIXELS).
+        raise ImageTooLargeError(
+            f"{name} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels; the limit is {max_pixels:,} pixels"
+        ) from None
+    except UnidentifiedImageError:
+        raise InvalidImageError(_unidentified_message(data, name)) from None
+    except (ValueError, OSError, SyntaxError, EOFError) as exc:
+        # Raised while the header and its metadata chunks are read, e.g. Pillow's own limit on a
+        # compressed text or ICC chunk ("Decompressed Data Too Large"): the file is refused.
+        raise InvalidImageError(f"{name} cannot be read: {_one_line(exc)}") from None
+
+
 def decode_image_bytes(
     data: bytes,
     *,
@@ -127,23 +158,7 @@ def decode_image_bytes(
     Raises:
         InvalidImageError, ImageTooLargeError: see :func:`load_image`.
     """
-    _check_limit("max_bytes", max_bytes)
-    _check_limit("max_pixels", max_pixels)
-    if len(data) == 0:
-        raise InvalidImageError(f"{name} is empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise ImageTooLargeError(f"{name} is {_mib(len(data))}; the limit is {_mib(max_bytes)}")
-
-    try:
-        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except Image.DecompressionBombError:
-        # Pillow's own guard fired while parsing the header (> 2 x Image.MAX_IMAGE_PIXELS).
-        raise ImageTooLargeError(
-            f"{name} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels; the limit is {max_pixels:,} pixels"
-        ) from None
-    except UnidentifiedImageError:
-        raise InvalidImageError(_unidentified_message(data, name)) from None
-
+    image = _open(data, max_bytes=max_bytes, max_pixels=max_pixels, name=name)
     with image:
         width, height = image.size
         if width <= 0 or height <= 0:

@@ -126,6 +126,11 @@ class _Metrics:
             description="Models a stage replica unloaded to make room for another (max_num_models_per_replica).",
             tag_keys=("stage", "model"),
         )
+        self.http_internal_errors = metrics.Counter(
+            "svd_http_internal_errors_total",
+            description="Requests answered 500 internal_error (a bug: each has an error id in the logs).",
+            tag_keys=("error",),
+        )
         self.queue_depth = metrics.Gauge("svd_queue_depth", description="Queued jobs in the job store.")
         self.running_jobs = metrics.Gauge("svd_running_jobs", description="Jobs in progress in the job store.")
 

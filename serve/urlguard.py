@@ -89,12 +89,16 @@ class URLPolicy:
 
     def check_url(self, url: str) -> tuple[str, int]:
         """(host, port) of an acceptable URL; raises BlockedURLError."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            hostname = parts.hostname
+        except ValueError:  # an unclosed IPv6 bracket, characters NFKC turns into separators, ...
+            raise BlockedURLError("the URL cannot be parsed (check brackets and characters in its host)") from None
         if parts.scheme.lower() not in ("http", "https"):
             raise BlockedURLError(f"only http and https URLs are allowed, not {parts.scheme or 'no scheme'!r}")
         if parts.username or parts.password:
             raise BlockedURLError("URLs with credentials (user:password@) are not allowed")
-        host = (parts.hostname or "").rstrip(".").lower()
+        host = (hostname or "").rstrip(".").lower()
         if not host:
             raise BlockedURLError("the URL has no host")
         try:

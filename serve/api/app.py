@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from pydantic import WithJsonSchema
 
 from pipelines.errors import InvalidInputError
 
@@ -17,11 +18,12 @@ from ..tenants import Tenant, TenantRegistry
 from .compat import compat_routers
 from .compat.fal.routes import zoo_router as fal_zoo_router
 from .playground import playground_router
+from . import json_body
 from .errors import APIError, ErrorBody, RequestTooLarge, install_error_handlers
 from .base_url import public_base_url
 from .follow import KEEPALIVE, follow_job
 from .forms import SubmitForm, multipart_schema, read_submit_form
-from .schemas import CreateVideoRequest, VideoDeleted, VideoJob, VideoJobList, parse_seconds
+from .schemas import CreateVideoRequest, VideoDeleted, VideoJob, VideoJobList, openapi_schema, parse_seconds
 from .service import CONTENT_VARIANTS, VideoService
 
 MULTIPART_OVERHEAD = 64 * 1024
@@ -30,16 +32,33 @@ MULTIPART_OVERHEAD = 64 * 1024
 #: SDK's ``poll`` / ``create_and_poll``) waits before asking again.
 POLL_AFTER_MS = {JobStatus.QUEUED: 1000, JobStatus.IN_PROGRESS: 500}
 
-REJECTIONS = {
-    401: {"model": ErrorBody, "description": "Missing or invalid API key."},
-    403: {"model": ErrorBody, "description": "The tenant may not use this model."},
-    404: {"model": ErrorBody, "description": "No such job for this tenant."},
-    409: {"model": ErrorBody, "description": "The job is not in a state that allows this."},
-    413: {"model": ErrorBody, "description": "The request or image is too large."},
-    422: {"model": ErrorBody, "description": "Invalid image or parameter, or over a tenant cap."},
-    429: {"model": ErrorBody, "description": "Over the tenant's rate limit or queue size (see Retry-After)."},
-    503: {"model": ErrorBody, "description": "A backing service is unavailable."},
+#: Every rejection of the native routes, for the docs; each route lists those it can answer
+#: (:func:`rejections`), all with the one error body.
+REJECTION_DOCS = {
+    401: "Missing or invalid API key.",
+    403: "The tenant may not use this model (allowed_models).",
+    404: "No such job for this tenant.",
+    409: "The job is not in a state that allows this.",
+    413: "The request or image is too large.",
+    415: "The body is neither application/json nor multipart/form-data.",
+    422: "Invalid image or parameter, or over a tenant cap (or a header or path value this API cannot read).",
+    429: "Over the tenant's rate limit or queue size (see Retry-After).",
+    503: "A backing service (job store, storage, model) is unavailable; retry after Retry-After.",
 }
+
+
+def rejections(*codes: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` of a native route: the error body for each status in ``codes``
+    (``descriptions``: ``s404="..."`` words it for this route)."""
+    return {code: {"model": ErrorBody, "description": descriptions.get(f"s{code}", REJECTION_DOCS[code])}
+            for code in codes}
+
+
+#: What the content route serves: the clip in its output_format, or the thumbnail (a JPEG).
+CONTENT_TYPES = ("video/mp4", "video/webm", "image/gif", "image/jpeg")
+#: ``cursor``: what ``next_cursor`` holds (unpadded base64url); documentation of the opaque token.
+CURSOR_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9_-]+={0,2}$", "maxLength": 512,
+                 "description": "next_cursor of the previous page"}
 
 
 class BodyLimitMiddleware:
@@ -115,12 +134,15 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
         return JSONResponse(view.model_dump(mode="json"), status_code=status_code,
                             headers={**job_headers(job), **(headers or {})})
 
-    @app.post("/v1/videos", status_code=202, response_model=VideoJob, responses=REJECTIONS,
+    @app.post("/v1/videos", status_code=202, response_model=VideoJob,
+              responses=rejections(401, 403, 404, 409, 413, 415, 422, 429, 503,
+                                   s404="No such model for this tenant (model_not_found).",
+                                   s409="The Idempotency-Key was used with a different request."),
               summary="Submit an image-to-video or text-to-video job",
               description="Native fields, or OpenAI's (prompt, input_reference, model, seconds, size): "
                           "docs/compatibility.md.",
               openapi_extra={"requestBody": {"content": {
-                  "application/json": {"schema": CreateVideoRequest.model_json_schema(by_alias=True)},
+                  "application/json": {"schema": openapi_schema(CreateVideoRequest)},
                   "multipart/form-data": {"schema": multipart_schema()}},
                   "required": True}})
     async def create_video(
@@ -134,7 +156,7 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
         elif content_type.startswith("application/json") or not content_type:
             raw = await request.body()
             try:
-                body = json.loads(raw or b"null")
+                body = json_body.loads(raw or b"null")
             except json.JSONDecodeError as error:
                 raise InvalidInputError(f"the body is not valid JSON ({error.msg} at position {error.pos})") from None
             if not isinstance(body, dict):
@@ -146,10 +168,8 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
                               seconds=parse_seconds(create.seconds) if create.seconds is not None else None)
         else:
             raise APIError(415, "unsupported_media_type", "send application/json or multipart/form-data")
-        image = form.image
-        if image is None and form.image_url is not None:
-            image = await call(service.image_from_url, form.image_url)
-        admission = await service.admit(tenant, image=image, params=form.params, webhook_url=form.webhook_url,
+        admission = await service.admit(tenant, image=form.image, image_url=form.image_url, params=form.params,
+                                        webhook_url=form.webhook_url,
                                         webhook_events=form.webhook_events, idempotency_key=idempotency_key,
                                         prompt=form.prompt, model=form.model, seconds=form.seconds)
         headers = {"Location": f"/v1/videos/{admission.job.id}"}
@@ -157,13 +177,15 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
             headers["Idempotent-Replayed"] = "true"
         return job_response(admission.job, request, 202, headers)
 
-    @app.get("/v1/videos", response_model=VideoJobList, responses=REJECTIONS,
+    @app.get("/v1/videos", response_model=VideoJobList,
+             responses=rejections(401, 404, 422, 503, s404="after: no such job for this tenant."),
              summary="List jobs, newest first (order=asc: oldest first)")
     async def list_videos(
         request: Request,
         tenant: TenantDep,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page"),
+                          WithJsonSchema(CURSOR_SCHEMA)] = None,
         after: Annotated[str | None, Query(description="The last_id of the previous page (OpenAI's)")] = None,
         order: Annotated[Literal["desc", "asc"], Query(description="By creation time")] = "desc",
         status: JobStatus | None = None,
@@ -181,32 +203,41 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
         return VideoJobList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                             has_more=next_cursor is not None, next_cursor=next_cursor)
 
-    @app.get("/v1/videos/{job_id}", response_model=VideoJob, responses=REJECTIONS, summary="A job's status",
+    @app.get("/v1/videos/{job_id}", response_model=VideoJob, responses=rejections(401, 404, 422, 503),
+             summary="A job's status",
              description="While the job has not ended, the openai-poll-after-ms header says when to ask again.")
     async def get_video(request: Request, job_id: str, tenant: TenantDep):
         return job_response(await call(service.get, tenant, job_id), request)
 
-    @app.post("/v1/videos/{job_id}/cancel", response_model=VideoJob, responses=REJECTIONS, summary="Cancel a job")
+    @app.post("/v1/videos/{job_id}/cancel", response_model=VideoJob,
+              responses=rejections(401, 404, 409, 422, 503, s409="The job already completed or failed."),
+              summary="Cancel a job")
     async def cancel_video(request: Request, job_id: str, tenant: TenantDep):
         job, ended_now = await call(service.cancel, tenant, job_id)
         if ended_now and on_ended is not None:
             await on_ended(job.id)
         return job_response(job, request)
 
-    @app.delete("/v1/videos/{job_id}", response_model=VideoDeleted, responses=REJECTIONS,
+    @app.delete("/v1/videos/{job_id}", response_model=VideoDeleted,
+                responses=rejections(401, 404, 409, 422, 503, s409="The job has not ended: cancel it first."),
                 summary="Delete a finished job and its stored files")
     async def delete_video(job_id: str, tenant: TenantDep):
         job = await call(service.delete, tenant, job_id)
         return VideoDeleted(id=job.id)
 
     @app.get("/v1/videos/{job_id}/content",
-             responses={**REJECTIONS, 200: {"content": {"video/mp4": {}, "image/jpeg": {}}},
+             responses={**rejections(401, 404, 409, 422, 503, s409="The job has not completed (not_ready).",
+                                     s422="variant is not video or thumbnail."),
+                        200: {"description": "The clip, or its first frame (variant=thumbnail)",
+                              "content": {kind: {"schema": {"type": "string", "format": "binary"}}
+                                          for kind in CONTENT_TYPES}},
                         307: {"description": "Redirect to a presigned URL"}},
              summary="Download the clip (variant=thumbnail: its first frame, a JPEG)")
     async def get_content(
         job_id: str,
         tenant: TenantDep,
-        variant: Annotated[str, Query(description=f"{' or '.join(CONTENT_VARIANTS)}")] = "video",
+        variant: Annotated[str, Query(description=f"{' or '.join(CONTENT_VARIANTS)}"),
+                           WithJsonSchema({"type": "string", "enum": list(CONTENT_VARIANTS)})] = "video",
     ):
         content = await call(service.content, tenant, job_id, variant)
         if content.presigned_url:
@@ -218,7 +249,10 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
                      "Content-Length": str(content.size)},
         )
 
-    @app.get("/v1/videos/{job_id}/events", responses={**REJECTIONS, 200: {"content": {"text/event-stream": {}}}},
+    @app.get("/v1/videos/{job_id}/events",
+             responses={**rejections(401, 404, 422, 503),
+                        200: {"description": "Server-sent events: status and progress, each data a job object",
+                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
              summary="Server-sent events until the job ends")
     async def job_events(request: Request, job_id: str, tenant: TenantDep):
         first = await call(service.get, tenant, job_id)  # 404 before the stream starts
@@ -245,7 +279,7 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Readiness: job store, storage and models reachable",
-             responses={503: {"model": ErrorBody}})
+             responses=rejections(503, s503="Not ready: the job store, storage or a model is unavailable."))
     async def readyz():
         try:
             if not await call(service.store.ping) or not await call(service.storage.ping):

@@ -2,12 +2,21 @@
 
 A *rejected* request (bad input, authentication, not found, capacity) is an HTTP 4xx/503 with
 ``{"error": {"code", "message"}}``. A job that fails after admission is data on the job, never
-an HTTP error. No exception type name or stack trace reaches a client.
+an HTTP error. No exception type name or stack trace reaches a client, and no message is longer
+than :data:`MAX_MESSAGE_CHARS` (input echoed in a message is cut, never sent back whole).
+
+Anything else is a bug: a 500 ``internal_error`` whose message carries an error id (also in the
+``X-Error-Id`` header) that finds the log line. The traceback is logged once per kind of failure
+(exception type and where it was raised), later ones as one line with their id, so a flood of one
+bad request cannot flood the log; each is counted (``svd_http_internal_errors_total``).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import traceback
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,6 +35,9 @@ from ..storage import StorageError
 from ..tenants import AuthenticationError
 
 logger = logging.getLogger("ray.serve.svd_serve")
+
+#: Longest error message a client gets; longer ones (echoed input) are cut with an ellipsis.
+MAX_MESSAGE_CHARS = 1000
 
 
 class ErrorDetail(BaseModel):
@@ -76,6 +88,10 @@ class Rejection:
     message: str
     headers: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if len(self.message) > MAX_MESSAGE_CHARS:
+            object.__setattr__(self, "message", self.message[:MAX_MESSAGE_CHARS - 3] + "...")
+
 
 def rejection_for(error: BaseException) -> Rejection:
     """The one mapping from domain errors to HTTP (the native API and every adapter use it)."""
@@ -102,8 +118,45 @@ def rejection_for(error: BaseException) -> Rejection:
                 return Rejection(status, code, "a backing service is unavailable; retry shortly", {"Retry-After": "5"})
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
             return Rejection(status, code, str(error), headers)
-    logger.exception("unhandled error", exc_info=error)
-    return Rejection(500, "internal_error", "internal error")
+    return _internal_error(error)
+
+
+class _SeenFailures:
+    """Kinds of unexpected failure whose traceback was logged already (bounded)."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        self._seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def first(self, error: BaseException) -> bool:
+        frames = traceback.extract_tb(error.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        kind = (type(error).__qualname__, where)
+        with self._lock:
+            if kind in self._seen or len(self._seen) >= self._limit:
+                return False
+            self._seen.add(kind)
+            return True
+
+
+_seen_failures = _SeenFailures()
+
+
+def _internal_error(error: BaseException) -> Rejection:
+    """A bug: a 500 with an error id the logs can be searched for; never the error's own text."""
+    error_id = uuid.uuid4().hex[:16]
+    if _seen_failures.first(error):
+        logger.error("unhandled error %s", error_id, exc_info=error)
+    else:
+        logger.error("unhandled error %s: %s (traceback logged at its first occurrence)", error_id,
+                     type(error).__name__)
+    from ..telemetry import metrics
+
+    recorder = metrics()
+    if recorder is not None:
+        recorder.http_internal_errors.inc(tags={"error": type(error).__name__})
+    return Rejection(500, "internal_error", f"internal error (error id {error_id})", {"X-Error-Id": error_id})
 
 
 #: A conflict about the job's state is final: clients that retry 409s by default (the openai SDK)

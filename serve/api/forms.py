@@ -29,6 +29,7 @@ from starlette.requests import Request
 from pipelines.errors import InvalidInputError
 from pipelines.params import GenerationParams
 
+from . import json_body
 from .errors import APIError
 from .schemas import (MAX_PROMPT_CHARS, CreateVideoRequest, apply_size, check_seconds_alone, invalid, parse_seconds,
                       text_to_video_params)
@@ -152,7 +153,7 @@ def parse_params_field(raw: str | None) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        value = json.loads(raw)
+        value = json_body.loads(raw)
     except json.JSONDecodeError as error:
         raise InvalidInputError(f"params: not valid JSON ({error.msg} at position {error.pos})") from None
     if not isinstance(value, dict):

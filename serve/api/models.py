@@ -47,6 +47,8 @@ MAX_SIZE = "1536x864"
 REJECTIONS = {
     401: {"model": ErrorBody, "description": "Missing or invalid API key."},
     404: {"model": ErrorBody, "description": "No such model, or the tenant may not use it."},
+    422: {"model": ErrorBody, "description": "A header or path value this API cannot read."},
+    503: {"model": ErrorBody, "description": "The model registry (in the job store) is unavailable."},
 }
 
 
@@ -180,7 +182,8 @@ def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None)
     def render(entry: ModelObject) -> dict[str, Any]:
         return entry.model_dump(mode="json", exclude_none=True)
 
-    @api.get("/v1/models", response_model=ModelList, response_model_exclude_none=True, responses=REJECTIONS,
+    @api.get("/v1/models", response_model=ModelList, response_model_exclude_none=True,
+             responses={code: doc for code, doc in REJECTIONS.items() if code != 404},
              summary="The models this deployment serves (OpenAI's Models API shape)")
     async def list_models(tenant: TenantDep):
         return {"object": "list", "data": [render(entry) for entry in await models_for(service, tenant)]}

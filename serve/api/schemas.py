@@ -279,3 +279,28 @@ class VideoDeleted(BaseModel):
     id: str
     object: Literal["video.deleted"] = "video.deleted"
     deleted: bool = True
+
+
+def openapi_schema(model: type[BaseModel], *, by_alias: bool = True) -> dict[str, Any]:
+    """``model``'s JSON schema for a request body given through ``openapi_extra``: every
+    ``#/$defs/...`` reference replaced by its definition. A ``$ref`` in an OpenAPI document resolves
+    against the whole document, which has no ``$defs`` (they would dangle: ``#/$defs/OutputFormat``)."""
+    schema = dict(model.model_json_schema(by_alias=by_alias))
+    return inline_defs(schema, schema.pop("$defs", {}))
+
+
+def inline_defs(node: Any, defs: dict[str, Any], _seen: tuple[str, ...] = ()) -> Any:
+    """``node`` with each ``#/$defs/<name>`` reference replaced by ``defs[name]`` (sibling keywords
+    of the reference kept). A recursive definition cannot be inlined: ValueError."""
+    if isinstance(node, list):
+        return [inline_defs(item, defs, _seen) for item in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        name = ref.removeprefix("#/$defs/")
+        if name in _seen:
+            raise ValueError(f"{name} refers to itself: a recursive schema cannot be inlined")
+        rest = {key: value for key, value in node.items() if key != "$ref"}
+        return inline_defs({**defs[name], **rest}, defs, (*_seen, name))
+    return {key: inline_defs(value, defs, _seen) for key, value in node.items()}

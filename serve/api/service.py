@@ -103,6 +103,14 @@ class Content:
 CONTENT_VARIANTS = ("video", "thumbnail")
 
 
+def _named(field: str, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, its input errors naming ``field`` (once)."""
+    try:
+        return function(*args)
+    except InvalidInputError as error:
+        raise type(error)(f"{field}: {str(error).removeprefix(field + ': ')}") from None
+
+
 class VideoService:
     def __init__(
         self,
@@ -145,6 +153,7 @@ class VideoService:
         *,
         image: bytes | None,
         params: GenerationParams,
+        image_url: str | None = None,
         webhook_url: str | None = None,
         webhook_events: list[str] | None = None,
         idempotency_key: str | None = None,
@@ -154,11 +163,17 @@ class VideoService:
         seconds: float | None = None,
     ) -> Admission:
         """Validate, store the image (none for text-to-video: ``params.prompt`` instead), write
-        the job. Raises for anything the client must fix.
+        the job. Raises for anything the client must fix. The image comes as bytes, or as
+        ``image_url`` (http(s) or a data URL), fetched only once the quota checks passed.
         ``webhook_format`` names the adapter whose webhook shape the job's events take; ``prompt``
         is stored with the job; ``model`` names a model of the zoo (None: the default); ``seconds``
         (instead of ``params.num_frames``) sets the clip's length."""
-        events = sorted(normalize_events(webhook_events)) if webhook_events else []
+        if image is not None and image_url is not None:
+            raise InvalidInputError("give the image as a file or as a URL, not both")
+        try:
+            events = sorted(normalize_events(webhook_events)) if webhook_events else []
+        except ValueError as error:
+            raise invalid("webhook_events", str(error)) from None
         if events and not webhook_url:
             raise InvalidInputError("webhook_events: given without a webhook_url to send them to")
         if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255 and idempotency_key.isprintable()):
@@ -182,9 +197,10 @@ class VideoService:
                     params = GenerationParams.model_validate({**params.model_dump(), "duration_s": seconds})
                 else:
                     params = params_for_seconds(policy, params, seconds, model=entry)
-            self.check_source(image, params)
+            self.check_source(image is not None or image_url is not None, params)
+            source = image if image is not None else (image_url or "").encode()
             fingerprint = hashlib.sha256(
-                hashlib.sha256(image or b"").digest() + params.model_dump_json().encode()
+                hashlib.sha256(source).digest() + params.model_dump_json().encode()
                 + json.dumps([webhook_url, events]).encode()
                 + (b"" if prompt is None else json.dumps({"prompt": prompt}).encode())
                 + json.dumps({"model": entry.id}).encode()
@@ -203,10 +219,19 @@ class VideoService:
                 if not tenant.webhook_secret:
                     raise APIError(422, "webhook_unavailable", "this tenant has no webhook secret to sign "
                                    "webhooks with; ask the operator to run 'svd-serve tenants rotate --webhook-secret'")
-                await asyncio.to_thread(check_webhook_url, webhook_url, self.config.url_allowlist)
+                URLPolicy(self.config.url_allowlist).check_url(webhook_url)  # its form; DNS after the quota
+            if image_url is not None and not image_url.startswith("data:"):
+                _named("image_url", URLPolicy(self.config.url_allowlist).check_url, image_url)
+            # The quota, then the expensive work: a tenant over its limits causes no DNS lookup, no
+            # fetch and no decoding.
             self.check_quota(tenant)
+            if webhook_url is not None:
+                await asyncio.to_thread(check_webhook_url, webhook_url, self.config.url_allowlist)
+            if image_url is not None:
+                image = await asyncio.to_thread(_named, "image_url", self.image_from_url, image_url)
             if image is not None:
-                decode_image_bytes(image, max_bytes=self.config.max_upload_bytes, name="image")
+                await asyncio.to_thread(decode_image_bytes, image, max_bytes=self.config.max_upload_bytes,
+                                        name="image")
             job = Job(
                 tenant=tenant.name,
                 params=resolved.model_dump(mode="json"),
@@ -278,12 +303,12 @@ class VideoService:
         entry = self.catalog.get(name)
         return entry is not None and entry.id == self.catalog.default_id
 
-    def check_source(self, image: bytes | None, params: GenerationParams) -> None:
+    def check_source(self, has_image: bool, params: GenerationParams) -> None:
         """An image (image-to-video) or a prompt alone (text-to-video), and text-to-video only
         where the text-to-image stage is deployed."""
-        if image is None and not params.text_to_video:
+        if not has_image and not params.text_to_video:
             raise invalid("image", "required, or give a prompt and no image for text-to-video")
-        if image is not None and params.text_to_video:
+        if has_image and params.text_to_video:
             raise InvalidInputError("give an image (image-to-video) or a prompt alone (text-to-video), not both")
         if params.text_to_video and self.config.text_to_image_model is None:
             raise APIError(422, "text_to_video_unavailable", "this deployment has no text-to-image model "
@@ -381,6 +406,11 @@ class VideoService:
         output = job.output
         if variant == "video":
             key, content_type, file_name, size = output.key, output.content_type, output.file_name, output.file_size
+            try:  # checked before any redirect: a presigned URL to a missing object is the store's 403
+                self.storage.size(key)
+            except ObjectNotFound:
+                raise APIError(410, "output_gone", "this job's clip is no longer in storage (deleted or expired "
+                               "there); submit the job again") from None
         else:
             key, content_type = output.thumbnail_key, THUMBNAIL_CONTENT_TYPE
             file_name = f"{job.id}.thumbnail.jpg"

@@ -21,7 +21,7 @@ from ...jobstore import JobStatus
 from ...storage import ObjectNotFound, job_key
 from ...storage.base import SIGNED_URL_PATH, SignedURLError
 from ...storage.s3 import content_disposition
-from ..errors import APIError, NotFoundError, Rejection, adapter_route, error_response
+from ..errors import APIError, ErrorBody, NotFoundError, Rejection, adapter_route, error_response
 
 if TYPE_CHECKING:
     from ...tenants import TenantRegistry
@@ -37,9 +37,14 @@ def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None)
     storage, store = service.storage, service.store
 
     @api.get(f"{SIGNED_URL_PATH}/{{key:path}}", summary="Download a file through a signed URL (no API key)",
-             responses={200: {"content": {"video/mp4": {}}},
-                        403: {"description": "The signature does not match, or the URL has expired."},
-                        404: {"description": "No such stored output."}})
+             responses={200: {"description": "The file, as the content_type the URL was signed with (else its "
+                                              "stored type: the clip's video/mp4, video/webm or image/gif)",
+                              "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+                        403: {"model": ErrorBody, "description": "The signature does not match, or the URL has "
+                                                                 "expired."},
+                        404: {"model": ErrorBody, "description": "No such stored output."},
+                        422: {"model": ErrorBody, "description": "A query value this API cannot read."},
+                        503: {"model": ErrorBody, "description": "Storage or the job store is unavailable."}})
     async def signed_file(key: str, expires: str = "", signature: str = "", filename: str | None = None,
                           content_type: str | None = None):
         try:

@@ -37,10 +37,11 @@ from pipelines.params import GenerationParams
 
 from ...jobstore import Job, JobStatus
 from ...metering.models import CLIENT_ERROR_CODES
+from .. import json_body
 from ..errors import NO_RETRY_HEADERS, APIError, Rejection, adapter_route
 from ..base_url import public_base_url
 from ..follow import follow_job
-from ..schemas import text_to_video_params
+from ..schemas import openapi_schema, text_to_video_params
 
 if TYPE_CHECKING:
     from ...tenants import Tenant, TenantRegistry
@@ -127,20 +128,20 @@ def parse_request(body: Any) -> tuple[GenerationRequest, GenerationParams]:
 
 
 def image_bytes(service: "VideoService", request: GenerationRequest) -> bytes | None:
-    """The conditioning image (blocking: run it in a thread), None for text-to-video; errors name
-    the field it came from."""
-    if request.image is None and request.image_url is None:
+    """The inline conditioning image (``image``: base64 or a data URL, decoded here; blocking: run
+    it in a thread), None without one; ``image_url`` is left to admission, which fetches it once
+    the tenant's quota allows. Errors name the field."""
+    if request.image is None:
         return None
-    field, value = ("image_url", request.image_url) if request.image_url is not None else ("image", request.image)
-    if field == "image":
-        if value.startswith(("http://", "https://")):
-            raise InvalidImageError("image: takes base64 or a data URL; send an http(s) URL as image_url")
-        if not value.startswith("data:"):
-            value = f"data:application/octet-stream;base64,{value}"  # decoded in place, never fetched
+    value = request.image
+    if value.startswith(("http://", "https://")):
+        raise InvalidImageError("image: takes base64 or a data URL; send an http(s) URL as image_url")
+    if not value.startswith("data:"):
+        value = f"data:application/octet-stream;base64,{value}"  # decoded in place, never fetched
     try:
         return service.image_from_url(value)
     except InvalidInputError as error:
-        raise type(error)(f"{field}: {str(error).removeprefix('image_url: ')}") from None
+        raise type(error)(f"image: {str(error).removeprefix('image_url: ')}") from None
 
 
 async def wait_for_end(service: "VideoService", tenant: "Tenant", job: Job, timeout_s: float,
@@ -152,6 +153,72 @@ async def wait_for_end(service: "VideoService", tenant: "Tenant", job: Job, time
                                     deadline=time.monotonic() + timeout_s, heartbeat_s=None):
         job = current  # the newest read: terminal, or as it stands at the deadline
     return job
+
+
+# -- the bodies as /docs shows them -------------------------------------------------------------
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, permission_error, "
+                      "rate_limit_error or server_error.")
+    param: str | None = Field(description="The request field the error is about, if any.")
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error body (read by the openai SDK's ``APIStatusError``)."""
+
+    error: OpenAIErrorDetail
+
+
+class GenerationData(BaseModel):
+    url: str = Field(description="A signed, expiring URL of the clip that needs no API key.")
+    b64_json: str | None = Field(default=None, description="The clip in base64 (response_format b64_json).")
+
+
+class Generation(BaseModel):
+    id: str
+    created: int = Field(description="Unix seconds.")
+    data: list[GenerationData]
+
+
+class GenerationPending(BaseModel):
+    id: str
+    created: int = Field(description="Unix seconds.")
+    status: Literal["queued", "in_progress"]
+
+
+def request_body_schema() -> dict[str, Any]:
+    """The JSON body: the adapter's own fields and every generation parameter (unknown fields are refused)."""
+    params, own = openapi_schema(GenerationParams), openapi_schema(GenerationRequest)
+    return {"title": "GenerationRequest", "type": "object", "additionalProperties": False,
+            "description": "model, prompt, image or image_url, response_format, n, and any generation parameter.",
+            "properties": {**params["properties"], **own["properties"]}}
+
+
+def openai_errors(**codes: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries in OpenAI's error shape: ``s404="..."`` -> 404 with that description."""
+    return {int(name[1:]): {"model": OpenAIError, "description": text} for name, text in codes.items()}
+
+
+_ANSWERS = {
+    200: {"model": Generation, "description": "The clip: a signed URL that needs no API key (and base64 with "
+                                              "b64_json)."},
+    202: {"model": GenerationPending, "description": "Still running: poll the Location (see Retry-After)."},
+}
+_ENDED_BADLY = dict(s409="The job was cancelled.",
+                    s500="The job failed because of the service (code says why).",
+                    s503="A backing service is unavailable; retry after Retry-After.")
+CREATE_RESPONSES = {**_ANSWERS, **openai_errors(
+    **_ENDED_BADLY, s401="Missing or invalid API key.", s403="The tenant may not use this model.",
+    s404="No such model for this tenant.", s413="The request or image is too large.",
+    s415="The body is not application/json.",
+    s422="Invalid image or parameter (param names it), over a tenant cap, or the job failed because of its input.",
+    s429="Over the tenant's rate limit or queue size (see Retry-After).")}
+CREATE_RESPONSES[409]["description"] = "The Idempotency-Key was used with a different request, or the job was cancelled."
+GET_RESPONSES = {**_ANSWERS, **openai_errors(
+    **_ENDED_BADLY, s401="Missing or invalid API key.", s404="No such generation for this key.",
+    s422="An invalid response_format, or the job failed because of its input.")}
 
 
 def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None) -> APIRouter:
@@ -182,12 +249,10 @@ def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None)
         return JSONResponse({"id": job.id, "created": created, "status": job.status.value}, status_code=202,
                             headers={"Location": f"{PATH}/{job.id}", "Retry-After": str(POLL_AFTER_S)})
 
-    @api.post(PATH, summary="Generate a clip and wait for it (OpenAI-style)", responses={
-        200: {"description": "The clip: a signed URL that needs no API key (and base64 with b64_json)."},
-        202: {"description": "Still running after generations_wait_s: poll the Location."},
-        401: {"description": "Missing or invalid API key."},
-        422: {"description": "Invalid image or parameter (param names it), or over a tenant cap."},
-        429: {"description": "Over the tenant's rate limit or queue size (see Retry-After)."}})
+    @api.post(PATH, summary="Generate a clip and wait for it (OpenAI-style)", responses=CREATE_RESPONSES,
+              description="Answers 200 with the clip when the job ends within generations_wait_s, else 202.",
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {"application/json": {"schema": request_body_schema()}}}})
     async def create_generation(
         request: Request,
         authorization: Annotated[str | None, Header()] = None,
@@ -198,17 +263,19 @@ def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None)
         if content_type and not content_type.startswith("application/json"):
             raise APIError(415, "unsupported_media_type", "send the request as application/json")
         try:
-            body = json.loads(await request.body() or b"null")
+            body = json_body.loads(await request.body() or b"null")
         except json.JSONDecodeError as error:
             raise InvalidInputError(f"the body is not valid JSON ({error.msg} at position {error.pos})") from None
         generation, params = parse_request(body)
         image = await asyncio.to_thread(image_bytes, service, generation)
-        admission = await service.admit(tenant, image=image, params=params, idempotency_key=idempotency_key,
-                                        prompt=generation.prompt, model=generation.model)
+        admission = await service.admit(tenant, image=image, image_url=generation.image_url, params=params,
+                                        idempotency_key=idempotency_key, prompt=generation.prompt,
+                                        model=generation.model)
         job = await wait_for_end(service, tenant, admission.job, config.generations_wait_s, request)
         return await answer(job, generation.response_format, request)
 
-    @api.get(f"{PATH}/{{job_id}}", summary="A generation: the clip once done, else 202 (no waiting)")
+    @api.get(f"{PATH}/{{job_id}}", summary="A generation: the clip once done, else 202 (no waiting)",
+             responses=GET_RESPONSES)
     async def get_generation(
         request: Request,
         job_id: str,

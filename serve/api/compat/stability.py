@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
@@ -46,12 +46,13 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from pipelines.errors import InvalidImageError, InvalidInputError
-from pipelines.images import decode_image_bytes
+from pipelines.images import image_header_size
 from pipelines.params import MAX_SEED, GenerationParams, OutputFormat
 
 from ...jobstore import Job, JobStatus
 from ...metering.models import CLIENT_ERROR_CODES
 from ..errors import APIError, Rejection, adapter_route
+from ..schemas import openapi_schema
 
 if TYPE_CHECKING:
     from ...tenants import Tenant, TenantRegistry
@@ -106,9 +107,9 @@ def render(rejection: Rejection) -> JSONResponse:
 
 
 def image_size(image: bytes, *, max_bytes: int) -> tuple[int, int]:
-    """(width, height) of the upload, which must be one of Stability's :data:`SIZES`."""
-    with decode_image_bytes(image, max_bytes=max_bytes, name=IMAGE_FIELD) as decoded:
-        size = decoded.size
+    """(width, height) of the upload, which must be one of Stability's :data:`SIZES`: read from
+    its header (admission decodes it fully, once the tenant's quota allows)."""
+    size = image_header_size(image, max_bytes=max_bytes, name=IMAGE_FIELD)
     if size not in SIZES:
         allowed = ", ".join(f"{w}x{h}" for w, h in SIZES)
         raise InvalidImageError(f"image: {size[0]}x{size[1]} is not a supported size; send an image of "
@@ -165,6 +166,57 @@ def unfinished(job: Job) -> APIError:
     return APIError(500, "internal_error", f"generation {job.id} failed: {message}")
 
 
+# -- the bodies as /docs shows them -------------------------------------------------------------
+
+class StabilityError(BaseModel):
+    """Stability's error body."""
+
+    id: str = Field(description="A fresh id of this error.")
+    name: str = Field(description="bad_request, unauthorized, not_found, payload_too_large, rate_limited, "
+                      "internal_error, or this service's code (e.g. limit_exceeded).")
+    errors: list[str]
+
+
+class StabilityStarted(BaseModel):
+    id: str
+
+
+class StabilityPending(BaseModel):
+    id: str
+    status: Literal["in-progress"]
+
+
+class StabilityVideo(BaseModel):
+    video: str = Field(description="The MP4, base64.")
+    finish_reason: Literal["SUCCESS"]
+    seed: int | None
+
+
+def stability_errors(**codes: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries in Stability's error shape: ``s404="..."`` -> 404 with that description."""
+    return {int(name[1:]): {"model": StabilityError, "description": text} for name, text in codes.items()}
+
+
+_ANY_ROUTE = dict(s401="Missing or invalid API key.", s503="A backing service is unavailable; retry after Retry-After.")
+START_RESPONSES = {
+    200: {"model": StabilityStarted, "description": "Started: poll the result with the id."},
+    **stability_errors(**_ANY_ROUTE, s400="Invalid image, size or parameter.",
+                       s403="The tenant may not use the model (allowed_models).",
+                       s413="The request or image is too large.", s422="Over a tenant cap (limit_exceeded).",
+                       s429="Over the tenant's rate limit or queue size (see Retry-After)."),
+}
+RESULT_RESPONSES = {
+    200: {"description": "The MP4 (Accept: video/*) or {video, finish_reason, seed} (Accept: application/json).",
+          "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}},
+                      "application/json": {"schema": openapi_schema(StabilityVideo)}}},
+    202: {"model": StabilityPending, "description": "Still in progress."},
+    **stability_errors(**_ANY_ROUTE, s400="An Accept this API cannot answer, or the generation failed because of "
+                       "its input.", s404="No such generation for this API key (or it was cancelled).",
+                       s422="A header this API cannot read.",
+                       s500="The generation failed because of the service."),
+}
+
+
 def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None) -> APIRouter:
     api = APIRouter(route_class=adapter_route(render), tags=["Stability v2beta image-to-video"])
 
@@ -180,18 +232,12 @@ def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None)
             max_guidance_scale=form.cfg_scale, min_guidance_scale=min(MIN_GUIDANCE, form.cfg_scale),
             num_inference_steps=steps, num_frames=num_frames, output_format=OutputFormat.mp4)
 
-    @api.post(PATH, summary="Start an image-to-video generation (Stability v2beta)", responses={
-        200: {"description": "Started: poll the result with the id."},
-        400: {"description": "Invalid image, size or parameter: Stability's {id, name, errors}."},
-        401: {"description": "Missing or invalid API key."},
-        413: {"description": "The image is too large."},
-        422: {"description": "Over a tenant cap."},
-        429: {"description": "Over the tenant's rate limit or queue size (see Retry-After)."}},
+    @api.post(PATH, summary="Start an image-to-video generation (Stability v2beta)", responses=START_RESPONSES,
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": [IMAGE_FIELD], "additionalProperties": False,
             "properties": {IMAGE_FIELD: {"type": "string", "format": "binary",
                                          "description": "1024x576, 576x1024 or 768x768 pixels."},
-                           **StabilityForm.model_json_schema()["properties"]}}}}}})
+                           **openapi_schema(StabilityForm)["properties"]}}}}}})
     async def start(request: Request, authorization: Annotated[str | None, Header()] = None):
         tenant = tenants.authenticate(authorization)
         image, form = await read_form(request, max_image_bytes=service.config.max_upload_bytes)
@@ -200,10 +246,7 @@ def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None)
         return JSONResponse({"id": admission.job.id})
 
     @api.get(f"{PATH}/result/{{generation_id}}", summary="Fetch a generation's result (Stability v2beta)",
-             responses={200: {"description": "The MP4 (Accept: video/*) or {video, finish_reason, seed}.",
-                              "content": {"video/mp4": {}, "application/json": {}}},
-                        202: {"description": "Still in progress: {id, status}."},
-                        404: {"description": "No such generation for this API key."}})
+             responses=RESULT_RESPONSES)
     async def result(generation_id: str, authorization: Annotated[str | None, Header()] = None,
                      accept: Annotated[str | None, Header()] = None):
         tenant = tenants.authenticate(authorization)

@@ -7,10 +7,11 @@ import asyncio
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Literal
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ....jobstore import Job, JobStatus
@@ -18,8 +19,10 @@ from ....metering.models import CLIENT_ERROR_CODES
 from ....tenants import Tenant
 from ....zoo.entry import RESERVED_OWNERS
 from ...base_url import public_base_url
+from ... import json_body
 from ...errors import APIError, NotFoundError, adapter_route
 from ...follow import KEEPALIVE, follow_job
+from ...schemas import openapi_schema
 from .inputs import FAL_APP_ID, FAL_T2V_APP_IDS, IMAGE_TO_VIDEO, TEXT_TO_VIDEO, FalApp, FalInputError
 from .rendering import _error_of, download_url, render, request_urls, result_body, status_body
 
@@ -30,6 +33,112 @@ if TYPE_CHECKING:
 STREAM_RECHECK_S = 2.0  # re-read without a notice (the queue position moves when other jobs start)
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+# -- the bodies as /docs shows them (the routes build them as dicts: rendering.py) ---------------
+
+class FalValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class FalError(BaseModel):
+    """fal's rejection: ``detail`` (a message; FastAPI's list of issues for an invalid input body),
+    the code in the ``X-Fal-Error-Type`` header."""
+
+    detail: str | list[FalValidationIssue]
+    error_type: str | None = Field(default=None, description="The result of a failed job: why it failed.")
+    status: Literal["NOT_FOUND", "ALREADY_COMPLETED"] | None = Field(default=None, description="Cancel only.")
+
+
+class FalLog(BaseModel):
+    message: str
+    level: str
+    source: str
+    timestamp: str
+
+
+class FalStatus(BaseModel):
+    """A request's status (submit answers it too). A failed or cancelled request is COMPLETED with
+    ``error`` and ``error_type``, as fal reports them."""
+
+    status: Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    request_id: str
+    response_url: str
+    status_url: str
+    cancel_url: str
+    queue_position: int | None = Field(default=None, description="IN_QUEUE: requests ahead of this one.")
+    logs: list[FalLog] | None = Field(description="With ?logs=1; else null.")
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+
+class FalFile(BaseModel):
+    url: str
+    content_type: str
+    file_name: str
+    file_size: int
+
+
+class FalResult(BaseModel):
+    video: FalFile
+    seed: int | None
+
+
+class FalCancelled(BaseModel):
+    status: Literal["CANCELLATION_REQUESTED"]
+
+
+def fal_errors(**codes: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries in fal's error shape: ``s404="..."`` -> 404 with that description."""
+    return {int(name[1:]): {"model": FalError, "description": text} for name, text in codes.items()}
+
+
+#: Every fal route.
+_ANY_ROUTE = dict(s401="Missing or invalid API key (Authorization: Key or Bearer).",
+                  s422="A header or path value this API cannot read.",
+                  s503="A backing service is unavailable; retry after Retry-After.")
+SUBMIT_RESPONSES = {
+    200: {"model": FalStatus, "description": "Queued: IN_QUEUE with the request's URLs."},
+    **fal_errors(**{**_ANY_ROUTE, "s422": "The input does not fit the app's schema (detail lists each issue), an "
+                                          "invalid image, or over a tenant cap."},
+                 s403="The tenant may not use this model.",
+                 s404="No such model for this tenant.",
+                 s409="The Idempotency-Key was used with a different request.",
+                 s413="The request or image is too large.",
+                 s429="Over the tenant's rate limit or queue size (see Retry-After)."),
+}
+STATUS_RESPONSES = {200: {"model": FalStatus}, **fal_errors(**_ANY_ROUTE, s404="No such request for this key.")}
+STREAM_RESPONSES = {200: {"description": "Server-sent events, each data a status body, until the request ends",
+                          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    **fal_errors(**_ANY_ROUTE, s404="No such request for this key.")}
+RESULT_RESPONSES = {
+    200: {"model": FalResult},
+    **fal_errors(**{**_ANY_ROUTE, "s422": "The request failed because of its input (error_type says why)."},
+                 s400="The request is still in progress, or was cancelled.",
+                 s404="No such request for this key.",
+                 s500="The request failed because of the service (error_type says why)."),
+}
+CANCEL_RESPONSES = {
+    202: {"model": FalCancelled, "description": "Cancelled, or cancellation requested (a running request stops "
+                                                "at its next step)."},
+    **fal_errors(**_ANY_ROUTE, s400="ALREADY_COMPLETED: the request already ended.",
+                 s404="NOT_FOUND: no such request for this key."),
+}
+#: Query parameters the routes read themselves.
+LOGS_PARAMETER = {"name": "logs", "in": "query", "required": False, "description": "1: include the logs.",
+                  "schema": {"type": "string", "enum": ["0", "1", "true", "false"]}}
+WEBHOOK_PARAMETER = {"name": "fal_webhook", "in": "query", "required": False,
+                     "description": "Called with the result when the request ends (fal's webhook body).",
+                     "schema": {"type": "string"}}
+
+
+def _submit_docs(schema: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"content": {"application/json": {"schema": openapi_schema(schema)}},
+                            "required": True},
+            "parameters": [WEBHOOK_PARAMETER]}
 
 
 async def without_unusable_default_negative_prompt(service: "VideoService", params):
@@ -107,8 +216,8 @@ def add_routes(api: APIRouter, app_id: str, service: "VideoService", TenantDep, 
     prefix = f"/{app_id}"
     url_app = queue_app(app_id)
 
-    @api.post(prefix, summary=f"fal queue: submit to {app_id} ({app.summary})", openapi_extra={"requestBody": {
-        "content": {"application/json": {"schema": app.schema.model_json_schema()}}, "required": True}})
+    @api.post(prefix, summary=f"fal queue: submit to {app_id} ({app.summary})", responses=SUBMIT_RESPONSES,
+              openapi_extra=_submit_docs(app.schema))
     async def submit(request: Request, tenant: TenantDep,
                      idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
         return await submit_request(request, tenant, idempotency_key, service, app, url_app, position_of)
@@ -122,7 +231,7 @@ async def submit_request(request: Request, tenant: Tenant, idempotency_key: str 
     """One submission to a fal app: ``model`` is the zoo model the app id names (None: the default)."""
     raw = await request.body()
     try:
-        body = json.loads(raw or b"null")
+        body = json_body.loads(raw or b"null")
     except json.JSONDecodeError as error:
         return JSONResponse({"detail": [{"loc": ["body", error.pos], "msg": f"JSON decode error: {error.msg}",
                                          "type": "json_invalid"}]}, status_code=422,
@@ -135,8 +244,7 @@ async def submit_request(request: Request, tenant: Tenant, idempotency_key: str 
     if params.text_to_video and "negative_prompt" not in body:
         params = await without_unusable_default_negative_prompt(service, params)
     webhook_url = request.query_params.get("fal_webhook") or None
-    image = None if image_url is None else await asyncio.to_thread(service.image_from_url, image_url)
-    admission = await service.admit(tenant, image=image, params=params, webhook_url=webhook_url,
+    admission = await service.admit(tenant, image=None, image_url=image_url, params=params, webhook_url=webhook_url,
                                     idempotency_key=idempotency_key, webhook_format="fal",
                                     prompt=params.prompt, model=model)
     job = admission.job
@@ -161,8 +269,10 @@ def zoo_router(service: "VideoService", tenants: "TenantRegistry", *,
         return model_id
 
     @api.post("/{owner}/{alias}", summary="fal queue: submit to a zoo model's app id (GET /v1/models lists them)",
-              openapi_extra={"requestBody": {"content": {"application/json": {
-                  "schema": IMAGE_TO_VIDEO.schema.model_json_schema()}}, "required": True}})
+              responses={**SUBMIT_RESPONSES, **fal_errors(
+                  s404="No such image-to-video model for this tenant (or the path is one of this API's own).",
+                  s405="The path is one of this API's own, which another method serves.")},
+              openapi_extra=_submit_docs(IMAGE_TO_VIDEO.schema))
     async def submit(owner: str, alias: str, request: Request,
                      authorization: Annotated[str | None, Header()] = None,
                      idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
@@ -172,6 +282,9 @@ def zoo_router(service: "VideoService", tenants: "TenantRegistry", *,
         model_id = model_of(tenant, owner, alias)
         return await submit_request(request, tenant, idempotency_key, service, IMAGE_TO_VIDEO, model_id,
                                     position_of, model=model_id)
+
+    # For the Allow header of a 405 (serve.api.allow_header): this route serves none of the API's own paths.
+    submit.serves_path = lambda path_params: str(path_params.get("owner", "")).lower() not in RESERVED_OWNERS
 
     add_request_routes(api, "/{owner}/{alias}", None, service, TenantDep, job_of, position_of, on_ended)
     return api
@@ -195,7 +308,8 @@ def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "Vide
     def app_of(request: Request) -> str:
         return fixed_app or f"{request.path_params['owner']}/{request.path_params['alias']}"
 
-    @api.get(request_path + "/status", summary=f"fal queue: status of a {app_id} request")
+    @api.get(request_path + "/status", summary=f"fal queue: status of a {app_id} request",
+             responses=STATUS_RESPONSES, openapi_extra={"parameters": [LOGS_PARAMETER]})
     async def status(request: Request, request_id: str, tenant: TenantDep):
         job = await job_of(tenant, request_id)
         urls = request_urls(public_base_url(request, service.config.public_url), app_of(request), job.id)
@@ -203,7 +317,8 @@ def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "Vide
                                         queue_position=await position_of(job)))
 
     @api.get(request_path + "/status/stream", summary=f"fal queue: status of a {app_id} request as server-sent "
-             "events until it completes", responses={200: {"content": {"text/event-stream": {}}}})
+             "events until it completes", responses=STREAM_RESPONSES,
+             openapi_extra={"parameters": [LOGS_PARAMETER]})
     async def status_stream(request: Request, request_id: str, tenant: TenantDep):
         first = await job_of(tenant, request_id)  # 404 before the stream starts
         urls = request_urls(public_base_url(request, service.config.public_url), app_of(request), first.id)
@@ -225,7 +340,7 @@ def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "Vide
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @api.get(request_path, summary=f"fal queue: result of a {app_id} request")
+    @api.get(request_path, summary=f"fal queue: result of a {app_id} request", responses=RESULT_RESPONSES)
     async def result(request: Request, request_id: str, tenant: TenantDep):
         job = await job_of(tenant, request_id)
         if job.status is JobStatus.COMPLETED and job.output is not None:
@@ -238,7 +353,8 @@ def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "Vide
         return JSONResponse({"detail": message, "error_type": code}, status_code=status_code,
                             headers={"X-Fal-Error-Type": code})
 
-    @api.put(request_path + "/cancel", summary=f"fal queue: cancel a {app_id} request")
+    @api.put(request_path + "/cancel", summary=f"fal queue: cancel a {app_id} request", status_code=202,
+             responses=CANCEL_RESPONSES)
     async def cancel(request_id: str, tenant: TenantDep):
         try:
             job, ended_now = await asyncio.to_thread(service.cancel, tenant, request_id)
