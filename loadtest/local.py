@@ -4,8 +4,9 @@
    tiny CPU model and Sampler autoscaling (1-2 replicas), so scaling shows in the report;
 2. starts ``svd-serve up`` on a free loopback port in its own process group and waits for it;
 3. runs the profile against it (replica counts sampled from its Ray cluster);
-4. stops it with SIGTERM (``svd-serve up`` shuts Serve and Ray down), escalating to SIGKILL of
-   its process group and of any process of its Ray session left behind.
+4. stops it with SIGTERM (``svd-serve up`` drains and shuts Serve and Ray down), a second SIGTERM
+   if the drain takes too long (it stops at once: running jobs go back to the queue), escalating
+   to SIGKILL of its process group and of any process of its Ray session left behind.
 
     python -m loadtest.local --profile smoke            # same as: python -m loadtest.run --local ...
 """
@@ -34,6 +35,8 @@ from .session import execute, finish, run_cli
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 420.0
 STOP_TIMEOUT_S = 90.0
+#: Of STOP_TIMEOUT_S, how long the drain may take before a second SIGTERM stops it at once.
+DRAIN_TIMEOUT_S = 45.0
 #: The stage that autoscales (1-2 replicas) in the default local config, so scaling shows in the report.
 SCALED_STAGE = "sampling"
 
@@ -139,14 +142,20 @@ class LocalService:
             return ""
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> bool:
-        """SIGTERM, wait, then SIGKILL the group and leftovers of its Ray session. True if it stopped cleanly."""
+        """SIGTERM, wait (a second SIGTERM after DRAIN_TIMEOUT_S skips the drain), then SIGKILL the
+        group and leftovers of its Ray session. True if it stopped by itself, leaving nothing behind."""
         if self.proc is None:
             return True
         clean = True
         if self.proc.poll() is None:
+            started = time.monotonic()
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=timeout_s)
+                self.proc.wait(timeout=min(DRAIN_TIMEOUT_S, timeout_s))
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=max(1.0, timeout_s - (time.monotonic() - started)))
             except subprocess.TimeoutExpired:
                 clean = False
                 try:

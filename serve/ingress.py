@@ -1,4 +1,5 @@
-"""The Serve ingress deployment: mounts the FastAPI app built by ``serve.api.app.create_api``."""
+"""The Serve ingress deployment: mounts the FastAPI app built by ``serve.api.app.create_api``,
+behind the start-up gate (``/v1`` answers 503 not_ready until the models are ready)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from ray import serve
 
 from .api.app import create_api
 from .api.service import VideoService
+from .api.startup import ReadinessGate, StartupReadiness
 from .config import AppConfig
 from .jobstore import make_job_store
 from .lifecycle import JobLifecycle
@@ -50,6 +52,8 @@ class Ingress:
             text_to_image_info=self.text_to_image_info if text_to_image is not None else None,
             catalog=self.catalog,
         )
+        #: Latched on the first successful readiness check (``/readyz`` or the gate's own).
+        self.readiness = StartupReadiness(self._ready)
 
     async def model_info(self, model_id: str | None = None) -> dict[str, Any]:
         """What a model defaults to (frames), asked of a model stage replica once per model (it
@@ -81,5 +85,7 @@ class Ingress:
                 pass
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.service, self.tenants, ready=self._ready, on_ended=self.lifecycle.ended,
-                          routers=[usage_router(self.ledger, self.tenants.authenticate)])
+        app = create_api(self.service, self.tenants, ready=self.readiness.check, on_ended=self.lifecycle.ended,
+                         routers=[usage_router(self.ledger, self.tenants.authenticate)])
+        app.add_middleware(ReadinessGate, readiness=self.readiness)  # outermost: before any other work
+        return app

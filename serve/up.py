@@ -25,6 +25,11 @@ DEMO_TENANT = "demo"
 #: 25 + 30 steps takes minutes on a CPU.
 TINY_DEFAULTS = {"width": 256, "height": 128, "num_inference_steps": 8, "t2i_num_inference_steps": 4}
 READY_TIMEOUT_S = 600.0
+APP_NAME = "svd"
+#: Beyond the deployments' graceful period: how long Serve may take to remove the application.
+SERVE_STOP_MARGIN_S = 20.0
+#: After ``ray.shutdown()``: how long the cluster's processes get to exit before they are killed.
+RAY_STOP_TIMEOUT_S = 10.0
 
 
 def issue_demo_key(tenants_file: Path) -> str:
@@ -66,16 +71,93 @@ def local_config(*, model: str | None, data_dir: Path, config_file: str | None) 
     return config.model_copy(update=update)
 
 
-def wait_ready(url: str, timeout_s: float) -> None:
+class StopSignals:
+    """SIGINT (Ctrl-C: a terminal sends it to the whole foreground process group) and SIGTERM.
+
+    The first asks for a graceful stop, a second for an immediate one. A flag, never a
+    KeyboardInterrupt, so a signal cannot land in the middle of a Ray call (or of the shutdown
+    itself). Ray's own processes are not disturbed by a group-wide Ctrl-C: the ones ``ray.init``
+    starts block SIGINT and the raylet puts each worker in a process group of its own.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        """(Re)installs the handlers: ``ray.init`` replaces the SIGTERM one with its own."""
+        for sig in self.SIGNALS:
+            try:
+                previous = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: the caller handles signals
+                return
+            self._previous.setdefault(sig, previous)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.count += 1
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
+
+    @property
+    def forced(self) -> bool:
+        return self.count > 1
+
+    def wait(self, seconds: float | None = None) -> bool:
+        """Sleeps until a stop is asked for (True) or ``seconds`` pass (False)."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while not self.requested:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+
+def graceful_period(config: AppConfig) -> float:
+    """The longest ``graceful_shutdown_timeout_s`` among the deployments: how long a stop may drain."""
+    stages = config.stages
+    periods = [stages.ingress.graceful_shutdown_timeout_s, stages.runner.graceful_shutdown_timeout_s]
+    periods += [stages.for_stage(spec).graceful_shutdown_timeout_s for spec in config.built_stages()]
+    return max(periods)
+
+
+def wait_ready(url: str, timeout_s: float, *, stop: StopSignals | None = None, app_status=None) -> bool:
+    """Polls until ``/readyz`` answers 200 and, with ``app_status`` (the application's Serve status
+    and message), Serve reports it RUNNING: every replica up, not only the ones ``/readyz`` asks.
+    True when ready; False if a stop signal came first; a failed deployment raises at once."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
+        if stop is not None and stop.requested:
+            return False
+        status, message = app_status() if app_status is not None else ("RUNNING", "")
+        if status == "DEPLOY_FAILED":
+            raise RuntimeError(f"the application failed to deploy: {message}")
+        if status == "RUNNING":
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+        if stop is not None:
+            stop.wait(1.0)
+        else:
+            time.sleep(1.0)
     raise TimeoutError(f"the service was not ready at {url}/readyz within {timeout_s:.0f}s")
+
+
+def _app_status() -> tuple[str | None, str]:
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    return (None, "") if app is None else (str(getattr(app.status, "value", app.status)), app.message)
 
 
 def up(*, model: str | None, config_file: str | None, host: str, port: int, data_dir: str,
@@ -83,27 +165,56 @@ def up(*, model: str | None, config_file: str | None, host: str, port: int, data
     import ray
     from ray import serve
 
+    from .api.startup import PROXY_CALLBACK, PROXY_CALLBACK_ENV
     from .app import build_app
 
-    data = Path(data_dir).resolve()
-    data.mkdir(parents=True, exist_ok=True)
-    config = local_config(model=model, data_dir=data, config_file=config_file)
-    key = issue_demo_key(Path(config.auth.resolved_tenants_file()))
+    stop = StopSignals()
+    stop.install()
+    try:
+        data = Path(data_dir).resolve()
+        data.mkdir(parents=True, exist_ok=True)
+        config = local_config(model=model, data_dir=data, config_file=config_file)
+        key = issue_demo_key(Path(config.auth.resolved_tenants_file()))
+        if stop.requested:
+            return 0
 
-    # Logical CPUs: the stages reserve whole CPUs for scheduling, but a small machine can still run them all.
-    ray.init(
-        address="local",  # always a new cluster of our own, never whatever else runs on this machine
-        num_cpus=num_cpus or max(8, os.cpu_count() or 1),
-        num_gpus=num_gpus,
-        include_dashboard=False,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(config), name="svd", route_prefix="/", blocking=False)
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    url = f"http://{shown_host}:{port}"
-    wait_ready(url, READY_TIMEOUT_S)
+        # Serve's HTTP proxy answers 503 not_ready (not 404) until the application's ingress runs:
+        # the proxy is a Ray worker, so it inherits this through the raylet started just below.
+        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+        # Logical CPUs: the stages reserve whole CPUs for scheduling, but a small machine can still run them all.
+        ray.init(
+            address="local",  # always a new cluster of our own, never whatever else runs on this machine
+            num_cpus=num_cpus or max(8, os.cpu_count() or 1),
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
+        stop.install()
+        keep_running = False
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            # Not blocking: the wait below stops at a signal, and sees a failed deployment.
+            serve.run_many([serve.RunTarget(build_app(config), name=APP_NAME, route_prefix="/")],
+                           wait_for_applications_running=False)
+            shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            url = f"http://{shown_host}:{port}"
+            if not wait_ready(url, READY_TIMEOUT_S, stop=stop, app_status=_app_status):
+                return 0
+            print_banner(url, config, key)
+            if not block:
+                keep_running = True
+                return 0
+            stop.wait()
+            return 0
+        finally:
+            if not keep_running:
+                shutdown(stop, graceful_period(config))
+    finally:
+        stop.restore()
+
+
+def print_banner(url: str, config: AppConfig, key: str) -> None:
     sample = Path("pipelines/assets/sample.png")
     print(
         f"\nsvd-serve is ready at {url}  (API docs: {url}/docs)\n"
@@ -117,19 +228,72 @@ def up(*, model: str | None, config_file: str | None, host: str, port: int, data
         f"{url}/v1/videos\n"
         f"  curl -s -H 'Authorization: Bearer {key}' {url}/v1/videos/<id>\n"
         f"  curl -s -L -H 'Authorization: Bearer {key}' -o clip.mp4 {url}/v1/videos/<id>/content\n\n"
-        "Ctrl-C stops it.",
+        "Ctrl-C stops it (running jobs finish or go back to the queue; Ctrl-C again to stop at once).",
         flush=True,
     )
-    if not block:
-        return 0
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+
+
+def shutdown(stop: StopSignals, grace_s: float) -> None:
+    """Stops the application, Serve and our Ray cluster, and leaves none of its processes behind.
+
+    Graceful first: the application is deleted (its route goes, so the proxy answers 503), each
+    replica finishes its requests within its graceful period and the job runner hands the jobs
+    it could not finish back to the queue (their leases). A second signal skips to the end.
+    """
+    import ray
+    from ray import serve
+
+    print(f"shutting down: running jobs get up to {grace_s:.0f}s to finish, or go back to the queue "
+          "(Ctrl-C again to stop at once) ...", file=sys.stderr, flush=True)
+    ours = _descendants()
+    started = time.monotonic()
     try:
-        while not stop["now"]:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    print("shutting down ...", file=sys.stderr)
-    serve.shutdown()
-    ray.shutdown()
-    return 0
+        gone = False
+        if not stop.forced:
+            serve.delete(APP_NAME, _blocking=False)
+            deadline = started + grace_s + SERVE_STOP_MARGIN_S
+            while not stop.forced and time.monotonic() < deadline and not gone:
+                time.sleep(0.5)
+                gone = _app_status()[0] is None
+        if gone:
+            serve.shutdown()  # the proxy and the controller; quick once the application is gone
+        elif stop.forced:
+            print("stopping at once: running jobs go back to the queue when their leases run out",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"the application did not stop within {grace_s + SERVE_STOP_MARGIN_S:.0f}s; stopping Ray",
+                  file=sys.stderr, flush=True)
+    except Exception as error:  # noqa: BLE001 - Ray is stopped below in any case
+        print(f"stopping Serve failed ({error}); stopping Ray", file=sys.stderr, flush=True)
+    finally:
+        ours += _descendants()
+        ray.shutdown()
+        left = _reap(ours, timeout_s=RAY_STOP_TIMEOUT_S)
+        print(f"stopped in {time.monotonic() - started:.0f}s"
+              + (f" ({left} Ray process(es) killed)" if left else ""), file=sys.stderr, flush=True)
+
+
+def _descendants() -> list:
+    try:
+        import psutil
+
+        return psutil.Process().children(recursive=True)
+    except Exception:  # noqa: BLE001 - best effort: ray.shutdown() stops what it started anyway
+        return []
+
+
+def _reap(processes: list, *, timeout_s: float) -> int:
+    """Waits for the processes to end; kills the ones still there. How many had to be killed."""
+    if not processes:
+        return 0
+    import psutil
+
+    unique = {p.pid: p for p in processes}.values()
+    _, alive = psutil.wait_procs(list(unique), timeout=timeout_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return len(alive)
