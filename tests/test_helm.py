@@ -872,6 +872,8 @@ def test_every_ray_container_gets_the_model_cache(rendered):
         assert mount["mountPath"] == cache_dir and "subPath" not in mount, group
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["SVD_SERVE_CACHE_DIR"] == cache_dir, group
+        # Serve's proxy answers 503, not 404, while the application starts (serve/api/startup.py).
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "serve.api.startup:proxy_middlewares", group
         assert env["HF_HOME"] == f"{cache_dir}/huggingface", group
         claim = volumes["model-cache"].get("persistentVolumeClaim", {}).get("claimName")
         if claim and rendered.of_kind("PersistentVolumeClaim"):

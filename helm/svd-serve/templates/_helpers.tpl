@@ -332,6 +332,9 @@ gcsFaultToleranceOptions.redisPassword, the same Secret) and rejects a head that
   value: {{ printf "%s/huggingface" (trimSuffix "/" $v.modelCache.mountPath) | quote }}
 - name: SVD_SERVE_CACHE_DIR
   value: {{ $v.modelCache.mountPath | quote }}
+# Serve's HTTP proxy answers 503 (not 404) while the application starts (serve/api/startup.py).
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: "serve.api.startup:proxy_middlewares"
 {{- with include "svd-serve.hfTokenSecretName" $root }}
 - name: HF_TOKEN
   valueFrom:
