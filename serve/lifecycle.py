@@ -3,37 +3,61 @@
 One place for it, used by the job runner (completed, failed, cancelled while running, abandoned)
 and by the ingress (cancelled while queued), so every terminal state is metered once and
 announced once.
+
+Webhooks are durable: pending deliveries live in the job store, and the runner replicas' outbox
+loops (:class:`serve.webhooks.WebhookOutbox`) send and retry them, so a replica that dies loses
+none. A job's terminal event is enqueued by the store in the very transition that ends the job,
+under an id derived from the job; :meth:`JobLifecycle.ended` renders its body right after (or,
+if the process died first, the first runner to attempt it does: :meth:`JobLifecycle.render`).
+Progress events are rendered and enqueued here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import uuid
+from datetime import datetime, timezone
 
 from .api.views import job_view
 from .config import AppConfig
 from pipelines.params import GenerationParams
 from pipelines.segments import plan_for
 
-from .jobstore import Job, JobStore, segment_file
+from .jobstore import Job, JobStore, WebhookDelivery, segment_file
 from .metering import UsageLedger, gpu_share_from_config, usage_record_for
 from .storage import Storage, job_key
 from .telemetry import log_extra, metrics
 from .tenants import TenantRegistry
-from .webhooks import EVENT_PROGRESS, WebhookSender, event_type_for, job_recorder, new_event_id, wants_event
+from .webhooks import (
+    EVENT_PROGRESS,
+    WebhookOutbox,
+    WebhookSender,
+    event_type_for,
+    new_event_id,
+    terminal_event_id,
+    wants_event,
+)
+from .webhooks.events import encode_body
 
 logger = logging.getLogger("ray.serve.svd_serve")
 
 
 class JobLifecycle:
+    """``owner`` names this process in webhook delivery claims (the runner passes its own id)."""
+
     def __init__(self, config: AppConfig, *, store: JobStore, ledger: UsageLedger, tenants: TenantRegistry,
-                 storage: Storage | None = None) -> None:
+                 storage: Storage | None = None, owner: str | None = None) -> None:
         self.store, self.ledger, self.tenants, self.storage = store, ledger, tenants, storage
         self.gpu_share = gpu_share_from_config(config.stages)
         self.base_url = config.public_url or ""
         self.sender = WebhookSender.from_config(config.webhooks, allow=config.url_allowlist)
         self.keep_attempts = config.webhooks.max_recorded_attempts
-        self._deliveries: set[asyncio.Task] = set()
+        self.outbox = WebhookOutbox(store, self.sender, secret_of=self._secret_of, render=self.render,
+                                    owner=owner or f"webhooks-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+                                    keep_attempts=self.keep_attempts)
+        self._enqueues: set[asyncio.Task] = set()
 
     async def ended(self, job_id: str) -> None:
         """Meter, count and announce a job that reached a terminal state. Never raises."""
@@ -42,7 +66,11 @@ class JobLifecycle:
             if job is None or not job.status.is_terminal:
                 return
             await asyncio.to_thread(self._meter, job)
-            self._notify(job, event_type_for(job.status))
+            # The store enqueued the terminal event with the transition: give it its body now
+            # (the job as it ended), and send it now if this process delivers.
+            self.sender.forget(job.id)  # no more progress throttling for it
+            await asyncio.to_thread(self._fill_terminal_event, job)
+            self.outbox.wake()
             await asyncio.to_thread(self._drop_segments, job)
         except Exception:  # bookkeeping must not break serving
             logger.exception("terminal bookkeeping failed", extra=log_extra(job_id))
@@ -70,8 +98,11 @@ class JobLifecycle:
             and self.sender.progress_due(job.id)
 
     def progressed(self, job: Job) -> None:
-        """Send a progress event for ``job`` (as it is now); see :meth:`wants_progress_event`."""
-        self._notify(job, EVENT_PROGRESS)
+        """Send a progress event for ``job`` (as it is now); see :meth:`wants_progress_event`.
+        The event is enqueued in the background (tracked, so :meth:`drain` waits for it)."""
+        task = asyncio.get_running_loop().create_task(self._notify(job, EVENT_PROGRESS))
+        self._enqueues.add(task)
+        task.add_done_callback(self._enqueues.discard)
 
     def _meter(self, job: Job) -> None:
         record = usage_record_for(job, self.gpu_share)
@@ -87,28 +118,58 @@ class JobLifecycle:
                 if seconds:
                     recorder.gpu_seconds.inc(seconds, tags={"tenant": job.tenant, "stage": stage})
 
-    def _notify(self, job: Job, event_type: str) -> None:
+    def _secret_of(self, tenant: str) -> str | None:
+        found = self.tenants.get(tenant)
+        return found.webhook_secret if found is not None else None
+
+    def _fill_terminal_event(self, job: Job) -> None:
+        if job.webhook is None or job.finished_at is None:
+            return
+        event_type = event_type_for(job.status)
+        event_id = terminal_event_id(job.id, event_type)
+        self.store.set_webhook_body(event_id, self._body(job, event_type, event_id, job.finished_at))
+
+    def render(self, delivery: WebhookDelivery) -> bytes | None:
+        """The body of ``delivery`` from its job as it is now (None if the job is gone): the native
+        envelope, or the shape of the adapter the job came through. Blocking (reads the store)."""
+        job = self.store.get(delivery.job_id, tenant=None)
+        if job is None or job.webhook is None:
+            return None
+        return self._body(job, delivery.event_type, delivery.event_id,
+                          datetime.fromtimestamp(delivery.created_at, tz=timezone.utc))
+
+    def _body(self, job: Job, event_type: str, event_id: str, created_at: datetime) -> bytes:
+        if job.webhook is not None and job.webhook.format != "native":
+            return webhook_body_of(job.webhook.format)(job, event_type, event_id, self.base_url)
+        payload = job_view(job, self.base_url).model_dump(mode="json")
+        return encode_body(event_id, event_type, payload, created_at)
+
+    async def _notify(self, job: Job, event_type: str) -> None:
+        """Render a progress event and put it in the store's delivery queue. Never raises: a
+        failed enqueue is logged (progress is advisory)."""
         if not job.webhook_url:
             return
-        tenant = self.tenants.get(job.tenant)
-        secret = tenant.webhook_secret if tenant is not None else None
-        if not secret:
+        if not self._secret_of(job.tenant):
             logger.warning("webhook skipped: the tenant has no webhook secret", extra=log_extra(job.id))
             return
-        payload = job_view(job, self.base_url).model_dump(mode="json")
-        event_id, body = new_event_id(), None
-        if job.webhook.format != "native":
-            body = webhook_body_of(job.webhook.format)(job, event_type, event_id, self.base_url)
-        task = asyncio.get_running_loop().create_task(self.sender.deliver(
-            job.id, job.webhook_url, secret, event_type, payload,
-            job_recorder(self.store, job.id, keep=self.keep_attempts), event_id=event_id, body=body))
-        self._deliveries.add(task)
-        task.add_done_callback(self._deliveries.discard)
+        try:
+            event_id = new_event_id()
+            body = self._body(job, event_type, event_id, datetime.now(timezone.utc))
+            await asyncio.to_thread(self.outbox.enqueue, job_id=job.id, tenant=job.tenant, url=job.webhook_url,
+                                    event_type=event_type, event_id=event_id, body=body)
+        except Exception:  # noqa: BLE001 - bookkeeping must not break serving
+            logger.exception("could not enqueue a webhook event", extra=log_extra(job.id))
+
+    async def deliver_forever(self) -> None:
+        """Run the webhook outbox loop (runner replicas): send what is due, until :meth:`drain`."""
+        await self.outbox.run()
 
     async def drain(self, timeout_s: float) -> None:
-        """Give pending deliveries a chance to finish (shutdown)."""
-        if self._deliveries:
-            await asyncio.wait(list(self._deliveries), timeout=timeout_s)
+        """Shutdown: finish enqueueing events, give attempts in flight ``timeout_s``, hand the rest
+        back to the store (other replicas send them; nothing pending is lost)."""
+        if self._enqueues:
+            await asyncio.wait(list(self._enqueues), timeout=timeout_s)
+        await self.outbox.stop(timeout_s)
 
 
 def webhook_body_of(format_name: str):

@@ -233,12 +233,35 @@ def print_banner(url: str, config: AppConfig, key: str) -> None:
     )
 
 
+def _drain_runner(stop: StopSignals, grace_s: float) -> None:
+    """The runner finishes or hands back its running jobs before anything is torn down (waiting
+    for it ends early on a second signal)."""
+    from ray import serve
+
+    try:
+        response = serve.get_deployment_handle("JobRunner", app_name=APP_NAME).drain.remote(wait_s=grace_s)
+    except Exception:  # noqa: BLE001 - the application never got that far: nothing to drain
+        return
+    deadline = time.monotonic() + grace_s + 10
+    while not stop.forced and time.monotonic() < deadline:
+        try:
+            outcome = response.result(timeout_s=0.5)
+        except TimeoutError:
+            continue
+        except Exception:  # noqa: BLE001 - a runner gone already: its jobs come back by their leases
+            return
+        print(f"jobs: {outcome['running'] - outcome['handed_back']} finished, {outcome['handed_back']} handed back "
+              "to the queue", file=sys.stderr, flush=True)
+        return
+
+
 def shutdown(stop: StopSignals, grace_s: float) -> None:
     """Stops the application, Serve and our Ray cluster, and leaves none of its processes behind.
 
-    Graceful first: the application is deleted (its route goes, so the proxy answers 503), each
-    replica finishes its requests within its graceful period and the job runner hands the jobs
-    it could not finish back to the queue (their leases). A second signal skips to the end.
+    Graceful first: the job runner stops claiming and its running jobs get ``grace_s`` to finish
+    while every stage still serves them; the ones that cannot are handed back to the queue. Then
+    the application is deleted (its route goes, so the proxy answers 503). A second signal skips
+    to the end.
     """
     import ray
     from ray import serve
@@ -249,6 +272,8 @@ def shutdown(stop: StopSignals, grace_s: float) -> None:
     started = time.monotonic()
     try:
         gone = False
+        if not stop.forced:
+            _drain_runner(stop, grace_s)
         if not stop.forced:
             serve.delete(APP_NAME, _blocking=False)
             deadline = started + grace_s + SERVE_STOP_MARGIN_S

@@ -23,8 +23,10 @@ from .errors import APIError, ErrorBody, RequestTooLarge, install_error_handlers
 from .base_url import public_base_url
 from .follow import KEEPALIVE, follow_job
 from .forms import SubmitForm, multipart_schema, read_submit_form
-from .schemas import CreateVideoRequest, VideoDeleted, VideoJob, VideoJobList, openapi_schema, parse_seconds
-from .service import CONTENT_VARIANTS, VideoService
+from .schemas import (CreateVideoRequest, VideoDeleted, VideoJob, VideoJobList, openapi_schema, parse_seconds,
+                      sse_event_schema)
+from .content import CONTENT_VARIANTS
+from .service import VideoService
 
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -39,6 +41,7 @@ REJECTION_DOCS = {
     403: "The tenant may not use this model (allowed_models).",
     404: "No such job for this tenant.",
     409: "The job is not in a state that allows this.",
+    410: "The job completed, but its clip is no longer in storage (output_gone).",
     413: "The request or image is too large.",
     415: "The body is neither application/json nor multipart/form-data.",
     422: "Invalid image or parameter, or over a tenant cap (or a header or path value this API cannot read).",
@@ -226,7 +229,7 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
         return VideoDeleted(id=job.id)
 
     @app.get("/v1/videos/{job_id}/content",
-             responses={**rejections(401, 404, 409, 422, 503, s409="The job has not completed (not_ready).",
+             responses={**rejections(401, 404, 409, 410, 422, 503, s409="The job has not completed (not_ready).",
                                      s422="variant is not video or thumbnail."),
                         200: {"description": "The clip, or its first frame (variant=thumbnail)",
                               "content": {kind: {"schema": {"type": "string", "format": "binary"}}
@@ -251,8 +254,10 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
 
     @app.get("/v1/videos/{job_id}/events",
              responses={**rejections(401, 404, 422, 503),
-                        200: {"description": "Server-sent events: status and progress, each data a job object",
-                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+                        200: {"description": "Server-sent events until the job ends: `status` when its status "
+                                             "changes, `progress` when its progress does; each data a job object",
+                              "content": {"text/event-stream": {"schema": sse_event_schema(
+                                  "VideoJob", events=("status", "progress"), with_id=True)}}}},
              summary="Server-sent events until the job ends")
     async def job_events(request: Request, job_id: str, tenant: TenantDep):
         first = await call(service.get, tenant, job_id)  # 404 before the stream starts

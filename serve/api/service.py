@@ -54,15 +54,15 @@ from pipelines.segments import SegmentPlan, plan_for
 
 from ..config import AppConfig
 from ..jobstore import (
-    THUMBNAIL_CONTENT_TYPE,
     AdmissionPolicy,
     Job,
     JobStatus,
     JobStore,
+    QueueFullError,
     WebhookSubscription,
     utcnow,
 )
-from ..storage import ObjectNotFound, Storage, job_key, job_prefix
+from ..storage import Storage, job_key, job_prefix
 from ..telemetry import current_carrier, log_extra, tracer
 from ..tenants import Tenant
 from ..urlguard import URLPolicy, guarded_client
@@ -70,6 +70,7 @@ from ..zoo import ModelCatalog, ModelEntry, ModelNotAllowedError, NotAVideoModel
 from ..webhooks import check_webhook_url, normalize_events
 from .errors import APIError, NotFoundError
 from .schemas import MAX_PROMPT_CHARS, VideoJob, invalid
+from .content import Content, content_of
 from .request_params import check_limits, params_for_seconds, with_defaults
 from .views import job_view
 
@@ -82,25 +83,19 @@ QUEUE_FULL_RETRY_AFTER_S = 10
 SUBMIT_BUCKET = "submit:{tenant}"
 
 
+def queue_full(depth: int, limit: int) -> APIError:
+    """429 ``queue_full`` with Retry-After: the tenant has ``depth`` queued jobs, ``limit`` allowed."""
+    return APIError(429, "queue_full", f"queue full: this tenant has {depth} queued jobs and may have at most "
+                    f"{limit} (max_queued_jobs); retry once some have started",
+                    {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
+
+
 @dataclass
 class Admission:
     job: Job
     created: bool
 
 
-@dataclass(frozen=True)
-class Content:
-    """What ``GET /v1/videos/{id}/content`` serves: an object in storage, or a presigned URL to it."""
-
-    key: str
-    content_type: str
-    file_name: str
-    size: int
-    presigned_url: str | None
-
-
-#: ``variant`` of the content endpoint (OpenAI's names; no spritesheet here).
-CONTENT_VARIANTS = ("video", "thumbnail")
 
 
 def _named(field: str, function: Callable[..., Any], *args: Any) -> Any:
@@ -254,7 +249,12 @@ class VideoService:
             # The job exists from the moment its record is written (queue order and queue wait
             # count from here), not from when admission began storing its input.
             job.created_at = job.updated_at = utcnow()
-            stored, created = self.store.create(job)
+            try:  # the authoritative queue check: counted and inserted atomically (replays pass)
+                stored, created = self.store.create(job, max_queued=policy.max_queued_jobs)
+            except QueueFullError as full:
+                if job.input_key:
+                    self.storage.delete(job.input_key)
+                raise queue_full(full.depth, full.limit) from None
             if not created:
                 if job.input_key:
                     self.storage.delete(job.input_key)
@@ -347,14 +347,11 @@ class VideoService:
         so the limits hold across every ingress replica. Spends one rate-limit token when it passes."""
         policy = tenant.policy
         if policy.max_queued_jobs is not None:
+            # A cheap early refusal before the input is stored; store.create(max_queued=...) is
+            # the atomic check that holds under concurrent submits.
             depth = self.store.queue_depth(tenant.name)
             if depth >= policy.max_queued_jobs:
-                raise APIError(
-                    429, "queue_full",
-                    f"queue full: this tenant has {depth} queued jobs and may have at most "
-                    f"{policy.max_queued_jobs} (max_queued_jobs); retry once some have started",
-                    {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
-                )
+                raise queue_full(depth, policy.max_queued_jobs)
         if policy.rate_per_s is not None:
             wait = self.store.take_token(SUBMIT_BUCKET.format(tenant=tenant.name),
                                          rate_per_s=policy.rate_per_s, burst=policy.burst)
@@ -396,31 +393,8 @@ class VideoService:
         return job
 
     def content(self, tenant: Tenant, job_id: str, variant: str = "video") -> Content:
-        """The completed job's clip (``video``) or its first frame (``thumbnail``, a JPEG), with a
-        presigned URL where the storage has them (None: stream the bytes from storage)."""
-        if variant not in CONTENT_VARIANTS:
-            raise invalid("variant", f"{variant!r} is not available; use {' or '.join(CONTENT_VARIANTS)}")
-        job = self.get(tenant, job_id)
-        if job.status is not JobStatus.COMPLETED or job.output is None:
-            raise APIError(409, "not_ready", f"the job is {job.status.value}; content exists once it is completed")
-        output = job.output
-        if variant == "video":
-            key, content_type, file_name, size = output.key, output.content_type, output.file_name, output.file_size
-            try:  # checked before any redirect: a presigned URL to a missing object is the store's 403
-                self.storage.size(key)
-            except ObjectNotFound:
-                raise APIError(410, "output_gone", "this job's clip is no longer in storage (deleted or expired "
-                               "there); submit the job again") from None
-        else:
-            key, content_type = output.thumbnail_key, THUMBNAIL_CONTENT_TYPE
-            file_name = f"{job.id}.thumbnail.jpg"
-            try:
-                size = self.storage.size(key)
-            except ObjectNotFound:
-                raise APIError(404, "not_found", "this clip has no thumbnail (it was stored before thumbnails "
-                               "existed, or its first frame could not be extracted)") from None
-        return Content(key=key, content_type=content_type, file_name=file_name, size=size,
-                       presigned_url=self.storage.presigned_url(key, filename=file_name))
+        """The completed job's clip or thumbnail (see :func:`serve.api.content.content_of`)."""
+        return content_of(self, tenant, job_id, variant)
 
     # -- views ----------------------------------------------------------------------------------
 

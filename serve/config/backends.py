@@ -90,7 +90,8 @@ class WebhookConfig(_Strict):
     max_elapsed_s: float = Field(
         default=3600.0, gt=0, le=86400,
         description="Retry window per event, from the first attempt: no attempt starts after it (the last one may "
-        "run timeout_s past it). Pending retries live in the runner process; a runner restart drops them.",
+        "run timeout_s past it). Pending deliveries live in the job store; any runner replica sends them, so a "
+        "runner restart loses none.",
     )
     initial_backoff_s: float = Field(
         default=1.0, gt=0, description="Wait before the first retry; each further retry waits twice as long."

@@ -1,7 +1,8 @@
 """The durable job store: job records, the queue, leases and cancellation, behind one interface.
 
 Two backends: :class:`SqliteJobStore` (one node; any number of processes share the file) and
-:class:`RedisJobStore` (a cluster). Pick one with :func:`make_job_store`. No Ray here.
+:class:`RedisJobStore` (a cluster). Pick one with :func:`make_job_store`. No Ray here. Pending
+webhook deliveries live here too (:mod:`serve.jobstore.deliveries`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from serve.jobstore.changes import QUEUE_CHANNEL, JobChanges, JobWatch
-from serve.jobstore.base import JobStore, JobStoreError
+from serve.jobstore.base import JobStore, JobStoreError, QueueFullError
+from serve.jobstore.deliveries import WEBHOOK_CHANNEL, WebhookDelivery
 from serve.jobstore.listing import LIST_ORDERS, ListOrder, decode_cursor, encode_cursor
 from serve.jobstore.models import (
     JOB_ID_PREFIX,
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "QUEUE_CHANNEL",
+    "WEBHOOK_CHANNEL",
+    "QueueFullError",
+    "WebhookDelivery",
     "JobChanges",
     "JobWatch",
     "AdmissionPolicy",

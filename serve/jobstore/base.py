@@ -26,6 +26,10 @@ Semantics, shared by every backend:
   so waiters wake on it instead of polling.
 * Token buckets (:meth:`JobStore.take_token`) live in the store too, so a rate limit holds across
   every process that shares it (all ingress replicas), not per process.
+* ``create(job, max_queued=N)`` checks the tenant's queued count and inserts in one atomic step,
+  so N holds however many ingress replicas admit at once (:class:`QueueFullError` otherwise).
+* Pending webhook deliveries live in the store as well (:mod:`serve.jobstore.deliveries`), so a
+  runner replica that dies loses none of them.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from datetime import datetime, timedelta
 
 from serve.jobstore.buckets import check_bucket_args, refill
 from serve.jobstore.changes import QUEUE_CHANNEL, JobChanges
+from serve.jobstore.deliveries import DeliveryQueue
 from serve.jobstore.listing import LIST_ORDERS, ListOrder, decode_cursor
 from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt, to_utc
 from serve.jobstore.transitions import JobTransitions
@@ -52,7 +57,20 @@ class JobStoreError(RuntimeError):
     long, or kept conflicting. (A refused transition is not an error: it returns False/None.)"""
 
 
-class JobStore(JobTransitions, ABC):
+class QueueFullError(Exception):
+    """:meth:`JobStore.create` refused a job: its tenant already has ``depth`` queued jobs and may
+    have at most ``limit`` (``max_queued``). Not a :class:`JobStoreError`: the store works, the
+    tenant is over its limit (the API answers 429 ``queue_full``)."""
+
+    def __init__(self, depth: int, limit: int) -> None:
+        super().__init__(f"the tenant has {depth} queued jobs and may have at most {limit}")
+        self.depth, self.limit = depth, limit
+
+    def __reduce__(self):  # picklable with its fields (Ray carries exceptions between processes)
+        return type(self), (self.depth, self.limit)
+
+
+class JobStore(JobTransitions, DeliveryQueue, ABC):
     """Durable, multi-process-safe job records. All methods are synchronous and thread-safe."""
 
     changes: JobChanges
@@ -67,12 +85,17 @@ class JobStore(JobTransitions, ABC):
     # ------------------------------------------------------------------ backend primitives
 
     @abstractmethod
-    def create(self, job: Job) -> tuple[Job, bool]:
+    def create(self, job: Job, *, max_queued: int | None = None) -> tuple[Job, bool]:
         """Insert ``job`` (queued, typically). Returns ``(stored job, True)``.
 
         If ``job.idempotency_key`` is set and the same tenant already has an unexpired job with that
         key, returns ``(existing job, False)`` and inserts nothing; concurrent creates with one key
         (from any thread or process) make exactly one job. Raises ``ValueError`` if the id exists.
+
+        ``max_queued``: insert a queued job only if its tenant has fewer queued jobs than that,
+        checked and inserted atomically (across threads, processes and store objects), else raise
+        :class:`QueueFullError`. The idempotency check comes first: a replay of an existing job is
+        answered even when the queue is full (it adds nothing).
         """
 
     @abstractmethod
@@ -205,6 +228,12 @@ class JobStore(JobTransitions, ABC):
     def _retention_of(self, job: Job) -> float:
         """The tenant's retention stamped at admission, else the store's."""
         return job.policy.retention_s or self.retention_s
+
+    @staticmethod
+    def _check_queue_room(job: Job, max_queued: int | None, depth: int) -> None:
+        """Raise :class:`QueueFullError` if a new queued ``job`` would exceed ``max_queued``."""
+        if max_queued is not None and job.status is JobStatus.QUEUED and depth >= max_queued:
+            raise QueueFullError(depth, max_queued)
 
     def _prepare_new(self, job: Job) -> Job:
         """The record as first stored: version 1, ``updated_at`` now, ``expires_at`` filled in."""

@@ -17,6 +17,7 @@ cannot collide with one another or with the fixed names):
 ``changes``                      pub/sub channel: ids of jobs just changed
 ``bucket:{name}``                hash: a token bucket (``tokens``, ``ts`` = last refill, epoch seconds);
                                  expires once it would be full again (a missing bucket is a full one)
+``webhooks``, ``webhook:{id}``   the pending webhook deliveries (:mod:`serve.jobstore.redis_deliveries`)
 ===============================  ====================================================================
 
 Equal scores order by member, i.e. by job id, so every zset orders by ``(created_at, id)`` exactly
@@ -65,8 +66,12 @@ from serve.jobstore.base import (
     JobStore,
     JobStoreError,
     Mutation,
+    QueueFullError,
 )
 from serve.jobstore.changes import RedisChanges
+from serve.jobstore.deliveries import WEBHOOK_CHANNEL, terminal_delivery
+from serve.jobstore.redis_deliveries import RedisDeliveries
+from serve.jobstore.redis_scripts import _HDEL_IF_EQUAL, _HOLD_LEASE, _SREM_IF_EMPTY, _TAKE_TOKEN
 from serve.jobstore.listing import ListOrder, encode_cursor
 from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt
 
@@ -83,64 +88,6 @@ Plan = Callable[[Job | None], tuple[R, Writes | None]]
 
 _MAX_RETRIES = 1000
 
-#: KEYS[1] = a tenant's queued zset, KEYS[2] = the queued-tenants set, ARGV[1] = the tenant.
-_SREM_IF_EMPTY = """
-if redis.call('ZCARD', KEYS[1]) == 0 then
-    return redis.call('SREM', KEYS[2], ARGV[1])
-end
-return 0
-"""
-
-#: KEYS[1] = an idempotency hash, ARGV[1] = the key, ARGV[2] = the job id it must still point to.
-_HDEL_IF_EQUAL = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-    return redis.call('HDEL', KEYS[1], ARGV[1])
-end
-return 0
-"""
-
-
-#: KEYS[1] = a token bucket hash; ARGV = now (epoch s), rate (tokens/s), burst. Returns the wait in
-#: seconds as a string ("0" = a token was taken): a Lua number returned to Redis would be truncated
-#: to an integer. The same arithmetic as ``serve.jobstore.buckets.refill``, atomic because it is one
-#: script.
-_TAKE_TOKEN = """
-local now = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2])
-local burst = tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(state[1])
-local ts = tonumber(state[2])
-if tokens == nil or ts == nil then
-    tokens = burst
-    ts = now
-end
-local elapsed = now - ts
-if elapsed < 0 then elapsed = 0 end
-tokens = math.min(burst, tokens + elapsed * rate)
-if now > ts then ts = now end
-local wait = 0
-if tokens >= 1 - 1e-9 then
-    tokens = math.max(0, tokens - 1)
-else
-    wait = (1 - tokens) / rate
-end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', string.format('%.17g', ts))
-redis.call('PEXPIRE', KEYS[1], math.min(math.ceil(burst / rate * 1000) + 60000, 2592000000))
-return string.format('%.17g', wait)
-"""
-
-
-#: KEYS[1] = a cluster lease; ARGV = owner, ttl in ms. 1 if the owner holds it afterwards.
-_HOLD_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-    return 1
-end
-return 0
-"""
-
 
 def _visible(job: Job | None, tenant: str | None) -> Job | None:
     """``job``, or None if it is missing or (``tenant`` given) another tenant's."""
@@ -150,7 +97,7 @@ def _visible(job: Job | None, tenant: str | None) -> Job | None:
 _translate = redis_errors()
 
 
-class RedisJobStore(JobStore):
+class RedisJobStore(RedisDeliveries, JobStore):
     def __init__(
         self,
         url: str,
@@ -252,15 +199,19 @@ class RedisJobStore(JobStore):
     # ------------------------------------------------------------------ writes
 
     @_translate
-    def create(self, job: Job) -> tuple[Job, bool]:
+    def create(self, job: Job, *, max_queued: int | None = None) -> tuple[Job, bool]:
         job = self._prepare_new(job)
         job_key = self._job_key(job.id)
         idem_key = self._k("idem", job.tenant)
+        queued_key = self._k("queued", job.tenant)
 
         def step(pipe: Any) -> tuple[Job, bool]:
             # WATCH the tenant's idempotency hash too: of two concurrent creates with one key,
-            # the second EXEC aborts, and its retry finds the first one's job.
-            pipe.watch(job_key, *((idem_key,) if job.idempotency_key is not None else ()))
+            # the second EXEC aborts, and its retry finds the first one's job. With a queue limit,
+            # WATCH the tenant's queued zset as well: any change to the count between the ZCARD
+            # and the EXEC (another create, a claim) aborts this step and it counts again.
+            pipe.watch(job_key, *((idem_key,) if job.idempotency_key is not None else ()),
+                       *((queued_key,) if max_queued is not None else ()))
             if pipe.exists(job_key):
                 raise ValueError(f"job {job.id} already exists")
             if job.idempotency_key is not None:
@@ -272,6 +223,12 @@ class RedisJobStore(JobStore):
                     if existing is not None and existing.tenant == job.tenant and not self._is_expired(existing):
                         pipe.unwatch()
                         return existing, False
+            if max_queued is not None:
+                try:
+                    self._check_queue_room(job, max_queued, int(pipe.zcard(queued_key)))
+                except QueueFullError:
+                    pipe.unwatch()
+                    raise
             pipe.multi()
             self._write(pipe, None, job)
             pipe.execute()
@@ -311,6 +268,8 @@ class RedisJobStore(JobStore):
 
     @_translate
     def _mutate(self, job_id: str, fn: Mutation, *, tenant: str | None = None) -> tuple[Job, bool] | None:
+        events: list[bool] = []  # whether the committed step enqueued the terminal webhook event
+
         def plan(old: Job | None) -> tuple[tuple[Job, bool] | None, Writes | None]:
             old = _visible(old, tenant)
             if old is None:
@@ -318,13 +277,25 @@ class RedisJobStore(JobStore):
             new = old.model_copy(deep=True)
             if not fn(new):
                 return (old, False), None
+            now = self._now()
             new.version = old.version + 1
-            new.updated_at = epoch_to_dt(self._now())
-            return (new, True), lambda pipe: self._write(pipe, old, new)
+            new.updated_at = epoch_to_dt(now)
+            # The terminal webhook event goes in the same MULTI: it exists iff the job ended.
+            event = terminal_delivery(old.is_terminal, new, now)
+            events[:] = [event is not None]
+
+            def writes(pipe: Any) -> None:
+                self._write(pipe, old, new)
+                if event is not None:
+                    self._queue_delivery(pipe, event)
+
+            return (new, True), writes
 
         result = self._update_one(job_id, plan)
         if result is not None and result[1]:
             self._announce(result[0])
+            if events and events[0]:
+                self.changes.publish(WEBHOOK_CHANNEL)
         return result
 
     @_translate

@@ -9,6 +9,9 @@
   epoch microseconds, idempotency_key, lease_expires_at, expires_at).
 * Token buckets (rate limits) are rows of ``token_buckets`` (tokens, last refill time), read and
   written in one ``BEGIN IMMEDIATE`` transaction.
+* Pending webhook deliveries are rows of ``webhook_deliveries`` (:mod:`serve.jobstore.sqlite_deliveries`);
+  a job's terminal event is inserted in the transaction that makes it terminal.
+* ``create(job, max_queued=N)`` counts the tenant's queued jobs inside the insert's transaction.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from serve.jobstore.base import (
     Mutation,
 )
 from serve.jobstore.changes import SocketChanges
+from serve.jobstore.deliveries import WEBHOOK_CHANNEL, terminal_delivery
+from serve.jobstore.sqlite_deliveries import DELIVERY_SCHEMA, SqliteDeliveries
 from serve.jobstore.listing import ListOrder, encode_cursor
 from serve.jobstore.models import Job, JobStatus, dt_to_us, epoch_to_dt
 
@@ -92,7 +97,7 @@ def _load(conn: sqlite3.Connection, job_id: str, tenant: str | None) -> Job | No
 _translate = sqlite_errors()
 
 
-class SqliteJobStore(JobStore):
+class SqliteJobStore(SqliteDeliveries, JobStore):
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -103,14 +108,15 @@ class SqliteJobStore(JobStore):
     ):
         kwargs = {"clock": clock} if clock is not None else {}
         super().__init__(retention_s=retention_s, **kwargs)
-        self._db = SqliteDatabase(path, schema=_SCHEMA, busy_timeout_s=busy_timeout_s, name="job store")
+        self._db = SqliteDatabase(path, schema=_SCHEMA + DELIVERY_SCHEMA, busy_timeout_s=busy_timeout_s,
+                                  name="job store")
         self.path = self._db.path
         self.changes = SocketChanges.for_database(self.path)
 
     # ------------------------------------------------------------------ writes
 
     @_translate
-    def create(self, job: Job) -> tuple[Job, bool]:
+    def create(self, job: Job, *, max_queued: int | None = None) -> tuple[Job, bool]:
         job = self._prepare_new(job)
         with self._db.transaction() as conn:
             if job.idempotency_key is not None:
@@ -124,6 +130,10 @@ class SqliteJobStore(JobStore):
                         return existing, False
                     # An expired job keeps its record until purged but no longer owns the key.
                     conn.execute("UPDATE jobs SET idempotency_key = NULL WHERE id = ?", (existing.id,))
+            if max_queued is not None:  # counted under the write lock: no other create can interleave
+                (depth,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE tenant = ? AND status = ?",
+                                        (job.tenant, JobStatus.QUEUED.value)).fetchone()
+                self._check_queue_room(job, max_queued, int(depth))
             try:
                 conn.execute(f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _row(job))
             except sqlite3.IntegrityError as exc:
@@ -152,17 +162,25 @@ class SqliteJobStore(JobStore):
             job = _load(conn, job_id, tenant)
             if job is None:
                 return None
+            was_terminal = job.is_terminal
             if not fn(job):
                 return job, False
+            now = self._now()
             job.version += 1
-            job.updated_at = epoch_to_dt(self._now())
+            job.updated_at = epoch_to_dt(now)
             values = _row(job)
             conn.execute(
                 "UPDATE jobs SET status = ?, lease_expires_at = ?, cancel_requested = ?, expires_at = ?, "
                 "version = ?, data = ? WHERE id = ?",
                 (values[2], values[5], values[6], values[7], values[8], values[9], job.id),
             )
+            # The terminal webhook event, in the same transaction: it exists iff the job ended.
+            event = terminal_delivery(was_terminal, job, now)
+            if event is not None:
+                self._insert_delivery(conn, event)
         self._announce(job)
+        if event is not None:
+            self.changes.publish(WEBHOOK_CHANNEL)
         return job, True
 
     @_translate

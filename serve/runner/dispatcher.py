@@ -3,7 +3,9 @@
 Why a separate deployment: the ingress only admits and reports, so a crash here loses nothing that
 the store does not remember. A claimed job carries a lease that this replica renews while the job
 runs; if the replica dies, the lease runs out and the janitor re-queues the job (or fails it after
-``max_attempts`` claims), so no job stays ``in_progress`` forever.
+``max_attempts`` claims), so no job stays ``in_progress`` forever. Webhook deliveries work the same
+way: pending ones live in the store and every replica's outbox loop sends what is due
+(:class:`serve.webhooks.WebhookOutbox`), so a replica that dies leaves none behind.
 
 The dispatcher wakes when the store announces a queue change (a job admitted) or a local slot
 frees, and falls back to a slow timer, so a lost notice delays dispatch but never strands a job.
@@ -46,9 +48,10 @@ class JobRunner:
         self.store = make_job_store(self.config.job_store)
         ledger = make_usage_ledger(self.config.job_store, retention_s=self.config.job_store.usage_retention_s)
         storage = make_storage(self.config.storage)
-        self.lifecycle = JobLifecycle(self.config, store=self.store, ledger=ledger,
-                                      tenants=TenantRegistry(self.config.auth.resolved_tenants_file()), storage=storage)
         self.owner = f"runner-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lifecycle = JobLifecycle(self.config, store=self.store, ledger=ledger,
+                                      tenants=TenantRegistry(self.config.auth.resolved_tenants_file()), storage=storage,
+                                      owner=self.owner)
         self.lease_s = self.config.job_store.lease_s
         self.driver = JobDriver(self.config, store=self.store, lifecycle=self.lifecycle, stages=stages,
                                 owner=self.owner,
@@ -60,13 +63,14 @@ class JobRunner:
         self._slot_freed = asyncio.Event()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._dispatch_loop()), loop.create_task(self._renew_loop()),
-                       loop.create_task(self.janitor.run_forever(self.stopping))]
+                       loop.create_task(self.janitor.run_forever(self.stopping)),
+                       loop.create_task(self.lifecycle.deliver_forever())]
 
     # -- called by operators and the ingress ----------------------------------------------------
 
     async def stats(self) -> dict[str, Any]:
         return {"owner": self.owner, "inflight": sorted(self.inflight), "stopping": self.stopping.is_set(),
-                "janitor": self.janitor.elected}
+                "janitor": self.janitor.elected, "webhooks_inflight": self.lifecycle.outbox.inflight}
 
     async def check_health(self) -> None:
         if any(task.done() for task in self._tasks):
@@ -155,16 +159,25 @@ class JobRunner:
 
     # -- shutdown -------------------------------------------------------------------------------
 
-    async def __del__(self) -> None:
-        """Stop claiming, let running jobs finish within the grace period, then hand back the rest."""
+    async def drain(self, wait_s: float) -> dict[str, int]:
+        """Stop claiming, let running jobs finish for up to ``wait_s`` seconds, then hand the rest
+        back to the queue. Called before the application is deleted (``svd-serve up`` on Ctrl-C),
+        while the stages still serve: a job that can finish does."""
         self.stopping.set()
-        grace = max(0.0, self.config.stages.runner.graceful_shutdown_timeout_s - 5.0)
         pending = [task for task in self.inflight.values() if not task.done()]
         if pending:
-            await asyncio.wait(pending, timeout=grace)
+            await asyncio.wait(pending, timeout=wait_s)
+        handed_back = 0
         for job_id, task in list(self.inflight.items()):
             task.cancel()
             await asyncio.to_thread(self.store.release, job_id, owner=self.owner)
+            handed_back += 1
+        return {"running": len(pending), "handed_back": handed_back}
+
+    async def __del__(self) -> None:
+        """Stop claiming, let running jobs finish within the grace period, then hand back the rest
+        (jobs and webhook deliveries alike: other replicas take them over at once)."""
+        await self.drain(max(0.0, self.config.stages.runner.graceful_shutdown_timeout_s - 5.0))
         await self.lifecycle.drain(timeout_s=5.0)
 
 

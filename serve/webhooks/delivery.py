@@ -6,7 +6,9 @@ pinned to the checked address. Redirects are never followed (a 3xx is a failure)
 errors, timeouts, a host name that does not resolve right now, 429 and 5xx are retried with
 exponential backoff and jitter (``Retry-After`` honoured) until ``max_attempts`` or
 ``max_elapsed_s``; any other 4xx, a 3xx, or a refused URL ends the delivery at once. Every attempt
-is reported through a ``record`` callback (see :func:`job_recorder`).
+is reported through a ``record`` callback (see :func:`job_recorder`). :meth:`WebhookSender.attempt` is
+one attempt and its retry decision; :meth:`WebhookSender.deliver` loops over it in memory, and the
+service's durable outbox (:mod:`serve.webhooks.outbox`) drives it from the job store.
 
 Nothing here logs the secret, a signature or the body; URLs are logged with
 :func:`pipelines.urls.redact_url` (no credentials, no query string). Settings:
@@ -91,6 +93,30 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
     return max(0.0, seconds)
 
 
+Outcome = Literal["delivered", "rejected", "exhausted", "retry"]
+
+
+@dataclass
+class Attempt:
+    """One attempt of one event and what follows it: ``outcome`` is ``"retry"`` (then
+    ``next_retry_in_s`` says when) or how the event ended (see :class:`DeliveryResult`). ``entry``
+    is the attempt record stored on the job (``webhook.deliveries``)."""
+
+    entry: dict[str, Any]
+    outcome: Outcome
+    status_code: int | None
+    error: str | None
+    next_retry_in_s: float | None
+
+
+def check_event(event_type: str, secret: str | None) -> None:
+    """``ValueError`` for an unknown event type or an empty secret (nothing can be sent)."""
+    if event_type not in EVENT_TYPES:
+        raise ValueError(f"unknown webhook event type {event_type!r}")
+    if not secret:
+        raise ValueError("a webhook secret is required to deliver")
+
+
 @dataclass
 class DeliveryResult:
     """How one event's delivery ended.
@@ -158,7 +184,78 @@ class WebhookSender:
         spread = self._random.uniform(1 - cfg.jitter, 1 + cfg.jitter) if cfg.jitter else 1.0
         return min(cfg.max_backoff_s, base * spread)
 
-    # -- one event ------------------------------------------------------------------------------
+    def max_attempts_for(self, event_type: str) -> int:
+        """Attempts an event gets: ``max_attempts``, or ``progress_max_attempts`` for progress."""
+        if event_type in TERMINAL_EVENT_TYPES:
+            return self.config.max_attempts
+        return self.config.progress_max_attempts
+
+    # -- one attempt ----------------------------------------------------------------------------
+
+    async def attempt(
+        self,
+        job_id: str,
+        url: str,
+        secret: str,
+        event_type: str,
+        event_id: str,
+        body: bytes,
+        *,
+        number: int,
+        elapsed_s: float = 0.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> Attempt:
+        """Make attempt ``number`` (1-based) of one event and decide what follows: the step both
+        :meth:`deliver` (retries in memory) and the durable outbox (:mod:`serve.webhooks.outbox`,
+        retries kept in the job store) are built on, so both keep one retry policy.
+
+        ``elapsed_s``: seconds since the event's first attempt began (0 for the first); the retry
+        window ``max_elapsed_s`` is measured from there. Never raises for delivery failures
+        (``ValueError`` for an unknown event type or an empty secret).
+        """
+        check_event(event_type, secret)
+        cfg = self.config
+        shown_url = redact_url(url)
+        log = {"job_id": job_id, "event_id": event_id, "webhook_event": event_type, "webhook_url": shown_url}
+        at = iso_utc(datetime.now(timezone.utc))
+        began = time.monotonic()
+        if client is None:
+            async with self._client() as own:
+                status, error, retry_after, verdict = await self._attempt(own, url, secret, event_id, body)
+        else:
+            status, error, retry_after, verdict = await self._attempt(client, url, secret, event_id, body)
+        took = time.monotonic() - began
+
+        next_retry: float | None = None
+        outcome: Outcome = "delivered" if verdict == "ok" else "rejected" if verdict == "permanent" else "exhausted"
+        if verdict == "retry" and number < self.max_attempts_for(event_type):
+            delay = self.backoff_s(number)
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            if elapsed_s + took + delay <= cfg.max_elapsed_s:  # else the next attempt would start past the window
+                next_retry, outcome = round(delay, 3), "retry"
+
+        entry: dict[str, Any] = {"event_id": event_id, "type": event_type, "attempt": number, "at": at}
+        if status is not None:
+            entry["status_code"] = status
+        else:
+            entry["error"] = _scrub(error or "unknown error", url, shown_url)
+        entry["duration_ms"] = round(took * 1000, 1)
+        entry["next_retry_in_s"] = next_retry
+
+        outcome_of = f"HTTP {status}" if status is not None else entry["error"]
+        if outcome == "delivered":
+            logger.info("webhook %s delivered to %s (attempt %d, HTTP %s)", event_type, shown_url, number, status,
+                        extra=log)
+        elif outcome == "retry":
+            logger.warning("webhook %s to %s: attempt %d failed (%s); retrying in %.3gs", event_type, shown_url,
+                           number, outcome_of, next_retry, extra=log)
+        else:
+            logger.warning("webhook %s to %s %s after %d attempt(s) (%s)", event_type, shown_url,
+                           "rejected" if outcome == "rejected" else "gave up", number, outcome_of, extra=log)
+        return Attempt(entry, outcome, status, entry.get("error"), next_retry)
+
+    # -- one event, retried in memory -----------------------------------------------------------
 
     async def deliver(
         self,
@@ -173,8 +270,10 @@ class WebhookSender:
         created_at: datetime | None = None,
         body: bytes | None = None,
     ) -> DeliveryResult:
-        """POST one event to ``url``, retrying as configured; returns how it ended (never raises
-        for delivery failures; ``ValueError`` for an unknown event type or an empty secret).
+        """POST one event to ``url``, retrying as configured, the pending retries held in this
+        process (the service itself delivers through the durable outbox instead,
+        :mod:`serve.webhooks.outbox`); returns how it ended (never raises for delivery failures;
+        ``ValueError`` for an unknown event type or an empty secret).
 
         ``payload`` is the job's public view (``VideoJob`` or its JSON dict); it becomes the
         body's ``data``. ``record`` is called once per attempt, in order, with a JSON-safe dict
@@ -182,74 +281,30 @@ class WebhookSender:
         "next_retry_in_s"}`` (``next_retry_in_s`` is None when no retry follows). It runs in a
         worker thread, so it may block (e.g. write to the job store); it may also be a coroutine
         function. Its exceptions are logged and ignored. Pass ``event_id`` to keep the id stable
-        across a re-delivery of the same event (e.g. after a runner restart). ``body`` replaces
-        the standard envelope with bytes an adapter rendered in its API's webhook shape (signed
-        and retried the same way).
+        across a re-delivery of the same event. ``body`` replaces the standard envelope with bytes
+        an adapter rendered in its API's webhook shape (signed and retried the same way).
         """
-        if event_type not in EVENT_TYPES:
-            raise ValueError(f"unknown webhook event type {event_type!r}")
-        if not secret:
-            raise ValueError("a webhook secret is required to deliver")
-        cfg = self.config
+        check_event(event_type, secret)
         event_id = event_id or new_event_id()
         if body is None:
             body = encode_body(event_id, event_type, payload, created_at or datetime.now(timezone.utc))
         if event_type in TERMINAL_EVENT_TYPES:
             self.forget(job_id)
-            max_attempts = cfg.max_attempts
-        else:
-            max_attempts = cfg.progress_max_attempts
-        shown_url = redact_url(url)
-        log = {"job_id": job_id, "event_id": event_id, "webhook_event": event_type, "webhook_url": shown_url}
+        log = {"job_id": job_id, "event_id": event_id, "webhook_event": event_type, "webhook_url": redact_url(url)}
         attempts: list[dict[str, Any]] = []
         start = time.monotonic()
-
         async with self._client() as client:
-            attempt = 0
+            number = 0
             while True:
-                attempt += 1
-                at = iso_utc(datetime.now(timezone.utc))
-                began = time.monotonic()
-                status, error, retry_after, verdict = await self._attempt(client, url, secret, event_id, body)
-                duration_ms = round((time.monotonic() - began) * 1000, 1)
-
-                next_retry: float | None = None
-                if verdict == "retry":
-                    if attempt >= max_attempts:
-                        verdict = "exhausted"
-                    else:
-                        delay = self.backoff_s(attempt)
-                        if retry_after is not None:
-                            delay = max(delay, retry_after)
-                        if time.monotonic() - start + delay > cfg.max_elapsed_s:
-                            verdict = "exhausted"  # the next attempt would start past the window
-                        else:
-                            next_retry = round(delay, 3)
-
-                entry: dict[str, Any] = {"event_id": event_id, "type": event_type, "attempt": attempt, "at": at}
-                if status is not None:
-                    entry["status_code"] = status
-                else:
-                    entry["error"] = _scrub(error or "unknown error", url, shown_url)
-                entry["duration_ms"] = duration_ms
-                entry["next_retry_in_s"] = next_retry
-                attempts.append(entry)
-                await self._record(record, entry, log)
-
-                outcome_of = f"HTTP {status}" if status is not None else entry["error"]
-                if verdict == "ok":
-                    logger.info("webhook %s delivered to %s (attempt %d, HTTP %s)", event_type, shown_url, attempt,
-                                status, extra=log)
-                    return DeliveryResult(event_id, event_type, "delivered", status, None, attempts)
-                if next_retry is not None:
-                    logger.warning("webhook %s to %s: attempt %d failed (%s); retrying in %.3gs", event_type,
-                                   shown_url, attempt, outcome_of, next_retry, extra=log)
-                    await asyncio.sleep(next_retry)
-                    continue
-                outcome: Literal["rejected", "exhausted"] = "rejected" if verdict == "permanent" else "exhausted"
-                logger.warning("webhook %s to %s %s after %d attempt(s) (%s)", event_type, shown_url,
-                               "rejected" if outcome == "rejected" else "gave up", attempt, outcome_of, extra=log)
-                return DeliveryResult(event_id, event_type, outcome, status, entry.get("error"), attempts)
+                number += 1
+                step = await self.attempt(job_id, url, secret, event_type, event_id, body, number=number,
+                                          elapsed_s=time.monotonic() - start, client=client)
+                attempts.append(step.entry)
+                await self._record(record, step.entry, log)
+                if step.next_retry_in_s is None:
+                    assert step.outcome != "retry"
+                    return DeliveryResult(event_id, event_type, step.outcome, step.status_code, step.error, attempts)
+                await asyncio.sleep(step.next_retry_in_s)
 
     def _client(self) -> httpx.AsyncClient:
         return async_guarded_client(allow=self.allow, timeout_s=self.config.timeout_s, follow_redirects=False,

@@ -18,6 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from serve.jobstore.deliveries import terminal_event_id as _terminal_event_id
+
 EVENT_COMPLETED = "video.completed"
 EVENT_FAILED = "video.failed"
 EVENT_CANCELLED = "video.cancelled"
@@ -33,6 +35,16 @@ SUBSCRIBABLE_EVENTS = frozenset({"progress"})
 def new_event_id() -> str:
     """``evt_`` + 24 URL-safe random characters."""
     return "evt_" + secrets.token_urlsafe(18)
+
+
+def terminal_event_id(job_id: str, event_type: str) -> str:
+    """The id of a job's terminal event, derived from the job: the same however often (or by
+    whichever replica) the event is announced, so a receiver de-duplicating on ``Webhook-Id``
+    never sees one terminal event under two ids. The job store enqueues terminal events under it
+    (:func:`serve.jobstore.deliveries.terminal_event_id`)."""
+    if event_type not in TERMINAL_EVENT_TYPES:
+        raise ValueError(f"{event_type!r} is not a terminal event")
+    return _terminal_event_id(job_id, event_type)
 
 
 def event_type_for(status: Any) -> str:
