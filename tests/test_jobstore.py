@@ -799,3 +799,27 @@ def test_progress_never_moves_back_along_the_route(store):
     assert not store.update_progress(job.id, owner="w1", stage="video_encode")
     current = store.get(job.id, tenant=None)
     assert (current.progress.stage, current.progress.step) == ("store", 1)
+
+
+def test_completed_jobs_in_order_of_expiry_and_a_gone_output_is_marked_once(make_store):
+    clock = FakeClock()
+    store = make_store(clock=clock, retention_s=100)
+    done = []
+    for _ in range(5):
+        job, _ = store.create(new_job())
+        store.claim(job.id, owner="w", lease_s=1000)
+        clock.advance(1)
+        store.complete(job.id, owner="w", output=OUTPUT)
+        done.append(job.id)
+    queued, _ = store.create(new_job())
+    seen, after, pages = [], None, 0
+    while True:
+        page, after = store.completed_after(after, limit=2)
+        seen += [job.id for job in page]
+        pages += 1
+        if after is None:
+            break
+    assert seen == done and pages <= 4  # in order of expiry; the queued job is not in the sweep
+    assert store.mark_output_gone(done[0]) is True and store.mark_output_gone(done[0]) is False
+    assert store.get(done[0], tenant=None).output.gone_at is not None
+    assert store.mark_output_gone(queued.id) is False

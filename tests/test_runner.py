@@ -98,3 +98,26 @@ def test_a_requested_cancel_wins_and_retries_are_bounded():
     assert last.action == "fail" and last.error.code == "worker_lost"
     internal = classify(RuntimeError("secret detail"), cancel_requested=False, attempts=1, max_attempts=3)
     assert "secret detail" not in internal.error.message  # no internals reach the client
+
+
+def test_the_janitor_marks_completed_jobs_whose_clip_is_gone(parts):
+    from serve.jobstore import Job, JobOutput
+
+    store, clock, janitor, _ = parts
+    worker = janitor("runner-a")
+    asyncio.run(worker.tick())
+    ids = []
+    for index in range(3):
+        job, _ = store.create(Job(tenant="acme", params={"num_frames": 14}))
+        store.claim(job.id, owner="w", lease_s=100)
+        key = f"acme/{job.id}/{job.id}.mp4"
+        worker.storage.put(key, b"clip", content_type="video/mp4")
+        store.complete(job.id, owner="w", output=JobOutput(key=key, content_type="video/mp4",
+                                                           file_name=f"{job.id}.mp4", file_size=4))
+        ids.append((job.id, key))
+    worker.storage.delete(ids[1][1])  # a storage lifecycle rule took one clip
+    assert worker.sweep_outputs(page=2) == [ids[1][0]]  # the first page: the two oldest
+    assert worker.sweep_outputs(page=2) == []  # the rest, then it starts over
+    assert store.get(ids[1][0], tenant=None).output.gone_at is not None
+    assert store.get(ids[0][0], tenant=None).output.gone_at is None
+    assert worker.sweep_outputs(page=2) == []  # marked once

@@ -123,6 +123,12 @@ class JobStore(JobTransitions, DeliveryQueue, ABC):
         """
 
     @abstractmethod
+    def completed_after(self, after: float | None, *, limit: int = 100) -> tuple[list[Job], float | None]:
+        """Completed jobs in order of expiry, those expiring after ``after`` (Unix seconds; None:
+        from the first), at most ``limit`` records looked at; and where the next page starts (None:
+        this was the last). The janitor's sweep for clips gone from storage walks them in pages."""
+
+    @abstractmethod
     def queued_heads(self) -> list[Job]:
         """For each tenant with queued jobs, its oldest queued job (oldest first)."""
 

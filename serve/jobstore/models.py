@@ -103,6 +103,9 @@ class JobOutput(BaseModel):
     width: int = Field(default=0, ge=0)
     height: int = Field(default=0, ge=0)
     duration_s: float = Field(default=0.0, ge=0, description="Playback length, num_frames / fps (metered).")
+    gone_at: datetime | None = Field(
+        default=None, description="When the clip was found missing from storage (deleted or expired there): "
+        "its content answers 410 output_gone.")
 
     @property
     def thumbnail_key(self) -> str:

@@ -312,6 +312,14 @@ class RedisJobStore(RedisDeliveries, JobStore):
         return self._update_one(job_id, plan)
 
     @_translate
+    def completed_after(self, after: float | None, *, limit: int = 100) -> tuple[list[Job], float | None]:
+        # The expiry index holds every job with an expiry, finished or not: a page is filtered here.
+        scored = self._r.zrangebyscore(self._k("expiry"), "-inf" if after is None else f"({after!r}", "+inf",
+                                       start=0, num=limit, withscores=True)
+        jobs = [job for job in self._load_many([job_id for job_id, _ in scored]) if job.status is JobStatus.COMPLETED]
+        return jobs, scored[-1][1] if len(scored) == limit else None
+
+    @_translate
     def purge_expired(self, now: datetime | float | None = None) -> list[Job]:
         cutoff = self._normalize_now(now, self._now())
         purged = (

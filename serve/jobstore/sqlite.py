@@ -207,6 +207,13 @@ class SqliteJobStore(SqliteDeliveries, JobStore):
         return Job.model_validate_json(row[0])
 
     @_translate
+    def completed_after(self, after: float | None, *, limit: int = 100) -> tuple[list[Job], float | None]:
+        rows = self._db.conn().execute(
+            "SELECT data, expires_at FROM jobs WHERE status = ? AND expires_at > ? ORDER BY expires_at, id LIMIT ?",
+            (JobStatus.COMPLETED.value, float("-inf") if after is None else after, limit)).fetchall()
+        return [Job.model_validate_json(row[0]) for row in rows], rows[-1][1] if len(rows) == limit else None
+
+    @_translate
     def purge_expired(self, now: datetime | float | None = None) -> list[Job]:
         cutoff = self._normalize_now(now, self._now())
         with self._db.transaction() as conn:

@@ -16,6 +16,7 @@ from serve.jobstore.models import (
     SegmentRecord,
     WebhookAttempt,
     epoch_to_dt,
+    utcnow,
 )
 
 
@@ -216,6 +217,17 @@ class JobTransitions:
             if result and result[1]:
                 changed.append(result[0])
         return changed
+
+    def mark_output_gone(self, job_id: str) -> bool:
+        """Note that a completed job's clip is no longer in storage; True if this call noted it."""
+        def fn(job: Job) -> bool:
+            if job.status is not JobStatus.COMPLETED or job.output is None or job.output.gone_at is not None:
+                return False
+            job.output = job.output.model_copy(update={"gone_at": utcnow()})
+            return True
+
+        result = self._mutate(job_id, fn)
+        return bool(result and result[1])
 
     def record_webhook_attempt(self, job_id: str, attempt: dict[str, Any], *, keep: int) -> bool:
         """Append one webhook delivery attempt to the job, keeping the newest ``keep``; atomic, so

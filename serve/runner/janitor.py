@@ -1,4 +1,6 @@
-"""Once-per-cluster housekeeping: lease recovery, retention purge, queue gauges.
+"""Once-per-cluster housekeeping: lease recovery, retention purge, queue gauges, and a sweep that
+marks completed jobs whose clip is gone from storage (their content then answers 410; a storage
+lifecycle rule or an operator may delete objects before the job's own retention does).
 
 Every runner replica has a janitor, but only the one holding the ``janitor`` lease in the job
 store works; the others keep trying to take it, so when its holder dies another takes over within
@@ -15,13 +17,17 @@ from ..config import AppConfig
 from ..jobstore import JobStore
 from ..lifecycle import JobLifecycle
 from ..metering import UsageLedger
-from ..storage import Storage, job_prefix
+from ..storage import ObjectNotFound, Storage, job_prefix
 from ..telemetry import log_extra, metrics
 
 logger = logging.getLogger("ray.serve.svd_serve")
 
 LEASE_NAME = "janitor"
 GAUGE_INTERVAL_S = 5.0
+#: The output sweep checks this many completed jobs' clips (one storage HEAD each) ...
+OUTPUT_SWEEP_PAGE = 50
+#: ... this often, walking every completed job in order of expiry, then starting over.
+OUTPUT_SWEEP_INTERVAL_S = 30.0
 
 
 class Janitor:
@@ -32,6 +38,8 @@ class Janitor:
         self.lease_s = config.job_store.lease_s
         self.elected = False
         self._last_gauges = 0.0
+        self._last_sweep = 0.0
+        self._sweep_after: float | None = None  # the output sweep's place: the last expiry checked
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         interval = self.lease_s / 3  # renew well before the lease runs out
@@ -59,6 +67,9 @@ class Janitor:
         if now - self._last_gauges >= GAUGE_INTERVAL_S:
             self._last_gauges = now
             await asyncio.to_thread(self.update_gauges)
+        if now - self._last_sweep >= OUTPUT_SWEEP_INTERVAL_S:
+            self._last_sweep = now
+            await asyncio.to_thread(self.sweep_outputs)
 
     def recover(self) -> list[str]:
         """Re-queue or fail jobs whose runner vanished; apply retention. Returns jobs that ended."""
@@ -73,6 +84,21 @@ class Janitor:
             logger.info("purged an expired job and its files", extra=log_extra(job.id))
         self.ledger.purge()
         return ended
+
+    def sweep_outputs(self, page: int = OUTPUT_SWEEP_PAGE) -> list[str]:
+        """Check one page of completed jobs' clips; mark those gone from storage. Returns them."""
+        jobs, self._sweep_after = self.store.completed_after(self._sweep_after, limit=page)  # None: start over
+        gone = []
+        for job in jobs:
+            if job.output is None or job.output.gone_at is not None:
+                continue
+            try:
+                self.storage.size(job.output.key)
+            except ObjectNotFound:
+                if self.store.mark_output_gone(job.id):
+                    logger.warning("the job's clip is gone from storage", extra=log_extra(job.id))
+                    gone.append(job.id)
+        return gone
 
     def update_gauges(self) -> None:
         recorder = metrics()
