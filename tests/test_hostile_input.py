@@ -165,3 +165,4 @@ def test_a_completed_jobs_missing_clip_is_410_before_any_redirect(api):
     api.service.storage.delete(job.output.key)
     gone = api.get(f"/v1/videos/{job_id}/content", headers=h(api), follow_redirects=False)
     assert gone.status_code == 410 and gone.json()["error"]["code"] == "output_gone"
+    assert api.service.store.get(job_id, tenant="alice").output.gone_at is not None

@@ -45,6 +45,7 @@ def content_of(service: "VideoService", tenant: Tenant, job_id: str, variant: st
         try:  # checked before any redirect: a presigned URL to a missing object is the store's 403
             service.storage.size(key)
         except ObjectNotFound:
+            service.store.mark_output_gone(job.id)  # as the janitor's sweep would
             raise APIError(410, "output_gone", "this job's clip is no longer in storage (deleted or expired "
                            "there); submit the job again") from None
     else:
