@@ -12,27 +12,43 @@ Install it in ``create_api``: ``app.add_middleware(AllowHeaderMiddleware)``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
-from starlette.routing import Match
+try:  # FastAPI >= 0.140 keeps included routers as such: their routes are listed through this
+    from fastapi.routing import iter_route_contexts
+except ImportError:  # pragma: no cover - older FastAPI copies included routes into app.routes
+    def iter_route_contexts(routes):
+        return routes
 
 #: The order methods are listed in; any other method follows, sorted.
 METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
+def _routes(app: Any) -> Iterable[Any]:
+    return iter_route_contexts(getattr(getattr(app, "router", None), "routes", ()))
+
+
+def _route_path(scope: dict[str, Any]) -> str:
+    """The path the routes match: the request's, less the ``root_path`` it is mounted under."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):]
+    return path
+
+
 def allowed_methods(scope: dict[str, Any]) -> list[str]:
     """The methods the app serves the request's path with (any method: only the path is matched)."""
-    router = getattr(scope.get("app"), "router", None)
+    path = _route_path(scope)
     methods: set[str] = set()
-    for route in getattr(router, "routes", ()):
-        route_methods = getattr(route, "methods", None)
-        if not route_methods:
+    for route in _routes(scope.get("app")):
+        route_methods, regex = getattr(route, "methods", None), getattr(route, "path_regex", None)
+        if not route_methods or regex is None:
             continue  # a mount or a websocket route: no methods of its own
-        match, child = route.matches(scope)
-        if match is Match.NONE:
+        match = regex.match(path)
+        if match is None:
             continue
         serves_path = getattr(getattr(route, "endpoint", None), "serves_path", None)
-        if serves_path is not None and not serves_path(child.get("path_params", {})):
+        if serves_path is not None and not serves_path(match.groupdict()):
             continue
         methods.update(route_methods)
     rank = {name: index for index, name in enumerate(METHOD_ORDER)}

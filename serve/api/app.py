@@ -15,6 +15,7 @@ from pipelines.errors import InvalidInputError
 from .models import router as models_router
 from ..jobstore import Job, JobStatus
 from ..tenants import Tenant, TenantRegistry
+from .allow_header import AllowHeaderMiddleware
 from .compat import compat_routers
 from .compat.fal.routes import zoo_router as fal_zoo_router
 from .playground import playground_router
@@ -115,6 +116,7 @@ def create_api(service: VideoService, tenants: TenantRegistry, *, ready=None, on
         app.include_router(router)
     app.include_router(models_router(service, tenants))
     # base64 inflates by 4/3; multipart adds a little framing.
+    app.add_middleware(AllowHeaderMiddleware)  # every 405 names the methods its path serves
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.config.max_upload_bytes * 4 // 3 + MULTIPART_OVERHEAD)
 
     def tenant_of(authorization: Annotated[str | None, Header()] = None) -> Tenant:

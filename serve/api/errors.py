@@ -31,7 +31,7 @@ from pipelines.errors import ImageTooLargeError, InvalidImageError, InvalidInput
 from pipelines.params import describe_validation_error
 
 from ..jobstore import JobStoreError
-from ..storage import StorageError
+from ..storage import ObjectNotFound, StorageError
 from ..tenants import AuthenticationError
 
 logger = logging.getLogger("ray.serve.svd_serve")
@@ -105,6 +105,9 @@ def rejection_for(error: BaseException) -> Rejection:
             loc = ".".join(str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path", "header"))
             parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
         return Rejection(422, "invalid_parameter", "; ".join(parts) or "invalid request")
+    if isinstance(error, ObjectNotFound):  # a stored clip that a storage rule or an operator deleted
+        return Rejection(410, "output_gone", "the job's clip is no longer in storage (deleted or expired there); "
+                         "submit the job again")
     if isinstance(error, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return Rejection(error.status_code, code, str(error.detail), dict(error.headers or {}))

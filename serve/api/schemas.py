@@ -304,3 +304,18 @@ def inline_defs(node: Any, defs: dict[str, Any], _seen: tuple[str, ...] = ()) ->
         rest = {key: value for key, value in node.items() if key != "$ref"}
         return inline_defs({**defs[name], **rest}, defs, (*_seen, name))
     return {key: inline_defs(value, defs, _seen) for key, value in node.items()}
+
+
+def sse_event_schema(component: str, *, events: tuple[str, ...] = ("message",),
+                     with_id: bool = False) -> dict[str, Any]:
+    """The ``text/event-stream`` schema of one server-sent event (OpenAPI 3.1: ``schema`` describes
+    each event): its ``event`` name, ``id`` (``with_id``) and ``data``, the JSON of ``component``
+    (a schema under ``#/components/schemas``). Keep-alive comments are not events."""
+    properties: dict[str, Any] = {
+        "event": {"type": "string", "enum": list(events)},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"$ref": f"#/components/schemas/{component}"}},
+    }
+    if with_id:
+        properties["id"] = {"type": "string", "description": "The job record's version."}
+    return {"type": "object", "required": ["data"], "properties": properties}

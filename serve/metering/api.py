@@ -12,7 +12,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from serve.api.errors import APIError, ErrorBody
 from serve.jobstore.models import to_utc, utcnow
@@ -27,6 +27,11 @@ MAX_WINDOW = timedelta(days=366)
 MAX_MODEL_CHARS = 256
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+#: ``from`` and ``to`` as the docs show them: a date, or a date-time (RFC 3339; one without an
+#: offset is read as UTC too). The route parses them itself (:func:`parse_bound`).
+BOUND_SCHEMA = WithJsonSchema({"anyOf": [{"type": "string", "format": "date"},
+                                         {"type": "string", "format": "date-time"}]})
 
 REJECTIONS = {
     401: {"model": ErrorBody, "description": "Missing or invalid API key."},
@@ -168,12 +173,13 @@ def usage_router(
     async def get_usage(
         tenant: Annotated[Tenant, Depends(tenant_of)],
         from_: Annotated[str | None, Query(alias="from", description="ISO 8601 date or date-time (UTC); "
-                                           "default: the start of the month of `to`.")] = None,
+                                           "default: the start of the month of `to`."), BOUND_SCHEMA] = None,
         to: Annotated[str | None, Query(description="ISO 8601 date (that day included) or date-time "
-                                        "(exclusive); default: now.")] = None,
+                                        "(exclusive); default: now."), BOUND_SCHEMA] = None,
         model: Annotated[str | None, Query(description=f"Only this model's jobs (a model id; `{UNKNOWN_MODEL}`: "
                                            f"jobs that named no model). At most {MAX_MODEL_CHARS} "
-                                           "characters; default: every model.")] = None,
+                                           "characters; default: every model."),
+                         WithJsonSchema({"type": "string", "minLength": 1, "maxLength": MAX_MODEL_CHARS})] = None,
     ) -> UsageResponse:
         start, end = resolve_window(from_, to, now=clock())
         model = check_model(model)

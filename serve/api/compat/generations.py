@@ -207,6 +207,7 @@ _ANSWERS = {
     202: {"model": GenerationPending, "description": "Still running: poll the Location (see Retry-After)."},
 }
 _ENDED_BADLY = dict(s409="The job was cancelled.",
+                    s410="The job completed, but its clip is no longer in storage (b64_json).",
                     s500="The job failed because of the service (code says why).",
                     s503="A backing service is unavailable; retry after Retry-After.")
 CREATE_RESPONSES = {**_ANSWERS, **openai_errors(
@@ -215,7 +216,8 @@ CREATE_RESPONSES = {**_ANSWERS, **openai_errors(
     s415="The body is not application/json.",
     s422="Invalid image or parameter (param names it), over a tenant cap, or the job failed because of its input.",
     s429="Over the tenant's rate limit or queue size (see Retry-After).")}
-CREATE_RESPONSES[409]["description"] = "The Idempotency-Key was used with a different request, or the job was cancelled."
+CREATE_RESPONSES[409]["description"] = ("The Idempotency-Key was used with a different request, or the job was "
+                                         "cancelled.")
 GET_RESPONSES = {**_ANSWERS, **openai_errors(
     **_ENDED_BADLY, s401="Missing or invalid API key.", s404="No such generation for this key.",
     s422="An invalid response_format, or the job failed because of its input.")}

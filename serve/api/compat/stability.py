@@ -212,6 +212,7 @@ RESULT_RESPONSES = {
     202: {"model": StabilityPending, "description": "Still in progress."},
     **stability_errors(**_ANY_ROUTE, s400="An Accept this API cannot answer, or the generation failed because of "
                        "its input.", s404="No such generation for this API key (or it was cancelled).",
+                       s410="The generation completed, but its clip is no longer in storage.",
                        s422="A header this API cannot read.",
                        s500="The generation failed because of the service."),
 }

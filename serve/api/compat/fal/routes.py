@@ -22,7 +22,7 @@ from ...base_url import public_base_url
 from ... import json_body
 from ...errors import APIError, NotFoundError, adapter_route
 from ...follow import KEEPALIVE, follow_job
-from ...schemas import openapi_schema
+from ...schemas import openapi_schema, sse_event_schema
 from .inputs import FAL_APP_ID, FAL_T2V_APP_IDS, IMAGE_TO_VIDEO, TEXT_TO_VIDEO, FalApp, FalInputError
 from .rendering import _error_of, download_url, render, request_urls, result_body, status_body
 
@@ -112,7 +112,7 @@ SUBMIT_RESPONSES = {
 }
 STATUS_RESPONSES = {200: {"model": FalStatus}, **fal_errors(**_ANY_ROUTE, s404="No such request for this key.")}
 STREAM_RESPONSES = {200: {"description": "Server-sent events, each data a status body, until the request ends",
-                          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                          "content": {"text/event-stream": {"schema": sse_event_schema("FalStatus")}}},
                     **fal_errors(**_ANY_ROUTE, s404="No such request for this key.")}
 RESULT_RESPONSES = {
     200: {"model": FalResult},
@@ -308,8 +308,12 @@ def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "Vide
     def app_of(request: Request) -> str:
         return fixed_app or f"{request.path_params['owner']}/{request.path_params['alias']}"
 
+    # The prefix's own path parameters (the zoo's owner and alias: read from the path, not arguments).
+    prefix_parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                         for name in re.findall(r"\{(\w+)\}", prefix)]
+
     @api.get(request_path + "/status", summary=f"fal queue: status of a {app_id} request",
-             responses=STATUS_RESPONSES, openapi_extra={"parameters": [LOGS_PARAMETER]})
+             responses=STATUS_RESPONSES, openapi_extra={"parameters": [*prefix_parameters, LOGS_PARAMETER]})
     async def status(request: Request, request_id: str, tenant: TenantDep):
         job = await job_of(tenant, request_id)
         urls = request_urls(public_base_url(request, service.config.public_url), app_of(request), job.id)
@@ -318,7 +322,7 @@ def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "Vide
 
     @api.get(request_path + "/status/stream", summary=f"fal queue: status of a {app_id} request as server-sent "
              "events until it completes", responses=STREAM_RESPONSES,
-             openapi_extra={"parameters": [LOGS_PARAMETER]})
+             openapi_extra={"parameters": [*prefix_parameters, LOGS_PARAMETER]})
     async def status_stream(request: Request, request_id: str, tenant: TenantDep):
         first = await job_of(tenant, request_id)  # 404 before the stream starts
         urls = request_urls(public_base_url(request, service.config.public_url), app_of(request), first.id)
@@ -340,7 +344,8 @@ def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "Vide
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @api.get(request_path, summary=f"fal queue: result of a {app_id} request", responses=RESULT_RESPONSES)
+    @api.get(request_path, summary=f"fal queue: result of a {app_id} request", responses=RESULT_RESPONSES,
+             openapi_extra={"parameters": prefix_parameters})
     async def result(request: Request, request_id: str, tenant: TenantDep):
         job = await job_of(tenant, request_id)
         if job.status is JobStatus.COMPLETED and job.output is not None:
@@ -354,7 +359,7 @@ def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "Vide
                             headers={"X-Fal-Error-Type": code})
 
     @api.put(request_path + "/cancel", summary=f"fal queue: cancel a {app_id} request", status_code=202,
-             responses=CANCEL_RESPONSES)
+             responses=CANCEL_RESPONSES, openapi_extra={"parameters": prefix_parameters})
     async def cancel(request_id: str, tenant: TenantDep):
         try:
             job, ended_now = await asyncio.to_thread(service.cancel, tenant, request_id)
