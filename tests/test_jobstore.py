@@ -823,3 +823,20 @@ def test_completed_jobs_in_order_of_expiry_and_a_gone_output_is_marked_once(make
     assert store.mark_output_gone(done[0]) is True and store.mark_output_gone(done[0]) is False
     assert store.get(done[0], tenant=None).output.gone_at is not None
     assert store.mark_output_gone(queued.id) is False
+
+
+def test_the_completed_sweep_pages_through_equal_expiries_without_skipping(make_store):
+    store = make_store(clock=FakeClock(), retention_s=100)  # a frozen clock: every job expires at once
+    done = set()
+    for _ in range(5):
+        job, _ = store.create(new_job())
+        store.claim(job.id, owner="w", lease_s=1000)
+        store.complete(job.id, owner="w", output=OUTPUT)
+        done.add(job.id)
+    seen, after = [], None
+    for _ in range(5):
+        page, after = store.completed_after(after, limit=2)
+        seen += [job.id for job in page]
+        if after is None:
+            break
+    assert sorted(seen) == sorted(done) and len(seen) == 5

@@ -123,10 +123,11 @@ class JobStore(JobTransitions, DeliveryQueue, ABC):
         """
 
     @abstractmethod
-    def completed_after(self, after: float | None, *, limit: int = 100) -> tuple[list[Job], float | None]:
-        """Completed jobs in order of expiry, those expiring after ``after`` (Unix seconds; None:
-        from the first), at most ``limit`` records looked at; and where the next page starts (None:
-        this was the last). The janitor's sweep for clips gone from storage walks them in pages."""
+    def completed_after(self, after: tuple[float, str] | None, *, limit: int = 100
+                        ) -> tuple[list[Job], tuple[float, str] | None]:
+        """Completed jobs in order of (expiry, id), those after the cursor ``after`` (None: from the
+        first), at most ``limit`` records looked at; and the next page's cursor (None: this was the
+        last). The janitor's sweep for clips gone from storage walks them in pages."""
 
     @abstractmethod
     def queued_heads(self) -> list[Job]:

@@ -312,12 +312,17 @@ class RedisJobStore(RedisDeliveries, JobStore):
         return self._update_one(job_id, plan)
 
     @_translate
-    def completed_after(self, after: float | None, *, limit: int = 100) -> tuple[list[Job], float | None]:
+    def completed_after(self, after: tuple[float, str] | None, *, limit: int = 100
+                        ) -> tuple[list[Job], tuple[float, str] | None]:
         # The expiry index holds every job with an expiry, finished or not: a page is filtered here.
-        scored = self._r.zrangebyscore(self._k("expiry"), "-inf" if after is None else f"({after!r}", "+inf",
-                                       start=0, num=limit, withscores=True)
+        # Equal scores come in member order, so the cursor's own score is read again from its
+        # member on (ties past one extra page are re-read on the next cycle).
+        score, member = after if after is not None else (float("-inf"), "")
+        scored = self._r.zrangebyscore(self._k("expiry"), "-inf" if after is None else repr(score), "+inf",
+                                       start=0, num=limit * 2, withscores=True)
+        scored = [(job_id, s) for job_id, s in scored if s > score or job_id > member][:limit]
         jobs = [job for job in self._load_many([job_id for job_id, _ in scored]) if job.status is JobStatus.COMPLETED]
-        return jobs, scored[-1][1] if len(scored) == limit else None
+        return jobs, (scored[-1][1], scored[-1][0]) if len(scored) == limit else None
 
     @_translate
     def purge_expired(self, now: datetime | float | None = None) -> list[Job]:

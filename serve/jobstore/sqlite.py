@@ -207,11 +207,15 @@ class SqliteJobStore(SqliteDeliveries, JobStore):
         return Job.model_validate_json(row[0])
 
     @_translate
-    def completed_after(self, after: float | None, *, limit: int = 100) -> tuple[list[Job], float | None]:
+    def completed_after(self, after: tuple[float, str] | None, *, limit: int = 100
+                        ) -> tuple[list[Job], tuple[float, str] | None]:
+        expires, job_id = after if after is not None else (float("-inf"), "")
         rows = self._db.conn().execute(
-            "SELECT data, expires_at FROM jobs WHERE status = ? AND expires_at > ? ORDER BY expires_at, id LIMIT ?",
-            (JobStatus.COMPLETED.value, float("-inf") if after is None else after, limit)).fetchall()
-        return [Job.model_validate_json(row[0]) for row in rows], rows[-1][1] if len(rows) == limit else None
+            "SELECT data, expires_at, id FROM jobs WHERE status = ? AND (expires_at > ? OR (expires_at = ? AND id > ?)) "
+            "ORDER BY expires_at, id LIMIT ?",
+            (JobStatus.COMPLETED.value, expires, expires, job_id, limit)).fetchall()
+        cursor = (rows[-1][1], rows[-1][2]) if len(rows) == limit else None
+        return [Job.model_validate_json(row[0]) for row in rows], cursor
 
     @_translate
     def purge_expired(self, now: datetime | float | None = None) -> list[Job]:

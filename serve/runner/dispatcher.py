@@ -22,6 +22,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from ..aio import first_of
 from ..config import AppConfig
 from ..jobstore import QUEUE_CHANNEL, Job, make_job_store
 from ..lifecycle import JobLifecycle
@@ -91,7 +92,7 @@ class JobRunner:
                         self._start(job)
                         continue
                     self._slot_freed.clear()
-                    await _first_of(queue_changed.changed(IDLE_RECHECK_S), self._slot_freed.wait())
+                    await first_of(queue_changed.changed(IDLE_RECHECK_S), self._slot_freed.wait())
                 except Exception:  # noqa: BLE001 - the loop must survive a store hiccup
                     logger.exception("dispatch loop error")
                     await asyncio.sleep(1.0)
@@ -179,13 +180,3 @@ class JobRunner:
         (jobs and webhook deliveries alike: other replicas take them over at once)."""
         await self.drain(max(0.0, self.config.stages.runner.graceful_shutdown_timeout_s - 5.0))
         await self.lifecycle.drain(timeout_s=5.0)
-
-
-async def _first_of(*waits) -> None:
-    """Wait until any of the awaitables finishes; cancel the rest."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()

@@ -39,7 +39,7 @@ class Janitor:
         self.elected = False
         self._last_gauges = 0.0
         self._last_sweep = 0.0
-        self._sweep_after: float | None = None  # the output sweep's place: the last expiry checked
+        self._sweep_after: tuple[float, str] | None = None  # the output sweep's place: (expiry, job id)
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         interval = self.lease_s / 3  # renew well before the lease runs out

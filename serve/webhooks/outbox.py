@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 
 from pipelines.urls import redact_url
 
+from ..aio import first_of
 from ..jobstore import WEBHOOK_CHANNEL, JobStore, WebhookDelivery
 from .delivery import Attempt, WebhookSender
 from .events import iso_utc
@@ -109,7 +110,7 @@ class WebhookOutbox:
                     started = await self.run_once(wait=False)
                     if started and started == room and len(self._inflight) < self.max_inflight:
                         continue  # a full batch: more may be due
-                    await _first_of(notices.changed(self._idle_wait()), self._wake.wait(), self._stopping.wait())
+                    await first_of(notices.changed(self._idle_wait()), self._wake.wait(), self._stopping.wait())
                 except Exception:  # noqa: BLE001 - the loop must survive a store hiccup
                     logger.exception("webhook outbox error")
                     await asyncio.sleep(1.0)
@@ -210,13 +211,3 @@ def _refusal(d: WebhookDelivery, number: int, reason: str) -> dict:
     return {"event_id": d.event_id, "type": d.event_type, "attempt": number,
             "at": iso_utc(datetime.now(timezone.utc)), "error": f"not_sent: {reason}"[:500],
             "duration_ms": 0.0, "next_retry_in_s": None}
-
-
-async def _first_of(*waits) -> None:
-    """Wait until any of the awaitables finishes; cancel the rest."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
