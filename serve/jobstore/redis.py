@@ -315,12 +315,14 @@ class RedisJobStore(RedisDeliveries, JobStore):
     def completed_after(self, after: tuple[float, str] | None, *, limit: int = 100
                         ) -> tuple[list[Job], tuple[float, str] | None]:
         # The expiry index holds every job with an expiry, finished or not: a page is filtered here.
-        # Equal scores come in member order, so the cursor's own score is read again from its
-        # member on (ties past one extra page are re-read on the next cycle).
-        score, member = after if after is not None else (float("-inf"), "")
-        scored = self._r.zrangebyscore(self._k("expiry"), "-inf" if after is None else repr(score), "+inf",
-                                       start=0, num=limit * 2, withscores=True)
-        scored = [(job_id, s) for job_id, s in scored if s > score or job_id > member][:limit]
+        # Equal scores come in member order, so the page resumes inside the cursor's score past the
+        # members up to the cursor's own.
+        key, start, low = self._k("expiry"), 0, "-inf"
+        if after is not None:
+            score, member = after
+            low = repr(score)
+            start = sum(1 for tie in self._r.zrangebyscore(key, low, low) if tie <= member)
+        scored = self._r.zrangebyscore(key, low, "+inf", start=start, num=limit, withscores=True)
         jobs = [job for job in self._load_many([job_id for job_id, _ in scored]) if job.status is JobStatus.COMPLETED]
         return jobs, (scored[-1][1], scored[-1][0]) if len(scored) == limit else None
 
