@@ -96,8 +96,6 @@ class Admission:
     created: bool
 
 
-
-
 def _named(field: str, function: Callable[..., Any], *args: Any) -> Any:
     """``function(*args)``, its input errors naming ``field`` (once)."""
     try:
