@@ -90,9 +90,10 @@ class URLPolicy:
     def check_url(self, url: str) -> tuple[str, int]:
         """(host, port) of an acceptable URL; raises BlockedURLError."""
         try:
+            url.encode("utf-8")  # an unpaired surrogate (JSON "\ud800") cannot be sent at all
             parts = urlsplit(url)
             hostname = parts.hostname
-        except ValueError:  # an unclosed IPv6 bracket, characters NFKC turns into separators, ...
+        except ValueError:  # an unclosed IPv6 bracket, characters NFKC turns into separators, surrogates, ...
             raise BlockedURLError("the URL cannot be parsed (check brackets and characters in its host)") from None
         if parts.scheme.lower() not in ("http", "https"):
             raise BlockedURLError(f"only http and https URLs are allowed, not {parts.scheme or 'no scheme'!r}")

@@ -166,3 +166,29 @@ def test_a_completed_jobs_missing_clip_is_410_before_any_redirect(api):
     gone = api.get(f"/v1/videos/{job_id}/content", headers=h(api), follow_redirects=False)
     assert gone.status_code == 410 and gone.json()["error"]["code"] == "output_gone"
     assert api.service.store.get(job_id, tenant="alice").output.gone_at is not None
+
+
+@pytest.mark.parametrize("path", ["/v1/videos", "/v1/video/generations", "/fal-ai/stable-video"])
+def test_a_lone_surrogate_or_a_huge_integer_is_a_422_not_a_500(api, path):
+    for body in ('{"image_url": "https://example.com/\\ud800", "num_frames": 4}',
+                 '{"image_url": "data:,", "seed": ' + "1" * 5000 + "}"):
+        response = api.post(path, headers=h(api, **{"Content-Type": "application/json"}), content=body.encode())
+        assert 400 <= response.status_code < 500, (path, body[:60], response.text[:300])
+
+
+def test_fal_validation_details_are_bounded_too(api):
+    response = api.post("/fal-ai/stable-video", headers=h(api), json={"x" * 200_000: 1, "image_url": "data:,"})
+    assert response.status_code == 422 and len(response.content) < 2_000
+
+
+def test_a_gone_clip_is_410_through_every_api(api):
+    from test_compat_fal import finish
+
+    job_id = api.post("/v1/videos", headers=h(api), json={
+        "image_url": "data:image/png;base64," + base64.b64encode(PNG).decode(), **SMALL}).json()["id"]
+    finish(api, job_id)
+    api.service.store.mark_output_gone(job_id)  # as the janitor's sweep marks it
+    fal = api.get(f"/fal-ai/stable-video/requests/{job_id}", headers=h(api))
+    generations = api.get(f"/v1/video/generations/{job_id}", headers=h(api))
+    assert (fal.status_code, generations.status_code) == (410, 410)
+    assert generations.json()["error"]["code"] == "output_gone"

@@ -21,13 +21,17 @@ def loads(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     text = raw.decode("utf-8") if isinstance(raw, bytes) and _utf8(raw) else raw
     if isinstance(text, bytes):
         raise json.JSONDecodeError("the body is not UTF-8 text", "", 0)
-    depth = _depth(text)
-    if depth > max_depth:
-        raise json.JSONDecodeError(f"nested deeper than {max_depth} levels", "", 0)
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except RecursionError:
         raise json.JSONDecodeError(f"nested deeper than {max_depth} levels", "", 0) from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as error:  # e.g. an integer past Python's 4,300-digit conversion limit
+        raise json.JSONDecodeError(str(error).split(";")[0][:200], "", 0) from None
+    if _depth(value) > max_depth:
+        raise json.JSONDecodeError(f"nested deeper than {max_depth} levels", "", 0)
+    return value
 
 
 def _utf8(raw: bytes) -> bool:
@@ -38,23 +42,14 @@ def _utf8(raw: bytes) -> bool:
     return True
 
 
-def _depth(text: str) -> int:
-    """The deepest bracket nesting outside strings (a cheap scan before the parser recurses)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
+def _depth(value: Any) -> int:
+    """The deepest nesting of lists and objects in a parsed value (iterative: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
             deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
+            stack.extend((child, depth + 1) for child in item if isinstance(child, (list, dict)))
     return deepest

@@ -20,8 +20,9 @@ anything is stored, in this order:
    naming each limit; a ``webhook_url`` needs a tenant webhook secret and must pass the SSRF
    checks (422);
 4. ``max_queued_jobs`` reached: 429 ``queue_full`` with Retry-After. A full queue is this
-   tenant's quota, not a service outage, hence 429 and not 503. The count is read, not
-   reserved, so concurrent submits can overshoot it by the number of in-flight admissions;
+   tenant's quota, not a service outage, hence 429 and not 503. It is read early (a cheap
+   refusal) and enforced when the job is written (the store counts and inserts atomically, so
+   concurrent submits never overshoot it, on SQLite or Redis, from any number of ingresses);
 5. the rate limit: a token bucket in the job store, shared by every ingress replica: 429
    ``rate_limited`` with Retry-After (seconds until the next token);
 6. then the image is decoded (its errors are 422/413), stored, and the job written.
@@ -191,7 +192,7 @@ class VideoService:
                 else:
                     params = params_for_seconds(policy, params, seconds, model=entry)
             self.check_source(image is not None or image_url is not None, params)
-            source = image if image is not None else (image_url or "").encode()
+            source = image if image is not None else json.dumps(image_url).encode()  # ASCII: any str hashes
             fingerprint = hashlib.sha256(
                 hashlib.sha256(source).digest() + params.model_dump_json().encode()
                 + json.dumps([webhook_url, events]).encode()

@@ -74,8 +74,8 @@ class JobRunner:
                 "janitor": self.janitor.elected, "webhooks_inflight": self.lifecycle.outbox.inflight}
 
     async def check_health(self) -> None:
-        if any(task.done() for task in self._tasks):
-            raise RuntimeError("a runner loop stopped")
+        if not self.stopping.is_set() and any(task.done() for task in self._tasks):
+            raise RuntimeError("a runner loop stopped")  # draining (stopping) ends them on purpose
         if not await asyncio.to_thread(self.store.ping):
             raise RuntimeError("the job runner cannot reach the job store")
 

@@ -17,7 +17,7 @@ from ..config import AppConfig
 from ..jobstore import JobStore
 from ..lifecycle import JobLifecycle
 from ..metering import UsageLedger
-from ..storage import ObjectNotFound, Storage, job_prefix
+from ..storage import ObjectNotFound, Storage, StorageError, job_prefix
 from ..telemetry import log_extra, metrics
 
 logger = logging.getLogger("ray.serve.svd_serve")
@@ -87,17 +87,21 @@ class Janitor:
 
     def sweep_outputs(self, page: int = OUTPUT_SWEEP_PAGE) -> list[str]:
         """Check one page of completed jobs' clips; mark those gone from storage. Returns them."""
-        jobs, self._sweep_after = self.store.completed_after(self._sweep_after, limit=page)  # None: start over
+        jobs, next_page = self.store.completed_after(self._sweep_after, limit=page)
         gone = []
         for job in jobs:
-            if job.output is None or job.output.gone_at is not None:
-                continue
-            try:
-                self.storage.size(job.output.key)
-            except ObjectNotFound:
-                if self.store.mark_output_gone(job.id):
-                    logger.warning("the job's clip is gone from storage", extra=log_extra(job.id))
-                    gone.append(job.id)
+            if job.output is not None and job.output.gone_at is None:
+                try:
+                    self.storage.size(job.output.key)
+                except ObjectNotFound:
+                    if self.store.mark_output_gone(job.id):
+                        logger.warning("the job's clip is gone from storage", extra=log_extra(job.id))
+                        gone.append(job.id)
+                except StorageError:  # storage unreachable: resume from this job next time
+                    logger.warning("output sweep paused: storage unavailable", exc_info=True)
+                    return gone
+            self._sweep_after = (job.expires_at.timestamp(), job.id)
+        self._sweep_after = next_page  # None: the next sweep starts over
         return gone
 
     def update_gauges(self) -> None:

@@ -43,6 +43,7 @@ def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None)
                         403: {"model": ErrorBody, "description": "The signature does not match, or the URL has "
                                                                  "expired."},
                         404: {"model": ErrorBody, "description": "No such stored output."},
+                        410: {"model": ErrorBody, "description": "The clip is no longer in storage (output_gone)."},
                         422: {"model": ErrorBody, "description": "A query value this API cannot read."},
                         503: {"model": ErrorBody, "description": "Storage or the job store is unavailable."}})
     async def signed_file(key: str, expires: str = "", signature: str = "", filename: str | None = None,
@@ -68,7 +69,8 @@ def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None)
         try:
             chunks = await asyncio.to_thread(storage.iter_chunks, key)
         except ObjectNotFound:
-            raise NotFoundError("file") from None
+            await asyncio.to_thread(store.mark_output_gone, job.id)
+            raise APIError(410, "output_gone", "this clip is no longer in storage (deleted or expired there)") from None
         headers = {"Content-Length": str(output.file_size), "Cache-Control": "private"}
         if filename:
             headers["Content-Disposition"] = content_disposition(filename)

@@ -207,7 +207,7 @@ _ANSWERS = {
     202: {"model": GenerationPending, "description": "Still running: poll the Location (see Retry-After)."},
 }
 _ENDED_BADLY = dict(s409="The job was cancelled.",
-                    s410="The job completed, but its clip is no longer in storage (b64_json).",
+                    s410="The job completed, but its clip is no longer in storage (output_gone).",
                     s500="The job failed because of the service (code says why).",
                     s503="A backing service is unavailable; retry after Retry-After.")
 CREATE_RESPONSES = {**_ANSWERS, **openai_errors(
@@ -234,6 +234,8 @@ def router(service: "VideoService", tenants: "TenantRegistry", *, on_ended=None)
         created = int(job.created_at.timestamp())
         if job.status is JobStatus.COMPLETED and job.output is not None:
             output = job.output
+            if output.gone_at is not None:
+                raise APIError(410, "output_gone", f"the clip of {job.id} is no longer in storage", FINAL)
             url = await asyncio.to_thread(
                 service.storage.signed_url, output.key, base_url=base_url(request),
                 expires_s=config.storage.presign_expiry_s, filename=output.file_name,

@@ -154,8 +154,9 @@ def _detail_of(error: ValidationError, rename: dict[str, str | tuple[str, ...]] 
             loc.extend(theirs if isinstance(theirs, tuple) else (theirs,))
         kind = item.get("type", "value_error")
         message = str(item.get("msg", "")).removeprefix("Value error, ")
-        detail.append({"loc": loc, "msg": hints.get((str(loc[-1]), kind), message), "type": kind})
-    return detail
+        loc = [part[:200] + "..." if isinstance(part, str) and len(part) > 200 else part for part in loc]
+        detail.append({"loc": loc, "msg": hints.get((str(loc[-1]), kind), message)[:500], "type": kind})
+    return detail[:20]  # never the input echoed back unbounded
 
 
 #: Explanations of what a client of the image app sends for text-to-video.

@@ -119,6 +119,7 @@ RESULT_RESPONSES = {
     **fal_errors(**{**_ANY_ROUTE, "s422": "The request failed because of its input (error_type says why)."},
                  s400="The request is still in progress, or was cancelled.",
                  s404="No such request for this key.",
+                 s410="The request completed, but its clip is no longer in storage (output_gone).",
                  s500="The request failed because of the service (error_type says why)."),
 }
 CANCEL_RESPONSES = {
@@ -349,6 +350,8 @@ def add_request_routes(api: APIRouter, prefix: str, url_app: str, service: "Vide
     async def result(request: Request, request_id: str, tenant: TenantDep):
         job = await job_of(tenant, request_id)
         if job.status is JobStatus.COMPLETED and job.output is not None:
+            if job.output.gone_at is not None:
+                raise APIError(410, "output_gone", "the request's clip is no longer in storage")
             base_url = public_base_url(request, service.config.public_url)
             return JSONResponse(result_body(job, base_url, await download_url(service, job, base_url)))
         if not job.status.is_terminal:
