@@ -15,39 +15,15 @@ import threading
 
 import pytest
 import redis as redis_lib
-from fixtures_redis import redis_server, unique_prefix  # noqa: F401  (fixture)
+from fixtures_stores import backend, open_store, redis_server  # noqa: F401  (fixtures)
+from fixtures_stores import open_job_store as _open
 
-from serve.jobstore import Job, JobStatus, JobStore, QueueFullError, RedisJobStore, SqliteJobStore
+from serve.jobstore import Job, JobStatus, JobStore, QueueFullError, RedisJobStore
 
 pytestmark = pytest.mark.timeout(120)
 
 LIMIT = 20
 SUBMITS = 200
-
-
-def _open(backend: tuple[str, str, str]) -> JobStore:
-    kind, location, prefix = backend
-    return SqliteJobStore(location) if kind == "sqlite" else RedisJobStore(location, key_prefix=prefix)
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def backend(request, tmp_path):
-    if request.param == "sqlite":
-        return "sqlite", str(tmp_path / "jobs.sqlite3"), ""
-    return "redis", request.getfixturevalue("redis_server"), unique_prefix("quota")
-
-
-@pytest.fixture
-def open_store(backend):
-    opened: list[JobStore] = []
-
-    def factory() -> JobStore:
-        opened.append(_open(backend))
-        return opened[-1]
-
-    yield factory
-    for store in opened:
-        store.close()
 
 
 def submit_concurrently(stores: list[JobStore], submits: int = SUBMITS, tenant: str = "acme") -> tuple[list, list]:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures_redis import redis_server, unique_prefix  # noqa: F401  (fixture)
+from fixtures_stores import backend, open_store, redis_server  # noqa: F401  (fixtures)
 from test_webhooks import SECRET, Receiver
 
 from serve.config import AppConfig
@@ -30,7 +30,6 @@ from serve.jobstore import (
     JobError,
     JobStatus,
     JobStore,
-    RedisJobStore,
     SqliteJobStore,
     WebhookDelivery,
     WebhookSubscription,
@@ -47,33 +46,8 @@ from serve.webhooks import (
 pytestmark = pytest.mark.timeout(90)
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = ["sqlite", "redis"]
 SENDER = dict(allow=["127.0.0.1"], timeout_s=8.0, initial_backoff_s=2.0, max_backoff_s=4.0, max_elapsed_s=60.0,
               max_attempts=5, jitter=0.0)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, tmp_path):
-    """``(kind, location, prefix)`` of one backing store per test; open store objects with ``open_store``."""
-    if request.param == "sqlite":
-        return "sqlite", str(tmp_path / "jobs.sqlite3"), ""
-    return "redis", request.getfixturevalue("redis_server"), unique_prefix("hooks")
-
-
-@pytest.fixture
-def open_store(backend):
-    opened: list[JobStore] = []
-
-    def factory(**kwargs) -> JobStore:
-        kind, location, prefix = backend
-        store = SqliteJobStore(location, **kwargs) if kind == "sqlite" else \
-            RedisJobStore(location, key_prefix=prefix, **kwargs)
-        opened.append(store)
-        return store
-
-    yield factory
-    for store in opened:
-        store.close()
 
 
 @pytest.fixture
