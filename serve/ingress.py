@@ -61,7 +61,7 @@ class Ingress:
         if model_id in (None, self.catalog.default_id):
             key, model_id = None, None
         else:  # per version: a changed registry entry is asked again
-            key = await asyncio.to_thread(self.catalog.version_key, model_id)
+            key = await asyncio.to_thread(self.catalog.version_key, model_id, fresh=False)
         if key not in self._model_info:
             self._model_info[key] = await asyncio.wait_for(self.model_stage.info.remote(model_id),
                                                            MODEL_INFO_TIMEOUT_S)

@@ -296,12 +296,6 @@ class VideoService:
             raise APIError(503, "model_unavailable", f"model {entry.id!r} is not ready yet; retry shortly, or give "
                            "num_frames", {"Retry-After": "5"}) from None
 
-    def serves_model(self, name: str) -> bool:
-        """Whether ``name`` names the default model: its id, its source, or the source's last path
-        component (``stable-video-diffusion-img2vid-xt`` for ``stabilityai/stable-video-diffusion-img2vid-xt``)."""
-        entry = self.catalog.get(name)
-        return entry is not None and entry.id == self.catalog.default_id
-
     def check_source(self, has_image: bool, params: GenerationParams) -> None:
         """An image (image-to-video) or a prompt alone (text-to-video), and text-to-video only
         where the text-to-image stage is deployed."""

@@ -165,10 +165,12 @@ class ModelCatalog:
                              "without one (register the adapter on that base instead)")
         return Weights(pipeline=self.spec_for(root), unet=unet, lora=entry.lora, lora_scale=entry.lora_scale)
 
-    def version_key(self, model_id: str) -> str:
+    def version_key(self, model_id: str, *, fresh: bool = True) -> str:
         """``id@digest``: the key a model's weights are loaded and routed under, so a changed entry
-        is loaded afresh (the old version ages out of the replicas' LRU) and never mixed with it."""
-        entry = self.get(model_id, fresh=True)  # once per job: the weights it runs with are the newest
+        is loaded afresh (the old version ages out of the replicas' LRU) and never mixed with it.
+        ``fresh`` reads the registry now (once per job: it runs with the newest weights); without
+        it the catalog's cache answers (per request on the admission path)."""
+        entry = self.get(model_id, fresh=fresh)
         if entry is None:
             raise ModelUnavailableError(f"model {model_id!r} is no longer registered")
         try:
