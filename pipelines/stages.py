@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 import io
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import PIL.Image
@@ -41,10 +41,10 @@ from diffusers.video_processor import VideoProcessor
 
 from .errors import InvalidInputError, JobCancelledError
 from .interpolate import retime
-from .params import GenerationParams
+from .params import GenerationParams, OutputFormat
 from .payloads import DecodedFrames, EncodedImage, EncodedVideo, SampledLatents, to_host  # noqa: F401 - re-exported
 from .segments import stitch_segments
-from .video import encode_video
+from .video import H264_CODEC_CHOICES, encode_video, resolve_codec
 
 ProgressCallback = Callable[[int, int], None]
 """Called after every sampling step with (steps_done, total_steps)."""
@@ -241,7 +241,12 @@ class SamplingStage:
 
 class DecodeStage:
     """VAE temporal decoder, ``decode_chunk_size`` frames at a time. Output: uint8 frames, the
-    first replaced by the conditioning image when the pass must open on it exactly."""
+    first replaced by the conditioning image when the pass must open on it exactly.
+
+    The frames become ``uint8`` on the decoder's device, chunk by chunk, with the float32 math of
+    :meth:`decode_float` followed by ``* 255``, round half to even and the cast: the same bytes as
+    converting on the host, but a quarter of the bytes cross to it (44 MB for SVD-XT's 25 frames
+    at 576x1024, not 177 MB of float32), through pinned memory on CUDA."""
 
     def __init__(self, *, vae) -> None:
         self.vae = vae
@@ -249,15 +254,22 @@ class DecodeStage:
         self.memory_budget_bytes: int | None = None
         """GPU memory one decode may use; set by the serving replica (its GPU share less what it
         holds, over its concurrent requests), else measured once at the first decode."""
+        self.default_chunk_size: int | None = None
+        """Frames per decoder call for requests that leave ``decode_chunk_size`` out; None sizes
+        it from the memory budget. Set by a deployment that wants the same pixels on every GPU
+        size (:mod:`pipelines.acceleration.lowvram`)."""
 
     def chunk_size(self, params: GenerationParams, *, height: int, width: int) -> int:
-        """The request's ``decode_chunk_size``, else the most frames the GPU memory budget fits.
+        """The request's ``decode_chunk_size``, else the stage's ``default_chunk_size``, else the
+        most frames the GPU memory budget fits.
 
         The budget is fixed per replica, never the memory free at the moment: the temporal decoder
         mixes the frames of a chunk, so the chunk size shapes the pixels, and the same request must
         make the same clip on every run."""
         if params.decode_chunk_size is not None:
             return params.decode_chunk_size
+        if self.default_chunk_size is not None:
+            return self.default_chunk_size
         device, dtype = _module_device_dtype(self.vae)
         if device.type != "cuda":
             return DEFAULT_DECODE_CHUNK
@@ -267,35 +279,64 @@ class DecodeStage:
         return auto_decode_chunk_size(free_bytes=self.memory_budget_bytes, height=height, width=width,
                                       bytes_per_element=torch.finfo(dtype).bits // 8)
 
-    @torch.inference_mode()
-    def decode_float(self, sampled: SampledLatents, params: GenerationParams) -> np.ndarray:
-        """Frames as float32 in [0, 1], [F, H, W, 3]: diffusers' ``output_type="np"``."""
+    def _frames_on_device(self, sampled: SampledLatents, params: GenerationParams) -> Iterator[torch.Tensor]:
+        """Each decoder chunk's frames on the VAE's device: float32 in [0, 1], [n, 3, H, W]."""
         _require_resolved(params)
         device, dtype = _module_device_dtype(self.vae)
         latents = sampled.latents.to(device, dtype).flatten(0, 1) / self.vae.config.scaling_factor
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         chunk_size = self.chunk_size(params, height=latents.shape[-2] * factor, width=latents.shape[-1] * factor)
-        chunks = []
         for start in range(0, latents.shape[0], chunk_size):
             chunk = latents[start : start + chunk_size]
             kwargs = {"num_frames": chunk.shape[0]} if self._accepts_num_frames else {}
-            chunks.append(self.vae.decode(chunk, **kwargs).sample)
-        frames = torch.cat(chunks).float()  # [F, 3, H, W]
-        frames = (frames / 2 + 0.5).clamp(0, 1)
+            frames = self.vae.decode(chunk, **kwargs).sample.float()
+            yield (frames / 2 + 0.5).clamp(0, 1)
+
+    @torch.inference_mode()
+    def decode_float(self, sampled: SampledLatents, params: GenerationParams) -> np.ndarray:
+        """Frames as float32 in [0, 1], [F, H, W, 3]: diffusers' ``output_type="np"`` (the parity
+        tests compare this with diffusers)."""
+        frames = torch.cat(list(self._frames_on_device(sampled, params)))  # [F, 3, H, W]
         return frames.permute(0, 2, 3, 1).cpu().numpy()
 
+    @torch.inference_mode()
+    def decode_uint8(self, sampled: SampledLatents, params: GenerationParams) -> np.ndarray:
+        """Frames as uint8, [F, H, W, 3] (C-contiguous), converted on the decoder's device."""
+        # Per chunk: only one chunk's float32 frames exist at a time, never all of them.
+        chunks = [frames_to_uint8(frames) for frames in self._frames_on_device(sampled, params)]
+        return _to_host_array(torch.cat(chunks))
+
     def __call__(self, sampled: SampledLatents, params: GenerationParams) -> DecodedFrames:
-        frames = (self.decode_float(sampled, params) * 255).round().astype(np.uint8)
+        frames = self.decode_uint8(sampled, params)
         if sampled.first_frame is not None:
             frames[0] = sampled.first_frame
         return DecodedFrames(frames=frames)
 
 
+def frames_to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """float32 frames in [0, 1], [n, 3, H, W] -> uint8 [n, H, W, 3], on their device: ``* 255``
+    then round half to even, as numpy's ``round`` on the host (both IEEE float32, so the same bytes)."""
+    return (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _to_host_array(tensor: torch.Tensor) -> np.ndarray:
+    """A device tensor as a writable numpy array. From CUDA through a pinned buffer (torch's
+    caching host allocator reuses it), about twice the bandwidth of a pageable copy."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu().numpy()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host.numpy()
+
+
 #: Frames decoded at once when no GPU memory figure applies (diffusers' own example value).
 DEFAULT_DECODE_CHUNK = 8
-#: Peak decoder activation memory per output pixel and frame, in elements (an estimate for SVD's
-#: temporal decoder, about 1.2 GB per 1024x576 frame in fp16, not measured: no GPU was available
-#: when it was written; measure with benchmarks/bench_pipeline.py), and the share of the budget used.
+#: Peak decoder activation memory per output pixel and frame, in elements: 1.125 GiB per 576x1024
+#: frame in fp16/bf16. Counted on the meta device (pipelines/acceleration/memory_count.py: 2048.1
+#: bytes per pixel, at the last up block's temporal ResNet) and in line with the H200 measurement
+#: of issue #15 (decode chunk 8 vs 25: 13 vs 32 GiB peak, 1.12 GiB per extra frame). And the share
+#: of the budget used.
 DECODE_ELEMENTS_PER_PIXEL = 1024
 DECODE_MEMORY_SHARE = 0.8
 
@@ -311,13 +352,35 @@ def auto_decode_chunk_size(*, free_bytes: int, height: int, width: int, bytes_pe
 
 
 class VideoEncodeStage:
-    """uint8 frames -> MP4 (H.264), WebM (VP9) or GIF at the output frame rate. CPU only.
+    """uint8 frames -> MP4 (H.264), WebM (VP9) or GIF at the output frame rate.
 
     A long clip arrives as one :class:`DecodedFrames` per segment: they are joined first
     (:func:`~pipelines.segments.stitch_segments`). With interpolation (``blend``/``mci``) the
     generated frames are then retimed to span the clip's duration at ``output_fps``
     (:func:`~pipelines.interpolate.retime`); without, they play as they are at ``output_fps``.
+
+    ``h264_codec`` picks the MP4 encoder: ``auto`` (NVENC where this process can use it, else
+    libx264), ``libx264`` or ``h264_nvenc``; WebM and GIF always use their CPU encoders.
+    ``h264_nvenc`` where NVENC does not work is a ``ValueError`` when the stage is built, not a
+    failure of every job; ``auto`` is resolved at the first MP4, once per process
+    (:func:`pipelines.video.resolve_codec`), so building the stage needs no ffmpeg.
     """
+
+    def __init__(self, *, h264_codec: str = "auto") -> None:
+        if h264_codec not in H264_CODEC_CHOICES:
+            raise ValueError(f"h264_codec must be one of {', '.join(H264_CODEC_CHOICES)}, got {h264_codec!r}")
+        if h264_codec != "auto":
+            resolve_codec(OutputFormat.mp4, h264_codec)
+        self.h264_codec = h264_codec
+
+    @property
+    def mp4_encoder(self) -> str:
+        """The encoder MP4 clips get here: ``libx264`` or ``h264_nvenc``."""
+        return resolve_codec(OutputFormat.mp4, self.h264_codec)
+
+    def codec_for(self, output_format: OutputFormat) -> str:
+        """What ``encode_video`` is asked for (``auto`` keeps its per-clip fallback to libx264)."""
+        return self.h264_codec if output_format is OutputFormat.mp4 else "auto"
 
     def __call__(self, decoded: DecodedFrames | list[DecodedFrames], params: GenerationParams) -> EncodedVideo:
         frames = join_segments(decoded, params)
@@ -325,7 +388,8 @@ class VideoEncodeStage:
         if params.interpolates:
             frames = retime(frames, duration_s=clip_duration_s(params, generated_frames=len(frames)),
                             output_fps=fps, mode=params.resolved_interpolation)
-        data = encode_video(frames, fps=fps, output_format=params.output_format)
+        data = encode_video(frames, fps=fps, output_format=params.output_format,
+                            codec=self.codec_for(params.output_format))
         count, height, width, _ = frames.shape
         return EncodedVideo(
             data=data,

@@ -6,8 +6,10 @@ clip is written to a temporary file, because ``-movflags +faststart`` rewrites t
 the ``moov`` index in front of the media data, which needs a seekable output.
 
 Formats (:class:`~pipelines.params.OutputFormat`):
-    * ``mp4``: H.264 (libx264), yuv420p, BT.709 tagged, ``+faststart`` so browsers can start
-      playing before the download ends. Default CRF 18 (visually lossless; x264's own is 23).
+    * ``mp4``: H.264, yuv420p, BT.709 tagged, ``+faststart`` so browsers can start playing
+      before the download ends. Default CRF 18 (visually lossless; x264's own is 23). The
+      encoder is ``libx264`` (CPU) or ``h264_nvenc`` (NVIDIA GPU): see :data:`CODECS` and
+      :func:`resolve_codec`; NVENC's options and checks are in :mod:`pipelines.acceleration.nvenc`.
     * ``webm``: VP9 (libvpx-vp9), yuv420p, constant quality (``-b:v 0``). Default CRF 32.
     * ``gif``: one filter graph, ``palettegen`` then ``paletteuse``, looping forever. GIF stores
       frame delays in 1/100 s, so playback rates are rounded to that (7 fps plays at ~7.14 fps).
@@ -27,11 +29,25 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines.params import OutputFormat
 
+if TYPE_CHECKING:
+    from pipelines.acceleration.nvenc import NvencStatus
+
+#: The encoders each format may use; the first is the CPU one that ``auto`` falls back to.
+CODECS: dict[OutputFormat, tuple[str, ...]] = {
+    OutputFormat.mp4: ("libx264", "h264_nvenc"),
+    OutputFormat.webm: ("libvpx-vp9",),
+    OutputFormat.gif: ("gif",),
+}
+#: What ``codec`` may be: ``auto`` or an encoder name of :data:`CODECS`.
+CODEC_CHOICES = ("auto", *dict.fromkeys(name for names in CODECS.values() for name in names))
+#: The H.264 encoders a deployment may pin (the video encoder stage's ``h264_codec``).
+H264_CODEC_CHOICES = ("auto", *CODECS[OutputFormat.mp4])
 #: Default constant-rate factor per format (lower is better quality, larger files).
 DEFAULT_CRF = {OutputFormat.mp4: 18, OutputFormat.webm: 32}
 _CRF_RANGE = {OutputFormat.mp4: (0, 51), OutputFormat.webm: (0, 63)}
@@ -72,12 +88,47 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+def nvenc_status() -> NvencStatus:
+    """Whether ``h264_nvenc`` works in this process with this module's ffmpeg (checked once)."""
+    from pipelines.acceleration.nvenc import nvenc_status as check
+
+    return check(ffmpeg_exe(), video_filter=_TO_YUV420P_BT709)
+
+
+def resolve_codec(output_format: OutputFormat | str, codec: str = "auto") -> str:
+    """The encoder that ``codec`` means for ``output_format``.
+
+    ``auto``: for mp4, ``h264_nvenc`` when :func:`nvenc_status` says it works, else ``libx264``;
+    for webm and gif, their one (CPU) encoder. A named encoder must be one of the format's
+    (:data:`CODECS`), and ``h264_nvenc`` must work here.
+
+    Raises:
+        ValueError: an unknown codec, one that does not encode this format, or ``h264_nvenc``
+            where it does not work (the message says why).
+    """
+    fmt = OutputFormat(output_format)
+    if codec not in CODEC_CHOICES:
+        raise ValueError(f"unknown video codec {codec!r}: choose one of {', '.join(CODEC_CHOICES)}")
+    if codec == "auto":
+        if fmt is OutputFormat.mp4 and nvenc_status().available:
+            return "h264_nvenc"
+        return CODECS[fmt][0]
+    if codec not in CODECS[fmt]:
+        raise ValueError(f"codec {codec} does not encode {fmt.value}: use auto or {' or '.join(CODECS[fmt])}")
+    if codec == "h264_nvenc":
+        status = nvenc_status()
+        if not status.available:
+            raise ValueError(f"h264_nvenc cannot be used here: {status.reason}; use libx264 or auto")
+    return codec
+
+
 def encode_video(
     frames: np.ndarray,
     *,
     fps: float,
     output_format: OutputFormat | str = OutputFormat.mp4,
     crf: int | None = None,
+    codec: str = "auto",
 ) -> bytes:
     """Encode frames into a clip and return the file's bytes.
 
@@ -87,15 +138,18 @@ def encode_video(
         output_format: ``mp4`` (default), ``webm`` or ``gif``.
         crf: constant-rate factor; ``None`` uses :data:`DEFAULT_CRF` (mp4 18, range 0-51;
             webm 32, range 0-63). Not allowed for gif.
+        codec: ``auto`` (default) or an encoder of the format (:func:`resolve_codec`). When
+            ``auto`` chose ``h264_nvenc`` and the GPU refuses this clip (too small a frame, no
+            free encoder session), the clip is encoded with ``libx264`` instead.
 
     Raises:
-        ValueError: bad frames shape/dtype, odd size for mp4/webm, bad fps or crf.
+        ValueError: bad frames shape/dtype, odd size for mp4/webm, bad fps, crf or codec.
         FFmpegError: ffmpeg exited with an error.
     """
     fmt = OutputFormat(output_format)
     with tempfile.TemporaryDirectory(prefix="svd-encode-") as tmp:
         out = Path(tmp) / f"clip.{fmt.value}"
-        _encode_to_file(frames, out, fps=fps, fmt=fmt, crf=crf)
+        _encode_to_file(frames, out, fps=fps, fmt=fmt, crf=crf, codec=codec)
         return out.read_bytes()
 
 
@@ -106,6 +160,7 @@ def write_video(
     fps: float,
     output_format: OutputFormat | str | None = None,
     crf: int | None = None,
+    codec: str = "auto",
 ) -> Path:
     """Encode frames into ``path`` (replaced atomically) and return it.
 
@@ -128,7 +183,7 @@ def write_video(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        _encode_to_file(frames, tmp, fps=fps, fmt=fmt, crf=crf)
+        _encode_to_file(frames, tmp, fps=fps, fmt=fmt, crf=crf, codec=codec)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -191,12 +246,19 @@ def _validate(frames: np.ndarray, *, fps: float, fmt: OutputFormat, crf: int | N
             raise ValueError(f"crf for {fmt.value} must be an integer from {low} to {high}, got {crf!r}")
 
 
-def _codec_args(fmt: OutputFormat, crf: int | None) -> list[str]:
+def _codec_args(fmt: OutputFormat, crf: int | None, codec: str) -> list[str]:
     if fmt is OutputFormat.mp4:
+        quality = crf if crf is not None else DEFAULT_CRF[fmt]
+        if codec == "h264_nvenc":
+            from pipelines.acceleration.nvenc import nvenc_h264_args
+
+            encoder = nvenc_h264_args(quality)
+        else:
+            encoder = ["-c:v", "libx264", "-preset", "medium", "-crf", str(quality)]
         return [
             # Convert with the BT.709 matrix and tag it so: players assume BT.709 for HD video.
             "-vf", _TO_YUV420P_BT709,
-            "-c:v", "libx264", "-preset", "medium", "-crf", str(crf if crf is not None else DEFAULT_CRF[fmt]),
+            *encoder,
             "-pix_fmt", "yuv420p",
             "-movflags", "+faststart",
             "-f", "mp4",
@@ -218,22 +280,36 @@ def _codec_args(fmt: OutputFormat, crf: int | None) -> list[str]:
     ]  # fmt: skip
 
 
-def _encode_to_file(frames: np.ndarray, out: Path, *, fps: float, fmt: OutputFormat, crf: int | None) -> None:
+def _encode_to_file(frames: np.ndarray, out: Path, *, fps: float, fmt: OutputFormat, crf: int | None,
+                    codec: str) -> None:
     _validate(frames, fps=fps, fmt=fmt, crf=crf)
+    encoder = resolve_codec(fmt, codec)
+    try:
+        _run_encoder(frames, out, fps=fps, fmt=fmt, crf=crf, codec=encoder)
+    except FFmpegError:
+        if not (codec == "auto" and encoder == "h264_nvenc"):
+            raise
+        # The GPU refused this clip (a frame under NVENC's minimum size, every encoder session
+        # taken): the CPU encoder makes the same kind of file.
+        _run_encoder(frames, out, fps=fps, fmt=fmt, crf=crf, codec=CODECS[fmt][0])
+
+
+def _run_encoder(frames: np.ndarray, out: Path, *, fps: float, fmt: OutputFormat, crf: int | None,
+                 codec: str) -> None:
     _, height, width, _ = frames.shape
     cmd = [
         ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", f"{fps:g}",
         "-i", "pipe:0",
         "-an",
-        *_codec_args(fmt, crf),
+        *_codec_args(fmt, crf, codec),
         str(out),
     ]  # fmt: skip
     result = subprocess.run(
         cmd, input=np.ascontiguousarray(frames).tobytes(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     if result.returncode != 0:
-        raise FFmpegError(f"ffmpeg could not encode {fmt.value}: {_tail(result.stderr)}")
+        raise FFmpegError(f"ffmpeg could not encode {fmt.value} ({codec}): {_tail(result.stderr)}")
 
 
 def _decode(source: bytes | str | os.PathLike[str], *, pix_fmt: str) -> tuple[str, bytes]:

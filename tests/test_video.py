@@ -8,15 +8,22 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipelines.params import OutputFormat
+from pipelines.acceleration.nvenc import listed_encoders, nvenc_h264_args, trial_encode
+from pipelines.params import GenerationParams, OutputFormat
+from pipelines.payloads import DecodedFrames
+from pipelines.stages import VideoEncodeStage
 from pipelines.video import (
+    _TO_YUV420P_BT709,
+    CODECS,
     DEFAULT_CRF,
     FFmpegError,
     VideoInfo,
     decode_video_frames,
     encode_video,
     ffmpeg_exe,
+    nvenc_status,
     probe_video,
+    resolve_codec,
     write_video,
 )
 
@@ -211,3 +218,107 @@ def test_damaged_clips_fail_to_probe(clips, damage):
 def test_probe_missing_file(tmp_path):
     with pytest.raises(FFmpegError, match="does not exist"):
         probe_video(tmp_path / "nope.mp4")
+
+
+# -- codec choice: auto | libx264 | h264_nvenc (mp4), the CPU encoders of webm and gif -----------
+
+NVENC = nvenc_status()
+needs_no_nvenc = pytest.mark.skipif(NVENC.available, reason="NVENC works here: the fallback cannot be seen")
+
+
+def test_the_bundled_ffmpeg_lists_nvenc_so_the_other_checks_decide():
+    assert {"libx264", "h264_nvenc", "libvpx-vp9", "gif"} <= listed_encoders(ffmpeg_exe())
+
+
+def test_auto_picks_the_h264_encoder_nvenc_status_names():
+    expected = "h264_nvenc" if NVENC.available else "libx264"
+    assert resolve_codec("mp4", "auto") == expected
+    assert (resolve_codec("webm", "auto"), resolve_codec("gif", "auto")) == ("libvpx-vp9", "gif")
+
+
+@needs_no_nvenc
+def test_auto_falls_back_to_libx264_and_the_clip_plays(frames):
+    assert not NVENC.available and NVENC.reason
+    data = encode_video(frames, fps=7, codec="auto")
+    assert encode_video(frames, fps=7, codec="libx264") == data  # x264 is deterministic: the same encoder ran
+    info = probe_video(data)
+    assert (info.codec, info.pix_fmt, info.frames) == ("h264", "yuv420p", NUM_FRAMES)
+
+
+@needs_no_nvenc
+def test_explicit_nvenc_is_refused_with_the_reason(frames):
+    with pytest.raises(ValueError, match=r"h264_nvenc cannot be used here: .*use libx264 or auto") as info:
+        encode_video(frames, fps=7, codec="h264_nvenc")
+    assert NVENC.reason in str(info.value)
+    # At configuration time: building the stage fails, not each job.
+    with pytest.raises(ValueError, match="h264_nvenc cannot be used here"):
+        VideoEncodeStage(h264_codec="h264_nvenc")
+
+
+def test_building_the_stage_needs_no_ffmpeg_unless_nvenc_is_named(monkeypatch, tmp_path):
+    missing = str(tmp_path / "no-ffmpeg")
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", missing)
+    assert VideoEncodeStage().h264_codec == "auto" and VideoEncodeStage(h264_codec="libx264")
+    with pytest.raises(ValueError, match=f"h264_nvenc cannot be used here: cannot run ffmpeg {missing}"):
+        VideoEncodeStage(h264_codec="h264_nvenc")
+
+
+@pytest.mark.skipif(not listed_encoders(ffmpeg_exe()) >= {"h264_nvenc"}, reason="this ffmpeg has no NVENC")
+def test_trial_encode_reports_ffmpegs_first_error_when_nvenc_cannot_open():
+    error = trial_encode(ffmpeg_exe(), video_filter=_TO_YUV420P_BT709)
+    if NVENC.available:
+        assert error is None
+    else:
+        assert error and "\n" not in error and "h264_nvenc" in error
+
+
+@pytest.mark.parametrize(
+    "fmt, codec, match",
+    [
+        ("webm", "libx264", "codec libx264 does not encode webm: use auto or libvpx-vp9"),
+        ("gif", "h264_nvenc", "does not encode gif"),
+        ("mp4", "libvpx-vp9", "use auto or libx264 or h264_nvenc"),
+        ("mp4", "hevc_nvenc", "unknown video codec 'hevc_nvenc'"),
+        ("mp4", None, "unknown video codec None"),
+    ],
+)
+def test_codec_that_cannot_encode_the_format_is_rejected(frames, fmt, codec, match):
+    with pytest.raises(ValueError, match=match):
+        encode_video(frames, fps=7, output_format=fmt, codec=codec)
+
+
+@pytest.mark.parametrize("fmt, decoder", [("mp4", "h264"), ("webm", "vp9"), ("gif", "gif")])
+def test_each_formats_cpu_codec_by_name_decodes(frames, fmt, decoder):
+    data = encode_video(frames, fps=7, output_format=fmt, codec=CODECS[OutputFormat(fmt)][0])
+    info = probe_video(data)
+    assert (info.codec, info.frames) == (decoder, NUM_FRAMES)
+
+
+def test_nvenc_options_keep_the_quality_intent():
+    args = nvenc_h264_args(18)
+    assert args[args.index("-cq") + 1] == "18" and args[args.index("-b:v") + 1] == "0"
+    assert args[args.index("-rc") + 1] == "vbr" and args[args.index("-preset") + 1] == "p4"
+    # NVENC reads -cq 0 as "encoder's choice", so CRF 0 asks for the best constant quality it has.
+    assert nvenc_h264_args(0)[nvenc_h264_args(0).index("-cq") + 1] == "1"
+
+
+def test_video_encode_stage_uses_its_h264_codec_for_mp4_only(frames):
+    stage = VideoEncodeStage(h264_codec="libx264")
+    assert stage.mp4_encoder == "libx264" and stage.codec_for(OutputFormat.webm) == "auto"
+    for fmt, codec in (("mp4", "h264"), ("webm", "vp9")):
+        params = GenerationParams(seed=1, num_frames=NUM_FRAMES, fps=7, output_format=fmt).resolved(NUM_FRAMES)
+        video = stage(DecodedFrames(frames=frames), params)
+        assert probe_video(video.data).codec == codec
+    with pytest.raises(ValueError, match="h264_codec must be one of auto, libx264, h264_nvenc, got 'x264'"):
+        VideoEncodeStage(h264_codec="x264")
+    assert VideoEncodeStage().mp4_encoder == ("h264_nvenc" if NVENC.available else "libx264")
+
+
+@pytest.mark.skipif(not NVENC.available, reason="needs a GPU with NVENC and an ffmpeg built with it")
+def test_nvenc_clip_is_h264_yuv420p_and_close_to_the_input():
+    big = moving_square(num_frames=6, height=256, width=320)
+    data = encode_video(big, fps=7, codec="h264_nvenc")
+    info = probe_video(data)
+    assert (info.codec, info.pix_fmt, info.frames, info.width) == ("h264", "yuv420p", 6, 320)
+    error = np.abs(decode_video_frames(data).astype(np.int16) - big.astype(np.int16))
+    assert error.mean() < 4.0

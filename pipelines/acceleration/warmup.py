@@ -1,0 +1,130 @@
+"""Make a stage ready to serve: accelerate its network, load the compile cache, compile every
+warm-up shape by running the stage itself once per shape, save the cache, set the serving stance.
+
+The warm-up calls the real stage object (the same code a request runs), with synthetic inputs of
+the shape and the fewest sampling steps that exercise every graph (2), so what gets compiled is
+exactly what requests will call: guided batches, decode chunks and all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import PIL.Image
+import torch
+
+from ..params import GenerationParams
+from ..payloads import EncodedImage, SampledLatents
+from .cache import CompileCache, cache_key
+from .compile import accelerate_stage, attention_kernels, enter_serving_stance
+from .options import StageAcceleration, WarmupShape
+
+logger = logging.getLogger(__name__)
+
+#: Sampling steps in a warm-up run: the first step and a later one (a later step has the same
+#: shapes; two make sure nothing specialises on the first).
+WARMUP_STEPS = 2
+#: The SVD VAE's spatial downsampling (latents are width/8 x height/8).
+VAE_FACTOR = 8
+
+
+@dataclass
+class ReadyReport:
+    """What preparing a stage cost (logged, exported as metrics, shown by ``svd-serve warm-cache``)."""
+
+    stage: str
+    compiled: bool
+    cache: str
+    """``off`` (no cache configured or not compiled), ``hit`` or ``miss``."""
+    accelerate_s: float = 0.0
+    cache_load_s: float = 0.0
+    warmup_s: dict[str, float] = field(default_factory=dict)
+    """Seconds per warm-up shape (the compile happens inside the first call of each)."""
+    cache_save_s: float = 0.0
+    cache_bytes: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.accelerate_s + self.cache_load_s + sum(self.warmup_s.values()) + self.cache_save_s
+
+
+def prepare_stage(stage: str, *, components: dict[str, Any], stage_object: Any, options: StageAcceleration,
+                  shapes: Sequence[WarmupShape], cache: CompileCache | None = None) -> ReadyReport:
+    """Accelerate ``stage`` in place and compile its warm-up ``shapes``; returns the costs.
+
+    ``cache`` defaults to ``options.cache_dir``. Stages without a network (video encode, plugins)
+    and eager stages come back at once with ``compiled=False``."""
+    from .compile import STAGE_NETWORKS
+
+    if stage not in STAGE_NETWORKS:
+        return ReadyReport(stage=stage, compiled=False, cache="off")
+    started = time.perf_counter()
+    network = accelerate_stage(stage, components, options)
+    report = ReadyReport(stage=stage, compiled=options.compiled, cache="off",
+                         accelerate_s=time.perf_counter() - started)
+    if not options.compiled:
+        return report
+    if cache is None and options.cache_dir:
+        cache = CompileCache(options.cache_dir)
+    key = cache_key(stage=stage, network=network, options=options, shapes=shapes) if cache else None
+    if cache is not None:
+        started = time.perf_counter()
+        report.cache = "hit" if cache.load(key) else "miss"
+        report.cache_load_s = time.perf_counter() - started
+    if options.warmup:
+        report.warmup_s = warm_up(stage, stage_object, shapes=shapes, options=options)
+        if cache is not None and report.cache == "miss":
+            started = time.perf_counter()
+            report.cache_bytes = cache.save(key)
+            report.cache_save_s = time.perf_counter() - started
+    enter_serving_stance(options)
+    logger.info("stage %s ready in %.1f s (compile cache %s; warm-up %s)", stage, report.total_s, report.cache,
+                ", ".join(f"{k} {v:.1f}s" for k, v in report.warmup_s.items()) or "none")
+    return report
+
+
+def warm_up(stage: str, stage_object: Any, *, shapes: Sequence[WarmupShape],
+            options: StageAcceleration) -> dict[str, float]:
+    """Run the stage once per shape under the default compiler stance; seconds per shape."""
+    seconds: dict[str, float] = {}
+    with torch.compiler.set_stance("default"), attention_kernels(options):
+        for shape in shapes:
+            started = time.perf_counter()
+            run_once(stage, stage_object, shape)
+            _synchronize(stage_object)
+            seconds[shape.label()] = time.perf_counter() - started
+    return seconds
+
+
+def warmup_params(shape: WarmupShape, *, steps: int = WARMUP_STEPS) -> GenerationParams:
+    return GenerationParams(width=shape.width, height=shape.height, num_frames=shape.num_frames,
+                            num_inference_steps=steps, seed=0,
+                            decode_chunk_size=shape.decode_chunk_size).resolved(shape.num_frames)
+
+
+def run_once(stage: str, stage_object: Any, shape: WarmupShape) -> Any:
+    """One call of the stage on synthetic input of ``shape``."""
+    params = warmup_params(shape)
+    latent_hw = (shape.height // VAE_FACTOR, shape.width // VAE_FACTOR)
+    if stage == "image_encode":
+        return stage_object(PIL.Image.new("RGB", (shape.width, shape.height), (127, 127, 127)), params)
+    if stage == "sampling":
+        config = stage_object.unet.config
+        encoded = EncodedImage(
+            image_embeddings=torch.zeros(1, 1, config.cross_attention_dim),
+            image_latents=torch.zeros(1, config.in_channels // 2, *latent_hw),
+            generator_state=torch.Generator("cpu").manual_seed(0).get_state(),
+        )
+        return stage_object(encoded, params)
+    if stage == "decode":
+        channels = stage_object.vae.config.latent_channels
+        return stage_object(SampledLatents(latents=torch.zeros(1, shape.num_frames, channels, *latent_hw)), params)
+    raise ValueError(f"no warm-up for stage {stage!r}")
+
+
+def _synchronize(stage_object: Any) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
