@@ -19,6 +19,9 @@ a plan sits.
 
     python -m loadtest.capacity --rate 600/h --stage-seconds sampling=19.1,decode=3.4,image_encode=0.1
     python -m loadtest.capacity --rate 120/h --from-report loadtest-results/smoke/report.json
+
+``svd-serve capacity`` (:mod:`loadtest.capacity_cli`) runs the same model on labelled figures by
+model and GPU kind (``loadtest/capacity_figures.yaml``).
 """
 
 from __future__ import annotations
@@ -68,6 +71,15 @@ def erlang_c_wait(servers: int, offered: float, service_s: float) -> float | Non
     tail = last * servers / (servers - offered)
     probability_wait = tail / (total + tail)
     return probability_wait * service_s / (servers - offered)
+
+
+def parse_rate_per_hour(text: str) -> float:
+    """Videos per hour from ``600/h``, ``10/min``, ``0.2/s``; a bare number is per hour."""
+    rate = str(text).strip()
+    per_hour = float(rate) if rate.replace(".", "", 1).isdigit() else parse_rate(rate) * 3600.0
+    if not per_hour > 0:
+        raise ValueError(f"the target rate must be above 0: {text!r}")
+    return per_hour
 
 
 def plan(rate_per_hour: float, stage_seconds: dict[str, float], *, utilisation: float = 0.7,
@@ -183,8 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rate = args.rate.strip()
-        rate_h = float(rate) if rate.replace(".", "", 1).isdigit() else parse_rate(rate) * 3600.0
+        rate_h = parse_rate_per_hour(args.rate)
         if args.from_report:
             seconds = stage_seconds_from_report(json.loads(Path(args.from_report).read_text()))
         else:
