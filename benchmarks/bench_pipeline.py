@@ -128,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                       "ffmpeg": t2v.ffmpeg_version(),
                       **t2v.retime_benchmark(args)}
             t2v.print_retime(result)
+        elif args.fastpath:
+            from pipeline_bench.fastpath import run_fastpath
+
+            result = run_fastpath(args)
+            args.json = None  # written section by section already
         else:
             result = benchmark(args)
             print_report(result)

@@ -256,3 +256,38 @@ def test_model_zoo_benchmark_prints_its_three_tables():
     assert re.search(r"fine-tune of A \(own U-Net file\)\s+[\d.]+\s+1\s+2", out), out
     assert re.search(r"model A again \(loaded\)\s+[\d.]+\s+0\s+3", out), out
     assert "MB/s sha256" in out and "adapter active" in out and "x1.000" in out
+
+
+@pytest.mark.slow
+def test_fastpath_tiny_runs_every_section(tmp_path):
+    """--fastpath on CPU (Inductor's C++ backend, regional scope to keep the compile short): every
+    section runs and reports; compiled frames equal eager's; the warm start, a fresh process with
+    empty local caches, finds the compile cache and builds no graph from scratch."""
+    out = tmp_path / "fastpath.json"
+    result = run_bench("--fastpath", "--tiny", "--frames", "4", "--steps", "2", "--decode-chunk-size", "4",
+                       "--compile-scope", "regional", "--fp8", "--low-vram", "--budget-s", "3000",
+                       "--json", out, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    sections = data["sections"]
+    assert set(sections) == {"build", "eager", "low_vram", "compiled", "warm_start", "fp8"}, data["skipped"]
+    assert not any("error" in figures for figures in sections.values()), sections
+
+    eager, compiled = sections["eager"], sections["compiled"]
+    assert set(eager["stage_s"]) == set(compiled["stage_s"]) == {"sampling", "decode"}
+    assert eager["host_transfer"]["uint8"]["host_bytes"] * 4 == eager["host_transfer"]["float32"]["host_bytes"]
+    assert compiled["cold_start"]["sampling"]["cache"] == "miss"
+    assert compiled["cold_start"]["sampling"]["cache_bytes"] > 0
+    difference = compiled["difference_to_eager"]
+    # fp32 on CPU: reordered reductions only (measured 3e-6; bf16 on an H200 gives ~1e-2).
+    assert difference["finite"] and difference["latents_rel_rmse"] < 1e-4 and difference["frames_max_abs"] <= 1
+
+    warm = sections["warm_start"]
+    assert warm["stages"]["sampling"]["cache"] == "hit"
+    assert warm["inductor"].get("fxgraph_cache_hit", 0) >= 1 and warm["inductor"].get("fxgraph_cache_miss", 0) == 0
+    assert warm["process_started_s"] < warm["imports_done_s"] <= warm["weights_loaded_s"] < warm["ready_s"]
+
+    fp8 = sections["fp8"]
+    assert fp8["linears_fp8"] > 0
+    # Approximate by design: close to bf16/fp32, never equal.
+    assert 25 < fp8["quality_vs_bf16_compiled"]["psnr_db"] < 200 and 0.9 < fp8["quality_vs_bf16_compiled"]["ssim"] < 1

@@ -35,6 +35,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--retime", action="store_true",
                       help="time frame retiming (blend, mci) and the H.264 encode on synthetic frames, without "
                            "models (default: 49 frames 1024x576 over 8 s -> 24 fps)")
+    parser.add_argument("--fastpath", action="store_true",
+                        help="eager vs compiled stages side by side, cold vs warm replica start through the compile "
+                             "cache, and with --fp8 / --low-vram their figures (full SVD-XT on a GPU; with --tiny on CPU)")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="--fastpath: torch.compile mode of the compiled run (default: default)")
+    parser.add_argument("--compile-scope", choices=["full", "regional"], default="full",
+                        help="--fastpath: compile whole networks or their repeated blocks (default: full)")
+    parser.add_argument("--compile-vae", action="store_true", help="--fastpath: compile the VAE decoder too")
+    parser.add_argument("--fp8", action="store_true",
+                        help="--fastpath: also run the U-Net with float8 linears (approximate): speed and PSNR/SSIM")
+    parser.add_argument("--low-vram", action="store_true",
+                        help="--fastpath: also measure activation peaks per stage and setting (CUDA only)")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="--fastpath: skip sections that would end after this many seconds (default: 480)")
+    parser.add_argument("--warm-timeout-s", type=float, default=300.0,
+                        help="--fastpath: the warm-start child's time limit (default: 300)")
+    parser.add_argument("--work-dir", default=None,
+                        help="--fastpath: weights and compile cache (default: next to --json, else out/fastpath-work)")
     parser.add_argument("--text-to-video", action="store_true",
                         help="also build the text-to-image model (--tiny: tiny SDXL; else SDXL base 1.0 architecture, "
                              "random weights) and time the prompt-only route next to image-to-video")
@@ -87,6 +106,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key in ("steps", "t2i_steps"):
         if getattr(args, key) is None:
             setattr(args, key, FULL_DEFAULTS[key])
+    fastpath_only = [flag for flag in ("compile_vae", "fp8", "low_vram") if getattr(args, flag)]
+    if fastpath_only and not args.fastpath:
+        parser.error(f"--{fastpath_only[0].replace('_', '-')} is a --fastpath option")
+    if args.fastpath and (args.boundaries or args.count_flops or args.retime or args.text_to_video
+                          or args.duration is not None or args.compile):
+        parser.error("--fastpath runs image-to-video stages only; combine it with --tiny and the --fastpath options")
     if args.repeat < 1 or args.warmup < 0:
         parser.error("--repeat must be >= 1 and --warmup >= 0")
     if (args.count_flops or args.retime) and args.text_to_video:
