@@ -9,6 +9,7 @@ from typing import Any
 from ray import serve
 
 from .api.app import create_api
+from .api.errors import HTTPErrorMetrics, export_zero_error_series
 from .api.service import VideoService
 from .api.startup import ReadinessGate, StartupReadiness
 from .config import AppConfig
@@ -17,7 +18,7 @@ from .lifecycle import JobLifecycle
 from .metering import make_usage_ledger
 from .metering.api import usage_router
 from .storage import make_storage
-from .telemetry import setup_tracing
+from .telemetry import setup_tracing, timed_replica
 from .tenants import TenantRegistry
 from .zoo import ModelCatalog, make_model_store
 
@@ -28,6 +29,7 @@ TEXT_TO_IMAGE_INFO_TIMEOUT_S = 2.0
 
 @serve.deployment(name="Ingress", logging_config={"encoding": "JSON"})
 @serve.ingress()
+@timed_replica  # svd_replica_starts_total / svd_replica_ready_seconds
 class Ingress:
     def __init__(self, config: dict[str, Any], runner, model_stage, text_to_image=None) -> None:
         self.config = AppConfig.model_validate(config)
@@ -54,6 +56,7 @@ class Ingress:
         )
         #: Latched on the first successful readiness check (``/readyz`` or the gate's own).
         self.readiness = StartupReadiness(self._ready)
+        export_zero_error_series()
 
     async def model_info(self, model_id: str | None = None) -> dict[str, Any]:
         """What a model defaults to (frames), asked of a model stage replica once per model (it
@@ -87,5 +90,7 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         app = create_api(self.service, self.tenants, ready=self.readiness.check, on_ended=self.lifecycle.ended,
                          routers=[usage_router(self.ledger, self.tenants.authenticate)])
-        app.add_middleware(ReadinessGate, readiness=self.readiness)  # outermost: before any other work
+        app.add_middleware(ReadinessGate, readiness=self.readiness)  # before any other work
+        # Outermost: counts every error response, the gate's 503s included.
+        app.add_middleware(HTTPErrorMetrics, authenticate=self.tenants.authenticate)
         return app

@@ -25,10 +25,10 @@ from .config import AppConfig
 from pipelines.params import GenerationParams
 from pipelines.segments import plan_for
 
-from .jobstore import Job, JobStore, WebhookDelivery, segment_file
+from .jobstore import Job, JobStatus, JobStore, WebhookDelivery, segment_file
 from .metering import UsageLedger, gpu_share_from_config, usage_record_for
 from .storage import Storage, job_key
-from .telemetry import log_extra, metrics
+from .telemetry import add, emit, log_extra
 from .tenants import TenantRegistry
 from .webhooks import (
     EVENT_PROGRESS,
@@ -51,6 +51,7 @@ class JobLifecycle:
                  storage: Storage | None = None, owner: str | None = None) -> None:
         self.store, self.ledger, self.tenants, self.storage = store, ledger, tenants, storage
         self.gpu_share = gpu_share_from_config(config.stages)
+        self.default_model = config.resolved_model_id()  # a job's ``model`` label when it names none
         self.base_url = config.public_url or ""
         self.sender = WebhookSender.from_config(config.webhooks, allow=config.url_allowlist)
         self.keep_attempts = config.webhooks.max_recorded_attempts
@@ -107,16 +108,22 @@ class JobLifecycle:
     def _meter(self, job: Job) -> None:
         record = usage_record_for(job, self.gpu_share)
         first = self.ledger.record(record)
-        recorder = metrics()
-        if recorder is None:
+        if not first:  # ended before (a second runner or the janitor settling it again): counted then
             return
-        recorder.jobs_total.inc(tags={"status": job.status.value, "tenant": job.tenant})
-        if first and record.charged:
-            if record.video_seconds:
-                recorder.video_seconds.inc(record.video_seconds, tags={"tenant": job.tenant})
-            for stage, seconds in record.gpu_seconds.items():
-                if seconds:
-                    recorder.gpu_seconds.inc(seconds, tags={"tenant": job.tenant, "stage": stage})
+        model = job.model or self.default_model
+
+        def count(recorder) -> None:
+            recorder.jobs_total.inc(tags={"status": job.status.value, "tenant": job.tenant, "model": model})
+            if job.status is JobStatus.FAILED:
+                code = job.error.code if job.error is not None else "unknown"
+                recorder.job_errors.inc(tags={"code": code, "tenant": job.tenant, "model": model})
+            if record.charged:
+                if record.video_seconds:
+                    recorder.video_seconds.inc(record.video_seconds, tags={"tenant": job.tenant})
+                for stage, seconds in record.gpu_seconds.items():  # a stage on CPU (no GPU share): at 0
+                    add(recorder.gpu_seconds, seconds, {"tenant": job.tenant, "stage": stage})
+
+        emit(count)
 
     def _secret_of(self, tenant: str) -> str | None:
         found = self.tenants.get(tenant)

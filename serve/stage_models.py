@@ -32,7 +32,7 @@ from pipelines.loader import load_stage_components, read_pipeline_file
 from pipelines.loader.unet_checkpoint import fetch_adapter
 from pipelines.registry import StageSpec
 
-from .telemetry import metrics, tracer
+from .telemetry import add, emit, tracer
 from .zoo import ModelCatalog, ModelUnavailableError, Weights
 
 logger = logging.getLogger("ray.serve.svd_serve")
@@ -144,9 +144,13 @@ class StageModels:
                                         "can find why in the logs)") from None
         release = self._releaser(adapters, adapter_name(key)) if adapters is not None else None
         seconds = time.perf_counter() - start
-        recorder = metrics()
-        if recorder is not None:
-            recorder.model_load_seconds.observe(seconds, tags={"stage": self.spec.name, "model": model_id})
+        tags = {"stage": self.spec.name, "model": model_id}
+
+        def loaded(recorder) -> None:
+            recorder.model_load_seconds.observe(seconds, tags=tags)
+            add(recorder.model_evictions, 0, tags)  # the model's eviction count exists from its load on
+
+        emit(loaded)
         logger.info("%s loaded model %s in %.2fs", self.spec.name, key, seconds)
         self.load_seconds[model_id] = seconds
         return LoadedModel(key, stage, load_seconds=seconds, adapters=adapters, on_evicted=self._evicted,
@@ -218,9 +222,8 @@ class StageModels:
 
     def _evicted(self, model: LoadedModel) -> None:
         self.evictions += 1
-        recorder = metrics()
-        if recorder is not None:
-            recorder.model_evictions.inc(tags={"stage": self.spec.name, "model": model.model_id})
+        stage_name = self.spec.name
+        emit(lambda m: m.model_evictions.inc(tags={"stage": stage_name, "model": model.model_id}))
         logger.info("%s unloaded model %s", self.spec.name, model.key)
 
 

@@ -45,12 +45,14 @@ from .jobstore import THUMBNAIL_CONTENT_TYPE, make_job_store, thumbnail_key_for
 from .stage_models import LoadedModel, StageModels
 from .storage import make_storage
 from .zoo import ModelCatalog, make_model_store, model_id_for
-from .telemetry import log_extra, metrics, set_torch_threads, setup_tracing, span_from_carrier, tracer
+from .telemetry import (add, emit, log_extra, set_torch_threads, setup_tracing, span_from_carrier, timed_replica,
+                        tracer)
 
 logger = logging.getLogger("ray.serve.svd_serve")
 
 
 @serve.deployment(logging_config={"encoding": "JSON"})
+@timed_replica  # svd_replica_starts_total / svd_replica_ready_seconds: the whole constructor, loads included
 class StageReplica:
     def __init__(self, config: dict[str, Any], stage: str) -> None:
         self.config = AppConfig.model_validate(config)  # imports stage_modules: the registry matches the driver's
@@ -239,11 +241,16 @@ class StageReplica:
                                                                       "svd.model": model.source}):
             stage = self.spec.build(load_stage_components(self.spec, model))
         seconds = time.perf_counter() - start
-        recorder = metrics()
-        if recorder is not None:
-            recorder.model_load_seconds.observe(seconds, tags={"stage": self.spec.name, "model": model.source})
+        model_id = model_id_for(model.source)
+        tags = {"stage": self.spec.name, "model": model_id}
+
+        def loaded(recorder) -> None:
+            recorder.model_load_seconds.observe(seconds, tags=tags)
+            add(recorder.model_evictions, 0, tags)  # the model's eviction count exists from its load on
+
+        emit(loaded)
         logger.info("%s loaded %s in %.2fs", self.spec.name, model.source, seconds)
-        return LoadedModel(model_id_for(model.source), stage, load_seconds=seconds)
+        return LoadedModel(model_id, stage, load_seconds=seconds)
 
     def _memory_budget_bytes(self, stage: Any) -> int | None:
         """A stage that sizes its work by GPU memory (the decoder's chunks) gets this replica's
@@ -292,23 +299,27 @@ class StageReplica:
                    hooks: dict[str, Any], timings: dict[str, float]) -> StageOutput:
         """In a worker thread: the stage itself (timed), then the clip's upload if it is the last."""
         start = time.perf_counter()
+        stage_name = self.spec.name
         try:
-            values = [self._resolve(name, value, params) for name, value in zip(self.spec.inputs, values)]
-            with model.applied() as stage:
-                value = to_host(stage(*values, params, **hooks))
-        finally:
-            model.release()
-        if ctx.segment_key and isinstance(value, DecodedFrames):
-            value = self._store_segment(ctx, value, params)
-        seconds = time.perf_counter() - start
-        timings = {**timings, self.spec.name: timings.get(self.spec.name, 0.0) + seconds}
-        recorder = metrics()
-        if recorder is not None:
-            recorder.stage_seconds.observe(seconds, tags={"stage": self.spec.name})
-        logger.info("%s done in %.3fs", self.spec.name, seconds, extra=log_extra(ctx.job_id, stage=self.spec.name))
-        if self.spec.output == FINAL_VALUE and isinstance(value, EncodedVideo):
-            value = self._store(ctx, value, timings)
-        return StageOutput(value=value, timings=timings)
+            try:
+                values = [self._resolve(name, value, params) for name, value in zip(self.spec.inputs, values)]
+                with model.applied() as stage:
+                    value = to_host(stage(*values, params, **hooks))
+            finally:
+                model.release()
+            if ctx.segment_key and isinstance(value, DecodedFrames):
+                value = self._store_segment(ctx, value, params)
+            seconds = time.perf_counter() - start
+            timings = {**timings, stage_name: timings.get(stage_name, 0.0) + seconds}
+            emit(lambda m: m.stage_seconds.observe(seconds, tags={"stage": stage_name, "model": model.model_id}))
+            logger.info("%s done in %.3fs", stage_name, seconds, extra=log_extra(ctx.job_id, stage=stage_name))
+            if self.spec.output == FINAL_VALUE and isinstance(value, EncodedVideo):
+                value = self._store(ctx, value, timings)
+            return StageOutput(value=value, timings=timings)
+        finally:  # busy for every request, failed or cancelled ones and the clip's upload included
+            busy = time.perf_counter() - start
+            if busy > 0:
+                emit(lambda m: m.stage_busy_seconds.inc(busy, tags={"stage": stage_name}))
 
     def _resolve(self, name: str, value: Any, params: GenerationParams) -> Any:
         """An input as the stage takes it. The source (the conditioning image) arrives as the stored

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from serve.jobstore.buckets import check_bucket_args, refill
 from serve.jobstore.changes import QUEUE_CHANNEL, JobChanges
@@ -50,6 +51,13 @@ from serve.jobstore.transitions import JobTransitions
 Mutation = Callable[[Job], bool]
 
 DEFAULT_RETENTION_S = 24 * 3600.0
+
+
+class TenantJobCounts(NamedTuple):
+    """One tenant's queued and in-progress jobs (:meth:`JobStore.tenant_job_counts`)."""
+
+    queued: int
+    running: int
 
 
 class JobStoreError(RuntimeError):
@@ -140,6 +148,15 @@ class JobStore(JobTransitions, DeliveryQueue, ABC):
     @abstractmethod
     def running_count(self, tenant: str | None = None) -> int:
         """In-progress jobs, of one tenant or in all."""
+
+    def tenant_job_counts(self, tenants: Iterable[str] = ()) -> dict[str, TenantJobCounts]:
+        """Queued and running jobs of each tenant that has any (for the janitor's per-tenant
+        gauges). ``tenants``: names to look at besides those with queued jobs (a backend that
+        cannot list tenants with running jobs counts these). This default asks two counts per
+        tenant; the backends answer in one query or one round trip."""
+        names = {job.tenant for job in self.queued_heads()} | set(tenants)
+        counts = {name: TenantJobCounts(self.queue_depth(name), self.running_count(name)) for name in names}
+        return {name: count for name, count in counts.items() if count.queued or count.running}
 
     @abstractmethod
     def queue_position(self, job_id: str) -> int | None:

@@ -58,7 +58,6 @@ from serve.db.redis import (
     check_key_prefix,
     connect_redis,
     ping_redis,
-    redis_errors,
     redis_key,
 )
 from serve.jobstore.base import (
@@ -69,7 +68,9 @@ from serve.jobstore.base import (
     QueueFullError,
 )
 from serve.jobstore.changes import RedisChanges
+from serve.jobstore.counted import counted_errors
 from serve.jobstore.deliveries import WEBHOOK_CHANNEL, terminal_delivery
+from serve.jobstore.redis_counts import RedisTenantCounts
 from serve.jobstore.redis_deliveries import RedisDeliveries
 from serve.jobstore.redis_scripts import _HDEL_IF_EQUAL, _HOLD_LEASE, _SREM_IF_EMPTY, _TAKE_TOKEN
 from serve.jobstore.listing import ListOrder, encode_cursor
@@ -94,10 +95,10 @@ def _visible(job: Job | None, tenant: str | None) -> Job | None:
     return None if job is None or (tenant is not None and job.tenant != tenant) else job
 
 
-_translate = redis_errors()
+_translate = counted_errors(redis_lib.RedisError, backend="redis")  # JobStoreError, counted
 
 
-class RedisJobStore(RedisDeliveries, JobStore):
+class RedisJobStore(RedisTenantCounts, RedisDeliveries, JobStore):
     def __init__(
         self,
         url: str,

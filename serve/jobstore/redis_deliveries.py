@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve.db.redis import redis_errors
+import redis as redis_lib
+
+from serve.jobstore.counted import counted_errors
 from serve.jobstore.deliveries import WEBHOOK_CHANNEL, DeliveryQueue, WebhookDelivery
 
 #: KEYS[1] = due zset, KEYS[2] = the delivery's hash; ARGV = event id, due, data, attempts, first, job id.
@@ -66,7 +68,7 @@ redis.call('HSET', KEYS[1], 'data', ARGV[2])
 return 1
 """
 
-_translate = redis_errors()
+_translate = counted_errors(redis_lib.RedisError, backend="redis")  # JobStoreError, counted
 
 
 def _num(value: float | None) -> str:

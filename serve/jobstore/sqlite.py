@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
-from serve.db.sqlite import SqliteDatabase, sqlite_errors
+from serve.db.sqlite import SqliteDatabase
 
 from serve.jobstore.base import (
     DEFAULT_RETENTION_S,
     JobStore,
     Mutation,
+    TenantJobCounts,
 )
 from serve.jobstore.changes import SocketChanges
+from serve.jobstore.counted import counted_errors
 from serve.jobstore.deliveries import WEBHOOK_CHANNEL, terminal_delivery
 from serve.jobstore.sqlite_deliveries import DELIVERY_SCHEMA, SqliteDeliveries
 from serve.jobstore.listing import ListOrder, encode_cursor
@@ -94,7 +96,7 @@ def _load(conn: sqlite3.Connection, job_id: str, tenant: str | None) -> Job | No
     return None if tenant is not None and job.tenant != tenant else job
 
 
-_translate = sqlite_errors()
+_translate = counted_errors(sqlite3.Error, backend="sqlite")  # JobStoreError, counted
 
 
 class SqliteJobStore(SqliteDeliveries, JobStore):
@@ -311,6 +313,18 @@ class SqliteJobStore(SqliteDeliveries, JobStore):
     @_translate
     def running_count(self, tenant: str | None = None) -> int:
         return self._count(JobStatus.IN_PROGRESS, tenant)
+
+    @_translate
+    def tenant_job_counts(self, tenants: Iterable[str] = ()) -> dict[str, TenantJobCounts]:
+        rows = self._db.conn().execute(
+            "SELECT tenant, status, COUNT(*) FROM jobs WHERE status IN (?, ?) GROUP BY tenant, status",
+            (JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value)).fetchall()
+        counts: dict[str, TenantJobCounts] = {}
+        for tenant, status, count in rows:
+            queued, running = counts.get(tenant, TenantJobCounts(0, 0))
+            counts[tenant] = TenantJobCounts(int(count), running) if status == JobStatus.QUEUED.value \
+                else TenantJobCounts(queued, int(count))
+        return counts
 
     @_translate
     def queue_position(self, job_id: str) -> int | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from serve.db.sqlite import sqlite_errors
+from serve.jobstore.counted import counted_errors
 from serve.jobstore.deliveries import WEBHOOK_CHANNEL, DeliveryQueue, WebhookDelivery
 
 DELIVERY_SCHEMA = """
@@ -38,7 +38,7 @@ def _delivery(row: tuple) -> WebhookDelivery:
         update={"attempts": attempts, "first_attempt_at": first, "due_at": due, "lease_owner": owner})
 
 
-_translate = sqlite_errors()
+_translate = counted_errors(sqlite3.Error, backend="sqlite")  # JobStoreError, counted
 
 
 class SqliteDeliveries(DeliveryQueue):

@@ -45,10 +45,22 @@ __all__ = [
 ]
 
 
+#: ``svd_storage_errors_total`` series exported at 0 by every process that opens storage, so alert
+#: expressions on them (credentials, access_denied) have data before the first error.
+ZERO_OPS = ("put", "get", "presign")
+
+
 def make_storage(config: StorageConfig) -> Storage:
     """The backend that ``config`` (a ``serve.config.StorageConfig``) selects."""
     if config.backend == "local":
-        return LocalStorage(config.local_dir, prefix=config.prefix, signing_key_env=config.url_signing_key_env)
-    if config.backend == "s3":
-        return S3Storage(config)
-    raise ValueError(f"unknown storage backend {config.backend!r}")
+        storage: Storage = LocalStorage(config.local_dir, prefix=config.prefix,
+                                        signing_key_env=config.url_signing_key_env)
+    elif config.backend == "s3":
+        storage = S3Storage(config)
+    else:
+        raise ValueError(f"unknown storage backend {config.backend!r}")
+    from serve.telemetry import STORAGE_REASONS, zero_counters
+
+    zero_counters("storage_errors", [{"backend": config.backend, "op": op, "reason": reason}
+                                     for op in ZERO_OPS for reason in STORAGE_REASONS])
+    return storage

@@ -23,8 +23,10 @@ __all__ = [
     "StoredObject",
     "check_key",
     "check_prefix",
+    "count_storage_error",
     "job_key",
     "job_prefix",
+    "os_error_reason",
     "validate_id",
     "validate_name",
 ]
@@ -128,6 +130,25 @@ def check_prefix(prefix: str) -> str:
     if isinstance(prefix, str) and prefix.endswith("/"):
         prefix = prefix[:-1]
     return check_key(prefix)
+
+
+# ------------------------------------------------------------------------------- metrics
+def count_storage_error(*, backend: str, op: str, reason: str) -> None:
+    """Count one failed storage call in ``svd_storage_errors_total{backend, op, reason}`` (``op``:
+    put, get, presign, delete, exists, list; ``reason``: credentials, access_denied, not_found,
+    other). Nothing happens outside a Ray worker."""
+    from serve.telemetry import count_storage_error as count
+
+    count(backend=backend, op=op, reason=reason)
+
+
+def os_error_reason(exc: OSError) -> str:
+    """``svd_storage_errors_total``'s reason of a failed file operation."""
+    if isinstance(exc, PermissionError):
+        return "access_denied"
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        return "not_found"
+    return "other"
 
 
 # ---------------------------------------------------------------------------------- interface

@@ -40,6 +40,8 @@ from serve.storage.base import (
     StoredObject,
     check_key,
     check_prefix,
+    count_storage_error,
+    os_error_reason,
 )
 
 logger = logging.getLogger(__name__)
@@ -108,9 +110,9 @@ class LocalStorage(Storage):
         try:
             return open(path, "rb")  # noqa: SIM115 - the caller closes it
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise ObjectNotFound(key) from None
+            raise _missing("get", key) from None
         except OSError as exc:
-            raise StorageError(f"local storage: cannot read {key}: {exc.strerror or exc}") from exc
+            raise _failed("get", f"cannot read {key}", exc) from exc
 
     # ----------------------------------------------------------------------------- objects
     def put(self, key: str, data: bytes, *, content_type: str) -> StoredObject:
@@ -128,7 +130,7 @@ class LocalStorage(Storage):
             os.replace(tmp, path)
             tmp = None
         except OSError as exc:
-            raise StorageError(f"local storage: cannot write {key}: {exc.strerror or exc}") from exc
+            raise _failed("put", f"cannot write {key}", exc) from exc
         finally:
             if tmp is not None:
                 try:
@@ -142,7 +144,7 @@ class LocalStorage(Storage):
             try:
                 return fh.read()
             except OSError as exc:
-                raise StorageError(f"local storage: cannot read {key}: {exc.strerror or exc}") from exc
+                raise _failed("get", f"cannot read {key}", exc) from exc
 
     def iter_chunks(self, key: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
         if chunk_size <= 0:
@@ -168,7 +170,7 @@ class LocalStorage(Storage):
         except IsADirectoryError:
             pass  # a "folder", not an object
         except OSError as exc:
-            raise StorageError(f"local storage: cannot delete {key}: {exc.strerror or exc}") from exc
+            raise _failed("delete", f"cannot delete {key}", exc) from exc
 
     def delete_prefix(self, prefix: str) -> int:
         top = self._resolve(check_prefix(prefix))
@@ -192,7 +194,7 @@ class LocalStorage(Storage):
                         _rmdir_quiet(sub)
             _rmdir_quiet(top)
         except OSError as exc:
-            raise StorageError(f"local storage: cannot delete {prefix}/: {exc.strerror or exc}") from exc
+            raise _failed("delete", f"cannot delete {prefix}/", exc) from exc
         return deleted
 
     def exists(self, key: str) -> bool:
@@ -203,11 +205,11 @@ class LocalStorage(Storage):
         try:
             st = path.stat()
         except (FileNotFoundError, NotADirectoryError):
-            raise ObjectNotFound(key) from None
+            raise _missing("exists", key) from None
         except OSError as exc:
-            raise StorageError(f"local storage: cannot stat {key}: {exc.strerror or exc}") from exc
+            raise _failed("exists", f"cannot stat {key}", exc) from exc
         if not path.is_file():
-            raise ObjectNotFound(key)
+            raise _missing("exists", key)
         return st.st_size
 
     def presigned_url(
@@ -266,8 +268,7 @@ class LocalStorage(Storage):
                                path, mode & 0o777)
             return _checked_key(path.read_bytes().strip(), f"the key file {path}")
         except OSError as exc:
-            raise StorageError(f"local storage: cannot read or create the URL signing key file {path}: "
-                               f"{exc.strerror or exc}") from exc
+            raise _failed("presign", f"cannot read or create the URL signing key file {path}", exc) from exc
 
     def ping(self) -> bool:
         try:
@@ -276,6 +277,17 @@ class LocalStorage(Storage):
         except OSError as exc:
             logger.warning("local storage %s is not usable: %s", self.base, exc.strerror or exc)
             return False
+
+
+def _failed(op: str, what: str, exc: OSError) -> StorageError:
+    """The StorageError of a failed file operation (``what``: "cannot write KEY"), counted."""
+    count_storage_error(backend="local", op=op, reason=os_error_reason(exc))
+    return StorageError(f"local storage: {what}: {exc.strerror or exc}")
+
+
+def _missing(op: str, key: str) -> ObjectNotFound:
+    count_storage_error(backend="local", op=op, reason="not_found")
+    return ObjectNotFound(key)
 
 
 def _checked_key(key: bytes, where: str) -> bytes:

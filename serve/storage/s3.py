@@ -26,6 +26,7 @@ from serve.storage.base import (
     StoredObject,
     check_key,
     check_prefix,
+    count_storage_error,
 )
 
 if TYPE_CHECKING:
@@ -38,6 +39,21 @@ __all__ = ["S3Storage", "content_disposition"]
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
 # Defence in depth: access key ids never reach a message even if a store echoes one.
 _ACCESS_KEY_RE = re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA)[A-Z0-9]{12,}\b")
+
+
+#: ``svd_storage_errors_total``'s ``op`` of each S3 operation this backend calls.
+METRIC_OPS = {"PutObject": "put", "GetObject": "get", "HeadObject": "exists", "DeleteObject": "delete",
+              "DeleteObjects": "delete", "ListObjectsV2": "list", "presign GetObject": "presign"}
+#: ... and its ``reason`` of each kind of S3 failure (the rest: other).
+_METRIC_REASONS = {"bad_credentials": "credentials", "no_credentials": "credentials",
+                   "access_denied": "access_denied", "not_found": "not_found"}
+
+
+def failure_reason(failure: s3client.S3Failure) -> str:
+    """credentials (ExpiredToken, InvalidAccessKeyId, SignatureDoesNotMatch, none found),
+    access_denied (AccessDenied, a 403), not_found (NoSuchKey, a 404), or other (NoSuchBucket
+    included: a configuration error, not a missing object)."""
+    return _METRIC_REASONS.get(failure.kind, "other")
 
 
 def _one_line(text: object, limit: int = 300) -> str:
@@ -111,7 +127,9 @@ class S3Storage(Storage):
         return f"s3://{self.bucket}/{self._full(key)}" if key is not None else f"s3://{self.bucket}"
 
     def _error(self, op: str, key: str | None, exc: Exception) -> StorageError:
+        """The StorageError of a failed call (``op``: the S3 operation), counted."""
         failure = s3client.classify(exc)
+        count_storage_error(backend="s3", op=METRIC_OPS.get(op, "get"), reason=failure_reason(failure))
         if failure.kind == "no_such_bucket":
             detail = "NoSuchBucket: the bucket does not exist"
         elif failure.answered:
@@ -120,9 +138,11 @@ class S3Storage(Storage):
             detail = f"{type(exc).__name__}: {exc}"
         return StorageError(_one_line(f"S3 {op} failed for {self._where(key)}: {detail}", 500))
 
-    def _call(self, op: str, key: str | None, fn: Any, /, *, reads: bool = False, **kwargs: Any) -> Any:
-        """Run one client call; for a read (``reads``) of ``key`` not-found becomes ObjectNotFound,
-        every other failure a StorageError."""
+    def _call(self, op: str, key: str | None, fn: Any, /, *, reads: bool = False, missing_is_error: bool = True,
+              **kwargs: Any) -> Any:
+        """Run one client call; for a read (``reads``) of ``key`` not-found becomes ObjectNotFound
+        (counted as an error unless the caller only asks whether it exists), every other failure a
+        StorageError."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -133,6 +153,8 @@ class S3Storage(Storage):
                 if code != "NoSuchKey":
                     # HEAD answers a bare 404 for a missing bucket too: tell them apart (once).
                     self._check_bucket(op, key)
+                if missing_is_error:
+                    count_storage_error(backend="s3", op=METRIC_OPS.get(op, "get"), reason="not_found")
                 raise ObjectNotFound(key) from None
             raise self._error(op, key, exc) from exc
         except BotoCoreError as exc:
@@ -157,8 +179,9 @@ class S3Storage(Storage):
             raise self._error(op, key, exc) from exc
         self._bucket_checked = True
 
-    def _head(self, key: str, op: str) -> dict[str, Any]:
-        return self._call(op, key, self.client.head_object, reads=True, Key=self._full(check_key(key)))
+    def _head(self, key: str, op: str, *, missing_is_error: bool = True) -> dict[str, Any]:
+        return self._call(op, key, self.client.head_object, reads=True, missing_is_error=missing_is_error,
+                          Key=self._full(check_key(key)))
 
     # ----------------------------------------------------------------------------- objects
     def put(self, key: str, data: bytes, *, content_type: str) -> StoredObject:
@@ -229,6 +252,8 @@ class S3Storage(Storage):
             errors = resp.get("Errors") or []
             if errors:
                 first = errors[0]
+                count_storage_error(backend="s3", op="delete",  # per-key errors: AccessDenied, InternalError
+                                    reason="access_denied" if first.get("Code") == "AccessDenied" else "other")
                 raise StorageError(_one_line(
                     f"S3 DeleteObjects failed for {len(errors)} of {len(batch)} objects under "
                     f"s3://{self.bucket}/{folder}: first s3://{self.bucket}/{first.get('Key')}: "
@@ -250,7 +275,7 @@ class S3Storage(Storage):
 
     def exists(self, key: str) -> bool:
         try:
-            self._head(key, "HeadObject")
+            self._head(key, "HeadObject", missing_is_error=False)
         except ObjectNotFound:
             return False
         return True

@@ -23,7 +23,7 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping  # noqa: F401 - Awaitable: in Record below
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from pipelines.urls import redact_url
 
 from ..config import WebhookConfig
+from ..telemetry import count_webhook_delivery
 from ..urlguard import BlockedURLError, UnresolvableHostError, URLPolicy, async_guarded_client
 from .events import EVENT_TYPES, TERMINAL_EVENT_TYPES, encode_body, iso_utc, new_event_id
 from .signing import signed_headers
@@ -107,6 +108,15 @@ class Attempt:
     status_code: int | None
     error: str | None
     next_retry_in_s: float | None
+
+
+def metric_outcome(outcome: Outcome, error: str | None) -> str:
+    """``svd_webhook_deliveries_total``'s ``outcome`` of one attempt: delivered, retry (another
+    attempt follows), blocked (the URL is not allowed) or failed (given up, or refused by the
+    receiver)."""
+    if outcome in ("delivered", "retry"):
+        return outcome
+    return "blocked" if outcome == "rejected" and (error or "").startswith("url_not_allowed") else "failed"
 
 
 def check_event(event_type: str, secret: str | None) -> None:
@@ -243,6 +253,7 @@ class WebhookSender:
         entry["duration_ms"] = round(took * 1000, 1)
         entry["next_retry_in_s"] = next_retry
 
+        count_webhook_delivery(metric_outcome(outcome, error))
         outcome_of = f"HTTP {status}" if status is not None else entry["error"]
         if outcome == "delivered":
             logger.info("webhook %s delivered to %s (attempt %d, HTTP %s)", event_type, shown_url, number, status,

@@ -30,6 +30,7 @@ from pipelines.urls import redact_url
 
 from ..aio import first_of
 from ..jobstore import WEBHOOK_CHANNEL, JobStore, WebhookDelivery
+from ..telemetry import WEBHOOK_OUTCOMES, count_webhook_delivery, zero_counters
 from .delivery import Attempt, WebhookSender
 from .events import iso_utc
 
@@ -102,6 +103,7 @@ class WebhookOutbox:
     async def run(self) -> None:
         """Claim and deliver due events until :meth:`stop`. Survives store errors (retried)."""
         self._loop = asyncio.get_running_loop()
+        zero_counters("webhook_deliveries", [{"outcome": outcome} for outcome in WEBHOOK_OUTCOMES])
         with self.store.changes.watch(WEBHOOK_CHANNEL) as notices:
             while not self._stopping.is_set():
                 try:
@@ -188,6 +190,7 @@ class WebhookOutbox:
                                                  number=number, elapsed_s=max(0.0, self._clock() - first))
             except ValueError as exc:  # no secret any more, or an event type this version does not know
                 logger.warning("webhook dropped: %s", exc, extra=log)
+                count_webhook_delivery("failed")
                 step = Attempt(_refusal(d, number, str(exc)), "rejected", None, str(exc), None)
             await asyncio.to_thread(self.store.record_webhook_attempt, d.job_id, step.entry, keep=self.keep_attempts)
             if step.next_retry_in_s is None:
