@@ -96,15 +96,16 @@ class StageSpec:
         module, _, attr = self.factory.partition(":")
         return getattr(importlib.import_module(module), attr)
 
-    def build(self, components: dict[str, Any]) -> Any:
+    def build(self, components: dict[str, Any], **options: Any) -> Any:
         """The stage object, given at least the components it declares (everything its
-        ``component_loader`` returned, for a stage that has one)."""
+        ``component_loader`` returned, for a stage that has one); ``options`` are the stage class's
+        own keyword arguments (the video encoder's ``h264_codec``)."""
         if self.component_loader is not None:
-            return self.stage_class()(**components)
+            return self.stage_class()(**components, **options)
         missing = [name for name in self.components if name not in components]
         if missing:
             raise ValueError(f"stage {self.name!r} needs components {missing}")
-        return self.stage_class()(**{name: components[name] for name in self.components})
+        return self.stage_class()(**{name: components[name] for name in self.components}, **options)
 
     def component_loader_function(self) -> Callable[[Any], dict[str, Any]] | None:
         """The ``component_loader`` callable, imported now (None if the stage has none)."""

@@ -201,7 +201,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .up import up
 
     return up(model=args.model, config_file=args.config, host=args.host, port=args.port, data_dir=args.data_dir,
-              num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+              num_cpus=args.num_cpus, num_gpus=args.num_gpus, dashboard=args.dashboard,
+              dashboard_port=args.dashboard_port)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .deploy import deploy, show
+
+    if args.show:
+        if args.config is not None or args.address:
+            raise CLIError("--show prints the config a local svd-serve up runs: give no CONFIG and no --address")
+        return show(data_dir=args.data_dir)
+    if args.config is None:
+        raise CLIError("give the CONFIG to apply (an app config or a Serve config), or --show")
+    if args.timeout <= 0:
+        raise CLIError(f"--timeout must be positive, not {args.timeout:g}")
+    return deploy(args.config, data_dir=args.data_dir, address=args.address, app_name=args.app, wait=not args.no_wait,
+                  timeout_s=args.timeout, force=args.force)
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -249,13 +265,45 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default="data", help="outputs, job store and tenants file (default: ./data)")
     run.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for Ray (default: max(8, cores))")
     run.add_argument("--num-gpus", type=int, default=None, help="GPUs for Ray (default: detected)")
+    run.add_argument("--dashboard", action="store_true",
+                     help="also start Ray's dashboard (about 900 MB more), so Ray's `serve deploy` and `serve status` "
+                          "work against it; svd-serve deploy works without it")
+    run.add_argument("--dashboard-port", type=int, default=8265, help="the dashboard's port (default: 8265)")
     run.set_defaults(handler=cmd_up)
+
+    from .deploy import DEFAULT_TIMEOUT_S
+
+    deploy = commands.add_parser(
+        "deploy", help="apply a changed config to the running deployment in place (no restart of Ray)",
+        description="Apply CONFIG (an app config, as `svd-serve up --config` takes, or a Serve config with "
+                    "applications:) to the running application, the way Ray's `serve deploy` does, then wait "
+                    "until it is RUNNING again. Replicas are replaced batch by batch; each stopping replica finishes "
+                    "its work first (docs/operations.md#upgrades-that-fail-no-job).")
+    deploy.add_argument("config", nargs="?", default=None, help="the YAML to apply")
+    deploy.add_argument("--data-dir", default="data",
+                        help="the data dir of the svd-serve up to change (default: ./data)")
+    deploy.add_argument("--address", default=None,
+                        help="a Ray cluster's address (host:port of its GCS) instead of a local svd-serve up")
+    deploy.add_argument("--app", default=None,
+                        help="the Serve application to change (default: the one svd-serve up runs, 'svd')")
+    deploy.add_argument("--no-wait", action="store_true", help="return once the controller took the config")
+    deploy.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help=f"most seconds to wait for the application to be RUNNING (default: {DEFAULT_TIMEOUT_S:g})")
+    deploy.add_argument("--force", action="store_true",
+                        help="apply even if the config moves the job store, the outputs or the tenants file")
+    deploy.add_argument("--show", action="store_true",
+                        help="print the app config the local deployment runs (to edit and apply), and exit")
+    deploy.set_defaults(handler=cmd_deploy)
     from .tenants.admin import register as register_tenants  # svd-serve tenants ...
     register_tenants(commands)
     from .zoo.admin import register as register_models  # svd-serve models ...
     register_models(commands)
     from .client.cli import register as register_client  # svd-serve client ...
     register_client(commands)
+    from loadtest.capacity_cli import register as register_capacity  # svd-serve capacity ...
+    register_capacity(commands)
+    from .warm_cache import register as register_warm_cache  # svd-serve warm-cache ...
+    register_warm_cache(commands)
 
     # Listed here for --help; main() hands its arguments to the load tester, which parses its own.
     commands.add_parser("loadtest", add_help=False, help="run a Locust load profile headless against a URL")

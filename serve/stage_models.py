@@ -27,13 +27,14 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from pipelines.acceleration.compile import STAGE_NETWORKS
 from pipelines.errors import ModelLoadError
 from pipelines.loader import load_stage_components, read_pipeline_file
 from pipelines.loader.unet_checkpoint import fetch_adapter
 from pipelines.registry import StageSpec
 
 from .telemetry import add, emit, tracer
-from .zoo import ModelCatalog, ModelUnavailableError, Weights
+from .zoo import ModelCatalog, ModelUnavailableError, ModelVersionChangedError, Weights
 
 logger = logging.getLogger("ray.serve.svd_serve")
 
@@ -56,6 +57,8 @@ class LoadedModel:
         self.load_seconds = load_seconds
         self.loaded_at = time.monotonic()
         self._on_evicted = on_evicted
+        self.ready: Any = None
+        """What accelerating the stage cost (a ReadyReport), None for an eager stage."""
         self._active = 0
         self._evicted = False
         self._lock = threading.Lock()
@@ -103,10 +106,19 @@ class LoadedModel:
 class StageModels:
     """Loads the models of one stage by id (the multiplexed loader calls :meth:`load`)."""
 
-    def __init__(self, spec: StageSpec, catalog: ModelCatalog) -> None:
+    def __init__(self, spec: StageSpec, catalog: ModelCatalog, *, acceleration: Any = None,
+                 warmup_shapes: Any = (), low_vram: Any = None,
+                 default_shape: Callable[[Any], Any] | None = None) -> None:
+        """``acceleration`` (a :class:`~pipelines.acceleration.options.StageAcceleration`) is applied
+        to every model this stage loads, compiled for ``warmup_shapes`` (none given: the shape
+        ``default_shape(entry)`` gives for the model, i.e. what a request without size or length
+        gets) before the model is handed to a request. ``low_vram`` (a
+        :class:`~pipelines.acceleration.options.LowVramOptions`) is applied first."""
         from pipelines.loader.shared import SharedComponents
 
         self.spec, self.catalog = spec, catalog
+        self.acceleration, self.warmup_shapes, self.default_shape = acceleration, tuple(warmup_shapes), default_shape
+        self.low_vram = low_vram
         self.components = SharedComponents()
         self.evictions = 0
         self.load_seconds: dict[str, float] = {}
@@ -128,14 +140,14 @@ class StageModels:
                 raise ModelUnavailableError(f"model {model_id!r} is no longer registered")
             weights = self.catalog.weights(entry)
             if "@" in key and weights.digest != key.rsplit("@", 1)[1]:
-                logger.warning("%s: model %s changed again since its job started; loading the newest weights",
-                               self.spec.name, model_id)
+                raise ModelVersionChangedError(f"model {model_id!r} changed since this job started")
             start = time.perf_counter()
             with tracer().start_as_current_span("model_load", attributes={"svd.stage": self.spec.name,
                                                                           "svd.model": model_id}):
                 components = self._components(weights)
                 stage = self.spec.build(components)
                 adapters = self._with_adapter(key, weights, components) if weights.lora else None
+            ready = self._prepare(stage, components, entry)
         except ModelUnavailableError:
             raise
         except (LookupError, ValueError, ModelLoadError, OSError) as error:
@@ -153,8 +165,29 @@ class StageModels:
         emit(loaded)
         logger.info("%s loaded model %s in %.2fs", self.spec.name, key, seconds)
         self.load_seconds[model_id] = seconds
-        return LoadedModel(key, stage, load_seconds=seconds, adapters=adapters, on_evicted=self._evicted,
-                           release_adapter=release)
+        model = LoadedModel(key, stage, load_seconds=seconds, adapters=adapters, on_evicted=self._evicted,
+                            release_adapter=release)
+        model.ready = ready
+        return model
+
+    def _prepare(self, stage: Any, components: dict[str, Any], entry: Any) -> Any:
+        """Accelerate and warm up the stage (compile time counts as load time: it is what a model
+        costs before it serves); None when this stage runs eagerly."""
+        if self.low_vram is not None:
+            from pipelines.acceleration.lowvram import apply_low_vram
+
+            apply_low_vram(components, self.low_vram)  # before compiling: it changes the U-Net's calls
+            if self.low_vram.decode_chunk_size is not None and hasattr(stage, "default_chunk_size"):
+                stage.default_chunk_size = self.low_vram.decode_chunk_size
+        if self.acceleration is None or self.spec.name not in STAGE_NETWORKS:
+            return None
+        from pipelines.acceleration.warmup import prepare_stage
+
+        shapes = self.warmup_shapes or ((self.default_shape(entry),) if self.default_shape else ())
+        with tracer().start_as_current_span("model_warmup", attributes={"svd.stage": self.spec.name,
+                                                                        "svd.model": entry.id}):
+            return prepare_stage(self.spec.name, components=components, stage_object=stage,
+                                 options=self.acceleration, shapes=shapes)
 
     def models_that_fit(self, first: LoadedModel, *, gpu_share: float) -> int:
         """How many models like ``first`` fit in this replica's GPU share (no GPU: the default)."""
@@ -225,6 +258,21 @@ class StageModels:
         stage_name = self.spec.name
         emit(lambda m: m.model_evictions.inc(tags={"stage": stage_name, "model": model.model_id}))
         logger.info("%s unloaded model %s", self.spec.name, model.key)
+
+
+def default_warmup_shape(config: Any, models: StageModels, entry: Any) -> Any:
+    """What a request that gives no size or length gets from ``entry`` (its defaults over the
+    deployment's ``default_params``): the shape a compiled stage warms up for when its deployment
+    names none."""
+    from pipelines.acceleration.options import WarmupShape
+    from pipelines.params import GenerationParams
+
+    from .api.request_params import with_defaults
+
+    params = with_defaults(GenerationParams(), config.default_params, model=entry)
+    width, height = params.size
+    frames = params.num_frames or models.default_num_frames(entry.id)
+    return WarmupShape(width=width, height=height, num_frames=frames, decode_chunk_size=params.decode_chunk_size)
 
 
 def adapter_name(model_id: str) -> str:

@@ -19,6 +19,7 @@ handles payloads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import threading
@@ -31,18 +32,19 @@ from ray import serve
 import numpy as np
 import PIL.Image
 
+from pipelines.acceleration.compile import attention_kernels
 from pipelines.images import decode_image_bytes
 from pipelines.loader import load_stage_components
 from pipelines.params import GenerationParams
 from pipelines import registry
-from pipelines.registry import FINAL_VALUE, SOURCE_VALUE
+from pipelines.registry import FINAL_VALUE, SOURCE_VALUE, VIDEO_ENCODE
 from pipelines.segments import plan_for, seam_frame
 from pipelines.payloads import DecodedFrames, EncodedVideo, to_host
 
 from .config import AppConfig
 from .context import JobContext, SegmentSet, StageOutput, StepReport, StoredSegment, StoredVideo
 from .jobstore import THUMBNAIL_CONTENT_TYPE, make_job_store, thumbnail_key_for
-from .stage_models import LoadedModel, StageModels
+from .stage_models import LoadedModel, StageModels, default_warmup_shape
 from .storage import make_storage
 from .zoo import ModelCatalog, make_model_store, model_id_for
 from .telemetry import (add, emit, log_extra, set_torch_threads, setup_tracing, span_from_carrier, timed_replica,
@@ -141,7 +143,7 @@ class StageReplica:
         context = ray.get_runtime_context()
         return {"stage": self.spec.name, "node_id": context.get_node_id(),
                 "resources": context.get_assigned_resources(), "torch_threads": torch.get_num_threads(),
-                "load_seconds": self.load_seconds, **self._model_stats()}
+                "load_seconds": self.load_seconds, "acceleration": self._acceleration_info(), **self._model_stats()}
 
     async def check_health(self) -> None:
         # The model loads in __init__ (a replica that cannot load never becomes healthy); what can
@@ -167,11 +169,14 @@ class StageReplica:
         Serve's multiplexer with room for ``max_num_models_per_replica`` models. A warm-pool model
         that fails to load is logged and left to load on demand (one bad registry entry must not
         keep the replica from starting)."""
-        self.models = StageModels(self.spec, self.catalog)
+        options = self.config.stages.for_stage(self.spec)
+        self.models = StageModels(self.spec, self.catalog, acceleration=options.acceleration,
+                                  warmup_shapes=options.warmup_shapes, low_vram=options.low_vram,
+                                  default_shape=lambda entry: default_warmup_shape(self.config, self.models, entry))
         self._default_key = self.catalog.version_key(self.catalog.default_id)
         default = self.models.load(self._default_key)
         self._note_default(default)
-        options = self.config.stages.for_stage(self.spec)
+        self._default_ready = default.ready
         capacity = options.max_num_models_per_replica or self.models.models_that_fit(
             default, gpu_share=float(options.ray_actor_options.num_gpus))
         self._preloaded[self._default_key] = default
@@ -239,7 +244,9 @@ class StageReplica:
         start = time.perf_counter()
         with tracer().start_as_current_span("model_load", attributes={"svd.stage": self.spec.name,
                                                                       "svd.model": model.source}):
-            stage = self.spec.build(load_stage_components(self.spec, model))
+            stage_options = {"h264_codec": self.config.stages.for_stage(self.spec).h264_codec} \
+                if self.spec.name == VIDEO_ENCODE.name else {}
+            stage = self.spec.build(load_stage_components(self.spec, model), **stage_options)
         seconds = time.perf_counter() - start
         model_id = model_id_for(model.source)
         tags = {"stage": self.spec.name, "model": model_id}
@@ -303,7 +310,7 @@ class StageReplica:
         try:
             try:
                 values = [self._resolve(name, value, params) for name, value in zip(self.spec.inputs, values)]
-                with model.applied() as stage:
+                with model.applied() as stage, self._kernels():
                     value = to_host(stage(*values, params, **hooks))
             finally:
                 model.release()
@@ -320,6 +327,20 @@ class StageReplica:
             busy = time.perf_counter() - start
             if busy > 0:
                 emit(lambda m: m.stage_busy_seconds.inc(busy, tags={"stage": stage_name}))
+
+    def _kernels(self) -> Any:
+        """The attention kernels the stage's acceleration pins around a call (none: as loaded)."""
+        acceleration = self.config.stages.for_stage(self.spec).acceleration
+        return attention_kernels(acceleration) if acceleration is not None else contextlib.nullcontext()
+
+    def _acceleration_info(self) -> dict[str, Any] | None:
+        """The default model's warm-up report: compile seconds per shape and the cache outcome."""
+        ready = getattr(self, "_default_ready", None)
+        if ready is None:
+            return None
+        return {"compiled": ready.compiled, "cache": ready.cache,
+                "warmup_s": {shape: round(seconds, 2) for shape, seconds in ready.warmup_s.items()},
+                "cache_load_s": round(ready.cache_load_s, 2), "cache_bytes": ready.cache_bytes}
 
     def _resolve(self, name: str, value: Any, params: GenerationParams) -> Any:
         """An input as the stage takes it. The source (the conditioning image) arrives as the stored

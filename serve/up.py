@@ -5,10 +5,16 @@ network), so text-to-video works out of the box too; with ``--model`` it
 loads real weights from a Hugging Face id, a directory or ``s3://``. Storage is a local
 directory and the job store an embedded SQLite file under ``--data-dir`` unless ``--config``
 says otherwise.
+
+Once ready it writes ``svd-serve.json`` into the data dir (its Ray address, URL and the app config
+it runs): ``svd-serve deploy CONFIG`` finds the deployment through it and changes the application
+in place. Ray's dashboard is off unless ``--dashboard`` (it costs ≈900 MB); with it, Ray's own
+``serve deploy`` works too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -17,7 +23,9 @@ from pathlib import Path
 
 import httpx
 
-from .config import AppConfig
+from pipelines.registry import STAGES as STAGE_REGISTRY
+
+from .config import AppConfig, StagesConfig
 from .tenants import create_tenant, read_tenants, rotate_key
 
 DEMO_TENANT = "demo"
@@ -30,6 +38,8 @@ APP_NAME = "svd"
 SERVE_STOP_MARGIN_S = 20.0
 #: After ``ray.shutdown()``: how long the cluster's processes get to exit before they are killed.
 RAY_STOP_TIMEOUT_S = 10.0
+#: Where ``--dashboard`` serves Ray's dashboard (Ray takes the next free port if it is taken).
+DASHBOARD_PORT = 8265
 
 
 def issue_demo_key(tenants_file: Path) -> str:
@@ -61,6 +71,11 @@ def local_config(*, model: str | None, data_dir: Path, config_file: str | None) 
             update={"source": str(tiny_t2i), "dtype": "fp32", "device": "cpu"})
         # The tiny models on a CPU: a request with only a prompt (or an image) finishes in seconds.
         update["default_params"] = {**TINY_DEFAULTS, **config.default_params}
+        # Room for one more replica of each (8 logical CPUs, small models): `svd-serve deploy` replaces
+        # every replica only once its successor is ready, so the API never answers 503 meanwhile.
+        update["stages"] = StagesConfig.model_validate({
+            key: getattr(config.stages, key).model_copy(update={"max_surge_percent": 100})
+            for key in ("ingress", "runner", *(spec.config_key for spec in STAGE_REGISTRY.stages()))})
     elif model is not None:
         update["model"] = config.model.model_copy(update={"source": model})
     if not config_file:
@@ -161,12 +176,14 @@ def _app_status() -> tuple[str | None, str]:
 
 
 def up(*, model: str | None, config_file: str | None, host: str, port: int, data_dir: str,
-       num_cpus: int | None, num_gpus: int | None, block: bool = True) -> int:
+       num_cpus: int | None, num_gpus: int | None, block: bool = True, dashboard: bool = False,
+       dashboard_port: int = DASHBOARD_PORT) -> int:
     import ray
     from ray import serve
 
     from .api.startup import PROXY_CALLBACK, PROXY_CALLBACK_ENV
-    from .app import build_app
+    from .app import build_app, localize_paths
+    from .local_state import LocalState
 
     stop = StopSignals()
     stop.install()
@@ -182,11 +199,13 @@ def up(*, model: str | None, config_file: str | None, host: str, port: int, data
         # the proxy is a Ray worker, so it inherits this through the raylet started just below.
         os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
         # Logical CPUs: the stages reserve whole CPUs for scheduling, but a small machine can still run them all.
-        ray.init(
+        context = ray.init(
             address="local",  # always a new cluster of our own, never whatever else runs on this machine
             num_cpus=num_cpus or max(8, os.cpu_count() or 1),
             num_gpus=num_gpus,
-            include_dashboard=False,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
             logging_level="WARNING",
             log_to_driver=False,
         )
@@ -201,7 +220,13 @@ def up(*, model: str | None, config_file: str | None, host: str, port: int, data
             url = f"http://{shown_host}:{port}"
             if not wait_ready(url, READY_TIMEOUT_S, stop=stop, app_status=_app_status):
                 return 0
-            print_banner(url, config, key)
+            dashboard_url = f"http://{context.dashboard_url}" if dashboard and context.dashboard_url else None
+            state = LocalState(pid=os.getpid(), gcs_address=context.address_info["gcs_address"], app_name=APP_NAME,
+                               host=host, port=port, url=url, dashboard_url=dashboard_url,
+                               auth_mode=os.environ.get("RAY_AUTH_MODE"),  # ray.init sets it for a new cluster
+                               config=localize_paths(config).model_dump(mode="json"))
+            state.write(data)
+            print_banner(url, config, key, dashboard_url=dashboard_url, data_dir=data_dir, auth_mode=state.auth_mode)
             if not block:
                 keep_running = True
                 return 0
@@ -209,13 +234,33 @@ def up(*, model: str | None, config_file: str | None, host: str, port: int, data
             return 0
         finally:
             if not keep_running:
-                shutdown(stop, graceful_period(config))
+                shutdown(stop, graceful_period(_deployed_config(data, fallback=config)))
+                LocalState.remove(data, pid=os.getpid())
     finally:
         stop.restore()
 
 
-def print_banner(url: str, config: AppConfig, key: str) -> None:
+def _deployed_config(data_dir: Path, *, fallback: AppConfig) -> AppConfig:
+    """The app config running now: the last ``svd-serve deploy`` may have changed the graceful periods."""
+    from .local_state import STATE_FILE
+
+    try:
+        return AppConfig.model_validate(json.loads((data_dir / STATE_FILE).read_text())["config"])
+    except Exception:  # noqa: BLE001 - no state file (or an unreadable one): what `up` started with
+        return fallback
+
+
+def print_banner(url: str, config: AppConfig, key: str, *, dashboard_url: str | None = None,
+                 data_dir: str = "data", auth_mode: str | None = None) -> None:
     sample = Path("pipelines/assets/sample.png")
+    where = "" if data_dir == "data" else f" --data-dir {data_dir}"
+    upgrade = (f"Change it in place: svd-serve deploy{where} CONFIG (svd-serve deploy{where} --show prints the "
+               "config it runs).\n")
+    if dashboard_url:
+        # Ray 2.60 protects a new local cluster with a token (~/.ray/auth_token); Ray's CLI sends it
+        # only when told to.
+        token = "RAY_AUTH_MODE=token " if auth_mode == "token" else ""
+        upgrade += f"Ray dashboard: {dashboard_url}  ({token}serve deploy --address {dashboard_url} CONFIG works too)\n"
     print(
         f"\nsvd-serve is ready at {url}  (API docs: {url}/docs)\n"
         f"model: {config.model.source}"
@@ -228,6 +273,7 @@ def print_banner(url: str, config: AppConfig, key: str) -> None:
         f"{url}/v1/videos\n"
         f"  curl -s -H 'Authorization: Bearer {key}' {url}/v1/videos/<id>\n"
         f"  curl -s -L -H 'Authorization: Bearer {key}' -o clip.mp4 {url}/v1/videos/<id>/content\n\n"
+        f"{upgrade}"
         "Ctrl-C stops it (running jobs finish or go back to the queue; Ctrl-C again to stop at once).",
         flush=True,
     )

@@ -359,7 +359,7 @@ def test_the_job_object_is_openai_video_plus_native_fields(api):
     openai_fields = {"id", "object", "status", "model", "prompt", "progress", "seconds", "size", "created_at",
                      "completed_at", "expires_at", "error"}
     native_fields = {"started_at", "finished_at", "timestamps", "params", "queue_position", "progress_detail",
-                     "timings", "output", "webhook_url", "webhook"}
+                     "timings", "output", "webhook_url", "webhook", "model_version"}
     assert set(job) == openai_fields | native_fields
     assert job["object"] == "video" and job["status"] == "queued" and job["progress"] == 0
     assert job["model"] == api.service.config.model.source and job["prompt"] == "a lighthouse at dusk"

@@ -11,7 +11,7 @@ import torch
 from pipelines.registry import DECODE, SAMPLING
 from serve.config import AppConfig
 from serve.stage_models import StageModels, adapter_name
-from serve.zoo import ModelCatalog, ModelEntry, ModelUnavailableError, make_model_store
+from serve.zoo import ModelCatalog, ModelEntry, ModelUnavailableError, ModelVersionChangedError, make_model_store
 
 
 @pytest.fixture
@@ -72,6 +72,10 @@ def test_a_changed_entry_is_a_new_version_and_a_removed_one_is_unavailable(catal
     second = catalog.version_key("a-lora")
     assert first != second and first.split("@")[0] == second.split("@")[0] == "a-lora"
     assert adapter_name(first) != adapter_name(second)
+    # A job that started on the first version asks a replica that never loaded it: refused, so the
+    # job restarts on the current version instead of mixing two (the runner requeues it).
+    with pytest.raises(ModelVersionChangedError, match="changed since this job started"):
+        StageModels(SAMPLING, catalog).load(first)
     catalog.store.delete("a-lora")
     with pytest.raises(ModelUnavailableError, match="no longer registered"):
         catalog.version_key("a-lora")

@@ -122,3 +122,36 @@ class WarmupShape(BaseModel):
     def label(self) -> str:
         chunk = f"/chunk {self.decode_chunk_size}" if self.decode_chunk_size else ""
         return f"{self.width}x{self.height}x{self.num_frames}{chunk}"
+
+
+class LowVramOptions(BaseModel):
+    """What a deployment does to fit a smaller GPU. Every default is off: full speed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    feed_forward_chunking: bool = Field(
+        default=False,
+        description="Run the U-Net's feed-forward layers one image (spatial blocks) and one frame (temporal blocks) "
+        "at a time: SVD-XT's U-Net activations at 576x1024x25 fall from 7.7 to 4.4 GiB. Exact.",
+    )
+    split_guidance_batch: bool = Field(
+        default=False,
+        description="Run the unconditional and conditional halves of classifier-free guidance through the U-Net one "
+        "after the other instead of as a batch of two: half the U-Net's activations. Exact.",
+    )
+    cpu_offload: bool = Field(
+        default=False,
+        description="Single process only (CLI, demo, text-to-image + video on one GPU): keep each stage's models in CPU "
+        "memory and move them to the GPU for that stage's call only. Costs one transfer of each model per job. Exact.",
+    )
+    decode_chunk_size: int | None = Field(
+        default=None, ge=1, le=64,
+        description="Frames per VAE decoder call for requests that do not give decode_chunk_size. None: sized from the "
+        "decoder's GPU memory budget (1.125 GiB per 576x1024 frame in bf16). The chunk shapes the pixels (the "
+        "temporal decoder mixes the frames of a chunk): set it to make the same clip on every GPU size.",
+    )
+
+    @property
+    def enabled(self) -> tuple[str, ...]:
+        """Names of the options that are on (for logs and the benchmark's labels)."""
+        return tuple(name for name, value in self.model_dump().items() if value not in (False, None))

@@ -19,7 +19,7 @@ import torch
 from ..params import GenerationParams
 from ..payloads import EncodedImage, SampledLatents
 from .cache import CompileCache, cache_key
-from .compile import accelerate_stage, attention_kernels, enter_serving_stance
+from .compile import accelerate_stage, attention_kernels, enter_serving_stance, stage_network
 from .options import StageAcceleration, WarmupShape
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 #: Sampling steps in a warm-up run: the first step and a later one (a later step has the same
 #: shapes; two make sure nothing specialises on the first).
 WARMUP_STEPS = 2
+#: Set on a network once prepared: (options, warmed shapes).
+PREPARED_MARK = "_svd_prepared"
 #: The SVD VAE's spatial downsampling (latents are width/8 x height/8).
 VAE_FACTOR = 8
 
@@ -38,7 +40,8 @@ class ReadyReport:
     stage: str
     compiled: bool
     cache: str
-    """``off`` (no cache configured or not compiled), ``hit`` or ``miss``."""
+    """``off`` (no cache configured or not compiled), ``hit``, ``miss``, or ``shared`` (the network
+    was prepared already for a model sharing it)."""
     accelerate_s: float = 0.0
     cache_load_s: float = 0.0
     warmup_s: dict[str, float] = field(default_factory=dict)
@@ -61,8 +64,22 @@ def prepare_stage(stage: str, *, components: dict[str, Any], stage_object: Any, 
 
     if stage not in STAGE_NETWORKS:
         return ReadyReport(stage=stage, compiled=False, cache="off")
+    prepared = (options, tuple(shapes))
+    existing = getattr(stage_network(stage, components), PREPARED_MARK, None)
+    if existing is not None:
+        # A network shared with a model loaded earlier (same weights): already accelerated and
+        # compiled; doing it again would rebuild its processors and recompile.
+        if existing[0] != options:
+            raise ValueError(f"stage {stage!r}: a shared network was prepared with other options")
+        missing = [shape for shape in shapes if shape not in existing[1]]
+        report = ReadyReport(stage=stage, compiled=options.compiled, cache="shared")
+        if missing and options.compiled and options.warmup:
+            report.warmup_s = warm_up(stage, stage_object, shapes=missing, options=options)
+            setattr(stage_network(stage, components), PREPARED_MARK, (options, existing[1] + tuple(missing)))
+        return report
     started = time.perf_counter()
     network = accelerate_stage(stage, components, options)
+    setattr(network, PREPARED_MARK, prepared)
     report = ReadyReport(stage=stage, compiled=options.compiled, cache="off",
                          accelerate_s=time.perf_counter() - started)
     if not options.compiled:

@@ -245,6 +245,10 @@ class VideoJob(BaseModel):
         description="OpenAI's four statuses, and cancelled (POST /v1/videos/{id}/cancel; error.code is "
         "then 'cancelled' too).")
     model: str = Field(description="The model serving the job (its source, as configured).")
+    model_version: str | None = Field(
+        default=None, description="The version of the model that made the clip: its id and a digest of where its "
+        "weights come from (id@digest), so clips made before and after a model change can be told apart. Null "
+        "until the job completes.")
     prompt: str | None = Field(default=None, description="The prompt given at creation, if any.")
     progress: int = Field(description="Approximate completion, 0-100 (whole percent; progress_detail has more).")
     seconds: str = Field(description="Clip length in seconds: num_frames / output fps, e.g. \"4\" or \"3.57\".")

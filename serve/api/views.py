@@ -106,6 +106,7 @@ def job_view(job: Job, base_url: str, *, queue_position: int | None = None) -> V
         id=job.id,
         status=job.status.value,
         model=job.model,
+        model_version=job.output.model_version if job.output is not None else None,
         prompt=job.prompt,
         progress=100 if job.status is JobStatus.COMPLETED else min(99, math.floor(percent)),
         seconds=format_seconds(clip_seconds(job.params)),

@@ -103,6 +103,10 @@ class JobOutput(BaseModel):
     width: int = Field(default=0, ge=0)
     height: int = Field(default=0, ge=0)
     duration_s: float = Field(default=0.0, ge=0, description="Playback length, num_frames / fps (metered).")
+    model_version: str | None = Field(
+        default=None, description="The model version that made the clip: its id and the digest of its weights "
+        "(``id@digest``, the key the model stages were called with). Null on clips stored before versions were "
+        "recorded.")
     gone_at: datetime | None = Field(
         default=None, description="When the clip was found missing from storage (deleted or expired there): "
         "its content answers 410 output_gone.")

@@ -29,7 +29,7 @@ from ..lifecycle import JobLifecycle
 from ..metering import make_usage_ledger
 from ..scheduler import pick_next
 from ..storage import make_storage
-from ..telemetry import log_extra, setup_tracing
+from ..telemetry import log_extra, setup_tracing, timed_replica
 from ..tenants import TenantRegistry
 from ..zoo import ModelCatalog, make_model_store
 from .driver import JobDriver
@@ -42,6 +42,7 @@ IDLE_RECHECK_S = 1.0
 
 
 @serve.deployment(name="JobRunner", logging_config={"encoding": "JSON"})
+@timed_replica
 class JobRunner:
     async def __init__(self, config: dict[str, Any], stages: dict[str, DeploymentHandle]) -> None:
         self.config = AppConfig.model_validate(config)

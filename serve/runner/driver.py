@@ -6,7 +6,8 @@ stream: its :class:`~serve.context.StepReport`s arrive as the steps end, and the
 to the job store at a bounded rate (the first and last step at once) and sends progress webhooks.
 The other stages note their own start in the store without waiting for the write.
 The last stage's :class:`~serve.context.StageOutput` carries every stage's timing and the stored
-clip, which completes the job.
+clip, which completes the job; the job's output records the model version (``id@digest``) every
+model stage was called with, so a clip says which weights made it across a model change.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..jobstore import Job, JobOutput, JobStore, SegmentRecord, segment_file
 from ..storage import job_key
 from ..lifecycle import JobLifecycle
 from ..telemetry import current_carrier, log_extra, span_from_carrier
-from ..zoo import ModelCatalog
+from ..zoo import ModelCatalog, ModelVersionChangedError
 from .failures import cause_of, classify
 
 logger = logging.getLogger("ray.serve.svd_serve")
@@ -57,7 +58,7 @@ class JobDriver:
                              output_key=job.output_key)
             start = time.perf_counter()
             try:
-                final = await self._through_route(job, ctx)
+                final, model_version = await self._through_route(job, ctx)
             except asyncio.CancelledError:
                 raise
             except LeaseLostError:
@@ -69,23 +70,25 @@ class JobDriver:
                 return
             seconds = time.perf_counter() - start
             completed = await asyncio.to_thread(self.store.complete, job.id, owner=self.owner,
-                                                output=_job_output(job, final.value),
+                                                output=_job_output(job, final.value, model_version),
                                                 timings={**final.timings, "total": seconds})
         if not completed:  # settled elsewhere meanwhile (recovered, cancelled): announced there
             logger.warning("the job was settled elsewhere; this copy's result is dropped", extra=log_extra(job.id))
             return
         await self.lifecycle.ended(job.id)
-        logger.info("job completed in %.2fs", seconds, extra=log_extra(job.id, tenant=job.tenant))
+        logger.info("job completed in %.2fs by model %s", seconds, model_version,
+                    extra=log_extra(job.id, tenant=job.tenant))
 
     def route_of(self, job: Job) -> tuple[StageSpec, ...]:
         if job.route:
             return tuple(STAGE_REGISTRY.get(name) for name in job.route)
         return STAGE_REGISTRY.route(GenerationParams.model_validate(job.params))
 
-    async def _through_route(self, job: Job, ctx: JobContext) -> StageOutput:
-        """The stages before the segments, each segment's stages, the stages after them. A clip
-        made in one pass is one segment whose payloads never leave the object store; the segments
-        of a long clip are stored as they finish, so that a retry resumes after the last one."""
+    async def _through_route(self, job: Job, ctx: JobContext) -> tuple[StageOutput, str]:
+        """The stages before the segments, each segment's stages, the stages after them; the last
+        stage's output and the model version the model stages were called with. A clip made in one
+        pass is one segment whose payloads never leave the object store; the segments of a long clip
+        are stored as they finish, so that a retry resumes after the last one."""
         params = GenerationParams.model_validate(job.params)
         before, per_segment, after = split_route(self.route_of(job))
         plan = plan_for(params, max_segments=self.config.max_segments)
@@ -135,7 +138,7 @@ class JobDriver:
             final = values[FINAL_VALUE]
             output = await final if isinstance(final, DeploymentResponse) else final
             await call.progress.flush()  # no progress write may land after the terminal one
-            return output
+            return output, model_key
         except (asyncio.CancelledError, LeaseLostError):
             call.cancel()
             raise
@@ -161,6 +164,11 @@ class JobDriver:
         if verdict.action == "cancel":
             logger.info("job cancelled", extra=log_extra(job.id))
             return self.store.mark_cancelled(job.id, owner=self.owner)
+        if isinstance(cause_of(error), ModelVersionChangedError):
+            logger.info("the job's model changed while it ran; it starts again on the new version",
+                        extra=log_extra(job.id))
+            self.store.release(job.id, owner=self.owner, count_attempt=False)
+            return False
         if verdict.action == "retry":
             logger.warning("stage worker lost (%s); the job goes back to the queue", type(cause_of(error)).__name__,
                            extra=log_extra(job.id))
@@ -268,8 +276,8 @@ def segment_key(job: Job, index: int) -> str:
     return job_key(job.tenant, job.id, segment_file(index, job.attempts))
 
 
-def _job_output(job: Job, stored: StoredVideo) -> JobOutput:
+def _job_output(job: Job, stored: StoredVideo, model_version: str) -> JobOutput:
     extension = job.output_key.rsplit(".", 1)[-1]
     return JobOutput(key=stored.key, content_type=stored.content_type, file_name=f"{job.id}.{extension}",
                      file_size=stored.file_size, num_frames=stored.num_frames, fps=stored.fps, width=stored.width,
-                     height=stored.height, duration_s=stored.duration_s)
+                     height=stored.height, duration_s=stored.duration_s, model_version=model_version)

@@ -6,11 +6,11 @@
   process sees them, and where a model's weights come from.
 """
 
-from .catalog import (ModelCatalog, ModelNotAllowedError, ModelUnavailableError, NotAVideoModelError,
+from .catalog import (ModelCatalog, ModelNotAllowedError, ModelUnavailableError, ModelVersionChangedError, NotAVideoModelError,
                       UnknownModelError, Weights, allows, model_id_for)
 from .entry import ModelEntry, ModelLimits
 from .store import ModelStore, make_model_store
 
-__all__ = ["ModelCatalog", "ModelEntry", "ModelLimits", "ModelNotAllowedError", "ModelStore", "ModelUnavailableError",
+__all__ = ["ModelCatalog", "ModelEntry", "ModelLimits", "ModelNotAllowedError", "ModelStore", "ModelUnavailableError", "ModelVersionChangedError",
            "NotAVideoModelError", "UnknownModelError",
            "Weights", "allows", "make_model_store", "model_id_for"]

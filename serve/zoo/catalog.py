@@ -54,6 +54,12 @@ class ModelUnavailableError(InvalidInputError):
     code = "model_unavailable"
 
 
+class ModelVersionChangedError(ModelUnavailableError):
+    """A stage was asked for a model version (``id@digest``) that is no longer the registry's: the
+    weights changed while the job ran. The job starts again on the new version (no attempt
+    counted), so one clip is never made by two versions and its record names the one that made it."""
+
+
 @dataclass(frozen=True)
 class Weights:
     """Where one image-to-video model's components come from."""
