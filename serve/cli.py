@@ -202,7 +202,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     return up(model=args.model, config_file=args.config, host=args.host, port=args.port, data_dir=args.data_dir,
               num_cpus=args.num_cpus, num_gpus=args.num_gpus, dashboard=args.dashboard,
-              dashboard_port=args.dashboard_port)
+              dashboard_port=args.dashboard_port, metrics_port=args.metrics_port)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -269,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also start Ray's dashboard (about 900 MB more), so Ray's `serve deploy` and `serve status` "
                           "work against it; svd-serve deploy works without it")
     run.add_argument("--dashboard-port", type=int, default=8265, help="the dashboard's port (default: 8265)")
+    run.add_argument("--metrics-port", type=int, default=None,
+                     help="serve Prometheus metrics on this port (a fixed scrape target; default: a port Ray picks)")
     run.set_defaults(handler=cmd_up)
 
     from .deploy import DEFAULT_TIMEOUT_S

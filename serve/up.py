@@ -177,7 +177,7 @@ def _app_status() -> tuple[str | None, str]:
 
 def up(*, model: str | None, config_file: str | None, host: str, port: int, data_dir: str,
        num_cpus: int | None, num_gpus: int | None, block: bool = True, dashboard: bool = False,
-       dashboard_port: int = DASHBOARD_PORT) -> int:
+       dashboard_port: int = DASHBOARD_PORT, metrics_port: int | None = None) -> int:
     import ray
     from ray import serve
 
@@ -208,6 +208,9 @@ def up(*, model: str | None, config_file: str | None, host: str, port: int, data
             dashboard_port=dashboard_port,
             logging_level="WARNING",
             log_to_driver=False,
+            # Where Ray's metrics agent serves every process's metrics (ray_svd_*, ray_serve_*): a fixed
+            # port is a stable Prometheus target; None lets Ray pick one (written in its session dir).
+            _metrics_export_port=metrics_port,
         )
         stop.install()
         keep_running = False
@@ -227,6 +230,9 @@ def up(*, model: str | None, config_file: str | None, host: str, port: int, data
                                config=localize_paths(config).model_dump(mode="json"))
             state.write(data)
             print_banner(url, config, key, dashboard_url=dashboard_url, data_dir=data_dir, auth_mode=state.auth_mode)
+            if metrics_port:
+                print(f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics (scrape config and dashboard: "
+                      "docs/operations.md)")
             if not block:
                 keep_running = True
                 return 0

@@ -15,6 +15,8 @@ No helm binary and no cluster: rendering and linting use Helm's Go SDK through `
   schema's model entry mirrors serve.zoo.entry.ModelEntry (what one rejects, so does the other), and
   every Ray container mounts the model cache and gets SVD_SERVE_CACHE_DIR.
 
+Compiled stages, the compile cache and the warm-cache Jobs: tests/test_helm_compile_cache.py.
+
 Plus: typos in values are rejected, long release names stay within KubeRay's 47 characters,
 secrets never appear in plain text outside Secrets, and k8s/manifests/svd-serve.yaml is current.
 """
@@ -144,6 +146,7 @@ def test_every_value_is_documented():
 def test_values_schema_matches_app_config():
     """The values that become serveConfigV2 args use exactly AppConfig's field names, both ways."""
     AppConfig = _app_config()
+    from pipelines.acceleration.options import LowVramOptions, StageAcceleration, WarmupShape
     from pipelines.loader import ModelSpec
     from pipelines.registry import STAGES
     from serve import config
@@ -164,6 +167,9 @@ def test_values_schema_matches_app_config():
         "stage": (names(defs["stage"]), set(config.DeploymentConfig.model_fields)),
         "autoscaling": (names(defs["autoscaling"]), set(config.AutoscalingConfig.model_fields)),
         "ray_actor_options": (names(defs["actorOptions"]), set(config.ActorOptions.model_fields)),
+        "stage.acceleration": (names(defs["stageAcceleration"]), set(StageAcceleration.model_fields)),
+        "stage.warmup_shapes": (names(defs["warmupShape"]), set(WarmupShape.model_fields)),
+        "stage.low_vram": (names(defs["lowVramOptions"]), set(LowVramOptions.model_fields)),
         "storage": (names(props["storage"]), set(config.StorageConfig.model_fields)),
         "jobStore": (names(props["jobStore"]), set(config.JobStoreConfig.model_fields)),
         "tracing": (names(props["tracing"]), set(config.TracingConfig.model_fields)),

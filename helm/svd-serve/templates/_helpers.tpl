@@ -234,9 +234,11 @@ Check the inline tenants file: it must parse, and every key_hashes entry must be
 {{/*
 The application's args: serve.config.AppConfig as a dict. Sections are copied from values (so
 their keys are AppConfig's field names); the chart fills in what depends on its own objects:
-the model cache directory, the tiny model paths, the Redis URL and the tenants file path.
+the model cache directory, the tiny model paths, the Redis URL, the tenants file path and, with
+compileCache.enabled, the compile cache of every compiled stage that names none of its own.
 With text-to-image disabled its stage is left out (nothing builds it). `models` (the zoo) is
-rendered only when it has entries.
+rendered only when it has entries. The RayService's serveConfigV2 and the warm-cache Jobs'
+ConfigMap both render it from here, so the Jobs compile exactly what the replicas will.
 */}}
 {{- define "svd-serve.appArgs" -}}
 {{- $model := deepCopy .Values.model }}
@@ -256,7 +258,12 @@ rendered only when it has entries.
 {{- if and (hasKey $cfg "num_replicas") (hasKey $cfg "autoscaling") }}
 {{- fail (printf "stages.%s: set either num_replicas or autoscaling, not both (set autoscaling: null for a fixed count)" $stage) }}
 {{- end }}
-{{- $_ := set $stages $stage (deepCopy $cfg) }}
+{{- include "svd-serve.checkStageOptions" (dict "stage" $stage "cfg" $cfg) }}
+{{- $stageCfg := deepCopy $cfg }}
+{{- if and $.Values.compileCache.enabled (include "svd-serve.compiles" $stageCfg) (not $stageCfg.acceleration.cache_dir) }}
+{{- $_ := set $stageCfg.acceleration "cache_dir" (include "svd-serve.compileCacheLocation" $) }}
+{{- end }}
+{{- $_ := set $stages $stage $stageCfg }}
 {{- end }}
 {{- $jobStore := deepCopy .Values.jobStore }}
 {{- if eq .Values.jobStore.backend "redis" }}
@@ -298,6 +305,127 @@ rendered only when it has entries.
 {{- toYaml $args }}
 {{- end }}
 
+{{/*
+Stage-specific options only where they apply, with the application's message
+(serve/config/deployments.py, _check_stage_options): a misplaced option fails the install instead of
+the Serve application. A default value is no placement. Call with (dict "stage" name "cfg" options).
+*/}}
+{{- define "svd-serve.checkStageOptions" -}}
+{{- $applies := dict
+  "acceleration" (list "image_encoder" "sampler" "decoder")
+  "warmup_shapes" (list "image_encoder" "sampler" "decoder")
+  "low_vram" (list "sampler" "decoder")
+  "h264_codec" (list "video_encoder") }}
+{{- range $option, $stages := $applies }}
+{{- $value := get ($.cfg | default dict) $option }}
+{{- $isDefault := or (kindIs "invalid" $value) (and (kindIs "slice" $value) (eq (len $value) 0)) (and (eq $option "h264_codec") (eq (toString $value) "auto")) }}
+{{- if and (hasKey ($.cfg | default dict) $option) (not $isDefault) (not (has $.stage $stages)) }}
+{{- fail (printf "stages.%s.%s applies only to %s" $.stage $option (join ", " $stages)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when a stage's options (a values.stages entry) compile: acceleration.compile other than none. */}}
+{{- define "svd-serve.compiles" -}}
+{{- $acceleration := get (. | default dict) "acceleration" }}
+{{- if and (kindIs "map" $acceleration) $acceleration.compile (ne (toString $acceleration.compile) "none") }}true{{ end }}
+{{- end }}
+
+{{/* The compile cache's location: compileCache.url, else a directory on the model-cache volume. */}}
+{{- define "svd-serve.compileCacheLocation" -}}
+{{- if .Values.compileCache.url }}
+{{- .Values.compileCache.url }}
+{{- else }}
+{{- printf "%s/%s" (trimSuffix "/" .Values.modelCache.mountPath) .Values.compileCache.subPath }}
+{{- end }}
+{{- end }}
+
+{{/*
+The compiled stages by the worker group that hosts them, as YAML ({group: [stage, ...]}). A stage's
+host is the first enabled group (by name) that offers every custom resource the stage requests and
+at least its GPU share, the rule Ray schedules by. The cache key includes the GPU kind, so each
+group's stages are warmed on that group's node kind.
+*/}}
+{{- define "svd-serve.compiledStageGroups" -}}
+{{- $hosted := dict }}
+{{- range $stage := list "image_encoder" "sampler" "decoder" }}
+{{- $cfg := get $.Values.stages $stage | default dict }}
+{{- if include "svd-serve.compiles" $cfg }}
+{{- $options := $cfg.ray_actor_options | default dict }}
+{{- $host := "" }}
+{{- range $name, $group := $.Values.workerGroups }}
+{{- if and (not $host) $group.enabled }}
+{{- $fits := ge (float64 ($group.gpus | default 0)) (float64 ($options.num_gpus | default 0)) }}
+{{- range $resource, $amount := ($options.resources | default dict) }}
+{{- $offered := get ($group.rayResources | default dict) $resource }}
+{{- if or (kindIs "invalid" $offered) (kindIs "string" $offered) (lt (float64 $offered) (float64 $amount)) }}
+{{- $fits = false }}
+{{- end }}
+{{- end }}
+{{- if $fits }}
+{{- $host = $name }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if not $host }}
+{{- fail (printf "compileCache.warmJob: no enabled worker group can host stages.%s (custom resources %s, num_gpus %v), so there is no node kind to warm its compile cache on" $stage (toJson ($options.resources | default dict)) ($options.num_gpus | default 0)) }}
+{{- end }}
+{{- $_ := set $hosted $host (append (get $hosted $host | default list) $stage) }}
+{{- end }}
+{{- end }}
+{{- toYaml $hosted }}
+{{- end }}
+
+{{/*
+Objects this release creates that the warm-cache Jobs need; comma-separated, empty when none. Helm
+creates them after pre-install hooks run, so a pre-install Job would wait for them forever.
+*/}}
+{{- define "svd-serve.warmJobReleaseObjects" -}}
+{{- $objects := list }}
+{{- if .Values.serviceAccount.create }}
+{{- $objects = append $objects (printf "ServiceAccount %s" (include "svd-serve.serviceAccountName" .)) }}
+{{- end }}
+{{- if and (include "svd-serve.modelCacheClaim" .) (not .Values.modelCache.existingClaim) }}
+{{- $objects = append $objects (printf "PersistentVolumeClaim %s" (include "svd-serve.modelCacheClaim" .)) }}
+{{- end }}
+{{- if and (include "svd-serve.hfTokenSecretName" .) (not .Values.huggingface.existingSecret) }}
+{{- $objects = append $objects (printf "Secret %s" (include "svd-serve.hfTokenSecretName" .)) }}
+{{- end }}
+{{- if and (include "svd-serve.awsSecretName" .) (not .Values.aws.existingSecret) }}
+{{- $objects = append $objects (printf "Secret %s" (include "svd-serve.awsSecretName" .)) }}
+{{- end }}
+{{- if eq .Values.jobStore.backend "redis" }}
+{{- if and (include "svd-serve.redisSecretName" .) (not .Values.redis.auth.existingSecret) }}
+{{- $objects = append $objects (printf "Secret %s" (include "svd-serve.redisSecretName" .)) }}
+{{- end }}
+{{- if .Values.redis.enabled }}
+{{- $objects = append $objects (printf "the bundled Redis %s-redis" (include "svd-serve.fullname" .)) }}
+{{- end }}
+{{- end }}
+{{- join ", " $objects }}
+{{- end }}
+
+{{/* helm.sh/hook of the warm-cache Jobs: compileCache.warmJob.hooks, pre-install made post-install
+when the Jobs need objects of this release (svd-serve.warmJobReleaseObjects). */}}
+{{- define "svd-serve.warmJobHooks" -}}
+{{- $blocked := include "svd-serve.warmJobReleaseObjects" . }}
+{{- $hooks := list }}
+{{- range .Values.compileCache.warmJob.hooks }}
+{{- $hooks = append $hooks (ternary "post-install" . (and (eq . "pre-install") (ne $blocked ""))) }}
+{{- end }}
+{{- $hooks | uniq | join "," }}
+{{- end }}
+
+{{/* Name of the warm-cache Job of one worker group (<= 63 characters); call with (dict "root" $ "group" name). */}}
+{{- define "svd-serve.warmJobName" -}}
+{{- $name := printf "%s-warm-cache-%s" (include "svd-serve.fullname" .root) .group }}
+{{- if gt (len $name) 63 }}
+{{- printf "%s-%s" ($name | trunc 56 | trimSuffix "-") ($name | sha256sum | trunc 6) }}
+{{- else }}
+{{- $name }}
+{{- end }}
+{{- end }}
+
 {{/* serveConfigV2: one application, `serve.app:build_app` with the AppConfig args. */}}
 {{- define "svd-serve.serveConfig" -}}
 {{- $http := dict "host" "0.0.0.0" "port" 8000 "keep_alive_timeout_s" .Values.serve.keepAliveTimeoutS }}
@@ -321,7 +449,8 @@ rendered only when it has entries.
 {{/* ---------------------------------------------------------------- Ray pods */}}
 
 {{/*
-Environment of every Ray container. Call with (dict "root" $ "head" true|false).
+Environment of every Ray container, and of the warm-cache Jobs ("job" true: no Serve proxy, no
+tenants file). Call with (dict "root" $ "head" true|false ["job" true]).
 With GCS fault tolerance KubeRay injects REDIS_PASSWORD into the head itself (from
 gcsFaultToleranceOptions.redisPassword, the same Secret) and rejects a head that sets it.
 */}}
@@ -332,9 +461,11 @@ gcsFaultToleranceOptions.redisPassword, the same Secret) and rejects a head that
   value: {{ printf "%s/huggingface" (trimSuffix "/" $v.modelCache.mountPath) | quote }}
 - name: SVD_SERVE_CACHE_DIR
   value: {{ $v.modelCache.mountPath | quote }}
+{{- if not .job }}
 # Serve's HTTP proxy answers 503 (not 404) while the application starts (serve/api/startup.py).
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
   value: "serve.api.startup:proxy_middlewares"
+{{- end }}
 {{- with include "svd-serve.hfTokenSecretName" $root }}
 - name: HF_TOKEN
   valueFrom:
@@ -377,7 +508,7 @@ gcsFaultToleranceOptions.redisPassword, the same Secret) and rejects a head that
       key: {{ include "svd-serve.redisSecretKey" $root }}
 {{- end }}
 {{- end }}
-{{- if and (include "svd-serve.tenantsSecretName" $root) (not .head) }}
+{{- if and (include "svd-serve.tenantsSecretName" $root) (not .head) (not .job) }}
 - name: SVD_SERVE_TENANTS_FILE
   value: {{ include "svd-serve.tenantsFile" $root | quote }}
 {{- end }}
@@ -399,14 +530,7 @@ that the workers do not have and that disappears on every Secret update.
   emptyDir:
     medium: Memory
     sizeLimit: {{ .shmSizeLimit }}
-- name: model-cache
-{{- with include "svd-serve.modelCacheClaim" .root }}
-  persistentVolumeClaim:
-    claimName: {{ . }}
-{{- else }}
-  emptyDir:
-    sizeLimit: {{ $v.modelCache.sizeLimit }}
-{{- end }}
+{{ include "svd-serve.modelCacheVolume" .root }}
 - name: data
 {{- if $v.dataVolume.existingClaim }}
   persistentVolumeClaim:
@@ -424,6 +548,18 @@ that the workers do not have and that disappears on every Secret update.
       - key: {{ $v.tenants.existingSecretKey }}
         path: {{ $v.tenants.existingSecretKey }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The model-cache volume (a claim, else an emptyDir per pod). */}}
+{{- define "svd-serve.modelCacheVolume" -}}
+- name: model-cache
+{{- with include "svd-serve.modelCacheClaim" . }}
+  persistentVolumeClaim:
+    claimName: {{ . }}
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.modelCache.sizeLimit }}
 {{- end }}
 {{- end }}
 
