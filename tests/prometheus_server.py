@@ -44,16 +44,25 @@ class PrometheusQueryError(RuntimeError):
         self.query, self.error_type, self.error = query, error_type, error
 
 
-def require_prometheus() -> str:
-    """Path of ``prometheus``; skips the test (fails it in CI) when it is not installed."""
-    path = shutil.which(PROMETHEUS)
+def require_tool(name: str) -> str:
+    """Path of Debian's ``prometheus`` package's ``name`` (prometheus, promtool); skips the test
+    (fails it in CI) when it is not installed."""
+    path = shutil.which(name)
     if path is None:
-        message = ("prometheus is not installed: the live-Prometheus tests need a real server. "
-                   "Install it with scripts/install-system-deps.sh (Debian package prometheus).")
+        message = (f"{name} is not installed: install it with scripts/install-system-deps.sh "
+                   "(Debian package prometheus).")
         if in_ci():
             pytest.fail(message + " CI is set, so this is an error rather than a skip.", pytrace=False)
         pytest.skip(message)
     return path
+
+
+def require_prometheus() -> str:
+    return require_tool(PROMETHEUS)
+
+
+def require_promtool() -> str:
+    return require_tool("promtool")
 
 
 class PrometheusServer:

@@ -57,7 +57,7 @@ def _run(policy: str, other: tuple[int, int]) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.compile
+@pytest.mark.second_lane
 @pytest.mark.parametrize("policy, other", [
     ("static", (96, 6)),  # another frame count: run eagerly
     ("dynamic", (128, 4)),  # another size: the symbolic graph serves it

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,12 +28,11 @@ if importlib.util.find_spec("monitoring") is None:  # bare `pytest` puts tests/,
     sys.path.insert(0, str(REPO_ROOT))
 try:  # `tests` is a namespace package when the repository root is on sys.path
     from tests import helm_utils as hu
-    from tests.fixtures_redis import in_ci
 except ImportError:  # pytest's rootdir-relative import puts tests/ itself on sys.path
     import helm_utils as hu
-    from fixtures_redis import in_ci
 
 from monitoring import metrics  # noqa: E402
+from prometheus_server import require_promtool  # noqa: E402
 
 RULES_FILE = hu.CHART_DIR / "alerts" / "svd-serve.rules.yaml"
 FIXTURES = REPO_ROOT / "tests" / "promtool" / "svd-serve.test.yaml"
@@ -47,15 +45,6 @@ SELECTOR = re.compile(r"\b(ray_[a-zA-Z0-9_]+)\s*(\{[^}]*\})?")
 MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 
 
-def require_promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        message = ("promtool is not installed: install it with scripts/install-system-deps.sh "
-                   "(Debian package prometheus).")
-        if in_ci():
-            pytest.fail(message + " CI is set, so this is an error rather than a skip.", pytrace=False)
-        pytest.skip(message)
-    return path
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:

@@ -259,7 +259,7 @@ def test_model_zoo_benchmark_prints_its_three_tables():
 
 
 @pytest.mark.slow
-@pytest.mark.compile
+@pytest.mark.second_lane
 def test_fastpath_tiny_runs_every_section(tmp_path):
     """--fastpath on CPU (Inductor's C++ backend, regional scope to keep the compile short): every
     section runs and reports; compiled frames equal eager's; the warm start, a fresh process with

@@ -29,7 +29,7 @@ from serve.app import build_app  # noqa: E402
 from serve.config import AppConfig  # noqa: E402
 from serve.tenants import add_tenant  # noqa: E402
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.second_lane]
 
 APP = "svd-compiled"
 WARM = {"width": 64, "height": 64, "num_frames": 4}

@@ -77,7 +77,7 @@ CHILD = textwrap.dedent('''
 
 
 @pytest.mark.slow
-@pytest.mark.compile
+@pytest.mark.second_lane
 def test_a_compiled_sampler_as_a_replica_loads_it(tmp_path, tiny_model_dir):
     child = subprocess.run([sys.executable, "-c", CHILD, str(tiny_model_dir), str(tmp_path)], cwd=REPO,
                            capture_output=True, text=True, timeout=900)

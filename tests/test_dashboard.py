@@ -16,7 +16,6 @@ import ast
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,15 +28,14 @@ if importlib.util.find_spec("monitoring") is None:  # bare `pytest` puts tests/,
     sys.path.insert(0, str(REPO_ROOT))
 try:  # `tests` is a namespace package when the repository root is on sys.path
     from tests import helm_utils as hu
-    from tests.fixtures_redis import in_ci
 except ImportError:  # pytest's rootdir-relative import puts tests/ itself on sys.path
     import helm_utils as hu
-    from fixtures_redis import in_ci
 
 pytest.importorskip("grafana_foundation_sdk",
                     reason="grafana-foundation-sdk is not installed (pip install -e '.[dev]')")
 
 from monitoring import dashboard, metrics, promql  # noqa: E402
+from prometheus_server import require_promtool  # noqa: E402
 
 ALLOWED_VARIABLES = {"cluster", "namespace", "tenant", "model", "__rate_interval"}
 FILTER_LABELS = ("cluster", "namespace", "tenant", "model")
@@ -172,15 +170,6 @@ def test_dashboard_covers_what_an_operator_needs(board):
     assert any('status="429"' in e for e in exprs)
 
 
-def require_promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        message = ("promtool is not installed: install it with scripts/install-system-deps.sh "
-                   "(Debian package prometheus).")
-        if in_ci():
-            pytest.fail(message + " CI is set, so this is an error rather than a skip.", pytrace=False)
-        pytest.skip(message)
-    return path
 
 
 def substituted(expr: str, rate_interval: str = "1m") -> str:

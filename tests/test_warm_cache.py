@@ -30,7 +30,7 @@ def warm_cache(*args: str | Path, timeout: float = 900, env: dict | None = None)
 
 
 @pytest.mark.slow
-@pytest.mark.compile
+@pytest.mark.second_lane
 def test_warm_cache_fills_the_cache_a_replica_reads(tmp_path, tiny_model_dir):
     cache = tmp_path / "compile-cache"
     config = write_config(tmp_path / "app.yaml", tiny_model_dir, {"sampler": {

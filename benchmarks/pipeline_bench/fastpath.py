@@ -134,6 +134,7 @@ def run_fastpath(args) -> dict:
                                 cache_dir=str(work / "compile-cache"))
     if run.fits("compiled"):
         parts.clear_compile_cache(work / "compile-cache")
+        parts.use_fresh_local_caches(work, "cold")  # a cold start: nothing from earlier runs on this machine
         ready = parts.prepare(stages, components, options, shape, compile_vae=args.compile_vae)
         compiled = parts.generate(stages, encoded, params, device, warmup=False)
         run.record("compiled", {"cold_start": ready, **compiled.figures(), "ratio_to_eager": compiled.ratios(eager),

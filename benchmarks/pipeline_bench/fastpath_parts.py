@@ -152,6 +152,17 @@ def clear_compile_cache(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def use_fresh_local_caches(work: Path, name: str) -> dict[str, str]:
+    """Point Inductor's and Triton's on-disk caches at empty directories of this run (both read
+    their variable when they first need the directory, so setting it before the first compile is
+    enough): a replica on a new node starts with none."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{name}"), "TRITON_CACHE_DIR": str(work / f"triton-{name}")}
+    for path in env.values():
+        shutil.rmtree(path, ignore_errors=True)
+    os.environ.update(env)
+    return env
+
+
 def prepare(stages, components, options: StageAcceleration, shape: WarmupShape, *, compile_vae: bool) -> dict:
     reports = {"sampling": prepare_stage("sampling", components=components, stage_object=stages.sampling,
                                          options=options, shapes=[shape])}
@@ -164,10 +175,12 @@ def prepare(stages, components, options: StageAcceleration, shape: WarmupShape, 
 def warm_start(args, work: Path, weights_dir: Path, options: StageAcceleration, shape: WarmupShape) -> dict:
     """A fresh process (empty Inductor and Triton caches of its own, as on a new node) that loads
     the weights from disk and the compile cache, and prepares the same stages."""
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / "inductor-warm"), TRITON_CACHE_DIR=str(work / "triton-warm"),
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
-    for key in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        shutil.rmtree(env[key], ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    fresh = {"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-warm"), "TRITON_CACHE_DIR": str(work / "triton-warm")}
+    for path in fresh.values():
+        shutil.rmtree(path, ignore_errors=True)
+    env.update(fresh)
     spawned = time.monotonic()
     child = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("fastpath_warm.py")), "--weights", str(weights_dir),

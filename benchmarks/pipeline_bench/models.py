@@ -54,18 +54,6 @@ def build_svd_xt_models(device, dtype, *, attention: str, with_clip: bool = True
     return models
 
 
-def to_channels_last(module) -> None:
-    """Conv weights to channels_last. ``module.to(memory_format=...)`` fails on the SVD U-Net, whose
-    temporal ResNet blocks hold 5-D Conv3d weights; those get channels_last_3d instead."""
-    import torch
-
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.Conv2d):
-            layer.to(memory_format=torch.channels_last)
-        elif isinstance(layer, torch.nn.Conv3d):
-            layer.to(memory_format=torch.channels_last_3d)
-
-
 def build_components(args, device: str, dtype):
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPImageProcessor
@@ -98,6 +86,8 @@ def build_components(args, device: str, dtype):
         components.unet.set_attn_processor(AttnProcessor2_0())
         components.vae.set_attn_processor(AttnProcessor2_0())
     if args.channels_last:
+        from pipelines.acceleration.compile import to_channels_last  # the serving path's, one definition
+
         to_channels_last(components.unet)
         to_channels_last(components.vae)
     if args.compile:
