@@ -140,14 +140,15 @@ class StageModels:
                 raise ModelUnavailableError(f"model {model_id!r} is no longer registered")
             weights = self.catalog.weights(entry)
             if "@" in key and weights.digest != key.rsplit("@", 1)[1]:
-                raise ModelVersionChangedError(f"model {model_id!r} changed since this job started")
+                raise ModelVersionChangedError(f"model {model_id!r} changed since this job started", requested=key,
+                                               current=f"{model_id}@{weights.digest}")
             start = time.perf_counter()
             with tracer().start_as_current_span("model_load", attributes={"svd.stage": self.spec.name,
                                                                           "svd.model": model_id}):
                 components = self._components(weights)
                 stage = self.spec.build(components)
+                ready = self._prepare(stage, components, entry)  # before the adapter: nothing held if it fails
                 adapters = self._with_adapter(key, weights, components) if weights.lora else None
-            ready = self._prepare(stage, components, entry)
         except ModelUnavailableError:
             raise
         except (LookupError, ValueError, ModelLoadError, OSError) as error:

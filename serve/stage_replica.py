@@ -19,7 +19,6 @@ handles payloads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 import threading
@@ -32,7 +31,6 @@ from ray import serve
 import numpy as np
 import PIL.Image
 
-from pipelines.acceleration.compile import attention_kernels
 from pipelines.images import decode_image_bytes
 from pipelines.loader import load_stage_components
 from pipelines.params import GenerationParams
@@ -310,7 +308,7 @@ class StageReplica:
         try:
             try:
                 values = [self._resolve(name, value, params) for name, value in zip(self.spec.inputs, values)]
-                with model.applied() as stage, self._kernels():
+                with model.applied() as stage:
                     value = to_host(stage(*values, params, **hooks))
             finally:
                 model.release()
@@ -327,11 +325,6 @@ class StageReplica:
             busy = time.perf_counter() - start
             if busy > 0:
                 emit(lambda m: m.stage_busy_seconds.inc(busy, tags={"stage": stage_name}))
-
-    def _kernels(self) -> Any:
-        """The attention kernels the stage's acceleration pins around a call (none: as loaded)."""
-        acceleration = self.config.stages.for_stage(self.spec).acceleration
-        return attention_kernels(acceleration) if acceleration is not None else contextlib.nullcontext()
 
     def _acceleration_info(self) -> dict[str, Any] | None:
         """The default model's warm-up report: compile seconds per shape and the cache outcome."""

@@ -119,3 +119,36 @@ def test_cache_round_trip_on_disk_and_s3(tmp_path, s3_bucket, moto_s3_endpoint, 
         cache._write(key_name(key) + ".megacache", b"not a mega-cache blob")
         assert cache.load(key) is False  # unusable blobs are ignored, never fatal
         assert cache.entries() == [key_name(key)]
+
+
+def test_a_compiled_decoder_must_warm_up_for_a_chunk():
+    from serve.config import AppConfig
+
+    compiled = {"acceleration": {"compile": "default"}}
+    with pytest.raises(ValidationError, match="a compiled decoder needs warmup_shapes with decode_chunk_size"):
+        AppConfig.model_validate({"stages": {"decoder": compiled}})
+    with pytest.raises(ValidationError, match="a compiled decoder needs warmup_shapes with decode_chunk_size"):
+        AppConfig.model_validate({"stages": {"decoder": {**compiled, "warmup_shapes": [
+            {"width": 1024, "height": 576, "num_frames": 25}]}}})
+    config = AppConfig.model_validate({"stages": {"decoder": {**compiled, "warmup_shapes": [
+        {"width": 1024, "height": 576, "num_frames": 25, "decode_chunk_size": 8}]}}})
+    assert config.stages.decoder.warmup_shapes[0].decode_chunk_size == 8
+    # What build_app hands every replica (a full dump) validates again.
+    assert AppConfig.model_validate(config.model_dump()).stages.decoder == config.stages.decoder
+
+
+def test_a_pinned_attention_backend_is_process_wide():
+    from pipelines.acceleration.compile import pin_attention_backend
+
+    before = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled(),
+              torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
+    try:
+        pin_attention_backend(StageAcceleration(attention="math"))
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+        assert not torch.backends.cuda.mem_efficient_sdp_enabled() and not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        flash, math_, efficient, cudnn = before
+        torch.backends.cuda.enable_flash_sdp(flash)
+        torch.backends.cuda.enable_math_sdp(math_)
+        torch.backends.cuda.enable_mem_efficient_sdp(efficient)
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)

@@ -235,7 +235,9 @@ def test_default_option_values_are_no_placement():
 
 def test_cache_dir_goes_to_compiled_stages_without_their_own():
     values = {"stages": {"sampler": {"acceleration": {"compile": "default"}},
-                         "decoder": {"acceleration": {"compile": "default", "cache_dir": "s3://own-bucket/decoder"}},
+                         "decoder": {"acceleration": {"compile": "default", "cache_dir": "s3://own-bucket/decoder"},
+                                     "warmup_shapes": [{"width": 1024, "height": 576, "num_frames": 25,
+                                                        "decode_chunk_size": 8}]},
                          "image_encoder": {"acceleration": {"compile": "none", "attention": "sdpa"}}},
               "compileCache": {"enabled": True}, "modelCache": {"mountPath": "/cache/"}}
     stages = hu.render(values).app_args["stages"]
@@ -447,6 +449,7 @@ def test_cpu_smoke_values_with_a_warm_job(tmp_path):
     for stage in ("image_encoder", "sampler", "decoder"):
         values["stages"][stage]["acceleration"] = {"compile": "default"}
     values["stages"]["sampler"]["warmup_shapes"] = [{"width": 64, "height": 64, "num_frames": 2}]
+    values["stages"]["decoder"]["warmup_shapes"] = [{"width": 64, "height": 64, "num_frames": 2, "decode_chunk_size": 2}]
     values["compileCache"] = {"enabled": True, "url": "s3://compile-cache/smoke", "warmJob": {"enabled": True}}
     rendered = hu.render(values)
     (job,) = rendered.of_kind("Job")

@@ -8,7 +8,6 @@ the compile happen is :mod:`pipelines.acceleration.warmup`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Iterator
 
@@ -67,6 +66,7 @@ def accelerate_stage(stage: str, components: dict[str, Any], options: StageAccel
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         owner.set_attn_processor(AttnProcessor2_0())
+    pin_attention_backend(options)
     if options.channels_last:
         to_channels_last(network)
     if options.fp8:
@@ -119,17 +119,18 @@ def to_channels_last(module: torch.nn.Module) -> None:
             layer.to(memory_format=torch.channels_last_3d)
 
 
-@contextlib.contextmanager
-def attention_kernels(options: StageAcceleration) -> Iterator[None]:
-    """Pin SDPA to the configured backend around a stage call (nothing for sdpa/default)."""
+def pin_attention_backend(options: StageAcceleration) -> None:
+    """Pin SDPA to the configured backend for this process (nothing for sdpa/default). Process-wide
+    on purpose: ``sdpa_kernel`` saves and restores global flags, so per-call pins on concurrent
+    requests would restore each other's state out of order; a stage replica serves one stage."""
     name = _SDPA_BACKENDS.get(options.attention)
     if name is None:
-        yield
         return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(getattr(SDPBackend, name)):
-        yield
+    backends = torch.backends.cuda
+    backends.enable_flash_sdp(name == "FLASH_ATTENTION")
+    backends.enable_cudnn_sdp(name == "CUDNN_ATTENTION")
+    backends.enable_mem_efficient_sdp(name == "EFFICIENT_ATTENTION")
+    backends.enable_math_sdp(name == "MATH")
 
 
 def enter_serving_stance(options: StageAcceleration) -> None:

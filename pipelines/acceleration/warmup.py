@@ -9,6 +9,7 @@ exactly what requests will call: guided batches, decode chunks and all.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -19,7 +20,7 @@ import torch
 from ..params import GenerationParams
 from ..payloads import EncodedImage, SampledLatents
 from .cache import CompileCache, cache_key
-from .compile import accelerate_stage, attention_kernels, enter_serving_stance, stage_network
+from .compile import accelerate_stage, enter_serving_stance, stage_network
 from .options import StageAcceleration, WarmupShape
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 #: Sampling steps in a warm-up run: the first step and a later one (a later step has the same
 #: shapes; two make sure nothing specialises on the first).
 WARMUP_STEPS = 2
+#: Warm-ups run one at a time: each flips torch's process-wide compiler stance to "default" for its
+#: duration, and two interleaved flips would restore each other's stance out of order.
+_WARMUP_LOCK = threading.Lock()
 #: Set on a network once prepared: (options, warmed shapes).
 PREPARED_MARK = "_svd_prepared"
 #: The SVD VAE's spatial downsampling (latents are width/8 x height/8).
@@ -40,8 +44,9 @@ class ReadyReport:
     stage: str
     compiled: bool
     cache: str
-    """``off`` (no cache configured or not compiled), ``hit``, ``miss``, or ``shared`` (the network
-    was prepared already for a model sharing it)."""
+    """``off`` (no cache configured or not compiled), ``hit``, ``miss``, ``error`` (the cache could
+    not be read: compiled from scratch), or ``shared`` (the network was prepared already for a
+    model sharing it)."""
     accelerate_s: float = 0.0
     cache_load_s: float = 0.0
     warmup_s: dict[str, float] = field(default_factory=dict)
@@ -76,6 +81,7 @@ def prepare_stage(stage: str, *, components: dict[str, Any], stage_object: Any, 
         if missing and options.compiled and options.warmup:
             report.warmup_s = warm_up(stage, stage_object, shapes=missing, options=options)
             setattr(stage_network(stage, components), PREPARED_MARK, (options, existing[1] + tuple(missing)))
+            enter_serving_stance(options)
         return report
     started = time.perf_counter()
     network = accelerate_stage(stage, components, options)
@@ -89,15 +95,23 @@ def prepare_stage(stage: str, *, components: dict[str, Any], stage_object: Any, 
     key = cache_key(stage=stage, network=network, options=options, shapes=shapes) if cache else None
     if cache is not None:
         started = time.perf_counter()
-        report.cache = "hit" if cache.load(key) else "miss"
+        try:
+            report.cache = "hit" if cache.load(key) else "miss"
+        except Exception as error:  # noqa: BLE001 - the cache is an optimisation: compile without it
+            logger.warning("compile cache %s unreachable (%s); compiling from scratch", cache.location, error)
+            report.cache = "error"
         report.cache_load_s = time.perf_counter() - started
-    if options.warmup:
+    if options.warmup and shapes:
         report.warmup_s = warm_up(stage, stage_object, shapes=shapes, options=options)
         if cache is not None and report.cache == "miss":
             started = time.perf_counter()
-            report.cache_bytes = cache.save(key)
+            try:
+                report.cache_bytes = cache.save(key)
+            except Exception as error:  # noqa: BLE001 - the stage is compiled and serves; only sharing is lost
+                logger.warning("could not store the compile cache in %s (%s)", cache.location, error)
             report.cache_save_s = time.perf_counter() - started
-    enter_serving_stance(options)
+        # Only after a warm-up: with none, the first request of each shape must still compile.
+        enter_serving_stance(options)
     logger.info("stage %s ready in %.1f s (compile cache %s; warm-up %s)", stage, report.total_s, report.cache,
                 ", ".join(f"{k} {v:.1f}s" for k, v in report.warmup_s.items()) or "none")
     return report
@@ -107,7 +121,9 @@ def warm_up(stage: str, stage_object: Any, *, shapes: Sequence[WarmupShape],
             options: StageAcceleration) -> dict[str, float]:
     """Run the stage once per shape under the default compiler stance; seconds per shape."""
     seconds: dict[str, float] = {}
-    with torch.compiler.set_stance("default"), attention_kernels(options):
+    # While this runs, a request on another thread with a shape nobody warmed up compiles instead of
+    # running eagerly (the stance is process-wide); model loads are rare, and it ends with the warm-up.
+    with _WARMUP_LOCK, torch.compiler.set_stance("default"):
         for shape in shapes:
             started = time.perf_counter()
             run_once(stage, stage_object, shape)

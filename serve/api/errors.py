@@ -310,6 +310,13 @@ class HTTPErrorMetrics:
 
         try:
             await self.app(scope, receive, watching_send)
+        except Exception:
+            # An unexpected exception passes through here before Starlette's outermost handler turns it
+            # into the 500 internal_error response: count it as that response.
+            if status == 0:
+                status = 500
+                scope["state"][ERROR_CODE_STATE] = "internal_error"
+            raise
         finally:
             if status >= 400:
                 try:

@@ -196,6 +196,7 @@ class StagesConfig(BaseModel):
             _check_stage_options(key, spec, given or {})
             try:
                 data[key] = DeploymentConfig.model_validate(_merged(base, given or {}))
+                _check_decoder_warmup(key, spec, data[key])
             except ValidationError as error:  # name the stage in each error's location
                 raise ValidationError.from_exception_data(cls.__name__, [
                     {"type": item["type"], "loc": (key, *item["loc"]), "input": item["input"],
@@ -229,6 +230,18 @@ def _check_stage_options(key: str, spec: StageSpec | None, given: Any) -> None:
         if spec is None or spec.name not in stages:
             where = ", ".join(_CONFIG_KEYS.get(name, name) for name in stages)
             raise ValueError(f"stages.{key}.{option} applies only to {where}")
+
+
+def _check_decoder_warmup(key: str, spec: StageSpec, options: "DeploymentConfig") -> None:
+    """A compiled decoder must warm up for the chunk it will serve. Without a chunk in the shape the
+    warm-up would size one from the GPU memory free while the replica starts, which the requests
+    (sized from the replica's share, over its concurrent requests) may not get: their decodes would
+    run eagerly under the static policy."""
+    if spec.name != "decode" or options.acceleration is None or not options.acceleration.compiled:
+        return
+    if not options.warmup_shapes or any(shape.decode_chunk_size is None for shape in options.warmup_shapes):
+        raise ValueError(f"stages.{key}: a compiled decoder needs warmup_shapes with decode_chunk_size (the chunk "
+                         "its requests use: set the same as low_vram.decode_chunk_size, or requests' own)")
 
 
 _CONFIG_KEYS = {"image_encode": "image_encoder", "sampling": "sampler", "decode": "decoder",

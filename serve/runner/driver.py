@@ -164,11 +164,18 @@ class JobDriver:
         if verdict.action == "cancel":
             logger.info("job cancelled", extra=log_extra(job.id))
             return self.store.mark_cancelled(job.id, owner=self.owner)
-        if isinstance(cause_of(error), ModelVersionChangedError):
-            logger.info("the job's model changed while it ran; it starts again on the new version",
-                        extra=log_extra(job.id))
-            self.store.release(job.id, owner=self.owner, count_attempt=False)
-            return False
+        cause = cause_of(error)
+        if isinstance(cause, ModelVersionChangedError):
+            # The registry changed (the runner now reads another version than the one the job ran
+            # with): a fresh start, not an attempt. Otherwise a stage replica runs another app config
+            # than this runner (a roll-out in progress): counted, so max_attempts bounds it.
+            changed = self.catalog.version_key(job.model or self.catalog.default_id) != cause.requested
+            logger.info("the job's model changed while it ran; it starts again on the new version"
+                        if changed else "a stage replica reads another version of the job's model (config "
+                        "roll-out in progress); the job is retried", extra=log_extra(job.id))
+            if changed or job.attempts < self.config.job_store.max_attempts:
+                self.store.release(job.id, owner=self.owner, count_attempt=not changed)
+                return False
         if verdict.action == "retry":
             logger.warning("stage worker lost (%s); the job goes back to the queue", type(cause_of(error)).__name__,
                            extra=log_extra(job.id))

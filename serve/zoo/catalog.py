@@ -55,9 +55,21 @@ class ModelUnavailableError(InvalidInputError):
 
 
 class ModelVersionChangedError(ModelUnavailableError):
-    """A stage was asked for a model version (``id@digest``) that is no longer the registry's: the
-    weights changed while the job ran. The job starts again on the new version (no attempt
-    counted), so one clip is never made by two versions and its record names the one that made it."""
+    """A stage was asked for a model version (``id@digest``) that is not the one it reads now: the
+    weights changed while the job ran. The job starts again on the new version (no attempt counted
+    when the registry did change), so a one-pass clip is never made by two versions and its record
+    names the one that made it. ``requested``/``current``: the two keys."""
+
+    def __init__(self, message: str, *, requested: str = "", current: str = "") -> None:
+        super().__init__(message)
+        self.requested, self.current = requested, current
+
+    def __reduce__(self):  # crosses Ray between processes with its keys
+        return (_version_changed, (str(self), self.requested, self.current))
+
+
+def _version_changed(message: str, requested: str, current: str) -> ModelVersionChangedError:
+    return ModelVersionChangedError(message, requested=requested, current=current)
 
 
 @dataclass(frozen=True)
