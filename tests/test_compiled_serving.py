@@ -57,7 +57,8 @@ def service(tmp_path_factory, tiny_model_dir):
         "job_store": {"sqlite_path": str(tmp / "jobs.sqlite3")},
         "auth": {"tenants_file": str(tmp / "tenants.yaml")},
     })
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    # A cluster of its own (address="local"): the other lane of `make test` may run one at the same time.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name=APP, route_prefix="/")

@@ -83,7 +83,7 @@ def exported():
     from serve.telemetry import forget_metrics
 
     port = free_port()
-    ray.init(include_dashboard=False, num_cpus=2, _metrics_export_port=port,
+    ray.init(address="local", include_dashboard=False, num_cpus=2, _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 500})
     try:
         yield Exported(f"http://127.0.0.1:{port}/metrics")

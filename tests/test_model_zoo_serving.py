@@ -87,7 +87,7 @@ def zoo(tmp_path_factory, tiny_model_dir):
     limits = {"rate_limit_per_minute": 100000, "burst": 10000, "max_running_jobs": 100, "max_queued_jobs": 1000}
     keys = {name: add_tenant(tmp / "tenants.yaml", name, **limits) for name in ("alice", "bob")}
 
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config_for(tmp, models, per_replica=4, concurrent=2)), name=APP, route_prefix="/")

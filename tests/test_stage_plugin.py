@@ -102,7 +102,7 @@ def test_the_extra_stage_runs_in_the_serve_application(passthrough, tmp_path, ti
         "job_store": {"sqlite_path": str(tmp_path / "jobs.sqlite3")},
         "auth": {"tenants_file": str(tmp_path / "tenants.yaml")},
     })
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
         serve.run(build_app(config), name="plugin", route_prefix="/")
