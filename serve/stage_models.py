@@ -33,7 +33,7 @@ from pipelines.loader import load_stage_components, read_pipeline_file
 from pipelines.loader.unet_checkpoint import fetch_adapter
 from pipelines.registry import StageSpec
 
-from .telemetry import add, emit, tracer
+from .telemetry import emit, record_model_load, tracer
 from .zoo import ModelCatalog, ModelUnavailableError, ModelVersionChangedError, Weights
 
 logger = logging.getLogger("ray.serve.svd_serve")
@@ -157,13 +157,7 @@ class StageModels:
                                         "can find why in the logs)") from None
         release = self._releaser(adapters, adapter_name(key)) if adapters is not None else None
         seconds = time.perf_counter() - start
-        tags = {"stage": self.spec.name, "model": model_id}
-
-        def loaded(recorder) -> None:
-            recorder.model_load_seconds.observe(seconds, tags=tags)
-            add(recorder.model_evictions, 0, tags)  # the model's eviction count exists from its load on
-
-        emit(loaded)
+        record_model_load(stage=self.spec.name, model=model_id, seconds=seconds)
         logger.info("%s loaded model %s in %.2fs", self.spec.name, key, seconds)
         self.load_seconds[model_id] = seconds
         model = LoadedModel(key, stage, load_seconds=seconds, adapters=adapters, on_evicted=self._evicted,

@@ -45,8 +45,8 @@ from .jobstore import THUMBNAIL_CONTENT_TYPE, make_job_store, thumbnail_key_for
 from .stage_models import LoadedModel, StageModels, default_warmup_shape
 from .storage import make_storage
 from .zoo import ModelCatalog, make_model_store, model_id_for
-from .telemetry import (add, emit, log_extra, set_torch_threads, setup_tracing, span_from_carrier, timed_replica,
-                        tracer)
+from .telemetry import (emit, log_extra, record_model_load, set_torch_threads, setup_tracing, span_from_carrier,
+                        timed_replica, tracer)
 
 logger = logging.getLogger("ray.serve.svd_serve")
 
@@ -247,13 +247,7 @@ class StageReplica:
             stage = self.spec.build(load_stage_components(self.spec, model), **stage_options)
         seconds = time.perf_counter() - start
         model_id = model_id_for(model.source)
-        tags = {"stage": self.spec.name, "model": model_id}
-
-        def loaded(recorder) -> None:
-            recorder.model_load_seconds.observe(seconds, tags=tags)
-            add(recorder.model_evictions, 0, tags)  # the model's eviction count exists from its load on
-
-        emit(loaded)
+        record_model_load(stage=self.spec.name, model=model_id, seconds=seconds)
         logger.info("%s loaded %s in %.2fs", self.spec.name, model.source, seconds)
         return LoadedModel(model_id, stage, load_seconds=seconds)
 

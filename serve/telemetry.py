@@ -331,3 +331,14 @@ def set_torch_threads(threads: int) -> None:
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+
+
+def record_model_load(*, stage: str, model: str, seconds: float) -> None:
+    """One model loaded by a stage replica: its load time, and its eviction count from 0 on."""
+    tags = {"stage": stage, "model": model}
+
+    def loaded(recorder) -> None:
+        recorder.model_load_seconds.observe(seconds, tags=tags)
+        add(recorder.model_evictions, 0, tags)
+
+    emit(loaded)
