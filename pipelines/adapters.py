@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.acceleration.aot import RUN_EAGER_ATTR
 from pipelines.errors import InvalidInputError, ModelLoadError
 
 CONFIG_FILE = "adapter_config.json"
@@ -164,6 +165,9 @@ class LoraAdapters:
         self._requires_grad = {p: p.requires_grad for p in unet.parameters()}
         unet.register_forward_pre_hook(self._enter_forward, prepend=True)
         unet.register_forward_hook(self._leave_forward, always_call=True)
+        # An ahead-of-time compiled U-Net (pipelines.acceleration.aot) holds the base weights only:
+        # a call with an adapter active must run the eager modules, where the adapter's hooks are.
+        setattr(unet, RUN_EAGER_ATTR, self.adapter_active)
 
     def __deepcopy__(self, memo):  # deep copies of the U-Net share its hooks (see _base_copy)
         return self
@@ -210,6 +214,10 @@ class LoraAdapters:
                 self._remove(name)
             del self._loaded[name]
             return True
+
+    def adapter_active(self) -> bool:
+        """Whether the calling thread/context has an adapter active (see :meth:`active`)."""
+        return self._active.get() is not None
 
     @contextmanager
     def active(self, name: str | None):
@@ -325,6 +333,7 @@ def _base_copy(unet: torch.nn.Module) -> torch.nn.Module:
                 module._forward_hooks_with_kwargs.pop(key, None)
     if hasattr(clone, "peft_config"):
         del clone.peft_config
+    clone.__dict__.pop(RUN_EAGER_ATTR, None)
     return clone
 
 

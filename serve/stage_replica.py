@@ -327,7 +327,8 @@ class StageReplica:
             return None
         return {"compiled": ready.compiled, "cache": ready.cache,
                 "warmup_s": {shape: round(seconds, 2) for shape, seconds in ready.warmup_s.items()},
-                "cache_load_s": round(ready.cache_load_s, 2), "cache_bytes": ready.cache_bytes}
+                "cache_load_s": round(ready.cache_load_s, 2), "cache_bytes": ready.cache_bytes,
+                "aot_build_s": round(ready.aot_build_s, 2), "aot_packages": ready.aot_packages}
 
     def _resolve(self, name: str, value: Any, params: GenerationParams) -> Any:
         """An input as the stage takes it. The source (the conditioning image) arrives as the stored

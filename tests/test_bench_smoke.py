@@ -260,13 +260,16 @@ def test_model_zoo_benchmark_prints_its_three_tables():
 
 @pytest.mark.slow
 @pytest.mark.second_lane
-def test_fastpath_tiny_runs_every_section(tmp_path):
-    """--fastpath on CPU (Inductor's C++ backend, regional scope to keep the compile short): every
-    section runs and reports; compiled frames equal eager's; the warm start, a fresh process with
-    empty local caches, finds the compile cache and builds no graph from scratch."""
+@pytest.mark.parametrize("engine", ["jit", "aot"])
+def test_fastpath_tiny_runs_every_section(tmp_path, engine):
+    """--fastpath on CPU (Inductor's C++ backend; jit in regional scope to keep the compile short):
+    every section runs and reports; compiled frames equal eager's; the warm start, a fresh process
+    with empty local caches, finds the compile cache and builds no graph from scratch (aot: loads
+    its package and compiles nothing)."""
     out = tmp_path / "fastpath.json"
+    scope = ["--compile-scope", "regional"] if engine == "jit" else []
     result = run_bench("--fastpath", "--tiny", "--frames", "4", "--steps", "2", "--decode-chunk-size", "4",
-                       "--compile-scope", "regional", "--fp8", "--low-vram", "--budget-s", "3000",
+                       "--compile-engine", engine, *scope, "--fp8", "--low-vram", "--budget-s", "3000",
                        "--json", out, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -283,12 +286,43 @@ def test_fastpath_tiny_runs_every_section(tmp_path):
     # fp32 on CPU: reordered reductions only (measured 3e-6; bf16 on an H200 gives ~1e-2).
     assert difference["finite"] and difference["latents_rel_rmse"] < 1e-4 and difference["frames_max_abs"] <= 1
 
+    low_vram = sections["low_vram"]  # no CUDA: counted for the full-size architecture (measured on an H200: equal)
+    assert low_vram["method"].startswith("counted on the meta device")
+    assert low_vram["unet_step_25f_gib"] == 7.73 and low_vram["unet_step_25f_ff_chunked_gib"] < 4.5
+    assert low_vram["decode_25f_chunk25_gib"] > low_vram["decode_25f_chunk8_gib"] > low_vram["decode_25f_chunk1_gib"]
+
     warm = sections["warm_start"]
     assert warm["stages"]["sampling"]["cache"] == "hit"
-    assert warm["inductor"].get("fxgraph_cache_hit", 0) >= 1 and warm["inductor"].get("fxgraph_cache_miss", 0) == 0
+    if engine == "jit":
+        assert warm["inductor"].get("fxgraph_cache_hit", 0) >= 1 and warm["inductor"].get("fxgraph_cache_miss", 0) == 0
+    else:
+        assert compiled["cold_start"]["sampling"]["aot_packages"] == 1
+        assert warm["stages"]["sampling"]["aot_build_s"] == 0 and warm["inductor"] == {}  # nothing compiled
     assert warm["process_started_s"] < warm["imports_done_s"] <= warm["weights_loaded_s"] < warm["ready_s"]
 
     fp8 = sections["fp8"]
     assert fp8["linears_fp8"] > 0
     # Approximate by design: close to bf16/fp32, never equal.
     assert 25 < fp8["quality_vs_bf16_compiled"]["psnr_db"] < 200 and 0.9 < fp8["quality_vs_bf16_compiled"]["ssim"] < 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile-engine", "aot"], "--compile-engine is a --fastpath option"),
+    (["--fastpath", "--tiny", "--compile-engine", "aot", "--compile-mode", "reduce-overhead"],
+     "engine 'aot' does not record CUDA graphs"),
+    (["--fastpath", "--tiny", "--compile-engine", "aot", "--compile-scope", "regional"], "scope must be 'full'"),
+])
+def test_fastpath_option_errors_are_one_line(flags, message):
+    result = run_bench(*flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def test_gpu_script_without_wheels_says_how_to_get_them(tmp_path):
+    """benchmarks/gpu_fastpath.sh, the one prepared call for the GPU machine, stops with one line
+    (before any model is built) when the wheels it installs there were not downloaded."""
+    result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_fastpath.sh")], cwd=tmp_path,
+                            env={**SUBPROCESS_ENV, "WHEELS": str(tmp_path / "none"), "OUT": str(tmp_path / "out")},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"gpu_fastpath.sh: no wheels in {tmp_path / 'none'} (run with --download first)"

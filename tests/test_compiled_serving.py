@@ -1,9 +1,9 @@
 """Compiled stages in serving, end to end on a real local Ray cluster: the Sampler compiles at
-replica start (Inductor's CPU backend, regional scope, the tiny model), reports its warm-up in
-``replica_info``, stores the compile cache, and serves clips equal to eager's in-process reference
-(codec noise only); a shape that was not warmed up is served too (eagerly, under the static
-policy). The Decoder's compile is covered without Ray (tests/test_acceleration_shapes.py) to keep
-this test's start short."""
+replica start (jit engine: Inductor's CPU backend, regional scope, the tiny model) and the Decoder
+builds ahead-of-time packages (aot engine); both report their warm-up in ``replica_info``, store
+the compile cache, and serve clips equal to eager's in-process reference (codec noise only); a
+shape that was not warmed up is served too (eagerly, under the static policy). A warm start from
+the aot cache is covered without Ray (tests/test_aot_engine.py)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def service(tmp_path_factory, tiny_model_dir):
     key = add_tenant(tmp / "tenants.yaml", "alice", rate_limit_per_minute=100000, burst=1000)
     accelerated = {"acceleration": {"compile": "default", "scope": "regional", "cache_dir": str(tmp / "cache")},
                    "warmup_shapes": [{**WARM, "decode_chunk_size": 4}]}
+    ahead_of_time = {"acceleration": {"compile": "default", "engine": "aot", "cache_dir": str(tmp / "cache")},
+                     "warmup_shapes": [{**WARM, "decode_chunk_size": 4}]}
 
     def stage(**extra):
         return {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}, "graceful_shutdown_timeout_s": 5, **extra}
@@ -50,7 +52,7 @@ def service(tmp_path_factory, tiny_model_dir):
     config = AppConfig.model_validate({
         "model": {"source": str(tiny_model_dir), "dtype": "fp32", "device": "cpu"},
         "text_to_image_model": None,
-        "stages": {"image_encoder": stage(), "sampler": stage(**accelerated), "decoder": stage(),
+        "stages": {"image_encoder": stage(), "sampler": stage(**accelerated), "decoder": stage(**ahead_of_time),
                    "video_encoder": stage(), "runner": {"ray_actor_options": {"num_cpus": 0.1}},
                    "ingress": {"ray_actor_options": {"num_cpus": 0.1}}},
         "storage": {"local_dir": str(tmp / "outputs")},
@@ -100,8 +102,12 @@ def test_compiled_replicas_warm_up_at_start_and_fill_the_cache(service):
     acceleration = info("Sampler")["acceleration"]
     assert acceleration["compiled"] and acceleration["cache"] == "miss", acceleration
     assert list(acceleration["warmup_s"]) == ["64x64x4/chunk 4"] and acceleration["cache_bytes"] > 0
-    assert info("Decoder")["acceleration"] is None  # eager: nothing configured
+    decoder = info("Decoder")["acceleration"]
+    assert decoder["compiled"] and decoder["cache"] == "miss" and decoder["aot_packages"] == 1, decoder
+    assert decoder["aot_build_s"] > 0 and decoder["cache_bytes"] > 0
+    assert info("ImageEncoder")["acceleration"] is None  # eager: nothing configured
     assert [p.name.split("-")[0] for p in (service["tmp"] / "cache").glob("*.megacache")] == ["sampling"]
+    assert [p.name.split("-")[0] for p in (service["tmp"] / "cache").glob("*.aoti")] == ["decode"]
 
 
 def test_a_compiled_clip_equals_eager(service):

@@ -171,6 +171,13 @@ BAD_STAGE_VALUES = {
     "regional-eager": ({"sampler": {"acceleration": {"scope": "regional"}}}, "/stages/sampler/acceleration/scope"),
     "dynamic-eager": ({"sampler": {"acceleration": {"compile": "none", "shape_policy": "dynamic"}}},
                       "/stages/sampler/acceleration/shape_policy"),
+    "aot-eager": ({"sampler": {"acceleration": {"engine": "aot"}}}, "missing property 'compile'"),
+    "aot-cuda-graphs": ({"sampler": {"acceleration": {"engine": "aot", "compile": "reduce-overhead"}}},
+                        "/stages/sampler/acceleration/compile"),
+    "aot-regional": ({"decoder": {"acceleration": {"engine": "aot", "compile": "default", "scope": "regional"}}},
+                     "/stages/decoder/acceleration/scope"),
+    "aot-no-warmup": ({"decoder": {"acceleration": {"engine": "aot", "compile": "default", "warmup": False}}},
+                      "/stages/decoder/acceleration/warmup"),
     "cache-dir-eager": ({"sampler": {"acceleration": {"cache_dir": "/models/cc"}}},
                         "/stages/sampler/acceleration/cache_dir"),
     "cache-dir-empty": ({"sampler": {"acceleration": {"compile": "default", "cache_dir": " "}}},
@@ -275,8 +282,10 @@ def production() -> hu.Rendered:
 
 def test_production_values_compile_the_sampler_and_decoder(production):
     stages = production.app_args["stages"]
+    engines = {"sampler": {}, "decoder": {"engine": "aot"}}  # the decoder's replicas load packages
     for name in ("sampler", "decoder"):
-        assert stages[name]["acceleration"] == {"compile": "default", "cache_dir": "/models/compile-cache"}, name
+        assert stages[name]["acceleration"] == {"compile": "default", "cache_dir": "/models/compile-cache",
+                                                **engines[name]}, name
         assert len(stages[name]["warmup_shapes"]) == 2
     config = AppConfig.model_validate(production.app_args)
     assert config.stages.decoder.low_vram.decode_chunk_size == 8

@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="--fastpath: torch.compile mode of the compiled run (default: default)")
     parser.add_argument("--compile-scope", choices=["full", "regional"], default="full",
                         help="--fastpath: compile whole networks or their repeated blocks (default: full)")
+    parser.add_argument("--compile-engine", choices=["jit", "aot"], default=None,
+                        help="--fastpath: torch.compile in the process (jit, default) or ahead-of-time packages "
+                             "loaded from the compile cache (aot)")
     parser.add_argument("--compile-vae", action="store_true", help="--fastpath: compile the VAE decoder too")
     parser.add_argument("--fp8", action="store_true",
                         help="--fastpath: also run the U-Net with float8 linears (approximate): speed and PSNR/SSIM")
@@ -106,9 +109,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key in ("steps", "t2i_steps"):
         if getattr(args, key) is None:
             setattr(args, key, FULL_DEFAULTS[key])
-    fastpath_only = [flag for flag in ("compile_vae", "fp8", "low_vram") if getattr(args, flag)]
+    fastpath_only = [flag for flag in ("compile_vae", "compile_engine", "fp8", "low_vram") if getattr(args, flag)]
     if fastpath_only and not args.fastpath:
         parser.error(f"--{fastpath_only[0].replace('_', '-')} is a --fastpath option")
+    args.compile_engine = args.compile_engine or "jit"
+    if args.fastpath:
+        from pipelines.acceleration.options import StageAcceleration
+
+        try:
+            StageAcceleration(compile=args.compile_mode, scope=args.compile_scope, engine=args.compile_engine)
+        except ValueError as error:  # pydantic's ValidationError: its first message, as one line
+            message = error.errors()[0]["msg"] if hasattr(error, "errors") else str(error)
+            parser.error(message.removeprefix("Value error, "))
     if args.fastpath and (args.boundaries or args.count_flops or args.retime or args.text_to_video
                           or args.duration is not None or args.compile):
         parser.error("--fastpath runs image-to-video stages only; combine it with --tiny and the --fastpath options")

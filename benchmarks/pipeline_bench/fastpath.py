@@ -12,7 +12,7 @@ be exceeded by its estimate:
 3. ``--low-vram``: activation peaks of one guided U-Net step (with and without feed-forward
    chunking) and of the decoder at several chunk sizes; component weight bytes;
 4. compiled, cold: the serving path's ``prepare_stage`` (U-Net; the VAE decoder too with
-   ``--compile-vae``) with an empty compile cache, then the same generation as in 2 (same encoded
+   ``--compile-vae``; ``--compile-engine jit`` or ``aot``) with an empty compile cache, then the same generation as in 2 (same encoded
    image, same seed): per stage times, ratios to eager, and the difference of latents and frames;
 5. warm start: a fresh process (``fastpath_warm.py``) loads the saved weights from disk, loads the
    compile cache, prepares the same stages and reports process start -> ready;
@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-#: Rough seconds each section needs at full size on an H100/H200 (the budget check's estimates).
+#: Rough seconds each section needs at full size on an H100/H200 (the budget check's estimates;
+#: warm_start is the jit engine's, an aot warm start loads packages and compiles nothing).
 FULL_ESTIMATES = {"eager": 60, "low_vram": 30, "compiled": 250, "warm_start": 90, "fp8": 120}
 TINY_ESTIMATES = {"eager": 10, "low_vram": 10, "compiled": 200, "warm_start": 150, "fp8": 150}
 
@@ -130,7 +131,7 @@ def run_fastpath(args) -> dict:
         run.attempt("low_vram", lambda: parts.low_vram_peaks(components, stages, encoded, params, device, args))
 
     # 4. Compiled, cold cache.
-    options = StageAcceleration(compile=args.compile_mode, scope=args.compile_scope,
+    options = StageAcceleration(compile=args.compile_mode, scope=args.compile_scope, engine=args.compile_engine,
                                 cache_dir=str(work / "compile-cache"))
     if run.fits("compiled"):
         parts.clear_compile_cache(work / "compile-cache")

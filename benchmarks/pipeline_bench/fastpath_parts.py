@@ -209,31 +209,51 @@ def _activation_peak(device, call) -> int:
 
 def low_vram_peaks(components, stages, encoded, params, device, args) -> dict:
     """Activation peaks (bytes above the resident weights) per setting, and weight bytes per
-    component: a stage's peak on a card that holds only its own model is its weights plus these."""
-    if device.type != "cuda":
-        return {"note": "peak memory is measured on CUDA only"}
-    unet, vae = components["unet"], components["vae"]
+    component: a stage's peak on a card that holds only its own model is its weights plus these.
+    On CUDA measured (``max_memory_allocated``) on the run's models and size; elsewhere counted on
+    the ``meta`` device for the full-size SVD-XT architecture at 576x1024 (memory_count.py: the
+    tensors eager PyTorch keeps alive, which matched the H200's measurement)."""
+    from pipelines.acceleration.lowvram import set_feed_forward_chunking
+    from pipelines.acceleration.memory_count import count_peak_bytes, module_tensors, svd_architecture
+
+    if device.type == "cuda":
+        models, height, width, frame_counts = components, args.height, args.width, sorted({args.frames, 14})
+        method = "measured: torch.cuda.max_memory_allocated above the resident weights"
+        dtype, where = components["unet"].dtype, device
+
+        def peak(call, module):
+            return _activation_peak(device, call)
+    else:
+        models, height, width, frame_counts = svd_architecture("svd-xt", device="meta"), 576, 1024, [14, 25]
+        method = ("counted on the meta device (full-size SVD-XT architecture, bf16, 576x1024): an estimate; "
+                  "decode: one chunk (the frames of earlier chunks, 3.4 MB each, left out)")
+        dtype, where = torch.bfloat16, torch.device("meta")
+
+        def peak(call, module):
+            return count_peak_bytes(call, ignore=module_tensors(module))
+    unet, vae = models["unet"], models["vae"]
     gib = lambda n: round(n / 2**30, 2)  # noqa: E731
-    figures = {"weights_gib": {name: gib(sum(p.numel() * p.element_size() for p in components[name].parameters()))
+    figures = {"method": method, "shape": f"{width}x{height}",
+               "weights_gib": {name: gib(sum(p.numel() * p.element_size() for p in models[name].parameters()))
                                for name in ("unet", "vae", "image_encoder")}}
-    h, w = args.height // 8, args.width // 8
-    for frames in sorted({args.frames, 14}):
-        model_input = torch.randn(2, frames, 8, h, w, device=device, dtype=unet.dtype)
-        step = lambda: unet(model_input, torch.tensor(1.0, device=device),  # noqa: E731
-                            encoder_hidden_states=torch.zeros(2, 1, unet.config.cross_attention_dim, device=device,
-                                                              dtype=unet.dtype),
-                            added_time_ids=torch.zeros(2, 3, device=device, dtype=unet.dtype), return_dict=False)
-        figures[f"unet_step_{frames}f_gib"] = gib(_activation_peak(device, step))
-        unet.enable_forward_chunking(chunk_size=1, dim=1)
-        figures[f"unet_step_{frames}f_ff_chunked_gib"] = gib(_activation_peak(device, step))
-        for module in unet.modules():  # the SVD U-Net has enable_forward_chunking but no disable
-            if hasattr(module, "set_chunk_feed_forward"):
-                module.set_chunk_feed_forward(None)
-        latents = torch.randn(frames, 4, h, w, device=device, dtype=vae.dtype)
+    h, w = height // 8, width // 8
+    timestep = torch.tensor(1.0, device=device) if device.type == "cuda" else torch.tensor(1.0)
+    for frames in frame_counts:
+        model_input = torch.randn(2, frames, 8, h, w, device=where, dtype=dtype)
+        step = lambda: unet(model_input, timestep,  # noqa: E731
+                            encoder_hidden_states=torch.zeros(2, 1, unet.config.cross_attention_dim, device=where,
+                                                              dtype=dtype),
+                            added_time_ids=torch.zeros(2, 3, device=where, dtype=dtype), return_dict=False)
+        figures[f"unet_step_{frames}f_gib"] = gib(peak(step, unet))
+        set_feed_forward_chunking(unet, enabled=True)  # as a low_vram deployment sets it
+        figures[f"unet_step_{frames}f_ff_chunked_gib"] = gib(peak(step, unet))
+        set_feed_forward_chunking(unet, enabled=False)
+        latents = torch.randn(frames, 4, h, w, device=where, dtype=dtype)
         for chunk in sorted({frames, 8, 4, 2, 1}, reverse=True):
-            figures[f"decode_{frames}f_chunk{chunk}_gib"] = gib(_activation_peak(
-                device, lambda c=chunk: [vae.decode(latents[s:s + c], num_frames=latents[s:s + c].shape[0])
-                                         for s in range(0, frames, c)]))
+            starts = range(0, frames, chunk) if device.type == "cuda" else range(1)  # counted: one chunk
+            figures[f"decode_{frames}f_chunk{chunk}_gib"] = gib(peak(
+                lambda c=chunk, starts=starts: [vae.decode(latents[s:s + c], num_frames=latents[s:s + c].shape[0])
+                                                for s in starts], vae))
     return figures
 
 
@@ -246,7 +266,8 @@ def fp8_run(fp8_unet, stages, components, encoded, params, device, shape, args, 
     from pipelines.acceleration.quality import psnr, ssim
 
     sampling = SamplingStage(unet=fp8_unet, scheduler=components["scheduler"])
-    options = StageAcceleration(compile=args.compile_mode, scope=args.compile_scope, fp8=True)
+    options = StageAcceleration(compile=args.compile_mode, scope=args.compile_scope, engine=args.compile_engine,
+                                fp8=True)
     ready = prepare_stage("sampling", components={**components, "unet": fp8_unet}, stage_object=sampling,
                           options=options, shapes=[shape])
     run = generate(stages, encoded, params, device, warmup=False, sampling=sampling)

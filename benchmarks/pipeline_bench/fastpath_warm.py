@@ -71,6 +71,7 @@ def main() -> None:
         report = prepare_stage(name, components=components, stage_object=stage, options=options, shapes=[shape])
         reports[name] = {"cache": report.cache, "cache_load_s": round(report.cache_load_s, 2),
                          "warmup_s": {k: round(v, 2) for k, v in report.warmup_s.items()},
+                         "aot_build_s": round(report.aot_build_s, 2), "aot_packages": report.aot_packages,
                          "total_s": round(report.total_s, 2)}
     marks["ready_s"] = time.monotonic() - args.spawned
 

@@ -1,10 +1,12 @@
-"""Compiled artifacts reused across replicas and restarts (torch's "mega-cache").
+"""Compiled artifacts reused across replicas and restarts: torch's "mega-cache" (``jit`` engine)
+or AOTInductor packages (``aot`` engine, see aot.py).
 
 After a replica compiles its warm-up shapes, ``torch.compiler.save_cache_artifacts()`` gives one
 portable blob holding Inductor's FX-graph cache, AOTAutograd's cache and the autotuning results;
 ``torch.compiler.load_cache_artifacts()`` in a fresh process pre-fills the local caches, so the
-same compile finds every graph already built and only dynamo's trace remains. The blob is kept in
-a directory (a volume shared by replicas) or under ``s3://bucket/prefix``.
+same compile finds every graph already built and only dynamo's trace remains. Under the ``aot``
+engine the blob is an archive of compiled packages, loaded as they are. Blobs are kept in a
+directory (a volume shared by replicas) or under ``s3://bucket/prefix``.
 
 The key says what makes a blob usable: torch, CUDA and Triton versions, the GPU kind (name and
 compute capability) or CPU, the network's class and config (its architecture: compiled graphs
@@ -31,8 +33,11 @@ from .options import StageAcceleration, WarmupShape
 logger = logging.getLogger(__name__)
 
 #: Bumped when what goes into a key changes.
-KEY_VERSION = 1
+KEY_VERSION = 2
 SUFFIX = ".megacache"
+#: The ``aot`` engine's blob: an archive of compiled packages (aot.pack).
+AOT_SUFFIX = ".aoti"
+SUFFIXES = (SUFFIX, AOT_SUFFIX)
 
 
 def device_kind(device: torch.device) -> str:
@@ -53,6 +58,14 @@ def network_signature(network: torch.nn.Module) -> str:
     return f"{type(network).__module__}.{type(network).__qualname__}:" + hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
+def network_variant(network: torch.nn.Module) -> list[str]:
+    """Run-time settings inside the network that compiled code bakes in: feed-forward chunking
+    (low-VRAM), which an ahead-of-time package cannot see change (dynamo's guards would)."""
+    settings = {(getattr(m, "_chunk_size", None), getattr(m, "_chunk_dim", None)) for m in network.modules()
+                if getattr(m, "_chunk_size", None) is not None}
+    return sorted(f"chunk {size} dim {dim}" for size, dim in settings)
+
+
 def cache_key(*, stage: str, network: torch.nn.Module, options: StageAcceleration,
               shapes: Sequence[WarmupShape]) -> dict[str, Any]:
     parameter = next(network.parameters())
@@ -70,6 +83,7 @@ def cache_key(*, stage: str, network: torch.nn.Module, options: StageAcceleratio
         "triton": triton_version,
         "device": device_kind(parameter.device),
         "network": network_signature(network),
+        "variant": network_variant(network),
         "dtype": str(parameter.dtype),
         "options": options.model_dump(mode="json", exclude={"cache_dir", "warmup"}),
         "shapes": sorted(shape.label() for shape in shapes),
@@ -100,9 +114,8 @@ class CompileCache:
         """Pre-fill torch's local caches from the blob for ``key``; False when there is none (or it
         cannot be used)."""
         name = key_name(key)
-        try:
-            data = self._read(name + SUFFIX)
-        except FileNotFoundError:
+        data = self.read_blob(key, suffix=SUFFIX)
+        if data is None:
             return False
         try:
             loaded = torch.compiler.load_cache_artifacts(data)  # None when the blob does not deserialise
@@ -123,10 +136,21 @@ class CompileCache:
             logger.info("compile cache: nothing compiled to save for %s", key_name(key))
             return 0
         data, _info = artifacts
+        return self.write_blob(key, data, suffix=SUFFIX)
+
+    def read_blob(self, key: dict[str, Any], *, suffix: str) -> bytes | None:
+        """The raw blob stored under ``key`` with ``suffix``; None when there is none."""
+        try:
+            return self._read(key_name(key) + suffix)
+        except FileNotFoundError:
+            return None
+
+    def write_blob(self, key: dict[str, Any], data: bytes, *, suffix: str) -> int:
+        """Store ``data`` under ``key`` with ``suffix`` (and the key beside it); returns its size."""
         name = key_name(key)
         self._write(name + ".json", json.dumps(key, indent=2, sort_keys=True).encode())
-        self._write(name + SUFFIX, data)  # last: a reader never finds a blob without its key file
-        logger.info("compile cache saved: %s (%d bytes) to %s", name, len(data), self.location)
+        self._write(name + suffix, data)  # last: a reader never finds a blob without its key file
+        logger.info("compile cache saved: %s%s (%d bytes) to %s", name, suffix, len(data), self.location)
         return len(data)
 
     def entries(self) -> list[str]:
@@ -134,10 +158,12 @@ class CompileCache:
         if self.bucket is None:
             if not self.directory.is_dir():
                 return []
-            return sorted(p.name[: -len(SUFFIX)] for p in self.directory.glob("*" + SUFFIX))
-        pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
-        return sorted(obj["Key"][len(self.prefix):-len(SUFFIX)] for page in pages
-                      for obj in page.get("Contents", []) if obj["Key"].endswith(SUFFIX))
+            names = [p.name for p in self.directory.iterdir()]
+        else:
+            pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
+            names = [obj["Key"][len(self.prefix):] for page in pages for obj in page.get("Contents", [])]
+        return sorted(name.rsplit(".", 1)[0] for name in names
+                      if name.endswith(SUFFIXES) and not name.startswith("."))
 
     # -- storage ------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .options import AttentionBackend, CompileScope, ShapePolicy, StageAcceleration
+from .options import AttentionBackend, CompileEngine, CompileScope, ShapePolicy, StageAcceleration
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ def accelerate_stage(stage: str, components: dict[str, Any], options: StageAccel
         from .fp8 import quantize_linears_fp8
 
         quantize_linears_fp8(network)
-    if options.compiled:
-        compile_network(network, options)
+    if options.compiled and options.engine is CompileEngine.JIT:
+        compile_network(network, options)  # the aot engine compiles from the warm-up's calls (aot.py)
     return network
 
 
@@ -141,5 +141,5 @@ def enter_serving_stance(options: StageAcceleration) -> None:
     The stance is process-wide in torch (not per thread), which is why it is set once here rather
     than around each call: concurrent calls would restore each other's stance out of order. A model
     loaded later warms up under ``torch.compiler.set_stance("default")`` (see warmup.py)."""
-    if options.compiled and options.shape_policy is ShapePolicy.STATIC:
+    if options.compiled and options.engine is CompileEngine.JIT and options.shape_policy is ShapePolicy.STATIC:
         torch.compiler.set_stance("eager_on_recompile")

@@ -23,6 +23,20 @@ class CompileMode(str, Enum):
     MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
 
 
+class CompileEngine(str, Enum):
+    """How a compiled network is made and reused.
+
+    ``jit``: ``torch.compile`` in the replica; the compile cache pre-fills Inductor's caches, but
+    dynamo still traces the network in every new process (minutes at full size).
+    ``aot``: ``torch.export`` + AOTInductor, one package per warm-up call signature, compiled once
+    (by ``svd-serve warm-cache`` or the first replica) and loaded by every later replica from the
+    compile cache with no trace and no compile; weights stay the replica's own. Full scope and
+    static shapes only; calls of other shapes, and calls with a LoRA adapter, run eagerly."""
+
+    JIT = "jit"
+    AOT = "aot"
+
+
 class CompileScope(str, Enum):
     """What is compiled: the whole network (fastest, longest compile) or its repeated blocks one
     class at a time (each block class compiles once per distinct shape, so compile time falls
@@ -66,6 +80,11 @@ class StageAcceleration(BaseModel):
     compile: CompileMode = Field(default=CompileMode.NONE, description=(
         "torch.compile mode for the stage's main network (sampling: the U-Net; decode: the VAE "
         "decoder; image_encode: the CLIP image encoder). 'none' runs eagerly."))
+    engine: CompileEngine = Field(default=CompileEngine.JIT, description=(
+        "'jit': torch.compile at replica start (the compile cache saves Inductor's work, dynamo "
+        "still traces); 'aot': ahead-of-time packages loaded from the compile cache (a warm start "
+        "compiles nothing). 'aot' needs scope 'full', shape_policy 'static', warmup on, and no "
+        "CUDA-graph mode."))
     scope: CompileScope = Field(default=CompileScope.FULL, description=(
         "'full' compiles the whole network; 'regional' compiles its repeated blocks (much shorter "
         "compile, a little less speed)."))
@@ -101,7 +120,22 @@ class StageAcceleration(BaseModel):
             raise ValueError("cache_dir is only used when compile is not 'none'")
         if self.cache_dir is not None and not self.cache_dir.strip():
             raise ValueError("cache_dir must not be empty")
+        if self.engine is CompileEngine.AOT:
+            self._check_aot(compiled)
         return self
+
+    def _check_aot(self, compiled: bool) -> None:
+        if not compiled:
+            raise ValueError("engine 'aot' needs a compile mode other than 'none'")
+        if self.compile in (CompileMode.REDUCE_OVERHEAD, CompileMode.MAX_AUTOTUNE):
+            raise ValueError(f"engine 'aot' does not record CUDA graphs: compile {self.compile.value!r} needs engine "
+                             "'jit' (use 'default' or 'max-autotune-no-cudagraphs')")
+        if self.scope is not CompileScope.FULL:
+            raise ValueError("engine 'aot' compiles whole networks: scope must be 'full'")
+        if self.shape_policy is not ShapePolicy.STATIC:
+            raise ValueError("engine 'aot' compiles the warm-up shapes only: shape_policy must be 'static'")
+        if not self.warmup:
+            raise ValueError("engine 'aot' builds its packages from the warm-up calls: warmup must be true")
 
     @property
     def compiled(self) -> bool:

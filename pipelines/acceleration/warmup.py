@@ -1,5 +1,7 @@
 """Make a stage ready to serve: accelerate its network, load the compile cache, compile every
 warm-up shape by running the stage itself once per shape, save the cache, set the serving stance.
+Under the ``aot`` engine the warm-up's calls are recorded, exported and compiled into packages
+(or the packages come from the cache), and the warm-up then runs through them.
 
 The warm-up calls the real stage object (the same code a request runs), with synthetic inputs of
 the shape and the fewest sampling steps that exercise every graph (2), so what gets compiled is
@@ -19,9 +21,10 @@ import torch
 
 from ..params import GenerationParams
 from ..payloads import EncodedImage, SampledLatents
-from .cache import CompileCache, cache_key
+from . import aot
+from .cache import AOT_SUFFIX, CompileCache, cache_key
 from .compile import accelerate_stage, enter_serving_stance, stage_network
-from .options import StageAcceleration, WarmupShape
+from .options import CompileEngine, StageAcceleration, WarmupShape
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +56,15 @@ class ReadyReport:
     """Seconds per warm-up shape (the compile happens inside the first call of each)."""
     cache_save_s: float = 0.0
     cache_bytes: int = 0
+    aot_build_s: float = 0.0
+    """``aot`` engine: seconds exporting and compiling packages (0 on a cache hit)."""
+    aot_packages: int = 0
+    """``aot`` engine: compiled packages in use (one per distinct call signature of the warm-up)."""
 
     @property
     def total_s(self) -> float:
-        return self.accelerate_s + self.cache_load_s + sum(self.warmup_s.values()) + self.cache_save_s
+        return (self.accelerate_s + self.cache_load_s + sum(self.warmup_s.values()) + self.cache_save_s
+                + self.aot_build_s)
 
 
 def prepare_stage(stage: str, *, components: dict[str, Any], stage_object: Any, options: StageAcceleration,
@@ -79,7 +87,9 @@ def prepare_stage(stage: str, *, components: dict[str, Any], stage_object: Any, 
         missing = [shape for shape in shapes if shape not in existing[1]]
         report = ReadyReport(stage=stage, compiled=options.compiled, cache="shared")
         if missing and options.compiled and options.warmup:
-            report.warmup_s = warm_up(stage, stage_object, shapes=missing, options=options)
+            if options.engine is CompileEngine.AOT:
+                _aot_compile(stage, stage_network(stage, components), stage_object, options, missing, report)
+            report.warmup_s = _add(report.warmup_s, warm_up(stage, stage_object, shapes=missing, options=options))
             setattr(stage_network(stage, components), PREPARED_MARK, (options, existing[1] + tuple(missing)))
             enter_serving_stance(options)
         return report
@@ -93,6 +103,10 @@ def prepare_stage(stage: str, *, components: dict[str, Any], stage_object: Any, 
     if cache is None and options.cache_dir:
         cache = CompileCache(options.cache_dir)
     key = cache_key(stage=stage, network=network, options=options, shapes=shapes) if cache else None
+    if options.engine is CompileEngine.AOT:
+        _aot_prepare(stage, network, stage_object, options, shapes, report, cache, key)
+        _log_ready(report)
+        return report
     if cache is not None:
         started = time.perf_counter()
         try:
@@ -112,9 +126,73 @@ def prepare_stage(stage: str, *, components: dict[str, Any], stage_object: Any, 
             report.cache_save_s = time.perf_counter() - started
         # Only after a warm-up: with none, the first request of each shape must still compile.
         enter_serving_stance(options)
-    logger.info("stage %s ready in %.1f s (compile cache %s; warm-up %s)", stage, report.total_s, report.cache,
-                ", ".join(f"{k} {v:.1f}s" for k, v in report.warmup_s.items()) or "none")
+    _log_ready(report)
     return report
+
+
+def _log_ready(report: ReadyReport) -> None:
+    logger.info("stage %s ready in %.1f s (compile cache %s; warm-up %s)", report.stage, report.total_s, report.cache,
+                ", ".join(f"{k} {v:.1f}s" for k, v in report.warmup_s.items()) or "none")
+
+
+def _add(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {label: a.get(label, 0.0) + b.get(label, 0.0) for label in {**a, **b}}
+
+
+def _aot_prepare(stage: str, network: torch.nn.Module, stage_object: Any, options: StageAcceleration,
+                 shapes: Sequence[WarmupShape], report: ReadyReport, cache: CompileCache | None, key: Any) -> None:
+    """The ``aot`` engine: packages from the cache, or compiled from the warm-up's calls (and
+    stored); then the warm-up runs through them."""
+    runners = None
+    if cache is not None:
+        started = time.perf_counter()
+        try:
+            data = cache.read_blob(key, suffix=AOT_SUFFIX)
+        except Exception as error:  # noqa: BLE001 - the cache is an optimisation: compile without it
+            logger.warning("compile cache %s unreachable (%s); compiling from scratch", cache.location, error)
+            report.cache, data = "error", None
+        else:
+            report.cache = "miss"
+        if data is not None:
+            try:
+                runners = {signature: aot.load_package(blob, network) for signature, blob in aot.unpack(data).items()}
+                report.cache = "hit"
+            except Exception as error:  # noqa: BLE001 - a torn or foreign archive: compile, then replace it
+                logger.warning("compiled packages in %s unusable (%s); compiling from scratch", cache.location, error)
+                runners = None
+        report.cache_load_s = time.perf_counter() - started
+    dispatch = aot.install(network, runners or {})
+    if runners is None:
+        packages = _aot_compile(stage, network, stage_object, options, shapes, report)
+        if cache is not None and report.cache == "miss":
+            started = time.perf_counter()
+            try:
+                report.cache_bytes = cache.write_blob(key, aot.pack(packages), suffix=AOT_SUFFIX)
+            except Exception as error:  # noqa: BLE001 - the stage is compiled and serves; only sharing is lost
+                logger.warning("could not store the compiled packages in %s (%s)", cache.location, error)
+            report.cache_save_s = time.perf_counter() - started
+    before = dispatch.eager_calls
+    report.warmup_s = _add(report.warmup_s, warm_up(stage, stage_object, shapes=shapes, options=options))
+    report.aot_packages = len(dispatch.runners)
+    if dispatch.eager_calls > before:
+        logger.warning("stage %s: %d warm-up calls matched no compiled package and ran eagerly (packages made "
+                       "for other calls?)", stage, dispatch.eager_calls - before)
+
+
+def _aot_compile(stage: str, network: torch.nn.Module, stage_object: Any, options: StageAcceleration,
+                 shapes: Sequence[WarmupShape], report: ReadyReport) -> dict[str, bytes]:
+    """Run the warm-up eagerly, recording the network's calls; a package per new call signature,
+    added to the network's dispatch. Returns the packages made."""
+    dispatch = network.forward
+    with aot.record_calls(network) as calls:
+        report.warmup_s = _add(report.warmup_s, warm_up(stage, stage_object, shapes=shapes, options=options))
+    started = time.perf_counter()
+    packages = {signature: aot.build_package(network, call, options) for signature, call in calls.items()
+                if signature not in dispatch.runners}
+    for signature, data in packages.items():
+        dispatch.runners[signature] = aot.load_package(data, network)
+    report.aot_build_s += time.perf_counter() - started
+    return packages
 
 
 def warm_up(stage: str, stage_object: Any, *, shapes: Sequence[WarmupShape],
