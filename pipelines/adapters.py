@@ -40,6 +40,7 @@ import torch
 
 from pipelines.acceleration.aot import RUN_EAGER_ATTR
 from pipelines.errors import InvalidInputError, ModelLoadError
+from pipelines.locks import SharedExclusiveLock
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -116,41 +117,6 @@ def _check_targets(unet: torch.nn.Module, config) -> None:
         raise ModelLoadError(f"LoRA target modules {missing} do not exist in the U-Net")
 
 
-class _SharedExclusiveLock:
-    """Many holders of the shared side (forwards) or one of the exclusive side (load/unload)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._shared, self._exclusive = 0, False
-        self._waiting = 0  # exclusive waiters block new shared holders, so a load cannot starve
-
-    def acquire_shared(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
-            self._shared += 1
-
-    def release_shared(self) -> None:
-        with self._cond:
-            self._shared -= 1
-            self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self):
-        with self._cond:
-            self._waiting += 1
-            try:
-                self._cond.wait_for(lambda: not self._exclusive and not self._shared)
-            finally:
-                self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
 class LoraAdapters:
     """The LoRA adapters attached to one U-Net; create it before the U-Net serves requests."""
 
@@ -159,7 +125,7 @@ class LoraAdapters:
         self._loaded: dict[str, tuple[Path, float]] = {}
         self._hooked: dict[torch.nn.Module, object] = {}
         self._load_lock = threading.Lock()
-        self._rw = _SharedExclusiveLock()
+        self._rw = SharedExclusiveLock()
         self._depth = threading.local()
         self._active: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"lora{id(self)}", default=None)
         self._requires_grad = {p: p.requires_grad for p in unet.parameters()}

@@ -175,6 +175,7 @@ class StageReplica:
         default = self.models.load(self._default_key)
         self._note_default(default)
         self._default_ready = default.ready
+        self._default_stage = default.stage
         capacity = options.max_num_models_per_replica or self.models.models_that_fit(
             default, gpu_share=float(options.ray_actor_options.num_gpus))
         self._preloaded[self._default_key] = default
@@ -328,7 +329,18 @@ class StageReplica:
         return {"compiled": ready.compiled, "cache": ready.cache,
                 "warmup_s": {shape: round(seconds, 2) for shape, seconds in ready.warmup_s.items()},
                 "cache_load_s": round(ready.cache_load_s, 2), "cache_bytes": ready.cache_bytes,
-                "aot_build_s": round(ready.aot_build_s, 2), "aot_packages": ready.aot_packages}
+                "aot_build_s": round(ready.aot_build_s, 2), "aot_packages": ready.aot_packages,
+                "aot_calls": self._aot_calls()}
+
+    def _aot_calls(self) -> dict[str, int] | None:
+        """Calls of the default model's ahead-of-time compiled networks: run by a package or
+        eagerly (a shape nobody warmed up, a LoRA request). None under the jit engine or eager."""
+        from pipelines.acceleration.aot import dispatches
+
+        found = dispatches(self._default_stage)
+        if not found:
+            return None
+        return {"compiled": sum(d.compiled_calls for d in found), "eager": sum(d.eager_calls for d in found)}
 
     def _resolve(self, name: str, value: Any, params: GenerationParams) -> Any:
         """An input as the stage takes it. The source (the conditioning image) arrives as the stored

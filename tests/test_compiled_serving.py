@@ -110,14 +110,23 @@ def test_compiled_replicas_warm_up_at_start_and_fill_the_cache(service):
     assert [p.name.split("-")[0] for p in (service["tmp"] / "cache").glob("*.aoti")] == ["decode"]
 
 
+def decoder_calls() -> dict:
+    info = serve.get_deployment_handle("Decoder", app_name=APP).replica_info.remote().result(timeout_s=60)
+    return info["acceleration"]["aot_calls"]
+
+
 def test_a_compiled_clip_equals_eager(service):
+    before = decoder_calls()
     served, expected = clip(service, **SMALL), reference(service, **SMALL)
     assert served.shape == expected.shape
     assert np.abs(served - expected).mean() < 2  # H.264 noise over float-reordering differences
+    assert decoder_calls() == {"compiled": before["compiled"] + 1, "eager": before["eager"]}  # one chunk of 4
 
 
 def test_a_shape_not_warmed_up_is_served_eagerly(service):
     other = {**SMALL, "num_frames": 6, "decode_chunk_size": 6}
+    before = decoder_calls()
     served, expected = clip(service, **other), reference(service, **other)
     assert served.shape == expected.shape
     assert np.abs(served - expected).mean() < 2
+    assert decoder_calls() == {"compiled": before["compiled"], "eager": before["eager"] + 1}

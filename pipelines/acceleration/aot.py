@@ -22,13 +22,15 @@ import logging
 import tempfile
 import threading
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils import _pytree as pytree
 
+from ..locks import SharedExclusiveLock
+from .lowvram import forward_slot
 from .options import CompileMode, StageAcceleration
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,8 @@ def signature_digest(signature: str) -> str:
 def record_calls(network: torch.nn.Module) -> Iterator[dict[str, tuple[tuple, dict]]]:
     """Run eagerly while recording the first call of each signature (inputs detached and cloned)."""
     calls: dict[str, tuple[tuple, dict]] = {}
-    installed = network.__dict__.get("forward")  # a dispatch installed earlier, kept after recording
+    slot = forward_slot(network)
+    installed = network.__dict__.get(slot)  # a dispatch installed earlier, kept after recording
     eager = type(network).forward.__get__(network)
 
     def recording_forward(*args, **kwargs):
@@ -70,35 +73,51 @@ def record_calls(network: torch.nn.Module) -> Iterator[dict[str, tuple[tuple, di
             return eager(*args, **kwargs)
         signature = call_signature(args, kwargs)
         if signature not in calls:
-            calls[signature] = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
+            example = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
+            # A clone of a non-dense input (expanded, strided) is dense: a package made from it
+            # would misread the real call's memory, so such a call is not recorded (it stays eager).
+            if call_signature(*example) == signature:
+                calls[signature] = example
         return eager(*args, **kwargs)
 
-    network.forward = recording_forward
+    setattr(network, slot, recording_forward)
     try:
         yield calls
     finally:
-        _restore_forward(network, installed)
+        _restore(network, slot, installed)
 
 
-def _restore_forward(network: torch.nn.Module, installed: Any) -> None:
-    network.__dict__.pop("forward", None)
+def _restore(network: torch.nn.Module, slot: str, installed: Any) -> None:
+    network.__dict__.pop(slot, None)
     if installed is not None:
-        network.forward = installed
+        setattr(network, slot, installed)
+
+
+def installed_dispatch(network: torch.nn.Module) -> "AotDispatch | None":
+    found = network.__dict__.get(forward_slot(network))
+    return found if isinstance(found, AotDispatch) else None
 
 
 def build_package(network: torch.nn.Module, call: tuple[tuple, dict], options: StageAcceleration) -> bytes:
     """Export ``network`` for one recorded call and compile it to an AOTInductor package (bytes)
-    that holds no weights."""
+    that holds no weights.
+
+    Non-strict export swaps the module's parameters for fake tensors while it traces, so eager
+    calls on other threads (another model sharing the network) wait on the dispatch's lock;
+    compiled calls run on the real tensors they were given at load and go on."""
     args, kwargs = call
     inductor_configs: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
     if options.compile in (CompileMode.MAX_AUTOTUNE, CompileMode.MAX_AUTOTUNE_NO_CUDAGRAPHS):
         inductor_configs["max_autotune"] = True
-    installed = network.__dict__.pop("forward", None)  # export traces the class's forward, not a dispatch
-    try:
-        with torch.no_grad():
-            exported = torch.export.export(network, args, kwargs, strict=False)
-    finally:
-        _restore_forward(network, installed)
+    dispatch = installed_dispatch(network)
+    slot = forward_slot(network)
+    with dispatch.lock.exclusive() if dispatch is not None else nullcontext():
+        installed = network.__dict__.pop(slot, None)  # export traces the class's forward, not a dispatch
+        try:
+            with torch.no_grad():
+                exported = torch.export.export(network, args, kwargs, strict=False)
+        finally:
+            _restore(network, slot, installed)
     with tempfile.TemporaryDirectory(prefix="svd-aoti-") as directory:
         path = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(directory) / "network.pt2"),
                                                         inductor_configs=inductor_configs)
@@ -157,6 +176,7 @@ class AotDispatch:
         self.compiled_calls = 0
         self.eager_calls = 0
         self._count = threading.Lock()
+        self.lock = SharedExclusiveLock()  # eager calls share it; an export of the network holds it alone
 
     def __deepcopy__(self, memo):
         # A copy of the network has its own parameters, which the packages do not run on: it runs
@@ -171,10 +191,29 @@ class AotDispatch:
                 self.eager_calls += 1
             else:
                 self.compiled_calls += 1
-        return self.eager(*args, **kwargs) if runner is None else runner(*args, **kwargs)
+        if runner is not None:
+            return runner(*args, **kwargs)
+        with self.lock.shared():
+            return self.eager(*args, **kwargs)
 
 
 def install(network: torch.nn.Module, runners: dict[str, Any]) -> AotDispatch:
+    """Put a dispatch on ``network`` (under a low-VRAM split wrapper when there is one)."""
     dispatch = AotDispatch(network, runners)
-    network.forward = dispatch
+    setattr(network, forward_slot(network), dispatch)
     return dispatch
+
+
+def uninstall(network: torch.nn.Module) -> None:
+    if installed_dispatch(network) is not None:
+        del network.__dict__[forward_slot(network)]
+
+
+def dispatches(stage_object: Any) -> list[AotDispatch]:
+    """The dispatches on a stage's networks (``replica_info`` shows their call counts)."""
+    from .lowvram import stage_modules
+
+    found = []
+    for module in stage_modules(stage_object):
+        found += [d for m in module.modules() if (d := installed_dispatch(m)) is not None]
+    return found

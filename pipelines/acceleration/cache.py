@@ -45,6 +45,15 @@ def device_kind(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"cuda:{torch.cuda.get_device_name(device)}:sm{major}{minor}"
+    if device.type == "cpu":
+        # CPU kernels are built for the host's vector instructions: one built for AVX-512 dies with
+        # SIGILL on an AVX2 host, where no exception handler can skip it.
+        try:
+            from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+            return f"cpu:{platform.machine()}:{pick_vec_isa() or 'scalar'}"
+        except Exception:  # noqa: BLE001 - no compiler to probe with: the compile would fail anyway
+            return f"cpu:{platform.machine()}:unprobed"
     return f"{device.type}:{platform.machine()}"
 
 
@@ -59,11 +68,15 @@ def network_signature(network: torch.nn.Module) -> str:
 
 
 def network_variant(network: torch.nn.Module) -> list[str]:
-    """Run-time settings inside the network that compiled code bakes in: feed-forward chunking
-    (low-VRAM), which an ahead-of-time package cannot see change (dynamo's guards would)."""
+    """Run-time settings inside the network that compiled code bakes in or is called under: the
+    low-VRAM feed-forward chunking and guidance-batch split, which an ahead-of-time package cannot
+    see change (dynamo's guards would)."""
+    from .lowvram import SPLIT_MARK
+
     settings = {(getattr(m, "_chunk_size", None), getattr(m, "_chunk_dim", None)) for m in network.modules()
                 if getattr(m, "_chunk_size", None) is not None}
-    return sorted(f"chunk {size} dim {dim}" for size, dim in settings)
+    variant = sorted(f"chunk {size} dim {dim}" for size, dim in settings)
+    return variant + (["split guidance batch"] if SPLIT_MARK in vars(network) else [])
 
 
 def cache_key(*, stage: str, network: torch.nn.Module, options: StageAcceleration,

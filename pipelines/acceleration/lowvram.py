@@ -46,7 +46,10 @@ import torch
 from .memory_count import LiveTensorBytes, module_bytes, module_tensors
 from .options import LowVramOptions  # noqa: F401 - defined there (torch-free), part of this module's API
 
-_SPLIT_MARK = "_svd_serve_split_guidance"
+SPLIT_MARK = "_svd_serve_split_guidance"
+#: Where a compiled dispatch (aot.py) sits under the split wrapper, so the wrapper's one-sample
+#: calls are what it dispatches.
+INNER_FORWARD_ATTR = "_svd_inner_forward"
 
 
 # -- the module-level options ----------------------------------------------------------------------
@@ -78,19 +81,32 @@ def set_feed_forward_chunking(unet: torch.nn.Module, *, enabled: bool) -> None:
 
 
 def set_split_guidance_batch(unet: torch.nn.Module, *, enabled: bool) -> None:
-    """Install (or remove) a ``forward`` that runs a batch one sample at a time."""
-    installed = _SPLIT_MARK in vars(unet)
+    """Install (or remove) a ``forward`` that runs a batch one sample at a time. A forward installed
+    on the instance before (an ahead-of-time dispatch) moves under the wrapper, and back after."""
+    installed = SPLIT_MARK in vars(unet)
     if enabled and not installed:
-        unet.forward = _one_sample_at_a_time(unet.forward)
-        setattr(unet, _SPLIT_MARK, True)
+        below = vars(unet).pop("forward", None)
+        if below is not None:
+            setattr(unet, INNER_FORWARD_ATTR, below)
+        unet.forward = _one_sample_at_a_time(unet)
+        setattr(unet, SPLIT_MARK, True)
     elif not enabled and installed:
-        del unet.forward  # back to the class's forward
-        delattr(unet, _SPLIT_MARK)
+        del unet.forward
+        delattr(unet, SPLIT_MARK)
+        below = vars(unet).pop(INNER_FORWARD_ATTR, None)
+        if below is not None:
+            unet.forward = below
 
 
-def _one_sample_at_a_time(forward):
-    @functools.wraps(forward)
+def forward_slot(unet: torch.nn.Module) -> str:
+    """The instance attribute a dispatch goes in: under the split wrapper when there is one."""
+    return INNER_FORWARD_ATTR if SPLIT_MARK in vars(unet) else "forward"
+
+
+def _one_sample_at_a_time(unet: torch.nn.Module):
+    @functools.wraps(type(unet).forward.__get__(unet))
     def split(sample, timestep, encoder_hidden_states, added_time_ids, return_dict: bool = True):
+        forward = vars(unet).get(INNER_FORWARD_ATTR) or type(unet).forward.__get__(unet)  # late: a dispatch may come
         batch = sample.shape[0]
         if batch == 1:
             return forward(sample, timestep, encoder_hidden_states, added_time_ids, return_dict=return_dict)

@@ -48,8 +48,9 @@ class ReadyReport:
     compiled: bool
     cache: str
     """``off`` (no cache configured or not compiled), ``hit``, ``miss``, ``error`` (the cache could
-    not be read: compiled from scratch), or ``shared`` (the network was prepared already for a
-    model sharing it)."""
+    not be read: compiled from scratch), ``shared`` (the network was prepared already for a
+    model sharing it), or ``partial`` (``aot``: the cached packages covered some warm-up calls; the
+    rest were compiled and the archive stored again)."""
     accelerate_s: float = 0.0
     cache_load_s: float = 0.0
     warmup_s: dict[str, float] = field(default_factory=dict)
@@ -88,7 +89,8 @@ def prepare_stage(stage: str, *, components: dict[str, Any], stage_object: Any, 
         report = ReadyReport(stage=stage, compiled=options.compiled, cache="shared")
         if missing and options.compiled and options.warmup:
             if options.engine is CompileEngine.AOT:
-                _aot_compile(stage, stage_network(stage, components), stage_object, options, missing, report)
+                _aot_compile(stage=stage, network=stage_network(stage, components), stage_object=stage_object,
+                             options=options, shapes=missing, report=report)
             report.warmup_s = _add(report.warmup_s, warm_up(stage, stage_object, shapes=missing, options=options))
             setattr(stage_network(stage, components), PREPARED_MARK, (options, existing[1] + tuple(missing)))
             enter_serving_stance(options)
@@ -102,13 +104,22 @@ def prepare_stage(stage: str, *, components: dict[str, Any], stage_object: Any, 
         return report
     if cache is None and options.cache_dir:
         cache = CompileCache(options.cache_dir)
+    started = time.perf_counter()
     key = cache_key(stage=stage, network=network, options=options, shapes=shapes) if cache else None
+    report.cache_load_s = time.perf_counter() - started  # on CPU the key probes the vector ISA: seconds, once
     if options.engine is CompileEngine.AOT:
-        _aot_prepare(stage, network, stage_object, options, shapes, report, cache, key)
+        try:
+            _aot_prepare(stage=stage, network=network, stage_object=stage_object, options=options, shapes=shapes,
+                         report=report, cache=cache, key=key)
+        except BaseException:
+            # Nothing half-prepared stays behind: a retry on this (shared) network starts over.
+            aot.uninstall(network)
+            network.__dict__.pop(PREPARED_MARK, None)
+            raise
         _log_ready(report)
         return report
     if cache is not None:
-        started = time.perf_counter()
+        started = time.perf_counter() - report.cache_load_s
         try:
             report.cache = "hit" if cache.load(key) else "miss"
         except Exception as error:  # noqa: BLE001 - the cache is an optimisation: compile without it
@@ -139,13 +150,15 @@ def _add(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {label: a.get(label, 0.0) + b.get(label, 0.0) for label in {**a, **b}}
 
 
-def _aot_prepare(stage: str, network: torch.nn.Module, stage_object: Any, options: StageAcceleration,
+def _aot_prepare(*, stage: str, network: torch.nn.Module, stage_object: Any, options: StageAcceleration,
                  shapes: Sequence[WarmupShape], report: ReadyReport, cache: CompileCache | None, key: Any) -> None:
     """The ``aot`` engine: packages from the cache, or compiled from the warm-up's calls (and
-    stored); then the warm-up runs through them."""
-    runners = None
+    stored); then the warm-up runs through them. Warm-up calls that a cached archive does not cover
+    (it was made under other settings: a decode chunk, a guidance batch) get packages too, and the
+    archive is stored again with them (``partial``)."""
+    runners, stored = None, {}
     if cache is not None:
-        started = time.perf_counter()
+        started = time.perf_counter() - report.cache_load_s
         try:
             data = cache.read_blob(key, suffix=AOT_SUFFIX)
         except Exception as error:  # noqa: BLE001 - the cache is an optimisation: compile without it
@@ -155,35 +168,41 @@ def _aot_prepare(stage: str, network: torch.nn.Module, stage_object: Any, option
             report.cache = "miss"
         if data is not None:
             try:
-                runners = {signature: aot.load_package(blob, network) for signature, blob in aot.unpack(data).items()}
+                stored = aot.unpack(data)
+                runners = {signature: aot.load_package(blob, network) for signature, blob in stored.items()}
                 report.cache = "hit"
             except Exception as error:  # noqa: BLE001 - a torn or foreign archive: compile, then replace it
                 logger.warning("compiled packages in %s unusable (%s); compiling from scratch", cache.location, error)
-                runners = None
+                runners, stored = None, {}
         report.cache_load_s = time.perf_counter() - started
     dispatch = aot.install(network, runners or {})
+    new: dict[str, bytes] = {}
     if runners is None:
-        packages = _aot_compile(stage, network, stage_object, options, shapes, report)
-        if cache is not None and report.cache == "miss":
-            started = time.perf_counter()
-            try:
-                report.cache_bytes = cache.write_blob(key, aot.pack(packages), suffix=AOT_SUFFIX)
-            except Exception as error:  # noqa: BLE001 - the stage is compiled and serves; only sharing is lost
-                logger.warning("could not store the compiled packages in %s (%s)", cache.location, error)
-            report.cache_save_s = time.perf_counter() - started
+        new = _aot_compile(stage=stage, network=network, stage_object=stage_object, options=options, shapes=shapes,
+                           report=report)
     before = dispatch.eager_calls
     report.warmup_s = _add(report.warmup_s, warm_up(stage, stage_object, shapes=shapes, options=options))
+    if dispatch.eager_calls > before:  # a hit that does not cover this deployment's calls
+        logger.warning("stage %s: %d warm-up calls matched no cached package; compiling them",
+                       stage, dispatch.eager_calls - before)
+        new = _aot_compile(stage=stage, network=network, stage_object=stage_object, options=options, shapes=shapes,
+                           report=report)
+        report.cache = "partial"
     report.aot_packages = len(dispatch.runners)
-    if dispatch.eager_calls > before:
-        logger.warning("stage %s: %d warm-up calls matched no compiled package and ran eagerly (packages made "
-                       "for other calls?)", stage, dispatch.eager_calls - before)
+    if cache is not None and new and report.cache in ("miss", "partial"):
+        started = time.perf_counter()
+        try:
+            report.cache_bytes = cache.write_blob(key, aot.pack({**stored, **new}), suffix=AOT_SUFFIX)
+        except Exception as error:  # noqa: BLE001 - the stage is compiled and serves; only sharing is lost
+            logger.warning("could not store the compiled packages in %s (%s)", cache.location, error)
+        report.cache_save_s = time.perf_counter() - started
 
 
-def _aot_compile(stage: str, network: torch.nn.Module, stage_object: Any, options: StageAcceleration,
+def _aot_compile(*, stage: str, network: torch.nn.Module, stage_object: Any, options: StageAcceleration,
                  shapes: Sequence[WarmupShape], report: ReadyReport) -> dict[str, bytes]:
     """Run the warm-up eagerly, recording the network's calls; a package per new call signature,
     added to the network's dispatch. Returns the packages made."""
-    dispatch = network.forward
+    dispatch = aot.installed_dispatch(network)
     with aot.record_calls(network) as calls:
         report.warmup_s = _add(report.warmup_s, warm_up(stage, stage_object, shapes=shapes, options=options))
     started = time.perf_counter()
