@@ -5,7 +5,7 @@ when Inductor's caches are warm; at full size that trace alone is minutes of a r
 Here the network is exported once per call signature seen during warm-up and compiled by
 AOTInductor into a package (a shared library plus its kernels) *without* its weights; a replica
 with the package in the compile cache loads it and points it at its own parameters (no copy):
-no trace, no compile, so a warm start is the weight load plus milliseconds.
+no trace, no compile, so a warm start is the weight load plus the packages' load.
 
 A call whose signature (argument structure, tensor shapes, dtypes, devices, contiguity,
 non-tensor values) was not warmed up runs the eager network (same numbers, eager speed), and so
@@ -65,7 +65,14 @@ def record_calls(network: torch.nn.Module) -> Iterator[dict[str, tuple[tuple, di
     calls: dict[str, tuple[tuple, dict]] = {}
     slot = forward_slot(network)
     installed = network.__dict__.get(slot)  # a dispatch installed earlier, kept after recording
-    eager = type(network).forward.__get__(network)
+    class_forward = type(network).forward.__get__(network)
+    # Another model's requests on a shared network pass here too: they hold the dispatch's shared
+    # lock like its eager calls, so an export that follows never swaps parameters under them.
+    lock = installed.lock if isinstance(installed, AotDispatch) else None
+
+    def eager(*args, **kwargs):
+        with lock.shared() if lock is not None else nullcontext():
+            return class_forward(*args, **kwargs)
 
     def recording_forward(*args, **kwargs):
         run_eager = getattr(network, RUN_EAGER_ATTR, None)

@@ -182,12 +182,14 @@ def _aot_prepare(*, stage: str, network: torch.nn.Module, stage_object: Any, opt
                            report=report)
     before = dispatch.eager_calls
     report.warmup_s = _add(report.warmup_s, warm_up(stage, stage_object, shapes=shapes, options=options))
-    if dispatch.eager_calls > before:  # a hit that does not cover this deployment's calls
-        logger.warning("stage %s: %d warm-up calls matched no cached package; compiling them",
-                       stage, dispatch.eager_calls - before)
+    missed = dispatch.eager_calls - before
+    if missed and report.cache == "hit":  # an archive made under other settings: complete it
+        logger.warning("stage %s: %d warm-up calls matched no cached package; compiling them", stage, missed)
         new = _aot_compile(stage=stage, network=network, stage_object=stage_object, options=options, shapes=shapes,
                            report=report)
         report.cache = "partial"
+    elif missed:  # calls a package cannot take (non-dense inputs): they run eagerly
+        logger.warning("stage %s: %d warm-up calls run eagerly (not compilable ahead of time)", stage, missed)
     report.aot_packages = len(dispatch.runners)
     if cache is not None and new and report.cache in ("miss", "partial"):
         started = time.perf_counter()
